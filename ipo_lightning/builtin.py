@@ -1,0 +1,91 @@
+"""Built-in assets addressed as ``builtin:NAME``, so the quickstart needs no download.
+
+- ``builtin:quickstart/<split>`` is a data source: the JSONL file shipped in
+  ``ipo_lightning/quickstart/<split>.jsonl`` (made by ``scripts/make_quickstart_data.py``).
+- ``builtin:quickstart`` is a model: a tiny Llama with random weights (fixed seed) and a byte-level
+  BPE tokenizer trained on the quickstart texts. It is built on first use into the cache folder
+  (``$IPO_LIGHTNING_CACHE``, default ``~/.cache/ipo_lightning``) and then loaded from there with
+  ``from_pretrained``, exactly like a hub model. No weights are stored in git.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ipo_lightning.errors import ConfigError
+
+PREFIX = "builtin:"
+QUICKSTART_DIR = Path(__file__).parent / "quickstart"
+# Bump when the recipe below changes, so stale cached models are not reused.
+QUICKSTART_MODEL_VERSION = 1
+QUICKSTART_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 256}
+QUICKSTART_VOCAB_SIZE = 1024
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` addresses a built-in asset."""
+    return name.startswith(PREFIX)
+
+
+def cache_root() -> Path:
+    """The folder where built-in models are materialised."""
+    return Path(os.environ.get("IPO_LIGHTNING_CACHE", Path.home() / ".cache" / "ipo_lightning"))
+
+
+def resolve_data_path(path: str) -> str:
+    """Map ``builtin:quickstart/<split>`` to its packaged file; any other path is returned as is."""
+    if not is_builtin(path):
+        return path
+    name = path[len(PREFIX) :]
+    collection, _, split = name.partition("/")
+    candidate = QUICKSTART_DIR / f"{split}.jsonl"
+    if collection != "quickstart" or not candidate.is_file():
+        available = sorted(f"{PREFIX}quickstart/{p.stem}" for p in QUICKSTART_DIR.glob("*.jsonl"))
+        raise ConfigError(f"unknown built-in data source {path!r}; available: {', '.join(available)}")
+    return str(candidate)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``builtin:quickstart`` to a local model folder (built on first use); others unchanged."""
+    if not is_builtin(name_or_path):
+        return name_or_path
+    if name_or_path != f"{PREFIX}quickstart":
+        raise ConfigError(f"unknown built-in model {name_or_path!r}; available: {PREFIX}quickstart")
+    target = cache_root() / f"quickstart-v{QUICKSTART_MODEL_VERSION}"
+    if not (target / "config.json").is_file():
+        _build_quickstart_model(target)
+    return str(target)
+
+
+def quickstart_corpus() -> list[str]:
+    """Every prompt and completion text of the shipped quickstart data, in file order."""
+    texts: list[str] = []
+    for file in sorted(QUICKSTART_DIR.glob("*.jsonl")):
+        with file.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    texts.extend(str(record[key]) for key in ("prompt", "chosen", "rejected"))
+    return texts
+
+
+def _build_quickstart_model(target: Path) -> None:
+    """Build into a temporary sibling folder, then rename, so a crash never leaves half a model."""
+    from ipo_lightning.tiny import save_tiny_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        save_tiny_model(staging, quickstart_corpus(), vocab_size=QUICKSTART_VOCAB_SIZE, **QUICKSTART_MODEL)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished first: its copy is identical, keep it.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
