@@ -1,0 +1,68 @@
+"""Export the trained policy in Hugging Face format at the end of a successful fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoTokenizer
+
+from ipo_lightning.builtin import resolve_model_path
+
+
+class HFExport(Callback):
+    """Save the policy and its tokenizer with ``save_pretrained`` into ``<run dir>/<dirname>``.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained``. It is written to a temporary sibling and renamed at the end, so
+    an interrupted export never leaves a folder that looks finished; a fit that fails or is
+    interrupted exports nothing (``on_fit_end`` runs only after a completed fit).
+
+    Args:
+        enabled: export at the end of ``fit``.
+        dirname: folder name inside the run directory (``trainer.log_dir``).
+    """
+
+    def __init__(self, enabled: bool = True, dirname: str = "hf_model") -> None:
+        super().__init__()
+        self.enabled = enabled
+        self.dirname = dirname
+        self.export_dir: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if not self.enabled:
+            return
+        target = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        self.export_dir = target
+        if not trainer.is_global_zero:
+            return
+        policy = pl_module.policy
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_path(pl_module.hparams.model_name_or_path)
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.dirname}-", dir=target.parent))
+        try:
+            policy.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            info = {
+                "base_model": pl_module.hparams.model_name_or_path,
+                "loss_type": pl_module.hparams.loss_type,
+                "beta": pl_module.hparams.beta,
+                "length_normalize": pl_module.hparams.length_normalize,
+                "global_step": trainer.global_step,
+            }
+            (staging / "ipo_lightning.json").write_text(json.dumps(info, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        rank_zero_info(f"Exported the trained policy to {target}")

@@ -1,0 +1,154 @@
+"""The command line: ``python -m ipo_lightning {fit,validate,test} --config X.yaml``.
+
+A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to the stock CLI:
+
+- model and data share one setting for the tokenizer and the maximum length (``link_arguments``);
+- ``--wandb.*`` options and default loggers: unless ``trainer.logger`` is set, every run writes a CSV
+  copy of all metrics and a W&B run (offline when not logged in) into one run directory,
+  ``<trainer.default_root_dir>/version_N``, beside its checkpoints, resolved config and export;
+- ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
+- user errors (bad data, bad config values) end with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from ipo_lightning.callbacks import HFExport
+from ipo_lightning.data import PreferenceDataModule
+from ipo_lightning.errors import UserInputError
+from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
+
+DEFAULT_ROOT_DIR = "runs"
+
+# The frozen reference is in eval mode on purpose (and the policy is put in train mode explicitly),
+# so Lightning's "modules in eval mode at the start of training" warning only adds noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+USER_ERROR_EXIT_CODE = 2
+
+
+@dataclass
+class WandbOptions:
+    """Weights & Biases tracking for the default loggers (ignored when ``trainer.logger`` is set)."""
+
+    enabled: bool = True
+    """Log to W&B besides the CSV file."""
+    project: str = "ipo-lightning"
+    """W&B project name."""
+    name: str | None = None
+    """Run name shown in W&B; default: W&B picks one."""
+    entity: str | None = None
+    """W&B team or user; default: your default entity."""
+    tags: list[str] = field(default_factory=list)
+    """Tags attached to the run."""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """``auto``: $WANDB_MODE if set, else online when logged in (API key) and offline otherwise."""
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """The W&B mode a run will use: an explicit mode, else ``$WANDB_MODE``, else by login state."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if _wandb_logged_in() else "offline"
+
+
+def build_default_loggers(root_dir: str | Path, options: WandbOptions) -> list[Logger]:
+    """CSV (always) and W&B (unless disabled) loggers sharing one run folder ``root/version_N``."""
+    csv_logger = CSVLogger(save_dir=str(root_dir), name="")
+    # Create the run folder through the CSV logger first: it warns about (and would clear) a
+    # non-empty folder, and W&B is about to write into it.
+    csv_logger.experiment  # noqa: B018 - property with a side effect
+    loggers: list[Logger] = [csv_logger]
+    mode = resolve_wandb_mode(options.mode)
+    if options.enabled and mode != "disabled":
+        if mode == "offline" and options.mode == "auto" and not os.environ.get("WANDB_MODE"):
+            rank_zero_info("W&B: not logged in, logging offline (sync later with `wandb sync`).")
+        os.environ["WANDB_MODE"] = mode
+        loggers.append(
+            WandbLogger(
+                save_dir=csv_logger.log_dir,
+                project=options.project,
+                name=options.name,
+                entity=options.entity,
+                tags=options.tags or None,
+            )
+        )
+    return loggers
+
+
+class PreferenceCLI(LightningCLI):
+    """LightningCLI for :class:`PreferenceModule` and :class:`PreferenceDataModule`."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            PreferenceModule,
+            PreferenceDataModule,
+            args=args,
+            run=run,
+            trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={"description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs."},
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
+        # One tokenizer and one length budget for model and data: set them once.
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.link_arguments("data.max_length", "model.max_length")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.add_lightning_class_args(HFExport, "export")
+        parser.add_class_arguments(WandbOptions, "wandb", fail_untyped=True, sub_configs=True)
+        parser.set_defaults(
+            {
+                "model.optimizer": {
+                    "class_path": "torch.optim.AdamW",
+                    "init_args": {"lr": DEFAULT_LR, "weight_decay": 0.0},
+                }
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve defaults that depend on other options, so the saved config states them."""
+        config = self.config.get(str(self.subcommand), self.config)
+        if config.model.length_normalize is None:
+            config.model.length_normalize = default_length_normalize(config.model.loss_type)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The stock trainer, plus the default CSV + W&B loggers when none are configured."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            root = trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR
+            options = self._get(self.config_init, "wandb")
+            kwargs["logger"] = build_default_loggers(root, options)
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``python -m ipo_lightning`` and the ``ipo-lightning`` script."""
+    try:
+        PreferenceCLI(args=args)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -1,0 +1,279 @@
+"""The LightningDataModule: preference records in, padded pairwise batches out."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ipo_lightning.builtin import resolve_model_path
+from ipo_lightning.data.collator import PairwiseCollator
+from ipo_lightning.data.formats import DataFormat, validate_columns
+from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
+from ipo_lightning.data.sources import DataSource, LoadedSource, load_source
+from ipo_lightning.data.tokenize import PairTokenizer
+from ipo_lightning.errors import ConfigError, DataError
+
+HELD_OUT_NAME = "val"
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs from files, folders or hub datasets, tokenised and batched for IPO/DPO training.
+
+    Each source is loaded, normalised to ``{prompt, chosen, rejected, preference_prob}``, tokenised
+    (chat template for messages) and cached by datasets' fingerprints, so a rerun skips the work. Pairs
+    without training signal are dropped, counted per reason in ``dropped`` and reported once.
+    ``val_dataloader()`` and ``test_dataloader()`` always return a list, one loader per named set, in the
+    order of ``val_set_names`` / ``test_set_names``.
+
+    Args:
+        train: Training records.
+        val: Named validation sets, e.g. {in_dist: ..., ood: ...}, evaluated in this order.
+        test: Named test sets.
+        val_fraction: Fraction of the train records held out as a validation set named "val" (listed
+            first), drawn with ``seed`` from the raw records, so it does not depend on the tokenizer.
+        tokenizer_name_or_path: Tokenizer to load: a local folder, a hub id or a builtin: model.
+        format: Record layout: auto (detect from the first record), plain, conversational or implicit.
+        columns: Canonical field -> source column, e.g. {prompt: question, chosen: response_j}.
+        max_length: Most tokens in prompt + one completion.
+        max_prompt_length: Prompts are cut to their last N tokens first; None: no cut (error if too long).
+        batch_size: Pairs per training batch (each pair is two rows).
+        val_batch_size: Pairs per validation/test batch; None: batch_size.
+        num_workers: DataLoader worker processes.
+        num_proc: Processes for tokenising large sets; None: one.
+        cache_dir: datasets cache folder; None: datasets' default (HF_DATASETS_CACHE).
+        seed: Seed of the held-out split and of the training shuffle.
+        trust_remote_code: Allow custom tokenizer code from the tokenizer's repository.
+    """
+
+    def __init__(
+        self,
+        train: DataSource | None = None,
+        val: dict[str, DataSource] | None = None,
+        test: dict[str, DataSource] | None = None,
+        val_fraction: float = 0.0,
+        tokenizer_name_or_path: str | None = None,
+        format: DataFormat = "auto",
+        columns: dict[str, str] | None = None,
+        max_length: int = 512,
+        max_prompt_length: int | None = 256,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train = train
+        self.val = dict(val or {})
+        self.test = dict(test or {})
+        self.val_fraction = val_fraction
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.format = format
+        self.columns = validate_columns(columns)
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.num_proc = num_proc
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self._check_config()
+
+        self.tokenizer = self._load_tokenizer() if tokenizer_name_or_path else None
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_datasets: dict[str, datasets.Dataset] = {}
+        self.test_datasets: dict[str, datasets.Dataset] = {}
+        self.dropped: dict[str, dict[str, int]] = {}
+        """Set name -> drop reason -> number of pairs dropped, filled by ``setup``."""
+
+    def _check_config(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be at least 2, got {self.max_length}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be positive and smaller than "
+                f"data.max_length ({self.max_length}), so every completion keeps at least one token"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction > 0 and self.train is None:
+            raise ConfigError("data.val_fraction needs data.train to carve the held-out set from")
+        if self.val_fraction > 0 and HELD_OUT_NAME in self.val:
+            raise ConfigError(
+                f"data.val has a set named {HELD_OUT_NAME!r}, the name of the val_fraction held-out set; "
+                "rename it"
+            )
+        for name, value in (("batch_size", self.batch_size), ("val_batch_size", self.val_batch_size)):
+            if value < 1:
+                raise ConfigError(f"data.{name} must be at least 1, got {value}")
+        if self.format not in ("auto", "plain", "conversational", "implicit"):
+            raise ConfigError(
+                f"data.format must be auto, plain, conversational or implicit, got {self.format!r}"
+            )
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        path = resolve_model_path(self.tokenizer_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        if tokenizer.pad_token is None:
+            # Padding positions come from lengths (see PairwiseCollator), so EOS as pad is harmless.
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    @property
+    def val_set_names(self) -> list[str]:
+        """Names of the validation sets, in the order of ``val_dataloader()``."""
+        return ([HELD_OUT_NAME] if self.val_fraction > 0 else []) + list(self.val)
+
+    @property
+    def test_set_names(self) -> list[str]:
+        """Names of the test sets, in the order of ``test_dataloader()``."""
+        return list(self.test)
+
+    @property
+    def collator(self) -> PairwiseCollator:
+        """The batch collator (pads with the tokenizer's pad token)."""
+        return PairwiseCollator(pad_token_id=self._require_tokenizer().pad_token_id)
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ConfigError("data.tokenizer_name_or_path is not set (normally linked from the model path)")
+        return self.tokenizer
+
+    def prepare_data(self) -> None:
+        """Load and tokenise every configured set once (on one process per node) to fill the cache.
+
+        ``setup`` then reads the cached results on every process instead of tokenising in parallel.
+        """
+        if self.tokenizer is None:
+            return
+        pair_tokenizer = self._pair_tokenizer()
+        for source in [self.train, *self.val.values(), *self.test.values()]:
+            if source is not None:
+                tokenize_source(self._load(source), pair_tokenizer, self.format, self.columns, self.num_proc)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the sets the stage needs (fit/validate: train and val; test: test); built sets are kept."""
+        if stage in (None, "fit", "validate"):
+            if self.train is not None and self.train_dataset is None:
+                self._build_train()
+            for name, source in self.val.items():
+                if name not in self.val_datasets:
+                    self.val_datasets[name] = self._build(name, source)
+            # Keep the loaders' order equal to val_set_names even if a set was built earlier.
+            self.val_datasets = {name: self.val_datasets[name] for name in self.val_set_names}
+        if stage in (None, "test"):
+            for name, source in self.test.items():
+                if name not in self.test_datasets:
+                    self.test_datasets[name] = self._build(name, source)
+
+    def _pair_tokenizer(self) -> PairTokenizer:
+        return PairTokenizer(self._require_tokenizer(), self.max_length, self.max_prompt_length)
+
+    def _load(self, source: DataSource) -> LoadedSource:
+        return load_source(source, cache_dir=self.cache_dir)
+
+    def _tokenized(self, source: DataSource) -> datasets.Dataset:
+        loaded = self._load(source)
+        return tokenize_source(loaded, self._pair_tokenizer(), self.format, self.columns, self.num_proc)
+
+    def _build(self, name: str, source: DataSource) -> datasets.Dataset:
+        return self._finish(name, self._tokenized(source))
+
+    def _build_train(self) -> None:
+        assert self.train is not None
+        tokenized = self._tokenized(self.train)
+        if self.val_fraction > 0:
+            train_rows, held_out_rows = held_out_split(len(tokenized), self.val_fraction, self.seed)
+            if not train_rows:
+                raise DataError(
+                    f"train: val_fraction {self.val_fraction} of {len(tokenized)} records leaves no "
+                    "training records"
+                )
+            self.val_datasets[HELD_OUT_NAME] = self._finish(HELD_OUT_NAME, tokenized.select(held_out_rows))
+            tokenized = tokenized.select(train_rows)
+        self.train_dataset = self._finish("train", tokenized)
+
+    def _finish(self, name: str, tokenized: datasets.Dataset) -> datasets.Dataset:
+        """Count and report the dropped pairs of set ``name``, return the kept ones."""
+        counts = drop_counts(tokenized)
+        self.dropped[name] = counts
+        total, dropped = len(tokenized), sum(counts.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+        if dropped:
+            rank_zero_info(f"{name}: dropped {dropped} of {total} pairs: {reasons}")
+        if dropped == total:
+            raise DataError(f"{name}: no pairs left: all {total} records were dropped ({reasons})")
+        return kept_pairs(tokenized)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the shuffle order is drawn from ``seed``."""
+        if self.train_dataset is None:
+            raise ConfigError(
+                "no training data: set data.train" if self.train is None else "call setup('fit') first"
+            )
+        return self._loader(
+            self.train_dataset,
+            self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per validation set, in ``val_set_names`` order (a list even for one set)."""
+        return [
+            self._loader(self._built(self.val_datasets, n, "validate"), self.val_batch_size)
+            for n in self.val_set_names
+        ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test set, in ``test_set_names`` order (a list even for one set)."""
+        return [
+            self._loader(self._built(self.test_datasets, n, "test"), self.val_batch_size)
+            for n in self.test_set_names
+        ]
+
+    @staticmethod
+    def _built(sets: Mapping[str, datasets.Dataset], name: str, stage: str) -> datasets.Dataset:
+        if name not in sets:
+            raise ConfigError(f"data set {name!r} is not built: call setup({stage!r}) first")
+        return sets[name]
+
+    def _loader(
+        self,
+        dataset: datasets.Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def held_out_split(num_records: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split record numbers ``0..num_records-1`` into (train rows, held-out rows), both sorted.
+
+    The held-out set has ``round(fraction * num_records)`` records (at least one), drawn with
+    ``random.Random(seed)``, whose output is stable across Python versions for an int seed.
+    """
+    size = min(num_records, max(1, round(fraction * num_records)))
+    held_out = set(random.Random(seed).sample(range(num_records), size))
+    train_rows = [row for row in range(num_records) if row not in held_out]
+    return train_rows, sorted(held_out)

@@ -1,0 +1,298 @@
+"""Normalising one raw record into a canonical preference example.
+
+Canonical fields: ``prompt``, ``chosen``, ``rejected`` (each a string or a list of chat messages
+``{"role", "content"}``) and ``preference_prob`` (P(chosen is preferred), default 1.0). Record layouts:
+
+- ``plain``: ``prompt``, ``chosen`` and ``rejected`` are strings.
+- ``conversational``: ``prompt`` is a list of messages; ``chosen``/``rejected`` hold the assistant
+  turn(s) as message lists (a bare string is taken as one assistant message). A completion that
+  repeats the prompt messages first is a whole conversation: the repeated prompt is removed.
+- ``implicit``: no prompt. ``chosen`` and ``rejected`` are whole texts or whole conversations sharing a
+  prefix (Anthropic HH, trl-lib/ultrafeedback_binarized); the shared prefix is the prompt. A string
+  ``prompt`` column beside conversation-valued completions (HuggingFaceH4/ultrafeedback_binarized) is a
+  copy of the first user turn and is ignored.
+
+``auto`` picks one of these per dataset from its first record. Errors raised here name the field only;
+the caller prefixes the source and record, which it alone knows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ipo_lightning.errors import ConfigError, DataError
+
+DataFormat = Literal["auto", "plain", "conversational", "implicit"]
+"""How records are laid out; ``auto`` detects it from the first record."""
+
+Message = dict[str, Any]
+"""A chat message: at least ``role`` and ``content`` (strings); other keys are passed to the template."""
+
+Text = str | list[Message]
+"""A prompt or completion: plain text or a list of chat messages."""
+
+CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "preference_prob")
+EMPTY_COMPLETION = "empty completion after prompt extraction"
+"""Drop reason: in an implicit-prompt pair one completion is a prefix of the other (or they are equal)."""
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair in canonical form.
+
+    Attributes:
+        prompt: The context both completions answer: a string, or messages.
+        chosen: The preferred completion: a string, or the assistant message(s) after the prompt.
+        rejected: The other completion, the same kind as ``chosen``.
+        preference_prob: Probability that ``chosen`` is preferred, in [0, 1] (1.0: a hard label).
+    """
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    preference_prob: float = 1.0
+
+    @property
+    def is_conversational(self) -> bool:
+        """Whether prompt and completions are chat messages (rendered with the chat template)."""
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A record that is valid but gives no training pair; ``reason`` is counted and reported."""
+
+    reason: str
+
+
+def validate_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
+    """Check a canonical-name -> source-column mapping and return it as a plain dict.
+
+    Raises:
+        ConfigError: a key is not a canonical field name, or a value is not a column name.
+    """
+    if not columns:
+        return {}
+    unknown = sorted(set(columns) - set(CANONICAL_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"columns: unknown field(s) {', '.join(map(repr, unknown))}; keys are the canonical names "
+            f"({', '.join(CANONICAL_FIELDS)}) and values the source's column names"
+        )
+    for key, value in columns.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"columns: {key!r} must map to a column name, got {value!r}")
+    return dict(columns)
+
+
+def column_of(field: str, columns: Mapping[str, str] | None) -> str:
+    """The source column that holds canonical ``field``."""
+    return (columns or {}).get(field, field)
+
+
+def detect_format(record: Mapping[str, Any], columns: Mapping[str, str] | None = None) -> str:
+    """Guess ``plain``, ``conversational`` or ``implicit`` from one raw record.
+
+    Conversation-valued completions with a message-list prompt are conversational, without one
+    implicit; string completions with a prompt are plain, without one implicit.
+    """
+    prompt = record.get(column_of("prompt", columns))
+    chosen = record.get(column_of("chosen", columns))
+    if isinstance(chosen, list):
+        return "conversational" if isinstance(prompt, list) else "implicit"
+    if prompt is None:
+        return "implicit"
+    return "conversational" if isinstance(prompt, list) else "plain"
+
+
+def required_fields(fmt: str) -> tuple[str, ...]:
+    """Canonical fields a dataset of format ``fmt`` must have as columns."""
+    return ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected")
+
+
+def check_columns(column_names: list[str], fmt: str, columns: Mapping[str, str] | None = None) -> None:
+    """Raise a DataError if the dataset lacks a column that format ``fmt`` needs (message has no source)."""
+    for field in required_fields(fmt):
+        name = column_of(field, columns)
+        if name not in column_names:
+            raise DataError(
+                f"no column {name!r} for the {field} field ({fmt} format); the columns are "
+                f"{', '.join(column_names)}. Map yours with `columns`, e.g. {{{field!r}: 'your_column'}}"
+            )
+
+
+def normalise(
+    record: Mapping[str, Any], fmt: str, columns: Mapping[str, str] | None = None
+) -> PreferenceExample | Dropped:
+    """Turn one raw record into a :class:`PreferenceExample`, or :class:`Dropped` if it has no pair.
+
+    Args:
+        record: The raw record (a row of the source dataset).
+        fmt: ``plain``, ``conversational`` or ``implicit`` (resolve ``auto`` with :func:`detect_format`).
+        columns: Canonical name -> source column, for sources with other column names.
+
+    Raises:
+        DataError: a field is missing, has the wrong type, is empty, or holds a malformed message;
+            the message names the field.
+    """
+    fields = _Fields(record, columns or {})
+    prob = fields.preference_prob()
+    if fmt == "plain":
+        prompt = fields.string("prompt", allow_empty=True)
+        return PreferenceExample(prompt, fields.string("chosen"), fields.string("rejected"), prob)
+    if fmt == "conversational":
+        prompt_messages = fields.messages("prompt")
+        chosen = _strip_repeated_prompt(fields.completion_messages("chosen"), prompt_messages)
+        rejected = _strip_repeated_prompt(fields.completion_messages("rejected"), prompt_messages)
+        fields.check_completion("chosen", chosen)
+        fields.check_completion("rejected", rejected)
+        return PreferenceExample(prompt_messages, chosen, rejected, prob)
+    if fmt == "implicit":
+        return _implicit(fields, prob)
+    raise ConfigError(f"unknown data format {fmt!r}; use auto, plain, conversational or implicit")
+
+
+def split_common_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two texts into (prompt, chosen completion, rejected completion) at a word boundary.
+
+    The cut is at the start of the word where the texts first differ (or where they differ, if both
+    have whitespace there), moved before the whitespace preceding it, so the completions begin with
+    it: ``"A: I think so"`` / ``"A: I don't"`` -> ``("A: I", " think so", " don't")``. Tokenisers
+    attach a leading space to the next word, so this gives the same tokens the model sees when it
+    generates after the prompt.
+    """
+    cut = 0
+    limit = min(len(chosen), len(rejected))
+    while cut < limit and chosen[cut] == rejected[cut]:
+        cut += 1
+    if cut == limit:
+        # One text is a prefix of the other (or they are equal): one completion would be empty.
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    if not (chosen[cut].isspace() and rejected[cut].isspace()):
+        # They differ inside a word (of either text): the whole word belongs to the completions.
+        while cut > 0 and not chosen[cut - 1].isspace():
+            cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _implicit(fields: _Fields, prob: float) -> PreferenceExample | Dropped:
+    chosen_value, rejected_value = fields.raw("chosen"), fields.raw("rejected")
+    if isinstance(chosen_value, str) or isinstance(rejected_value, str):
+        chosen, rejected = fields.string("chosen"), fields.string("rejected")
+        if chosen.startswith(rejected) or rejected.startswith(chosen):
+            return Dropped(EMPTY_COMPLETION)
+        prompt, chosen_tail, rejected_tail = split_common_prefix(chosen, rejected)
+        return PreferenceExample(prompt, chosen_tail, rejected_tail, prob)
+    chosen_messages = fields.completion_messages("chosen")
+    rejected_messages = fields.completion_messages("rejected")
+    shared = 0
+    while (
+        shared < min(len(chosen_messages), len(rejected_messages))
+        and chosen_messages[shared] == rejected_messages[shared]
+    ):
+        shared += 1
+    if shared == len(chosen_messages) or shared == len(rejected_messages):
+        return Dropped(EMPTY_COMPLETION)
+    if shared == 0:
+        raise DataError(
+            f"{fields.name('chosen')} and {fields.name('rejected')}: the conversations share no leading "
+            "message, so there is no prompt to extract (implicit format)"
+        )
+    chosen, rejected = chosen_messages[shared:], rejected_messages[shared:]
+    fields.check_completion("chosen", chosen)
+    fields.check_completion("rejected", rejected)
+    return PreferenceExample(chosen_messages[:shared], chosen, rejected, prob)
+
+
+def _strip_repeated_prompt(completion: list[Message], prompt: list[Message]) -> list[Message]:
+    # Some datasets store whole conversations in chosen/rejected next to the prompt.
+    if len(completion) > len(prompt) and completion[: len(prompt)] == prompt:
+        return completion[len(prompt) :]
+    return completion
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class _Fields:
+    """Typed access to the canonical fields of one record, with errors that name the field."""
+
+    def __init__(self, record: Mapping[str, Any], columns: Mapping[str, str]) -> None:
+        self.record = record
+        self.columns = columns
+
+    def name(self, field: str) -> str:
+        column = column_of(field, self.columns)
+        return f"field {column!r}" + (f" ({field})" if column != field else "")
+
+    def raw(self, field: str) -> Any:
+        return self.record.get(column_of(field, self.columns))
+
+    def string(self, field: str, allow_empty: bool = False) -> str:
+        value = self.raw(field)
+        if value is None:
+            raise DataError(f"{self.name(field)}: missing (absent or null)")
+        if not isinstance(value, str):
+            raise DataError(f"{self.name(field)}: expected a string, got {_type_name(value)} {value!r:.60}")
+        if not allow_empty and not value.strip():
+            raise DataError(f"{self.name(field)}: empty completion")
+        return value
+
+    def messages(self, field: str) -> list[Message]:
+        value = self.raw(field)
+        if value is None:
+            raise DataError(f"{self.name(field)}: missing (absent or null)")
+        if not isinstance(value, list):
+            raise DataError(
+                f"{self.name(field)}: expected a list of messages, got {_type_name(value)} {value!r:.60}"
+            )
+        if not value:
+            raise DataError(f"{self.name(field)}: empty list of messages")
+        return [self._message(field, position, message) for position, message in enumerate(value)]
+
+    def completion_messages(self, field: str) -> list[Message]:
+        if isinstance(self.raw(field), str):
+            # A bare string beside a message-list prompt is the assistant's reply.
+            return [{"role": "assistant", "content": self.string(field)}]
+        return self.messages(field)
+
+    def check_completion(self, field: str, messages: list[Message]) -> None:
+        """A completion needs some text, and must start where the generation prompt leaves off."""
+        if not any(message["content"].strip() for message in messages):
+            raise DataError(f"{self.name(field)}: empty completion (every message content is blank)")
+        role = messages[0]["role"]
+        if role != "assistant":
+            raise DataError(
+                f"{self.name(field)}: the completion must start with an assistant message, got role {role!r}"
+            )
+
+    def preference_prob(self) -> float:
+        value = self.raw("preference_prob")
+        if value is None:
+            # Optional: absent (or null in a record of a source where other records set it) -> hard label.
+            return 1.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{self.name('preference_prob')}: expected a number, got {_type_name(value)}")
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise DataError(f"{self.name('preference_prob')}: must be within [0, 1], got {value}")
+        return float(value)
+
+    def _message(self, field: str, position: int, message: Any) -> Message:
+        where = f"{self.name(field)}, message {position}"
+        if not isinstance(message, Mapping):
+            raise DataError(f"{where}: expected a {{'role', 'content'}} object, got {_type_name(message)}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                problem = (
+                    "missing" if message.get(key) is None else f"not a string ({_type_name(message[key])})"
+                )
+                raise DataError(f"{where}: {key!r} is {problem}")
+        # Arrow structs fill keys absent from this message with None: drop them so templates see
+        # the message as written.
+        return {key: value for key, value in message.items() if value is not None}

@@ -1,0 +1,248 @@
+"""``PreferenceModule``: the LightningModule that trains a policy against a frozen reference.
+
+One training step, top to bottom:
+
+1. The batch holds B pairs as 2B right-padded rows: prompt+chosen rows, then prompt+rejected rows.
+2. One policy forward over all 2B rows gives per-sequence completion log-probs (:mod:`logprobs`).
+3. The frozen reference scores the same rows without autograd (:mod:`reference`).
+4. :func:`~ipo_lightning.losses.preference_loss` turns the four [B] log-prob vectors into per-pair
+   losses and implicit rewards; the step's loss is their mean.
+5. Metrics named as in DESIGN.md are logged under ``train/`` and ``val/`` (``val/<name>/`` per set).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.logprobs import completion_logprobs
+from ipo_lightning.losses import LOSS_TYPES, LossType, preference_loss
+from ipo_lightning.metrics import PreferenceMetrics, batch_values, metric_names
+from ipo_lightning.modeling import AttnImplementation, DType, load_causal_lm
+from ipo_lightning.reference import REFERENCE_ATTRIBUTE, FrozenReference, ignore_missing_reference_keys
+from ipo_lightning.schedule import LRSchedule, build_scheduler
+
+DEFAULT_LR = 1e-6
+PRIMARY_VAL_PREFIX = "val"
+
+
+def default_length_normalize(loss_type: str) -> bool:
+    """IPO averages log-probs over completion tokens (as TRL and LLaMA-Factory do); DPO-family sums."""
+    return loss_type == "ipo"
+
+
+class PreferenceModule(L.LightningModule):
+    """Preference fine-tuning of a Hugging Face causal LM (IPO, DPO, conservative DPO, hinge).
+
+    Args:
+        model_name_or_path: policy to train: a hub id, a local folder, or ``builtin:quickstart``.
+        reference_name_or_path: frozen reference model; default: the same weights as the policy.
+        loss_type: ``ipo`` (regress the margin to 1/(2 beta)), ``dpo`` or ``hinge``.
+        beta: pull towards the reference; IPO's target log-ratio margin is 1/(2 beta).
+        label_smoothing: conservative DPO: assumed probability that a label is flipped (dpo only).
+        length_normalize: average log-probs over completion tokens instead of summing them; default
+            (null) resolves to true for ipo and false for dpo/hinge, and the resolved value is logged.
+        optimizer: optimizer factory; default AdamW(lr=1e-6, weight_decay=0).
+        lr_schedule: learning-rate shape after warm-up: ``cosine``, ``linear`` or ``constant``.
+        warmup_ratio: fraction of all optimizer steps spent warming up linearly from 0.
+        warmup_steps: warm-up length in optimizer steps; overrides ``warmup_ratio`` when set.
+        min_lr_ratio: cosine only: final learning rate as a fraction of the peak.
+        dtype: weight dtype of policy and reference; use the Trainer's ``precision`` for autocast.
+        attn_implementation: attention kernel passed to ``from_pretrained``.
+        trust_remote_code: allow model code from the hub (off unless you trust the repository).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        max_length: longest row the data produces (linked from ``data.max_length``); checked
+            against the model's context size.
+        logprob_chunk_size: tokens per chunk of the float32 log-softmax (memory vs. kernel count).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        reference_name_or_path: str | None = None,
+        loss_type: LossType = "ipo",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        length_normalize: bool | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_schedule: LRSchedule = "cosine",
+        warmup_ratio: float = 0.1,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        dtype: DType = "float32",
+        attn_implementation: AttnImplementation | None = "sdpa",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        max_length: int | None = None,
+        logprob_chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"model.loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+        if beta <= 0:
+            raise ConfigError(f"model.beta must be positive, got {beta}")
+        if loss_type != "dpo" and label_smoothing:
+            raise ConfigError("model.label_smoothing applies to loss_type 'dpo' only")
+        if length_normalize is None:
+            # Resolved before save_hyperparameters so logged configs state the choice explicitly.
+            length_normalize = default_length_normalize(loss_type)
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.policy: PreTrainedModel | None = None
+        self.reference: FrozenReference | None = None
+        self.train_metrics = PreferenceMetrics(metric_names(loss_type))
+        self.val_metrics = torch.nn.ModuleDict()
+        self.test_metrics = torch.nn.ModuleDict()
+        # Checkpoints hold the policy only; tolerate the reference's absence when loading them.
+        self.register_load_state_dict_post_hook(ignore_missing_reference_keys)
+
+    # ------------------------------------------------------------------ models
+
+    def configure_model(self) -> None:
+        """Load policy and reference here (not in ``__init__``) so FSDP/DeepSpeed can shard them."""
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        load = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation}
+        self.policy = load_causal_lm(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code, **load)
+        self._check_context_size(self.policy)
+        # from_pretrained returns eval mode and Lightning >= 2.6 keeps each module's mode at fit start.
+        self.policy.train()
+        if hp.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        reference_path = hp.reference_name_or_path or hp.model_name_or_path
+        if reference_path == hp.model_name_or_path:
+            # Same weights: copy the freshly loaded policy rather than reading the files twice.
+            reference_model = copy.deepcopy(self.policy)
+        else:
+            reference_model = load_causal_lm(reference_path, trust_remote_code=hp.trust_remote_code, **load)
+        setattr(self, REFERENCE_ATTRIBUTE, FrozenReference(reference_model))
+
+    def _check_context_size(self, model: PreTrainedModel) -> None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        max_length = self.hparams.max_length
+        if limit is not None and max_length is not None and max_length > limit:
+            raise ConfigError(
+                f"data.max_length={max_length} exceeds the model's context size "
+                f"(max_position_embeddings={limit}); lower data.max_length"
+            )
+
+    # ------------------------------------------------------------------ steps
+
+    def forward_pairs(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss and per-pair metric values for a pairwise batch (see module docstring)."""
+        hp = self.hparams
+        num_pairs = batch["input_ids"].shape[0] // 2
+        rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        policy_logps, _ = completion_logprobs(
+            self.policy, *rows, length_normalize=hp.length_normalize, chunk_size=hp.logprob_chunk_size
+        )
+        if "ref_chosen_logps" in batch:  # a precomputed reference supplies its log-probs with the batch
+            reference_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        else:
+            reference_logps = self.reference.sequence_logprobs(
+                *rows, length_normalize=hp.length_normalize, chunk_size=hp.logprob_chunk_size
+            )
+        out = preference_loss(
+            policy_logps[:num_pairs],
+            policy_logps[num_pairs:],
+            reference_logps[:num_pairs],
+            reference_logps[num_pairs:],
+            loss_type=hp.loss_type,
+            beta=hp.beta,
+            label_smoothing=hp.label_smoothing,
+            preference_prob=batch.get("preference_prob"),
+        )
+        return out.losses.mean(), batch_values(out, policy_logps[:num_pairs], policy_logps[num_pairs:])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One optimizer micro-step: the mean per-pair loss of this batch."""
+        loss, values = self.forward_pairs(batch)
+        batch_means = self.train_metrics(values)
+        shown = {"loss", "rewards/accuracy"}
+        for name, value in batch_means.items():
+            self.log(f"train/{name}", value, prog_bar=name in shown, batch_size=values["loss"].numel())
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accumulate the metrics of val set number ``dataloader_idx``."""
+        _, values = self.forward_pairs(batch)
+        self.val_metrics[self._set_names("val")[dataloader_idx]].update(values)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accumulate the metrics of test set number ``dataloader_idx``."""
+        _, values = self.forward_pairs(batch)
+        self.test_metrics[self._set_names("test")[dataloader_idx]].update(values)
+
+    # ------------------------------------------------------------------ metrics per eval set
+
+    def _set_names(self, split: str) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, f"{split}_set_names", None)
+        return list(names) if names else [split]
+
+    def _ensure_metrics(self, split: str) -> torch.nn.ModuleDict:
+        store: torch.nn.ModuleDict = getattr(self, f"{split}_metrics")
+        for name in self._set_names(split):
+            if name not in store:
+                store[name] = PreferenceMetrics(metric_names(self.hparams.loss_type)).to(self.device)
+        return store
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        self._ensure_metrics("val")
+
+    def on_test_epoch_start(self) -> None:  # noqa: D102
+        self._ensure_metrics("test")
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        self._log_eval_metrics("test")
+
+    def _log_eval_metrics(self, split: str) -> None:
+        """Log ``<split>/<set>/<metric>`` for every set; the first set also as ``<split>/<metric>``.
+
+        The first set is the primary one: its plain names are what checkpointing and the progress
+        bar watch, and with a single set they are the only names.
+        """
+        names = self._set_names(split)
+        store = self._ensure_metrics(split)
+        for index, set_name in enumerate(names):
+            metrics: PreferenceMetrics = store[set_name]
+            if all(metric.update_count == 0 for _, metric in metrics):
+                continue  # e.g. a sanity check that did not reach this set
+            for metric_name, value in metrics.compute().items():
+                if len(names) > 1:
+                    self.log(f"{split}/{set_name}/{metric_name}", value, sync_dist=False)
+                if index == 0:
+                    shown = metric_name in {"loss", "rewards/accuracy"} and split == "val"
+                    self.log(f"{split}/{metric_name}", value, prog_bar=shown, sync_dist=False)
+            metrics.reset()
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer over the policy's trainable parameters, with warm-up and decay per step."""
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=DEFAULT_LR, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory(params)
+        scheduler = build_scheduler(
+            optimizer,
+            schedule=hp.lr_schedule,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            warmup_ratio=hp.warmup_ratio,
+            warmup_steps=hp.warmup_steps,
+            min_lr_ratio=hp.min_lr_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,175 @@
+"""The command line end to end: ``python -m ipo_lightning fit`` on a tiny saved model, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ipo_lightning.cli import main
+from ipo_lightning.metrics import metric_names
+from tests.helpers import polite_pairs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, model_dir: Path, train: Path, **data_overrides) -> Path:
+    val_a = write_jsonl(tmp_path / "val_a.jsonl", polite_pairs(6, offset=100))
+    val_b = write_jsonl(tmp_path / "val_b.jsonl", polite_pairs(4, offset=200))
+    data = {
+        "train": {"path": str(train)},
+        "val": {"in_dist": {"path": str(val_a)}, "ood": {"path": str(val_b)}},
+        "max_length": 64,
+        "max_prompt_length": 32,
+        "batch_size": 4,
+    }
+    data.update(data_overrides)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(tmp_path / "runs"),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 6,
+            "val_check_interval": 3,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "model_name_or_path": str(model_dir),
+            "loss_type": "ipo",
+            "beta": 0.5,
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+        },
+        "data": data,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_cache")
+    return env
+
+
+def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, tiny_model_dir: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
+    config = _config(tmp_path, tiny_model_dir, train)
+    result = subprocess.run(
+        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "version_0"
+
+    # metrics.csv carries every contract name for train, the primary val set and each named set.
+    with (run_dir / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
+    for name in metric_names("ipo"):
+        assert f"train/{name}" in columns
+        assert f"val/{name}" in columns
+        assert f"val/in_dist/{name}" in columns
+        assert f"val/ood/{name}" in columns
+    train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(train_losses) == 6 and all(loss >= 0 for loss in train_losses)
+    # The primary set's plain names repeat its named values.
+    last_val = [r for r in rows if r.get("val/loss")][-1]
+    assert last_val["val/loss"] == last_val["val/in_dist/loss"]
+
+    # The resolved config states the length normalisation explicitly.
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["length_normalize"] is True
+
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    # The export loads with the Auto classes and generates.
+    export = run_dir / "hf_model"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    prompt = tokenizer("Human: tell me about the sea. Assistant:", return_tensors="pt")
+    generated = model.generate(
+        **prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    info = json.loads((export / "ipo_lightning.json").read_text())
+    assert info["loss_type"] == "ipo" and info["length_normalize"] is True and info["global_step"] == 6
+    # ...and holds the trained weights, not the starting ones.
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(start.lm_head.weight, model.lm_head.weight)
+
+
+def test_bad_data_exits_with_one_line_and_no_traceback(tmp_path: Path, tiny_model_dir: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    lines = [json.dumps(r) for r in polite_pairs(5)]
+    lines[3] = '{"prompt": "hi", "chosen": "ok",'  # truncated record on line 4
+    train.write_text("\n".join(lines) + "\n")
+    config = _config(tmp_path, tiny_model_dir, train)
+    result = subprocess.run(
+        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "train.jsonl:4" in error_lines[0]
+    assert not list((tmp_path / "runs").rglob("hf_model")) and not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def _run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("records", "overrides", "expected"),
+    [
+        ([{"prompt": "hi", "chosen": " ok"}], {}, ["train.jsonl", "record 0", "rejected"]),
+        ([{"prompt": "hi", "chosen": " ", "rejected": " no"}], {}, ["train.jsonl", "record 0", "chosen"]),
+        (
+            [{"prompt": "word " * 80, "chosen": " ok", "rejected": " no"}],
+            {"max_prompt_length": None},
+            ["train.jsonl", "record 0", "prompt", "max_length"],
+        ),
+    ],
+    ids=["missing-field", "empty-completion", "prompt-too-long"],
+)
+def test_bad_records_name_file_record_and_field(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], records, overrides, expected
+) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(3) + records)
+    # The bad record comes after three good ones.
+    expected = [part.replace("record 0", "record 3") for part in expected]
+    config = _config(tmp_path, tiny_model_dir, train, **overrides)
+    code, err = _run_main(["fit", "--config", str(config), "--trainer.logger", "false"], capsys)
+    assert code == 2
+    message = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1
+    for part in expected:
+        assert part in message[0], message[0]
+
+
+def test_unknown_config_key_is_rejected(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(3))
+    config = _config(tmp_path, tiny_model_dir, train)
+    code, err = _run_main(["fit", "--config", str(config), "--model.betta", "0.2"], capsys)
+    assert code == 2
+    assert "betta" in err and "Traceback" not in err

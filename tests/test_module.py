@@ -1,0 +1,107 @@
+"""PreferenceModule trained with a real Trainer on a tiny saved model: reference, fixed point, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.module import PreferenceModule
+from tests.helpers import polite_pairs, write_jsonl
+
+
+def _trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(root),
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def _datamodule(tiny_model_dir: Path, train_file: Path, batch_size: int) -> PreferenceDataModule:
+    return PreferenceDataModule(
+        train=DataSource(path=str(train_file)),
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=64,
+        max_prompt_length=32,
+        batch_size=batch_size,
+    )
+
+
+def _constant_adam(lr: float):
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+def test_reference_untouched_and_not_checkpointed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    train_file = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
+    module = PreferenceModule(str(tiny_model_dir), optimizer=_constant_adam(1e-2), lr_schedule="constant")
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.reference.model.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+
+    trainer = _trainer(tmp_path, max_steps=6, enable_checkpointing=True)
+    trainer.fit(module, datamodule=_datamodule(tiny_model_dir, train_file, batch_size=4))
+
+    # Reference: bitwise equal, frozen, in eval mode, outside the optimizer.
+    after = module.reference.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not module.reference.training and not any(m.training for m in module.reference.modules())
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in module.reference.parameters())
+    assert optimized == {id(p) for p in module.policy.parameters()}
+    # The policy did move (otherwise the checks above prove nothing).
+    assert any(not torch.equal(policy_before[k], v) for k, v in module.policy.state_dict().items())
+
+    # The checkpoint holds one model: the policy.
+    checkpoint_path = trainer.checkpoint_callback.best_model_path
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(key.startswith("policy.") for key in state)
+    assert len(state) == len(module.policy.state_dict())
+
+    # Loading it back (strictly) restores the policy and reloads the original reference.
+    restored = PreferenceModule.load_from_checkpoint(checkpoint_path)
+    for key, value in module.policy.state_dict().items():
+        assert torch.equal(restored.policy.state_dict()[key], value)
+    for key, value in before.items():
+        assert torch.equal(restored.reference.model.state_dict()[key], value)
+
+
+def _train_and_measure_margin(tmp_path: Path, tiny_model_dir: Path, loss_type: str, beta: float) -> float:
+    L.seed_everything(0)
+    train_file = write_jsonl(tmp_path / f"{loss_type}.jsonl", polite_pairs(4))
+    datamodule = _datamodule(tiny_model_dir, train_file, batch_size=4)
+    module = PreferenceModule(
+        str(tiny_model_dir),
+        loss_type=loss_type,
+        beta=beta,
+        length_normalize=True,  # same units for both losses, so the margins compare directly
+        optimizer=_constant_adam(1e-2),
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+    )
+    _trainer(tmp_path, max_steps=250).fit(module, datamodule=datamodule)
+    module.eval()
+    with torch.no_grad():
+        _, values = module.forward_pairs(next(iter(datamodule.train_dataloader())))
+    return float(values["logratio/margin"].mean())
+
+
+def test_ipo_settles_at_its_fixed_point_while_dpo_keeps_growing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    beta = 0.5
+    target = 1 / (2 * beta)
+    ipo_margin = _train_and_measure_margin(tmp_path, tiny_model_dir, "ipo", beta)
+    dpo_margin = _train_and_measure_margin(tmp_path, tiny_model_dir, "dpo", beta)
+    assert ipo_margin == pytest.approx(target, rel=0.05)
+    assert dpo_margin > 3 * target
