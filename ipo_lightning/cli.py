@@ -110,8 +110,16 @@ class PreferenceCLI(LightningCLI):
             trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            parser_kwargs={"description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs."},
+            parser_kwargs={
+                "prog": "python -m ipo_lightning",
+                "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs.",
+            },
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (there is no ``predict`` for preference pairs)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
         # One tokenizer and one length budget for model and data: set them once.

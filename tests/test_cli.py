@@ -27,6 +27,7 @@ def _config(tmp_path: Path, model_dir: Path, train: Path, **data_overrides) -> P
     data = {
         "train": {"path": str(train)},
         "val": {"in_dist": {"path": str(val_a)}, "ood": {"path": str(val_b)}},
+        "test": {"held_out": {"path": str(val_a)}, "shifted": {"path": str(val_b)}},
         "max_length": 64,
         "max_prompt_length": 32,
         "batch_size": 4,
@@ -94,7 +95,6 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["length_normalize"] is True
 
-    assert list((run_dir / "checkpoints").glob("*.ckpt"))
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
     # The export loads with the Auto classes and generates.
@@ -111,6 +111,17 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     # ...and holds the trained weights, not the starting ones.
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(start.lm_head.weight, model.lm_head.weight)
+
+    # `test` from the last checkpoint scores every named test set into a new run folder.
+    (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")  # saved at step 6, after the last validation
+    main(["test", "--config", str(config), "--ckpt_path", str(checkpoint), "--wandb.enabled", "false"])
+    with (tmp_path / "runs" / "version_1" / "metrics.csv").open() as handle:
+        test_rows = list(csv.DictReader(handle))
+    assert {"test/loss", "test/held_out/loss", "test/shifted/rewards/accuracy"} <= set(test_rows[0])
+    # The primary test set is the in_dist val file: same checkpoint, same data, same loss.
+    assert float(test_rows[-1]["test/held_out/loss"]) == pytest.approx(
+        float(last_val["val/in_dist/loss"]), rel=1e-5
+    )
 
 
 def test_bad_data_exits_with_one_line_and_no_traceback(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -165,6 +176,16 @@ def test_bad_records_name_file_record_and_field(
     assert len(message) == 1
     for part in expected:
         assert part in message[0], message[0]
+
+
+def test_fit_without_training_data_names_the_option(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(3))
+    config = _config(tmp_path, tiny_model_dir, train)
+    code, err = _run_main(
+        ["fit", "--config", str(config), "--data.train", "null", "--trainer.logger", "false"], capsys
+    )
+    assert code == 2
+    assert "error: fit needs training data: set data.train.path" in err
 
 
 def test_unknown_config_key_is_rejected(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:

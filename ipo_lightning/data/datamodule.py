@@ -164,6 +164,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the sets the stage needs (fit/validate: train and val; test: test); built sets are kept."""
+        self._require_sets(stage)
         if stage in (None, "fit", "validate"):
             if self.train is not None and self.train_dataset is None:
                 self._build_train()
@@ -176,6 +177,15 @@ class PreferenceDataModule(L.LightningDataModule):
             for name, source in self.test.items():
                 if name not in self.test_datasets:
                     self.test_datasets[name] = self._build(name, source)
+
+    def _require_sets(self, stage: str | None) -> None:
+        """Fail early, by option name, when a stage has nothing to run on."""
+        if stage == "fit" and self.train is None:
+            raise ConfigError("fit needs training data: set data.train.path")
+        if stage == "validate" and not self.val_set_names:
+            raise ConfigError("validate needs a validation set: set data.val.<name>.path or val_fraction")
+        if stage == "test" and not self.test:
+            raise ConfigError("test needs a test set: set data.test.<name>.path")
 
     def _pair_tokenizer(self) -> PairTokenizer:
         return PairTokenizer(self._require_tokenizer(), self.max_length, self.max_prompt_length)
