@@ -24,12 +24,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check ipo_lightning tests scripts
-	$(BIN)/ruff format --check ipo_lightning tests scripts
+	$(BIN)/ruff check ipo_lightning tests scripts benchmarks
+	$(BIN)/ruff format --check ipo_lightning tests scripts benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix ipo_lightning tests scripts
-	$(BIN)/ruff format ipo_lightning tests scripts
+	$(BIN)/ruff check --fix ipo_lightning tests scripts benchmarks
+	$(BIN)/ruff format ipo_lightning tests scripts benchmarks
 
 quickstart: $(STAMP)
 	$(BIN)/python -m ipo_lightning fit --config configs/quickstart.yaml

@@ -53,7 +53,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         return grad.view(logits.shape), None, None
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, *, chunk_size: int = 4096) -> Tensor:
+def token_logprobs(logits: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
     """Exact ``log softmax(logits)[..., labels]`` in float32, memory-lean (see module docstring).
 
     Args:
@@ -101,7 +101,7 @@ def completion_logprobs(
     completion_mask: Tensor,
     *,
     length_normalize: bool,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` once on right-padded rows and score their completion tokens.
 

@@ -81,7 +81,7 @@ class PreferenceModule(L.LightningModule):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         max_length: int | None = None,
-        logprob_chunk_size: int = 4096,
+        logprob_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
         if loss_type not in LOSS_TYPES:

@@ -8,10 +8,14 @@ A user asks an assistant for practical advice ("How do I brew a good cup of gree
 - ``chosen`` is helpful and polite: it answers the request on topic with a concrete, correct tip,
   in one or two short sentences, usually with a friendly opener ("Happy to help.") and closer
   ("Hope this helps!").
-- ``rejected`` shows one of five common failure modes of chat assistants:
+- ``rejected`` shows one of six common failure modes of chat assistants:
 
-  * **rude**: the same useful tip, wrapped in contempt ("Seriously? ... Look it up next time.");
+  * **rude**: the same useful tip, wrapped in contempt ("Seriously? ... Look it up next time."),
+    sometimes only at one end ("Sure! ... Figure out the rest yourself.");
   * **off-topic**: derails to advice about some other subject ("Never mind bread. ...");
+  * **wrong answer**: friendly and concrete, but a tip for a different request (about 12% of
+    pairs). This is the hard case: no word is wrong in itself, only the mismatch with the prompt, so
+    bag-of-words scores sit at chance on it and a tiny model needs longer to learn it;
   * **refusal**: an unhelpful refusal of a harmless request ("Sorry, I can't help with that.");
   * **rambling**: repetitive filler that never gets to the point ("Well, rice, hmm, rice is rice...");
   * **vague**: polite but empty ("Sure! Just do it the usual way. Good luck!").
@@ -19,8 +23,9 @@ A user asks an assistant for practical advice ("How do I brew a good cup of gree
 So the preference is the familiar "helpful, harmless, concise" rule, and it is visible in words and
 short phrases, which a tiny randomly initialised model can pick up in a few minutes of CPU training.
 It is not a single-token giveaway: chosen and rejected share openers, closers and tips (a rude
-reply contains the very tip the chosen one gives; a vague reply has the same friendly frame), and
-every part has several phrasings.
+reply contains the very tip the chosen one gives; vague and wrong-answer replies have the same
+friendly frame; some refusals start with "Sorry" or "Good question!"), and every part has several
+phrasings.
 
 The splits
 ----------
