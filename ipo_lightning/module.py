@@ -58,8 +58,8 @@ class PreferenceModule(L.LightningModule):
         attn_implementation: attention kernel passed to ``from_pretrained``.
         trust_remote_code: allow model code from the hub (off unless you trust the repository).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        max_length: longest row the data produces (linked from ``data.max_length``); checked
-            against the model's context size.
+        max_length: longest row the data produces (linked from ``data.max_length``; default: the
+            trainer's data module's), checked against the model's context size.
         logprob_chunk_size: tokens per chunk of the float32 log-softmax (memory vs. kernel count).
     """
 
@@ -93,7 +93,10 @@ class PreferenceModule(L.LightningModule):
         if length_normalize is None:
             # Resolved before save_hyperparameters so logged configs state the choice explicitly.
             length_normalize = default_length_normalize(loss_type)
-        self.save_hyperparameters(ignore=["optimizer"])
+        # max_length belongs to the data module's hyperparameters (linked from there by the CLI);
+        # logging it twice would make Lightning's hparams merge fail whenever the two differ.
+        self.save_hyperparameters(ignore=["optimizer", "max_length"])
+        self.max_length = max_length
         self.optimizer_factory = optimizer
         self.policy: PreTrainedModel | None = None
         self.reference: FrozenReference | None = None
@@ -127,7 +130,8 @@ class PreferenceModule(L.LightningModule):
 
     def _check_context_size(self, model: PreTrainedModel) -> None:
         limit = getattr(model.config, "max_position_embeddings", None)
-        max_length = self.hparams.max_length
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        max_length = self.max_length or getattr(datamodule, "max_length", None)
         if limit is not None and max_length is not None and max_length > limit:
             raise ConfigError(
                 f"data.max_length={max_length} exceeds the model's context size "

@@ -94,6 +94,9 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     # The resolved config states the length normalisation explicitly.
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["length_normalize"] is True
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())  # plain YAML, module + data
+    assert hparams["length_normalize"] is True and hparams["max_length"] == 64
+    assert hparams["val"]["ood"]["path"].endswith("val_b.jsonl")
 
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
@@ -176,6 +179,19 @@ def test_bad_records_name_file_record_and_field(
     assert len(message) == 1
     for part in expected:
         assert part in message[0], message[0]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every shipped config is valid (keys, types, class paths) without loading models or data."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (
+        printed["model"]["model_name_or_path"]
+        == yaml.safe_load(config.read_text())["model"]["model_name_or_path"]
+    )
 
 
 def test_fit_without_training_data_names_the_option(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:

@@ -105,3 +105,28 @@ def test_ipo_settles_at_its_fixed_point_while_dpo_keeps_growing(tmp_path: Path, 
     dpo_margin = _train_and_measure_margin(tmp_path, tiny_model_dir, "dpo", beta)
     assert ipo_margin == pytest.approx(target, rel=0.05)
     assert dpo_margin > 3 * target
+
+
+def test_fit_resumes_from_a_checkpoint_without_reference_weights(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    train_file = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
+
+    def module() -> PreferenceModule:
+        return PreferenceModule(str(tiny_model_dir), optimizer=_constant_adam(1e-2), lr_schedule="constant")
+
+    first = _trainer(tmp_path / "a", max_steps=3, enable_checkpointing=True)
+    first.fit(module(), datamodule=_datamodule(tiny_model_dir, train_file, batch_size=4))
+    checkpoint = first.checkpoint_callback.best_model_path
+
+    resumed_module = module()
+    resumed = _trainer(tmp_path / "b", max_steps=6)
+    resumed.fit(
+        resumed_module, datamodule=_datamodule(tiny_model_dir, train_file, batch_size=4), ckpt_path=checkpoint
+    )
+    assert resumed.global_step == 6
+    # The reference came from its path again, not from the (reference-free) checkpoint.
+    original = PreferenceModule(str(tiny_model_dir))
+    original.configure_model()
+    for key, value in original.reference.model.state_dict().items():
+        assert torch.equal(resumed_module.reference.model.state_dict()[key], value)

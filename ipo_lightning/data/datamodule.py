@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 
@@ -72,6 +73,24 @@ class PreferenceDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        # Logged with the module's hyperparameters (hparams.yaml, W&B config), as plain values so
+        # hparams.yaml stays loadable with yaml.safe_load.
+        self.save_hyperparameters(
+            {
+                "train": _plain(train),
+                "val": _plain(val),
+                "test": _plain(test),
+                "val_fraction": val_fraction,
+                "tokenizer_name_or_path": tokenizer_name_or_path,
+                "format": format,
+                "columns": columns,
+                "max_length": max_length,
+                "max_prompt_length": max_prompt_length,
+                "batch_size": batch_size,
+                "val_batch_size": val_batch_size,
+                "seed": seed,
+            }
+        )
         self.train = train
         self.val = dict(val or {})
         self.test = dict(test or {})
@@ -275,6 +294,15 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+
+def _plain(value: DataSource | Mapping[str, DataSource] | None) -> dict | None:
+    """A source (or named sources) as plain dicts, for logging."""
+    if value is None:
+        return None
+    if isinstance(value, DataSource):
+        return dataclasses.asdict(value)
+    return {name: dataclasses.asdict(source) for name, source in value.items()}
 
 
 def held_out_split(num_records: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
