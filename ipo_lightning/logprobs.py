@@ -46,10 +46,10 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         for start in range(0, flat_labels.numel(), ctx.chunk_size):
             stop = start + ctx.chunk_size
             g_out = flat_grad_out[start:stop, None]
-            # d logp / d logits = onehot(label) - softmax(logits)
-            chunk_grad = -torch.softmax(flat_logits[start:stop].float(), dim=-1) * g_out
+            # d logp / d logits = onehot(label) - softmax(logits); in place on the fresh softmax buffer.
+            chunk_grad = torch.softmax(flat_logits[start:stop].float(), dim=-1).mul_(-g_out)
             chunk_grad.scatter_add_(-1, flat_labels[start:stop, None], g_out)
-            grad[start:stop] = chunk_grad.to(grad.dtype)
+            grad[start:stop] = chunk_grad
         return grad.view(logits.shape), None, None
 
 
