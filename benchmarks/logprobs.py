@@ -1,13 +1,14 @@
 """Completion log-probs: the naive float32 log_softmax vs ipo_lightning's chunked version.
 
-Both compute ``log softmax(logits)[labels]`` and backpropagate through it, from the same logits (the
-model's output, here random). Peak memory is measured above the logits and their gradient, each mode in its
-own fresh process on CPU (peak RSS) or with ``torch.cuda.max_memory_allocated`` on CUDA; time is the
-median of ``--repeats`` forward+backward passes. One JSON line per mode, with ratios against the
-naive mode measured in the same run:
+Both turn the same logits (the model's output, here random) into per-sequence completion log-probs
+and backpropagate through them; the chunked mode goes through ``completion_logprobs``, the function
+training uses, with a stand-in model that returns the logits. Peak memory is measured above the
+logits and their gradient, each mode in its own fresh process on CPU (peak RSS) or with
+``torch.cuda.max_memory_allocated`` on CUDA; time is the median of ``--repeats`` forward+backward
+passes. One JSON line per mode, with ratios against the naive mode measured in the same run:
 
     python benchmarks/logprobs.py                       # CPU: 8 rows x 512 tokens x 32k vocab, float32
-    python benchmarks/logprobs.py --device cuda --dtype bfloat16 --rows 16 --length 2048 --vocab 151936
+    python benchmarks/logprobs.py --device cuda --dtype bfloat16 --rows 8 --length 2048 --vocab 151936
 """
 
 from __future__ import annotations
@@ -19,20 +20,46 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 MODES = ("naive", "chunked")
 
 
-def _naive(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+class _FixedLogits(torch.nn.Module):
+    """Stands in for a causal LM: returns the given logits (honouring ``logits_to_keep``)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object
+    ) -> SimpleNamespace:
+        # A real model slices its hidden states, not the logits; the benchmark scores every position,
+        # so the logits go out as they are (slicing would add a full-size gradient copy).
+        assert int(kwargs.get("logits_to_keep", self.logits.shape[1])) == self.logits.shape[1]
+        return SimpleNamespace(logits=self.logits)
 
 
-def _chunked(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    from ipo_lightning.logprobs import token_logprobs
+def _naive(logits: torch.Tensor, input_ids: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+    """Per-sequence log-probs the usual way: a float32 log_softmax over every position."""
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (logps * completion[:, 1:]).sum(-1)
 
-    return token_logprobs(logits, labels, chunk_size=chunk_size)
+
+def _chunked(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Per-sequence log-probs through ipo_lightning's own path, exactly as training calls it."""
+    from ipo_lightning.logprobs import completion_logprobs
+
+    attention = torch.ones_like(input_ids)
+    logps, _ = completion_logprobs(
+        _FixedLogits(logits), input_ids, attention, completion, length_normalize=False, chunk_size=chunk
+    )
+    return logps
 
 
 def _peak_bytes(device: str) -> int:
@@ -48,15 +75,16 @@ def measure(args: argparse.Namespace) -> dict[str, float | str]:
     dtype = getattr(torch, args.dtype)
     shape = (args.rows, args.length, args.vocab)
     logits = torch.randn(shape, generator=generator, device=args.device, dtype=dtype).requires_grad_(True)
-    labels = torch.randint(0, args.vocab, shape[:2], generator=generator, device=args.device)
-    weights = torch.randn(shape[:2], generator=generator, device=args.device)
+    input_ids = torch.randint(0, args.vocab, shape[:2], generator=generator, device=args.device)
+    completion = torch.ones(shape[:2], dtype=torch.bool, device=args.device)
+    completion[:, 0] = False  # a one-token prompt: every later position is scored
 
     def step() -> None:
         if args.mode == "naive":
-            token_logps = _naive(logits, labels)
+            logps = _naive(logits, input_ids, completion)
         else:
-            token_logps = _chunked(logits, labels, args.chunk_size)
-        (token_logps * weights).sum().backward()
+            logps = _chunked(logits, input_ids, completion, args.chunk_size)
+        logps.sum().backward()
         logits.grad = None
 
     # The floor every mode pays: the logits plus their gradient. Touch a gradient-sized buffer once

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -32,28 +33,52 @@ from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_no
 
 DEFAULT_ROOT_DIR = "runs"
 
-# The frozen reference is in eval mode on purpose (and the policy is put in train mode explicitly),
-# so Lightning's "modules in eval mode at the start of training" warning only adds noise here.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+def _quiet_expected_warnings() -> None:
+    """Silence Lightning warnings that are expected here and would only alarm CLI users."""
+    # The frozen reference is in eval mode on purpose (the policy is put in train mode explicitly).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # The run folder is fresh (version_N) but config.yaml and wandb/ land in it before metrics.csv.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+
+
 USER_ERROR_EXIT_CODE = 2
 
 
 @dataclass
 class WandbOptions:
-    """Weights & Biases tracking for the default loggers (ignored when ``trainer.logger`` is set)."""
+    """Weights & Biases tracking for the default loggers (ignored when ``trainer.logger`` is set).
+
+    Args:
+        enabled: Log to W&B besides the CSV file.
+        project: W&B project name.
+        name: Run name shown in W&B; default: W&B picks one.
+        entity: W&B team or user; default: your default entity.
+        tags: Tags attached to the run.
+        mode: ``auto``: $WANDB_MODE if set, else online when logged in (API key) and offline otherwise.
+    """
 
     enabled: bool = True
-    """Log to W&B besides the CSV file."""
     project: str = "ipo-lightning"
-    """W&B project name."""
     name: str | None = None
-    """Run name shown in W&B; default: W&B picks one."""
     entity: str | None = None
-    """W&B team or user; default: your default entity."""
     tags: list[str] = field(default_factory=list)
-    """Tags attached to the run."""
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """``auto``: $WANDB_MODE if set, else online when logged in (API key) and offline otherwise."""
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Save the resolved config as ``config.yaml`` in the run folder and send it to W&B as well.
+
+    W&B then shows every option of the run (optimizer, precision, accumulation, seed, data), not only
+    the module's and data module's hyperparameters.
+    """
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if wandb_loggers:
+            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in wandb_loggers:
+                logger.experiment.config.update({"cli": resolved}, allow_val_change=True)
 
 
 def _wandb_logged_in() -> bool:
@@ -77,9 +102,6 @@ def resolve_wandb_mode(mode: str) -> str:
 def build_default_loggers(root_dir: str | Path, options: WandbOptions) -> list[Logger]:
     """CSV (always) and W&B (unless disabled) loggers sharing one run folder ``root/version_N``."""
     csv_logger = CSVLogger(save_dir=str(root_dir), name="")
-    # Create the run folder through the CSV logger first: it warns about (and would clear) a
-    # non-empty folder, and W&B is about to write into it.
-    csv_logger.experiment  # noqa: B018 - property with a side effect
     loggers: list[Logger] = [csv_logger]
     mode = resolve_wandb_mode(options.mode)
     if options.enabled and mode != "disabled":
@@ -107,7 +129,9 @@ class PreferenceCLI(LightningCLI):
             PreferenceDataModule,
             args=args,
             run=run,
-            trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR},
+            # Lightning's own default is 1000 epochs, which a forgotten max_epochs turns into days.
+            trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR, "max_epochs": 1},
+            save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             parser_kwargs={
@@ -155,6 +179,7 @@ class PreferenceCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m ipo_lightning`` and the ``ipo-lightning`` script."""
+    _quiet_expected_warnings()
     try:
         PreferenceCLI(args=args)
     except UserInputError as error:

@@ -130,10 +130,14 @@ def completion_logprobs(
     if trimmed:
         kwargs["logits_to_keep"] = keep
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-    if not trimmed:
-        logits = logits[:, -keep:]
-    # logits[:, i] predicts the token at position first + i.
-    labels = input_ids[:, first:]
-    token_logps = token_logprobs(logits[:, :-1], labels, chunk_size=chunk_size)
-    mask = completion_mask[:, first:]
-    return reduce_sequence_logprobs(token_logps, mask, length_normalize=length_normalize), token_logps
+    if not trimmed and keep < logits.shape[1]:
+        logits = logits[:, -keep:]  # models without logits_to_keep: a (copying) slice
+    # logits[:, i] predicts the token at position first + i. The last logit predicts nothing: rather
+    # than slicing it off (a non-contiguous view, which the chunked kernel would have to copy whole),
+    # give it a dummy label and mask it out.
+    dummy = torch.zeros_like(input_ids[:, :1])
+    labels = torch.cat([input_ids[:, first:], dummy], dim=1)
+    mask = torch.cat([completion_mask[:, first:], dummy.bool()], dim=1)
+    token_logps = token_logprobs(logits, labels, chunk_size=chunk_size)
+    sequence_logps = reduce_sequence_logprobs(token_logps, mask, length_normalize=length_normalize)
+    return sequence_logps, token_logps[:, :-1]

@@ -49,6 +49,23 @@ def ipo_target(beta: float, preference_prob: Tensor | float = 1.0) -> Tensor:
     return (2.0 * p - 1.0) / (2.0 * beta)
 
 
+def check_loss_options(loss_type: str, beta: float, label_smoothing: float = 0.0) -> None:
+    """Raise ValueError for options :func:`preference_loss` cannot use (callers can check up front)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if loss_type != "dpo" and label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing applies to loss_type='dpo' only, got loss_type={loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def soft_labels_supported(loss_type: str, label_smoothing: float = 0.0) -> bool:
+    """Whether pairs with preference_prob < 1 can be trained with these options."""
+    return loss_type == "ipo" or (loss_type == "dpo" and label_smoothing == 0.0)
+
+
 def preference_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -76,13 +93,7 @@ def preference_loss(
     Returns:
         :class:`PreferenceLossOutput` (losses, chosen_rewards, rejected_rewards, margins, targets).
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if loss_type != "dpo" and label_smoothing != 0.0:
-        raise ValueError(f"label_smoothing applies to loss_type='dpo' only, got loss_type={loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-
+    check_loss_options(loss_type, beta, label_smoothing)
     if preference_prob is not None and bool(torch.all(preference_prob == 1)):
         preference_prob = None  # hard labels: the plain formulas apply
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
@@ -109,8 +120,8 @@ def preference_loss(
         if preference_prob is not None:
             raise ValueError("soft labels (preference_prob < 1) are not defined for loss_type='hinge'")
         losses = torch.relu(1.0 - beta * h)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    else:  # unreachable after check_loss_options
+        raise ValueError(f"unknown loss_type {loss_type!r}")
 
     return PreferenceLossOutput(
         losses=losses,

@@ -5,13 +5,38 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.errors import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_model_config(name_or_path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's ``config.json`` (cheap: no weights), or one clear ConfigError."""
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
+
+
+def check_context_size(config: PretrainedConfig, max_length: int | None) -> None:
+    """Raise ConfigError if rows of ``max_length`` tokens do not fit the model's context."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_length is not None and max_length > limit:
+        raise ConfigError(
+            f"data.max_length={max_length} exceeds the model's context size "
+            f"(max_position_embeddings={limit}); lower data.max_length"
+        )
 
 
 def load_causal_lm(
@@ -26,15 +51,13 @@ def load_causal_lm(
     Safetensors only (``use_safetensors=True``): pickled ``.bin`` checkpoints can run code on load.
     The model comes back in eval mode; callers switch the policy to train mode.
     """
-    path = resolve_model_path(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(name_or_path),
             dtype=getattr(torch, dtype),
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
-    except OSError as error:
-        raise ConfigError(f"cannot load model {name_or_path!r}: {error}") from error
-    return model
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None

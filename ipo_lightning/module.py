@@ -18,19 +18,25 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.logprobs import completion_logprobs
-from ipo_lightning.losses import LOSS_TYPES, LossType, preference_loss
+from ipo_lightning.losses import LossType, check_loss_options, preference_loss, soft_labels_supported
 from ipo_lightning.metrics import PreferenceMetrics, batch_values, metric_names
-from ipo_lightning.modeling import AttnImplementation, DType, load_causal_lm
+from ipo_lightning.modeling import (
+    AttnImplementation,
+    DType,
+    check_context_size,
+    load_causal_lm,
+    load_model_config,
+)
 from ipo_lightning.reference import REFERENCE_ATTRIBUTE, FrozenReference, ignore_missing_reference_keys
-from ipo_lightning.schedule import LRSchedule, build_scheduler
+from ipo_lightning.schedule import LRSchedule, build_scheduler, check_schedule_options
 
 DEFAULT_LR = 1e-6
-PRIMARY_VAL_PREFIX = "val"
 
 
 def default_length_normalize(loss_type: str) -> bool:
@@ -54,7 +60,10 @@ class PreferenceModule(L.LightningModule):
         warmup_ratio: fraction of all optimizer steps spent warming up linearly from 0.
         warmup_steps: warm-up length in optimizer steps; overrides ``warmup_ratio`` when set.
         min_lr_ratio: cosine only: final learning rate as a fraction of the peak.
-        dtype: weight dtype of policy and reference; use the Trainer's ``precision`` for autocast.
+        dtype: weight dtype of the policy; keep float32 and use ``trainer.precision: bf16-mixed`` for
+            speed (16-bit weights lose small updates).
+        reference_dtype: weight dtype of the frozen reference; default: ``dtype``. ``bfloat16`` halves
+            its memory at a small cost in log-prob precision.
         attn_implementation: attention kernel passed to ``from_pretrained``.
         trust_remote_code: allow model code from the hub (off unless you trust the repository).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -77,6 +86,7 @@ class PreferenceModule(L.LightningModule):
         warmup_steps: int | None = None,
         min_lr_ratio: float = 0.0,
         dtype: DType = "float32",
+        reference_dtype: DType | None = None,
         attn_implementation: AttnImplementation | None = "sdpa",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
@@ -84,12 +94,25 @@ class PreferenceModule(L.LightningModule):
         logprob_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ConfigError(f"model.loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-        if beta <= 0:
-            raise ConfigError(f"model.beta must be positive, got {beta}")
-        if loss_type != "dpo" and label_smoothing:
-            raise ConfigError("model.label_smoothing applies to loss_type 'dpo' only")
+        # Every option is checked here, at start-up, so a bad value never surfaces mid-training.
+        try:
+            check_loss_options(loss_type, beta, label_smoothing)
+        except ValueError as error:
+            raise ConfigError(f"model: {error}") from None
+        if logprob_chunk_size <= 0:
+            raise ConfigError(f"model.logprob_chunk_size must be positive, got {logprob_chunk_size}")
+        if warmup_steps is not None and warmup_steps < 0:
+            raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+        if dtype != "float32":
+            rank_zero_warn(
+                f"model.dtype={dtype}: the policy's weights are {dtype}, and small optimizer updates "
+                "round away in 16-bit weights; prefer dtype float32 with trainer.precision bf16-mixed, "
+                "and model.reference_dtype for a lighter reference"
+            )
+        # Fail fast on a wrong model path or a too long max_length: only the config is read here.
+        self.model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
+        check_context_size(self.model_config, max_length)
         if length_normalize is None:
             # Resolved before save_hyperparameters so logged configs state the choice explicitly.
             length_normalize = default_length_normalize(loss_type)
@@ -97,6 +120,7 @@ class PreferenceModule(L.LightningModule):
         # logging it twice would make Lightning's hparams merge fail whenever the two differ.
         self.save_hyperparameters(ignore=["optimizer", "max_length"])
         self.max_length = max_length
+        self.uses_soft_labels = True  # until setup() has seen the data: the safe choice
         self.optimizer_factory = optimizer
         self.policy: PreTrainedModel | None = None
         self.reference: FrozenReference | None = None
@@ -113,30 +137,42 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        load = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation}
-        self.policy = load_causal_lm(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code, **load)
-        self._check_context_size(self.policy)
+        common = {"attn_implementation": hp.attn_implementation, "trust_remote_code": hp.trust_remote_code}
+        self.policy = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, **common)
         # from_pretrained returns eval mode and Lightning >= 2.6 keeps each module's mode at fit start.
         self.policy.train()
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         reference_path = hp.reference_name_or_path or hp.model_name_or_path
+        reference_dtype = hp.reference_dtype or hp.dtype
         if reference_path == hp.model_name_or_path:
             # Same weights: copy the freshly loaded policy rather than reading the files twice.
-            reference_model = copy.deepcopy(self.policy)
+            reference_model = copy.deepcopy(self.policy).to(getattr(torch, reference_dtype))
         else:
-            reference_model = load_causal_lm(reference_path, trust_remote_code=hp.trust_remote_code, **load)
+            reference_model = load_causal_lm(reference_path, dtype=reference_dtype, **common)
+            if reference_model.config.vocab_size != self.policy.config.vocab_size:
+                sizes = (reference_model.config.vocab_size, self.policy.config.vocab_size)
+                raise ConfigError(
+                    f"model.reference_name_or_path {reference_path!r} has a vocabulary of {sizes[0]} "
+                    f"tokens, the policy {sizes[1]}: both must share the tokenizer"
+                )
         setattr(self, REFERENCE_ATTRIBUTE, FrozenReference(reference_model))
 
-    def _check_context_size(self, model: PreTrainedModel) -> None:
-        limit = getattr(model.config, "max_position_embeddings", None)
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        max_length = self.max_length or getattr(datamodule, "max_length", None)
-        if limit is not None and max_length is not None and max_length > limit:
+    def setup(self, stage: str) -> None:
+        """Check the data against the model and the loss once the data module has built it."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.max_length is None:
+            check_context_size(self.model_config, getattr(datamodule, "max_length", None))
+        soft_sets = datamodule.soft_label_sets() if hasattr(datamodule, "soft_label_sets") else []
+        hp = self.hparams
+        if soft_sets and not soft_labels_supported(hp.loss_type, hp.label_smoothing):
             raise ConfigError(
-                f"data.max_length={max_length} exceeds the model's context size "
-                f"(max_position_embeddings={limit}); lower data.max_length"
+                f"data set(s) {', '.join(soft_sets)} hold soft labels (preference_prob < 1), which "
+                f"loss_type={hp.loss_type!r} with label_smoothing={hp.label_smoothing} cannot use; use "
+                "loss_type ipo, or dpo without label_smoothing"
             )
+        # Without soft labels the loss needs no preference_prob (and skips checking it every step).
+        self.uses_soft_labels = bool(soft_sets)
 
     # ------------------------------------------------------------------ steps
 
@@ -162,18 +198,26 @@ class PreferenceModule(L.LightningModule):
             loss_type=hp.loss_type,
             beta=hp.beta,
             label_smoothing=hp.label_smoothing,
-            preference_prob=batch.get("preference_prob"),
+            preference_prob=batch["preference_prob"] if self.uses_soft_labels else None,
         )
         return out.losses.mean(), batch_values(out, policy_logps[:num_pairs], policy_logps[num_pairs:])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One optimizer micro-step: the mean per-pair loss of this batch."""
+        """One micro-batch: the mean per-pair loss. Metrics are logged per optimizer step (below)."""
         loss, values = self.forward_pairs(batch)
-        batch_means = self.train_metrics(values)
-        shown = {"loss", "rewards/accuracy"}
-        for name, value in batch_means.items():
-            self.log(f"train/{name}", value, prog_bar=name in shown, batch_size=values["loss"].numel())
+        self.train_metrics.update(values)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log ``train/*`` over every pair of the optimizer step (all micro-batches, all ranks).
+
+        Logging from ``training_step`` would report only the last micro-batch under gradient
+        accumulation. ``compute`` reduces across processes, so every rank must (and does) call this.
+        """
+        shown = {"loss", "rewards/accuracy"}
+        for name, value in self.train_metrics.compute().items():
+            self.log(f"train/{name}", value, prog_bar=name in shown, on_step=True, on_epoch=False)
+        self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate the metrics of val set number ``dataloader_idx``."""

@@ -13,6 +13,14 @@ from ipo_lightning.errors import ConfigError
 LRSchedule = Literal["cosine", "linear", "constant"]
 
 
+def check_schedule_options(*, warmup_ratio: float, min_lr_ratio: float) -> None:
+    """Raise ConfigError for schedule options outside their ranges."""
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ConfigError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+
+
 def build_scheduler(
     optimizer: Optimizer,
     *,
@@ -25,10 +33,7 @@ def build_scheduler(
     """A per-optimizer-step scheduler: ``warmup_steps`` (or ``warmup_ratio * total_steps``) of
     linear warm-up from 0, then ``schedule`` down to ``min_lr_ratio`` of the peak (cosine) or 0
     (linear), or flat (constant)."""
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ConfigError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ConfigError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
     total_steps = max(total_steps, 1)
     warmup = warmup_steps if warmup_steps is not None else int(round(warmup_ratio * total_steps))
     if schedule == "cosine":

@@ -57,22 +57,23 @@ def _config(tmp_path: Path, model_dir: Path, train: Path, **data_overrides) -> P
     return path
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+def _fit_subprocess(tmp_path: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m ipo_lightning fit --config CONFIG`` as a user runs it, W&B offline."""
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_cache")
-    return env
+    return subprocess.run(
+        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, tiny_model_dir: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
     config = _config(tmp_path, tiny_model_dir, train)
-    result = subprocess.run(
-        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)],
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _fit_subprocess(tmp_path, config)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "version_0"
 
@@ -98,7 +99,9 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     assert hparams["length_normalize"] is True and hparams["max_length"] == 64
     assert hparams["val"]["ood"]["path"].endswith("val_b.jsonl")
 
-    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    # The W&B run (offline) carries the full resolved CLI config, trainer options included.
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"accumulate_grad_batches" in wandb_file.read_bytes()
 
     # The export loads with the Auto classes and generates.
     export = run_dir / "hf_model"
@@ -133,18 +136,13 @@ def test_bad_data_exits_with_one_line_and_no_traceback(tmp_path: Path, tiny_mode
     lines[3] = '{"prompt": "hi", "chosen": "ok",'  # truncated record on line 4
     train.write_text("\n".join(lines) + "\n")
     config = _config(tmp_path, tiny_model_dir, train)
-    result = subprocess.run(
-        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)],
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _fit_subprocess(tmp_path, config)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "train.jsonl:4" in error_lines[0]
-    assert not list((tmp_path / "runs").rglob("hf_model")) and not list((tmp_path / "runs").rglob("*.ckpt"))
+    # Nothing was written: not even an empty run folder.
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def _run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -202,6 +200,36 @@ def test_fit_without_training_data_names_the_option(tmp_path: Path, tiny_model_d
     )
     assert code == 2
     assert "error: fit needs training data: set data.train.path" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--model.loss_type", "dpo", "--model.label_smoothing", "0.7"],
+            "label_smoothing must be in [0, 0.5)",
+        ),
+        (["--model.logprob_chunk_size", "0"], "model.logprob_chunk_size must be positive"),
+        (["--model.model_name_or_path", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+        (["--data.max_length", "4096"], "data.max_length=4096 exceeds the model's context size"),
+        (["--data.train.limit", "0"], "limit must be a positive number"),
+        (["--model.loss_type", "hinge", "--data.train.path", "{soft}"], "soft labels (preference_prob < 1)"),
+    ],
+    ids=["label-smoothing", "chunk-size", "model-path", "context", "limit", "soft-labels-hinge"],
+)
+def test_bad_settings_fail_at_start_with_one_line(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(4))
+    soft = write_jsonl(tmp_path / "soft.jsonl", [dict(r, preference_prob=0.7) for r in polite_pairs(4)])
+    config = _config(tmp_path, tiny_model_dir, train)
+    args = [arg.replace("{soft}", str(soft)) for arg in args]
+    code, err = _run_main(["fit", "--config", str(config), *args], capsys)
+    assert code == 2
+    message = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and expected in message[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
 def test_unknown_config_key_is_rejected(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:

@@ -22,15 +22,21 @@ GOOD = {"role": "assistant", "content": "Paris."}
 BAD = {"role": "assistant", "content": "Figure it out yourself."}
 
 
+def detect(*records: dict, columns: dict | None = None) -> str:
+    """detect_format on records given as a dataset: its columns are every key of every record."""
+    names = list(dict.fromkeys(name for record in records for name in record))
+    return detect_format(names, [{name: record.get(name) for name in names} for record in records], columns)
+
+
 def test_plain_record() -> None:
     record = {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "extra": 1}
-    assert detect_format(record) == "plain"
+    assert detect(record) == "plain"
     assert normalise(record, "plain") == PreferenceExample("Q: 2+2?", " 4", " 5", 1.0)
 
 
 def test_conversational_record() -> None:
     record = {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}
-    assert detect_format(record) == "conversational"
+    assert detect(record) == "conversational"
     example = normalise(record, "conversational")
     assert example == PreferenceExample([USER], [GOOD], [BAD], 1.0)
     assert example.is_conversational
@@ -43,7 +49,7 @@ def test_conversational_completions_repeating_the_prompt_are_cut_after_it() -> N
 
 def test_conversational_string_completion_is_one_assistant_message() -> None:
     record = {"prompt": [USER], "chosen": "Paris.", "rejected": "Figure it out yourself."}
-    assert detect_format(record) == "conversational"
+    assert detect(record) == "conversational"
     assert normalise(record, "conversational") == PreferenceExample([USER], [GOOD], [BAD])
 
 
@@ -58,7 +64,7 @@ def test_implicit_strings_split_at_the_word_where_they_differ() -> None:
         "chosen": "\n\nHuman: is it safe?\n\nAssistant: I think so",
         "rejected": "\n\nHuman: is it safe?\n\nAssistant: I don't",
     }
-    assert detect_format(record) == "implicit"
+    assert detect(record) == "implicit"
     example = normalise(record, "implicit")
     assert example == PreferenceExample("\n\nHuman: is it safe?\n\nAssistant: I", " think so", " don't")
     # Nothing is lost: prompt + completion gives back the source text.
@@ -95,14 +101,14 @@ def test_implicit_messages_share_the_leading_messages() -> None:
     chosen = [USER, GOOD, follow_up, {"role": "assistant", "content": "Madrid."}]
     rejected = [USER, GOOD, follow_up, {"role": "assistant", "content": "No."}]
     record = {"chosen": chosen, "rejected": rejected, "messages": chosen}
-    assert detect_format(record) == "implicit"
+    assert detect(record) == "implicit"
     assert normalise(record, "implicit") == PreferenceExample(chosen[:3], chosen[3:], rejected[3:])
 
 
 def test_string_prompt_beside_conversations_is_implicit() -> None:
     # HuggingFaceH4/ultrafeedback_binarized: prompt is the user text, chosen/rejected whole conversations.
     record = {"prompt": USER["content"], "chosen": [USER, GOOD], "rejected": [USER, BAD]}
-    assert detect_format(record) == "implicit"
+    assert detect(record) == "implicit"
     assert normalise(record, "implicit") == PreferenceExample([USER], [GOOD], [BAD])
 
 
@@ -112,10 +118,51 @@ def test_implicit_messages_prefix_is_dropped_and_no_shared_prompt_is_an_error() 
         normalise({"chosen": [USER, GOOD], "rejected": [{**USER, "content": "hi"}, BAD]}, "implicit")
 
 
+def test_format_is_detected_from_the_columns_not_the_first_record() -> None:
+    plain = {"prompt": "Q", "chosen": " a", "rejected": " b"}
+    no_prompt = {"chosen": " a", "rejected": " b"}
+    # A prompt column makes a dataset plain, even if its first record has no prompt value.
+    assert detect(no_prompt, plain) == "plain"
+    assert detect({**no_prompt, "prompt": None}, plain) == "plain"
+    assert detect(no_prompt) == "implicit"  # no prompt column at all
+    # The first non-null values decide whether values are message lists.
+    chat = {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}
+    assert detect({"prompt": None, "chosen": None, "rejected": None}, chat) == "conversational"
+    h4 = {"prompt": USER["content"], "chosen": [USER, GOOD], "rejected": [USER, BAD]}
+    assert detect({**h4, "chosen": None}, h4) == "implicit"
+    assert detect({"prompt": [USER], "chosen": None, "rejected": [BAD]}) == "conversational"
+    # Mapped columns: a column named like a canonical field but not mapped to it does not count.
+    columns = {"prompt": "question"}
+    assert detect({"prompt": "Q", "chosen": " a", "rejected": " b"}, columns=columns) == "implicit"
+    assert detect({"question": None, "chosen": " a", "rejected": " b"}, columns=columns) == "plain"
+
+
+def test_detection_reads_records_only_until_it_has_both_values() -> None:
+    def records():
+        yield {"prompt": "Q", "chosen": " a"}
+        raise AssertionError("read past the first record")
+
+    assert detect_format(["prompt", "chosen", "rejected"], records()) == "plain"
+
+
+def test_implicit_texts_without_a_common_prefix_are_an_error() -> None:
+    for chosen, rejected in [("Yes", "No"), ("Hello there", "Help me"), (" Sure", " No")]:
+        with pytest.raises(DataError) as caught:
+            normalise({"chosen": chosen, "rejected": rejected}, "implicit")
+        assert str(caught.value) == (
+            "field 'chosen' and field 'rejected': the texts share no common prefix, so there is no prompt "
+            "to extract (implicit format)"
+        )
+    # A shared word is enough.
+    assert normalise({"chosen": "Hi yes", "rejected": "Hi no"}, "implicit") == PreferenceExample(
+        "Hi", " yes", " no"
+    )
+
+
 def test_column_mapping() -> None:
     columns = validate_columns({"prompt": "question", "chosen": "response_j", "rejected": "response_k"})
     record = {"question": "Q?", "response_j": " yes", "response_k": " no", "prompt": 7}
-    assert detect_format(record, columns) == "plain"
+    assert detect(record, columns=columns) == "plain"
     assert normalise(record, "plain", columns) == PreferenceExample("Q?", " yes", " no")
     with pytest.raises(ConfigError, match="'answer'"):
         validate_columns({"answer": "x"})

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.data import DataSource, PairTokenizer, PreferenceDataModule
 from ipo_lightning.errors import ConfigError, DataError
 
 QUESTIONS = [f"Question {i}: what is the capital of France?" for i in range(20)]
@@ -297,6 +296,22 @@ def setup_error(tiny_model_dir: Path, tmp_path: Path, file: Path, **kwargs: obje
     return str(caught.value)
 
 
+def test_plain_file_whose_first_record_has_no_prompt(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The prompt column makes the file plain: the first record is a bad plain record, not a sign
+    # that the whole file is implicit.
+    for first in ({"chosen": " a", "rejected": " b"}, {"prompt": None, "chosen": " a", "rejected": " b"}):
+        file = write_jsonl(tmp_path / "bad.jsonl", [first, *plain_records(3)])
+        message = setup_error(tiny_model_dir, tmp_path, file)
+        assert message == f"{file}:1: record 0: field 'prompt': missing (absent or null)"
+
+
+def test_implicit_texts_without_a_common_prefix(tiny_model_dir: Path, tmp_path: Path) -> None:
+    records = [{"chosen": "Human: hi? Assistant: hello", "rejected": "Human: hi? Assistant: go away"}] * 2
+    file = write_jsonl(tmp_path / "hh.jsonl", [*records, {"chosen": "Sure.", "rejected": "No."}])
+    message = setup_error(tiny_model_dir, tmp_path, file)
+    assert message.startswith(f"{file}:3: record 2: field 'chosen' and field 'rejected': the texts share no")
+
+
 def test_malformed_json_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     file = bad_jsonl(tmp_path, '{"prompt": "Q", "chosen": " a", "rejected": " b",')
     message = setup_error(tiny_model_dir, tmp_path, file)
@@ -378,7 +393,82 @@ def test_invalid_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
         make_module(tiny_model_dir, tmp_path, val_fraction=0.1)
     with pytest.raises(ConfigError, match="'answer'"):
         make_module(tiny_model_dir, tmp_path, columns={"answer": "x"})
-    assert torch.get_num_threads() == 1  # conftest's setting survives the imports
+
+
+def test_length_checks_give_the_pair_tokenizers_message_with_option_names(
+    tiny_model_dir: Path, tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    for max_length, max_prompt_length in ((1, None), (16, 16), (16, 0)):
+        with pytest.raises(ConfigError) as from_module:
+            make_module(tiny_model_dir, tmp_path, max_length=max_length, max_prompt_length=max_prompt_length)
+        with pytest.raises(ConfigError) as from_tokenizer:
+            PairTokenizer(tiny_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+        assert str(from_module.value) == str(from_tokenizer.value).replace("max_", "data.max_")
+
+
+def test_limit_below_one_is_one_clean_error(tmp_path: Path) -> None:
+    from jsonargparse import ArgumentParser
+
+    from ipo_lightning.data.sources import load_source
+
+    file = write_jsonl(tmp_path / "train.jsonl", plain_records(2))
+    expected = f"data source {str(file)!r}: limit must be a positive number, got 0"
+    source = DataSource(str(file), limit=0)  # a config value: accepted as typed, checked on use
+    with pytest.raises(ConfigError) as caught:
+        load_source(source)
+    assert str(caught.value) == expected
+    # Through jsonargparse, as the CLI parses it: not buried in a report on every accepted type.
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PreferenceDataModule, "data")
+    config = parser.parse_args([f"--data.train.path={file}", "--data.train.limit=0"])
+    with pytest.raises(ConfigError) as caught:
+        parser.instantiate(config)
+    assert str(caught.value) == expected
+
+
+def test_unloadable_tokenizer_is_one_config_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("hello")
+    cases = {
+        str(tmp_path / "nowhere"): "no such folder",
+        str(not_a_model): "the folder holds no tokenizer_config.json or tokenizer.json",
+        "someorg/no-such-model": "",  # a hub id, offline in tests
+    }
+    for name, reason in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            PreferenceDataModule(tokenizer_name_or_path=name)
+        message = str(caught.value)
+        assert message.startswith(f"cannot load the tokenizer of {name!r}: {reason}")
+        assert "\n" not in message and len(message) - len(name) < 400
+
+
+def test_soft_label_sets(tiny_model_dir: Path, tmp_path: Path) -> None:
+    soft = plain_records(4)
+    soft[2]["preference_prob"] = 0.75
+    hard = write_jsonl(tmp_path / "hard.jsonl", plain_records(3))
+    soft = write_jsonl(tmp_path / "soft.jsonl", soft)
+    module = make_module(
+        tiny_model_dir,
+        tmp_path,
+        train=DataSource(str(soft)),
+        val={"in_dist": DataSource(str(hard)), "ood": DataSource(str(soft))},
+        test={"hard": DataSource(str(hard)), "soft": DataSource(str(soft))},
+    )
+    assert module.soft_label_sets() == []  # nothing built yet
+    module.setup("fit")
+    assert module.soft_label_sets() == ["train", "val/ood"]
+    module.setup("test")
+    assert module.soft_label_sets() == ["train", "val/ood", "test/soft"]
+    # A held-out split: only the part that got the soft pair counts.
+    held_out = make_module(tiny_model_dir, tmp_path, train=DataSource(str(soft)), val_fraction=0.5, seed=0)
+    held_out.setup("fit")
+    expected = [
+        name
+        for name, rows in (("train", held_out.train_dataset), ("val/val", held_out.val_datasets["val"]))
+        if min(rows["preference_prob"]) < 1
+    ]
+    assert held_out.soft_label_sets() == expected and len(expected) == 1
 
 
 @pytest.mark.skipif(not datasets.config.HF_HUB_OFFLINE, reason="needs HF_HUB_OFFLINE=1 (no network in tests)")

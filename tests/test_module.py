@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
@@ -120,13 +121,56 @@ def test_fit_resumes_from_a_checkpoint_without_reference_weights(
     checkpoint = first.checkpoint_callback.best_model_path
 
     resumed_module = module()
-    resumed = _trainer(tmp_path / "b", max_steps=6)
+    steps_run = []
+
+    class CountSteps(L.Callback):
+        def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
+            steps_run.append(1)
+
+    resumed = _trainer(tmp_path / "b", max_steps=6, callbacks=[CountSteps()])
     resumed.fit(
         resumed_module, datamodule=_datamodule(tiny_model_dir, train_file, batch_size=4), ckpt_path=checkpoint
     )
     assert resumed.global_step == 6
+    assert len(steps_run) == 3  # it went on from step 3, it did not start over
     # The reference came from its path again, not from the (reference-free) checkpoint.
     original = PreferenceModule(str(tiny_model_dir))
     original.configure_model()
     for key, value in original.reference.model.state_dict().items():
         assert torch.equal(resumed_module.reference.model.state_dict()[key], value)
+
+
+def test_train_metrics_cover_every_micro_batch_of_an_optimizer_step(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ipo_lightning.tiny import save_tiny_model
+    from tests.conftest import CORPUS
+
+    # A reference different from the policy, so each pair has its own loss; lr 0 keeps the weights.
+    reference_dir = save_tiny_model(
+        tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
+    )
+    train_file = write_jsonl(tmp_path / "train.jsonl", polite_pairs(4))
+    datamodule = _datamodule(tiny_model_dir, train_file, batch_size=2)
+    module = PreferenceModule(
+        str(tiny_model_dir), reference_name_or_path=str(reference_dir), optimizer=_constant_adam(0.0)
+    )
+    logger = CSVLogger(tmp_path / "logs", name="")
+    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1)
+    trainer.fit(module, datamodule=datamodule)
+
+    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
+    logged = [row for row in rows if row.get("train/loss")]
+    assert len(logged) == 1  # one optimizer step, one row
+
+    # Independently: all four pairs in one batch, scored with the (unchanged) weights.
+    everything = datamodule.collator([datamodule.train_dataset[i] for i in range(4)])
+    module.eval()
+    with torch.no_grad():
+        loss, values = module.forward_pairs(everything)
+    assert float(logged[0]["train/loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(logged[0]["train/logratio/margin"]) == pytest.approx(
+        float(values["logratio/margin"].mean()), rel=1e-5, abs=1e-6
+    )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Mapping
+from pathlib import Path
 
 import datasets
 import lightning as L
+import pyarrow.compute as pc
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -17,11 +19,12 @@ from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.data.formats import DataFormat, validate_columns
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
-from ipo_lightning.data.sources import DataSource, LoadedSource, load_source
-from ipo_lightning.data.tokenize import PairTokenizer
+from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source
+from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
 from ipo_lightning.errors import ConfigError, DataError
 
 HELD_OUT_NAME = "val"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -40,7 +43,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: Fraction of the train records held out as a validation set named "val" (listed
             first), drawn with ``seed`` from the raw records, so it does not depend on the tokenizer.
         tokenizer_name_or_path: Tokenizer to load: a local folder, a hub id or a builtin: model.
-        format: Record layout: auto (detect from the first record), plain, conversational or implicit.
+        format: Record layout: auto (detect from the columns), plain, conversational or implicit.
         columns: Canonical field -> source column, e.g. {prompt: question, chosen: response_j}.
         max_length: Most tokens in prompt + one completion.
         max_prompt_length: Prompts are cut to their last N tokens first; None: no cut (error if too long).
@@ -117,13 +120,10 @@ class PreferenceDataModule(L.LightningDataModule):
         """Set name -> drop reason -> number of pairs dropped, filled by ``setup``."""
 
     def _check_config(self) -> None:
-        if self.max_length < 2:
-            raise ConfigError(f"data.max_length must be at least 2, got {self.max_length}")
-        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-            raise ConfigError(
-                f"data.max_prompt_length ({self.max_prompt_length}) must be positive and smaller than "
-                f"data.max_length ({self.max_length}), so every completion keeps at least one token"
-            )
+        check_lengths(self.max_length, self.max_prompt_length, prefix="data.")
+        for source in [self.train, *self.val.values(), *self.test.values()]:
+            if source is not None:
+                check_source(source)  # load_source checks again; here it fails before any loading
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction > 0 and self.train is None:
@@ -142,8 +142,19 @@ class PreferenceDataModule(L.LightningDataModule):
             )
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
-        path = resolve_model_path(self.tokenizer_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        name = self.tokenizer_name_or_path
+        path = resolve_model_path(name)
+        local = Path(path).expanduser()
+        if not local.exists() and path.startswith((".", "/", "~")):
+            # transformers would call it an invalid hub repo id: say what is wrong instead.
+            raise ConfigError(f"cannot load the tokenizer of {name!r}: no such folder")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as error:
+            reason = " ".join(str(error).split())  # transformers' messages span several lines
+            if local.is_dir() and not any((local / file).is_file() for file in TOKENIZER_FILES):
+                reason = f"the folder holds no {' or '.join(TOKENIZER_FILES)}"
+            raise ConfigError(f"cannot load the tokenizer of {name!r}: {_shorten(reason)}") from None
         if tokenizer.pad_token is None:
             # Padding positions come from lengths (see PairwiseCollator), so EOS as pad is harmless.
             tokenizer.pad_token = tokenizer.eos_token
@@ -163,6 +174,17 @@ class PreferenceDataModule(L.LightningDataModule):
     def collator(self) -> PairwiseCollator:
         """The batch collator (pads with the tokenizer's pad token)."""
         return PairwiseCollator(pad_token_id=self._require_tokenizer().pad_token_id)
+
+    def soft_label_sets(self) -> list[str]:
+        """Names of the built sets with at least one pair whose ``preference_prob`` is below 1.
+
+        Names are ``train``, ``val/<name>`` and ``test/<name>``, in that order (sets in loader order);
+        sets not built yet (see ``setup``) are not looked at.
+        """
+        built = [("train", self.train_dataset)] if self.train_dataset is not None else []
+        built += [(f"val/{name}", dataset) for name, dataset in self.val_datasets.items()]
+        built += [(f"test/{name}", dataset) for name, dataset in self.test_datasets.items()]
+        return [name for name, dataset in built if len(dataset) and _min_preference_prob(dataset) < 1.0]
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
@@ -303,6 +325,15 @@ def _plain(value: DataSource | Mapping[str, DataSource] | None) -> dict | None:
     if isinstance(value, DataSource):
         return dataclasses.asdict(value)
     return {name: dataclasses.asdict(source) for name, source in value.items()}
+
+
+def _min_preference_prob(dataset: datasets.Dataset) -> float:
+    """Smallest ``preference_prob`` of a non-empty tokenised set, read as one Arrow column."""
+    return pc.min(dataset.with_format("arrow")["preference_prob"]).as_py()
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def held_out_split(num_records: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -12,21 +12,21 @@ Canonical fields: ``prompt``, ``chosen``, ``rejected`` (each a string or a list 
   ``prompt`` column beside conversation-valued completions (HuggingFaceH4/ultrafeedback_binarized) is a
   copy of the first user turn and is ignored.
 
-``auto`` picks one of these per dataset from its first record. Errors raised here name the field only;
-the caller prefixes the source and record, which it alone knows.
+``auto`` picks one of these per dataset from its columns and first values (:func:`detect_format`).
+Errors raised here name the field only; the caller prefixes the source and record, which it alone knows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ipo_lightning.errors import ConfigError, DataError
 
 DataFormat = Literal["auto", "plain", "conversational", "implicit"]
-"""How records are laid out; ``auto`` detects it from the first record."""
+"""How records are laid out; ``auto`` detects it from the dataset's columns (:func:`detect_format`)."""
 
 Message = dict[str, Any]
 """A chat message: at least ``role`` and ``content`` (strings); other keys are passed to the template."""
@@ -93,18 +93,37 @@ def column_of(field: str, columns: Mapping[str, str] | None) -> str:
     return (columns or {}).get(field, field)
 
 
-def detect_format(record: Mapping[str, Any], columns: Mapping[str, str] | None = None) -> str:
-    """Guess ``plain``, ``conversational`` or ``implicit`` from one raw record.
+def detect_format(
+    column_names: Collection[str],
+    records: Iterable[Mapping[str, Any]],
+    columns: Mapping[str, str] | None = None,
+) -> str:
+    """Guess ``plain``, ``conversational`` or ``implicit`` from a dataset's columns and values.
 
-    Conversation-valued completions with a message-list prompt are conversational, without one
-    implicit; string completions with a prompt are plain, without one implicit.
+    A dataset without a prompt column is implicit. Otherwise the first non-null ``chosen`` and ``prompt``
+    values decide: message-list completions are conversational beside a message-list prompt and
+    implicit beside a string prompt (the prompt column is then ignored); string completions are
+    conversational beside a message-list prompt (each one assistant message), else plain. A null in
+    some record does not change the format: that record fails its own checks, by field.
+
+    Args:
+        column_names: The dataset's column names.
+        records: The records, in order; read only until both values are found.
+        columns: Canonical name -> source column.
     """
-    prompt = record.get(column_of("prompt", columns))
-    chosen = record.get(column_of("chosen", columns))
+    prompt_column, chosen_column = column_of("prompt", columns), column_of("chosen", columns)
+    if prompt_column not in column_names:
+        return "implicit"
+    prompt = chosen = None
+    for record in records:
+        if prompt is None:
+            prompt = record.get(prompt_column)
+        if chosen is None:
+            chosen = record.get(chosen_column)
+        if prompt is not None and chosen is not None:
+            break
     if isinstance(chosen, list):
         return "conversational" if isinstance(prompt, list) else "implicit"
-    if prompt is None:
-        return "implicit"
     return "conversational" if isinstance(prompt, list) else "plain"
 
 
@@ -187,6 +206,11 @@ def _implicit(fields: _Fields, prob: float) -> PreferenceExample | Dropped:
         if chosen.startswith(rejected) or rejected.startswith(chosen):
             return Dropped(EMPTY_COMPLETION)
         prompt, chosen_tail, rejected_tail = split_common_prefix(chosen, rejected)
+        if not prompt.strip():
+            raise DataError(
+                f"{fields.name('chosen')} and {fields.name('rejected')}: the texts share no common prefix, "
+                "so there is no prompt to extract (implicit format)"
+            )
         return PreferenceExample(prompt, chosen_tail, rejected_tail, prob)
     chosen_messages = fields.completion_messages("chosen")
     rejected_messages = fields.completion_messages("rejected")

@@ -95,11 +95,16 @@ class RecordProcessor:
 
 
 def resolve_format(loaded: LoadedSource, fmt: str, columns: Mapping[str, str] | None) -> str:
-    """The concrete format of a source (``auto`` detected from its first record), columns checked."""
+    """The concrete format of a source (``auto`` detected from its columns and values), columns checked."""
     dataset = loaded.dataset
     if len(dataset) == 0:
         raise DataError(f"{loaded.label}: no records")
-    resolved = detect_format(dataset[0], columns) if fmt == "auto" else fmt
+    resolved = fmt
+    if fmt == "auto":
+        # Iterate over the two columns detection reads, so no other column is decoded.
+        wanted = {formats.column_of(field, columns) for field in ("prompt", "chosen")}
+        records = dataset.select_columns([name for name in dataset.column_names if name in wanted])
+        resolved = detect_format(dataset.column_names, records, columns)
     try:
         check_columns(dataset.column_names, resolved, columns)
     except DataError as error:

@@ -33,18 +33,19 @@ class DataSource:
     """
 
     path: str
-    """A local .jsonl/.json/.parquet file, a local folder, builtin:quickstart/<split>, or a hub dataset id."""
     split: str = "train"
-    """Split to read from a folder or hub dataset (ignored for a single file)."""
     subset: str | None = None
-    """Hub dataset configuration (subset) name, if the dataset has several."""
     limit: int | None = None
-    """Keep only the first N records (None keeps all)."""
 
-    def __post_init__(self) -> None:
-        # Catch nonsense at config time, not after minutes of loading.
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"data source {self.path!r}: limit must be a positive number, got {self.limit}")
+
+def check_source(source: DataSource) -> None:
+    """Raise a ConfigError for settings of ``source`` that can never work.
+
+    Not done in ``DataSource.__post_init__``: jsonargparse would bury the message in its own report
+    on every type the option accepts.
+    """
+    if source.limit is not None and source.limit < 1:
+        raise ConfigError(f"data source {source.path!r}: limit must be a positive number, got {source.limit}")
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,11 @@ def load_source(source: DataSource, cache_dir: str | None = None) -> LoadedSourc
     """Load the records of ``source``, truncated to ``source.limit``.
 
     Raises:
+        ConfigError: ``limit`` is below 1.
         DataError: the file is missing, holds malformed JSON (the message names file and line), or the
             dataset or split cannot be loaded.
     """
+    check_source(source)
     path = resolve_data_path(source.path)
     local = Path(path).expanduser()
     if local.is_file():

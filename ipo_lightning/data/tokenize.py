@@ -41,6 +41,25 @@ class TokenisedPair:
     preference_prob: float = 1.0
 
 
+def check_lengths(max_length: int, max_prompt_length: int | None, prefix: str = "") -> None:
+    """Raise a ConfigError unless every truncated pair keeps a prompt token and a completion token.
+
+    Args:
+        max_length: Most tokens of prompt + one completion.
+        max_prompt_length: Most prompt tokens, or None.
+        prefix: Put before the option names in messages, e.g. ``data.``.
+    """
+    if max_length < 2:
+        raise ConfigError(
+            f"{prefix}max_length must be at least 2 (a prompt and a completion), got {max_length}"
+        )
+    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+        raise ConfigError(
+            f"{prefix}max_prompt_length ({max_prompt_length}) must be positive and smaller than "
+            f"{prefix}max_length ({max_length}), so every completion keeps at least one token"
+        )
+
+
 @dataclass
 class PairTokenizer:
     """Tokenises preference examples with a Hugging Face tokenizer, truncating to ``max_length``.
@@ -57,15 +76,7 @@ class PairTokenizer:
     max_prompt_length: int | None = 256
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ConfigError(
-                f"max_length must be at least 2 (a prompt and a completion), got {self.max_length}"
-            )
-        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-            raise ConfigError(
-                f"max_prompt_length ({self.max_prompt_length}) must be positive and smaller than max_length "
-                f"({self.max_length}), so every completion keeps at least one token"
-            )
+        check_lengths(self.max_length, self.max_prompt_length)
         if self.tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token: completions could not be terminated")
 
