@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -19,12 +20,20 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _resolve(name_or_path: str) -> str:
+    """Resolve ``builtin:`` names; a local-looking path that does not exist is a clear error."""
+    path = resolve_model_path(name_or_path)
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        # Otherwise transformers treats it as a hub id and complains about its form.
+        raise ConfigError(f"cannot load model {name_or_path!r}: no such folder")
+    return path
+
+
 def load_model_config(name_or_path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's ``config.json`` (cheap: no weights), or one clear ConfigError."""
+    path = _resolve(name_or_path)
     try:
-        return AutoConfig.from_pretrained(
-            resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
-        )
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
 
@@ -51,9 +60,10 @@ def load_causal_lm(
     Safetensors only (``use_safetensors=True``): pickled ``.bin`` checkpoints can run code on load.
     The model comes back in eval mode; callers switch the policy to train mode.
     """
+    path = _resolve(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(name_or_path),
+            path,
             dtype=getattr(torch, dtype),
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,

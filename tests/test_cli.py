@@ -210,7 +210,10 @@ def test_fit_without_training_data_names_the_option(tmp_path: Path, tiny_model_d
             "label_smoothing must be in [0, 0.5)",
         ),
         (["--model.logprob_chunk_size", "0"], "model.logprob_chunk_size must be positive"),
-        (["--model.model_name_or_path", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+        (
+            ["--model.model_name_or_path", "/nonexistent/model"],
+            "cannot load model '/nonexistent/model': no such folder",
+        ),
         (["--data.max_length", "4096"], "data.max_length=4096 exceeds the model's context size"),
         (["--data.train.limit", "0"], "limit must be a positive number"),
         (["--model.loss_type", "hinge", "--data.train.path", "{soft}"], "soft labels (preference_prob < 1)"),
