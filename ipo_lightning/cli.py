@@ -70,8 +70,25 @@ class SaveAndLogConfig(SaveConfigCallback):
     """Save the resolved config as ``config.yaml`` in the run folder and send it to W&B as well.
 
     W&B then shows every option of the run (optimizer, precision, accumulation, seed, data), not only
-    the module's and data module's hyperparameters.
+    the module's and data module's hyperparameters. Saving waits until every ``setup`` hook has run
+    (the module checks the data against the loss there), so a run stopped by a start-up check leaves
+    no run folder behind.
     """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
+        self._stage = stage
+
+    def _save_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, self._stage)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        self._save_once(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        self._save_once(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        self._save_once(trainer, pl_module)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
@@ -107,10 +124,10 @@ def build_default_loggers(root_dir: str | Path, options: WandbOptions) -> list[L
     if options.enabled and mode != "disabled":
         if mode == "offline" and options.mode == "auto" and not os.environ.get("WANDB_MODE"):
             rank_zero_info("W&B: not logged in, logging offline (sync later with `wandb sync`).")
-        os.environ["WANDB_MODE"] = mode
         loggers.append(
             WandbLogger(
                 save_dir=csv_logger.log_dir,
+                offline=mode == "offline",
                 project=options.project,
                 name=options.name,
                 entity=options.entity,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -29,9 +28,9 @@ def metric_names(loss_type: str) -> tuple[str, ...]:
 
 
 def batch_values(
-    out: PreferenceLossOutput, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
+    out: PreferenceLossOutput, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, ipo: bool
 ) -> dict[str, Tensor]:
-    """Per-pair values ([B] each) of every metric, ready to be averaged."""
+    """Per-pair values ([B] each) of every metric, ready to be averaged (``ipo``: add the target gap)."""
     values = {
         "loss": out.losses.detach(),
         "rewards/chosen": out.chosen_rewards,
@@ -42,7 +41,7 @@ def batch_values(
         "logps/rejected": policy_rejected_logps.detach(),
         "logratio/margin": out.margins,
     }
-    if not bool(torch.isnan(out.targets).all()):
+    if ipo:
         values["ipo/target_gap"] = out.margins - out.targets
     return values
 

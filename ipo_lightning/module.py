@@ -200,7 +200,8 @@ class PreferenceModule(L.LightningModule):
             label_smoothing=hp.label_smoothing,
             preference_prob=batch["preference_prob"] if self.uses_soft_labels else None,
         )
-        return out.losses.mean(), batch_values(out, policy_logps[:num_pairs], policy_logps[num_pairs:])
+        chosen_logps, rejected_logps = policy_logps[:num_pairs], policy_logps[num_pairs:]
+        return out.losses.mean(), batch_values(out, chosen_logps, rejected_logps, ipo=hp.loss_type == "ipo")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """One micro-batch: the mean per-pair loss. Metrics are logged per optimizer step (below)."""
