@@ -7,6 +7,7 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
   copy of all metrics and a W&B run (offline when not logged in) into one run directory,
   ``<trainer.default_root_dir>/version_N``, beside its checkpoints, resolved config and export;
 - ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
+- ``--divergence.*``: KL to the reference on held-out pairs, every N steps and after validations;
 - user errors (bad data, bad config values) end with one line on stderr and exit code 2.
 """
 
@@ -26,7 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ipo_lightning.callbacks import HFExport
+from ipo_lightning.callbacks import DivergenceMonitor, HFExport
 from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
@@ -168,6 +169,7 @@ class PreferenceCLI(LightningCLI):
         parser.link_arguments("data.max_length", "model.max_length")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(DivergenceMonitor, "divergence")
         parser.add_class_arguments(WandbOptions, "wandb", fail_untyped=True, sub_configs=True)
         parser.set_defaults(
             {

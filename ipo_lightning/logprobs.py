@@ -14,6 +14,7 @@ vocabulary projection for the prompt.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,6 +95,48 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ScoringWindow:
+    """Where a batch's completion tokens are scored from.
+
+    ``logits`` come from :func:`window_logits`: ``logits[:, i]`` predicts ``labels[:, i]``. The last
+    logit of every row predicts nothing; it gets a dummy label that ``mask`` excludes, rather than
+    being sliced off (a non-contiguous view, which the chunked kernels would have to copy whole).
+    """
+
+    keep: int
+    """How many trailing positions of logits are needed (``logits_to_keep``)."""
+    labels: Tensor
+    """[N, keep] the token each kept logit predicts."""
+    mask: Tensor
+    """[N, keep] bool, True where that token is a completion token."""
+
+
+def scoring_window(input_ids: Tensor, completion_mask: Tensor) -> ScoringWindow:
+    """The window from the batch's first completion token on: logits before it are never needed."""
+    seq_len = input_ids.shape[1]
+    has_completion = completion_mask.any(dim=1)
+    first_positions = completion_mask.int().argmax(dim=1)[has_completion]
+    first = int(first_positions.min()) if first_positions.numel() else seq_len - 1
+    first = max(first, 1)  # token 0 has no preceding logit to predict it
+    dummy = torch.zeros_like(input_ids[:, :1])
+    return ScoringWindow(
+        keep=seq_len - first + 1,
+        labels=torch.cat([input_ids[:, first:], dummy], dim=1),
+        mask=torch.cat([completion_mask[:, first:], dummy.bool()], dim=1),
+    )
+
+
+def window_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
+    """[N, keep, V] logits of the last ``keep`` positions; the vocabulary projection skips the rest."""
+    if _accepts_logits_to_keep(model):
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
+        ).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits[:, -keep:] if keep < logits.shape[1] else logits  # older models: a (copying) slice
+
+
 def completion_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -118,26 +161,8 @@ def completion_logprobs(
         log-probs of the scored window, where ``T'`` counts positions from the first completion token
         of the batch on (tokens outside ``completion_mask`` in it are not zeroed).
     """
-    seq_len = input_ids.shape[1]
-    # The first completion position in the batch: logits before it are never needed.
-    has_completion = completion_mask.any(dim=1)
-    first_positions = completion_mask.int().argmax(dim=1)[has_completion]
-    first = int(first_positions.min()) if first_positions.numel() else seq_len - 1
-    first = max(first, 1)  # token 0 has no preceding logit to predict it
-    kwargs: dict[str, Any] = {"use_cache": False}
-    keep = seq_len - first + 1
-    trimmed = _accepts_logits_to_keep(model)
-    if trimmed:
-        kwargs["logits_to_keep"] = keep
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-    if not trimmed and keep < logits.shape[1]:
-        logits = logits[:, -keep:]  # models without logits_to_keep: a (copying) slice
-    # logits[:, i] predicts the token at position first + i. The last logit predicts nothing: rather
-    # than slicing it off (a non-contiguous view, which the chunked kernel would have to copy whole),
-    # give it a dummy label and mask it out.
-    dummy = torch.zeros_like(input_ids[:, :1])
-    labels = torch.cat([input_ids[:, first:], dummy], dim=1)
-    mask = torch.cat([completion_mask[:, first:], dummy.bool()], dim=1)
-    token_logps = token_logprobs(logits, labels, chunk_size=chunk_size)
-    sequence_logps = reduce_sequence_logprobs(token_logps, mask, length_normalize=length_normalize)
+    window = scoring_window(input_ids, completion_mask)
+    logits = window_logits(model, input_ids, attention_mask, window.keep)
+    token_logps = token_logprobs(logits, window.labels, chunk_size=chunk_size)
+    sequence_logps = reduce_sequence_logprobs(token_logps, window.mask, length_normalize=length_normalize)
     return sequence_logps, token_logps[:, :-1]

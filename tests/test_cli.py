@@ -88,6 +88,10 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
         assert f"val/ood/{name}" in columns
     train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(train_losses) == 6 and all(loss >= 0 for loss in train_losses)
+    # The divergence monitor is on by default: step 0 (policy = reference) and after each validation.
+    divergence = [(int(r["step"]), float(r["divergence/kl"])) for r in rows if r.get("divergence/kl")]
+    assert [step for step, _ in divergence] == [0, 3, 6]
+    assert divergence[0][1] == 0.0 and divergence[-1][1] > 0.0
     # The primary set's plain names repeat its named values.
     last_val = [r for r in rows if r.get("val/loss")][-1]
     assert last_val["val/loss"] == last_val["val/in_dist/loss"]

@@ -1,0 +1,146 @@
+"""Track how far the policy has moved from the reference while training runs.
+
+On a fixed held-out subset (the first ``num_pairs`` pairs of the primary validation set, or of the
+training set when there is none), identical at every measurement so curves compare, the monitor
+logs at step 0, every ``every_n_steps`` optimizer steps and after every validation:
+
+- ``divergence/kl``: exact KL(pi || ref) over the full vocabulary, mean per completion token
+  (teacher forcing on the held-out chosen and rejected completions);
+- ``divergence/kl_reverse``: KL(ref || pi), same positions; ``divergence/entropy``: H(pi);
+- ``divergence/logratio/{chosen,rejected,margin}_{mean,std}``: the per-sequence log-ratios
+  log pi(y) - log ref(y) of the held-out pairs (length-normalised like the loss) and their margin h.
+
+Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
+not thinned out by ``log_every_n_steps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from ipo_lightning.divergence import TokenDivergence, token_divergence
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.logprobs import reduce_sequence_logprobs, scoring_window, token_logprobs, window_logits
+
+PREFIX = "divergence/"
+
+
+class DivergenceMonitor(Callback):
+    """Log the policy's divergence from the reference on a fixed held-out subset (module docstring).
+
+    Args:
+        enabled: measure at all (on by default).
+        every_n_steps: measure every N optimizer steps (0: only at step 0 and after validations).
+        num_pairs: held-out pairs measured each time (the first N of the primary val set).
+        batch_size: pairs per forward pass during a measurement.
+        on_validation: also measure after every validation run.
+        chunk_size: positions per float32 chunk of the full-vocabulary sums.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        every_n_steps: int = 500,
+        num_pairs: int = 64,
+        batch_size: int = 8,
+        on_validation: bool = True,
+        chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 0 or num_pairs < 1 or batch_size < 1 or chunk_size < 1:
+            raise ConfigError(
+                "divergence: every_n_steps must be >= 0 and num_pairs, batch_size, chunk_size >= 1; got "
+                f"{every_n_steps}, {num_pairs}, {batch_size}, {chunk_size}"
+            )
+        self.enabled = enabled
+        self.every_n_steps = every_n_steps
+        self.num_pairs = num_pairs
+        self.batch_size = batch_size
+        self.on_validation = on_validation
+        self.chunk_size = chunk_size
+        self._batches: list[dict[str, Tensor]] | None = None
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------ when
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._measure_and_log(trainer, pl_module)
+
+    def on_train_batch_end(  # noqa: D102
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Called per micro-batch; global_step counts optimizer steps, so this fires once per step.
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._measure_and_log(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._measure_and_log(trainer, pl_module, force=True)
+
+    # ------------------------------------------------------------------ what
+
+    def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False) -> None:
+        step = trainer.global_step
+        if not self.enabled or (step == self._last_step and not force):
+            return
+        self._last_step = step
+        metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def held_out_batches(self, trainer: L.Trainer) -> list[dict[str, Tensor]]:
+        """The fixed subset, collated once: the first ``num_pairs`` pairs of the primary val set."""
+        if self._batches is None:
+            datamodule = trainer.datamodule
+            names = list(getattr(datamodule, "val_set_names", []))
+            dataset = datamodule.val_datasets[names[0]] if names else datamodule.train_dataset
+            pairs = [dataset[i] for i in range(min(self.num_pairs, len(dataset)))]
+            self._batches = [
+                datamodule.collator(pairs[start : start + self.batch_size])
+                for start in range(0, len(pairs), self.batch_size)
+            ]
+        return self._batches
+
+    @torch.no_grad()
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Divergence metrics of the current policy on the held-out subset (names without prefix)."""
+        policy, reference = pl_module.policy, pl_module.reference.model
+        length_normalize = pl_module.hparams.length_normalize
+        was_training = policy.training
+        policy.eval()  # dropout off: measure the policy itself, not a noisy sample of it
+        totals = TokenDivergence()
+        chosen, rejected = [], []
+        try:
+            for batch in self.held_out_batches(trainer):
+                batch = {key: value.to(pl_module.device) for key, value in batch.items()}
+                ids, attention = batch["input_ids"], batch["attention_mask"]
+                window = scoring_window(ids, batch["completion_mask"])
+                policy_logits = window_logits(policy, ids, attention, window.keep)
+                reference_logits = window_logits(reference, ids, attention, window.keep)
+                totals.add(
+                    token_divergence(policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size)
+                )
+                logratio = reduce_sequence_logprobs(
+                    token_logprobs(policy_logits, window.labels, chunk_size=self.chunk_size)
+                    - token_logprobs(reference_logits, window.labels, chunk_size=self.chunk_size),
+                    window.mask,
+                    length_normalize=length_normalize,
+                )
+                half = ids.shape[0] // 2
+                chosen.append(logratio[:half])
+                rejected.append(logratio[half:])
+        finally:
+            policy.train(was_training)
+        chosen_ratio, rejected_ratio = torch.cat(chosen), torch.cat(rejected)
+        margin = chosen_ratio - rejected_ratio
+        metrics = totals.means()
+        for name, values in (("chosen", chosen_ratio), ("rejected", rejected_ratio), ("margin", margin)):
+            metrics[f"logratio/{name}_mean"] = float(values.mean())
+            metrics[f"logratio/{name}_std"] = float(values.std(unbiased=False))
+        return metrics

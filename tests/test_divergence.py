@@ -1,0 +1,111 @@
+"""Exact token-level divergence and the DivergenceMonitor callback, against naive computations."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from ipo_lightning.callbacks.divergence import DivergenceMonitor
+from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.divergence import token_divergence
+from ipo_lightning.module import PreferenceModule
+from tests.helpers import polite_pairs, write_jsonl
+
+
+def _naive_sums(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor):
+    """Per-position double loops over the vocabulary, in float64."""
+    kl = reverse = entropy = 0.0
+    for row, position in mask.nonzero().tolist():
+        p = torch.softmax(policy_logits[row, position].double(), -1)
+        q = torch.softmax(reference_logits[row, position].double(), -1)
+        kl += float((p * (p.log() - q.log())).sum())
+        reverse += float((q * (q.log() - p.log())).sum())
+        entropy += float(-(p * p.log()).sum())
+    return kl, reverse, entropy
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+def test_token_divergence_matches_naive_sums(chunk_size: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    policy = torch.randn(3, 7, 13, generator=generator)
+    reference = torch.randn(3, 7, 13, generator=generator)
+    mask = torch.rand(3, 7, generator=generator) > 0.4
+    got = token_divergence(policy, reference, mask, chunk_size=chunk_size)
+    kl, reverse, entropy = _naive_sums(policy, reference, mask)
+    assert got.tokens == int(mask.sum())
+    assert got.kl == pytest.approx(kl, rel=1e-5)
+    assert got.kl_reverse == pytest.approx(reverse, rel=1e-5)
+    assert got.entropy == pytest.approx(entropy, rel=1e-5)
+    same = token_divergence(policy, policy.clone(), mask, chunk_size=chunk_size)
+    assert same.kl == 0.0 and same.kl_reverse == 0.0
+
+
+def _setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[PreferenceModule, PreferenceDataModule]:
+    train_file = write_jsonl(tmp_path / "train.jsonl", polite_pairs(12))
+    datamodule = PreferenceDataModule(
+        train=DataSource(path=str(train_file)),
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=64,
+        max_prompt_length=32,
+        batch_size=2,
+    )
+    module = PreferenceModule(
+        str(tiny_model_dir),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        lr_schedule="constant",
+    )
+    return module, datamodule
+
+
+def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    module, datamodule = _setup(tmp_path, tiny_model_dir)
+    monitor = DivergenceMonitor(every_n_steps=2, num_pairs=5, batch_size=2)
+    logger = CSVLogger(tmp_path / "logs", name="")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        accumulate_grad_batches=2,
+        logger=logger,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+
+    rows = [
+        r for r in csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()) if r.get("divergence/kl")
+    ]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4, 6]
+    # Step 0: the policy is the reference, so every divergence is exactly zero.
+    assert float(rows[0]["divergence/kl"]) == 0.0 and float(rows[0]["divergence/kl_reverse"]) == 0.0
+    assert float(rows[0]["divergence/logratio/margin_mean"]) == 0.0
+    assert float(rows[0]["divergence/entropy"]) > 0.0
+    assert float(rows[-1]["divergence/kl"]) > 0.0  # training moved the policy
+
+    # The last measurement equals a naive full-softmax computation on the same held-out pairs.
+    module.eval()
+    pairs = [datamodule.train_dataset[i] for i in range(5)]
+    batch = datamodule.collator(pairs)
+    with torch.no_grad():
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        policy_logits = module.policy(input_ids=ids, attention_mask=attention).logits
+        reference_logits = module.reference.model(input_ids=ids, attention_mask=attention).logits
+    mask = batch["completion_mask"][:, 1:]
+    kl, reverse, entropy = _naive_sums(policy_logits[:, :-1], reference_logits[:, :-1], mask)
+    tokens = int(mask.sum())
+    assert float(rows[-1]["divergence/kl"]) == pytest.approx(kl / tokens, rel=1e-4)
+    assert float(rows[-1]["divergence/kl_reverse"]) == pytest.approx(reverse / tokens, rel=1e-4)
+    assert float(rows[-1]["divergence/entropy"]) == pytest.approx(entropy / tokens, rel=1e-4)
+    # ...and its margin statistics equal the loss path's own log-ratios.
+    module.uses_soft_labels = False
+    with torch.no_grad():
+        _, values = module.forward_pairs(batch)
+    assert float(rows[-1]["divergence/logratio/margin_mean"]) == pytest.approx(
+        float(values["logratio/margin"].mean()), rel=1e-4, abs=1e-6
+    )
