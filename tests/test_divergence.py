@@ -109,3 +109,39 @@ def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, t
     assert float(rows[-1]["divergence/logratio/margin_mean"]) == pytest.approx(
         float(values["logratio/margin"].mean()), rel=1e-4, abs=1e-6
     )
+
+
+def _fit_with_budget(
+    tmp_path: Path, tiny_model_dir: Path, on_exceed: str
+) -> tuple[L.Trainer, DivergenceMonitor]:
+    module, datamodule = _setup(tmp_path, tiny_model_dir)
+    monitor = DivergenceMonitor(every_n_steps=2, num_pairs=4, max_kl=1e-6, on_exceed=on_exceed)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, monitor
+
+
+def test_kl_budget_stops_the_run_and_leaves_a_loadable_checkpoint(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    with pytest.warns(UserWarning, match=r"divergence/kl = .* exceeds the KL budget .* at optimizer step 2"):
+        trainer, monitor = _fit_with_budget(tmp_path, tiny_model_dir, "stop")
+    assert trainer.global_step == 2  # stopped at the first measurement over budget, not at max_steps
+    assert monitor.budget_checkpoint is not None and monitor.budget_checkpoint.name == "kl_budget_step2.ckpt"
+    restored = PreferenceModule.load_from_checkpoint(monitor.budget_checkpoint)
+    for key, value in trainer.lightning_module.policy.state_dict().items():
+        assert torch.equal(restored.policy.state_dict()[key], value)
+
+
+def test_kl_budget_warn_keeps_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.warns(UserWarning, match="exceeds the KL budget"):
+        trainer, monitor = _fit_with_budget(tmp_path, tiny_model_dir, "warn")
+    assert trainer.global_step == 8 and monitor.budget_checkpoint is None

@@ -12,15 +12,22 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
 
 Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
 not thinned out by ``log_every_n_steps``.
+
+KL budget: with ``max_kl`` set, a measurement whose ``divergence/kl`` exceeds it either warns
+(``on_exceed: warn``) or stops training (``stop``): a checkpoint ``kl_budget_step<N>.ckpt`` is saved
+in the run's checkpoint folder first, and the message names the metric, its value, the budget and
+the step.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ipo_lightning.divergence import TokenDivergence, token_divergence
@@ -40,6 +47,8 @@ class DivergenceMonitor(Callback):
         batch_size: pairs per forward pass during a measurement.
         on_validation: also measure after every validation run.
         chunk_size: positions per float32 chunk of the full-vocabulary sums.
+        max_kl: KL budget in nats per completion token on ``divergence/kl``; null: no budget.
+        on_exceed: when the budget is exceeded: ``warn``, or ``stop`` (checkpoint, then stop training).
     """
 
     def __init__(
@@ -50,6 +59,8 @@ class DivergenceMonitor(Callback):
         batch_size: int = 8,
         on_validation: bool = True,
         chunk_size: int = 1024,
+        max_kl: float | None = None,
+        on_exceed: Literal["warn", "stop"] = "warn",
     ) -> None:
         super().__init__()
         if every_n_steps < 0 or num_pairs < 1 or batch_size < 1 or chunk_size < 1:
@@ -63,6 +74,11 @@ class DivergenceMonitor(Callback):
         self.batch_size = batch_size
         self.on_validation = on_validation
         self.chunk_size = chunk_size
+        if max_kl is not None and max_kl <= 0:
+            raise ConfigError(f"divergence.max_kl must be positive (or null for no budget), got {max_kl}")
+        self.max_kl = max_kl
+        self.on_exceed = on_exceed
+        self.budget_checkpoint: Path | None = None
         self._batches: list[dict[str, Tensor]] | None = None
         self._last_step: int | None = None
 
@@ -93,6 +109,24 @@ class DivergenceMonitor(Callback):
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        self._enforce_budget(trainer, metrics[PREFIX + "kl"], step)
+
+    def _enforce_budget(self, trainer: L.Trainer, kl: float, step: int) -> None:
+        if self.max_kl is None or kl <= self.max_kl:
+            return
+        message = (
+            f"divergence/kl = {kl:.4g} nats/token exceeds the KL budget divergence.max_kl = {self.max_kl:g} "
+            f"at optimizer step {step}"
+        )
+        if self.on_exceed == "warn":
+            rank_zero_warn(message)
+            return
+        folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None
+        folder = folder or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        self.budget_checkpoint = folder / f"kl_budget_step{step}.ckpt"
+        trainer.save_checkpoint(self.budget_checkpoint)  # every rank calls it; the strategy writes once
+        trainer.should_stop = True
+        rank_zero_warn(f"{message}: stopping; checkpoint saved to {self.budget_checkpoint}")
 
     def held_out_batches(self, trainer: L.Trainer) -> list[dict[str, Tensor]]:
         """The fixed subset, collated once: the first ``num_pairs`` pairs of the primary val set."""
