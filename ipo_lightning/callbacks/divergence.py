@@ -97,13 +97,14 @@ class DivergenceMonitor(Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._measure_and_log(trainer, pl_module, force=True)
+            self._measure_and_log(trainer, pl_module)
 
     # ------------------------------------------------------------------ what
 
-    def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False) -> None:
+    def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Once per optimizer step: a validation right after a scheduled measurement sees the same weights.
         step = trainer.global_step
-        if not self.enabled or (step == self._last_step and not force):
+        if not self.enabled or step == self._last_step:
             return
         self._last_step = step
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
@@ -132,6 +133,8 @@ class DivergenceMonitor(Callback):
         """The fixed subset, collated once: the first ``num_pairs`` pairs of the primary val set."""
         if self._batches is None:
             datamodule = trainer.datamodule
+            if not hasattr(datamodule, "collator"):
+                raise ConfigError("DivergenceMonitor needs the run's data as a PreferenceDataModule")
             names = list(getattr(datamodule, "val_set_names", []))
             dataset = datamodule.val_datasets[names[0]] if names else datamodule.train_dataset
             pairs = [dataset[i] for i in range(min(self.num_pairs, len(dataset)))]
