@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -55,7 +56,9 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     if name_or_path != f"{PREFIX}quickstart":
         raise ConfigError(f"unknown built-in model {name_or_path!r}; available: {PREFIX}quickstart")
-    target = cache_root() / f"quickstart-v{QUICKSTART_MODEL_VERSION}"
+    # The folder name changes with the recipe version and the data the tokenizer is trained on.
+    data_hash = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(QUICKSTART_DIR.glob("*.jsonl"))))
+    target = cache_root() / f"quickstart-v{QUICKSTART_MODEL_VERSION}-{data_hash.hexdigest()[:8]}"
     if not (target / "config.json").is_file():
         _build_quickstart_model(target)
     return str(target)
