@@ -69,3 +69,83 @@ def token_divergence(
         total.kl_reverse += float((q * (log_q - log_p)).sum())
         total.entropy += float(-(p * log_p).sum())
     return total
+
+
+@dataclass
+class SampledKL:
+    """Monte-Carlo estimate of the sequence-level KL(pi || ref) from samples y ~ pi(. | x)."""
+
+    mean: float
+    """Mean of log pi(y|x) - log ref(y|x) over the samples: an unbiased estimate of the KL."""
+    stderr: float
+    """Standard error of that mean."""
+    mean_length: float
+    """Mean number of generated tokens (EOS included)."""
+    samples: int
+
+
+@torch.no_grad()
+def sampled_sequence_kl(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    prompts: list[Tensor],
+    *,
+    samples_per_prompt: int = 1,
+    max_new_tokens: int = 64,
+    eos_token_id: int | list[int] | None = None,
+    seed: int = 0,
+) -> tuple[SampledKL, list[tuple[Tensor, Tensor, float]]]:
+    """Sample completions from the policy at temperature 1 and estimate KL(pi || ref) per sequence.
+
+    Sampling is plain ancestral sampling from the policy's full softmax (no top-k, top-p or
+    penalties, whatever the model's generation config says), so the estimator is unbiased. A sequence
+    ends at ``eos_token_id`` (included) or after ``max_new_tokens``; its log-probs under both models
+    are those of exactly the tokens sampled. The global RNG is left untouched (a forked, seeded one
+    is used), so measuring does not change training.
+
+    Args:
+        policy: causal LM to sample from.
+        reference: causal LM to compare with.
+        prompts: 1-D token id tensors, one per prompt.
+        samples_per_prompt: completions drawn per prompt.
+        max_new_tokens: longest completion.
+        eos_token_id: token(s) that end a completion (None: always ``max_new_tokens`` tokens).
+        seed: seed of the sampling RNG.
+
+    Returns:
+        ``(estimate, samples)`` where ``samples`` lists ``(prompt, completion, log-ratio)``.
+    """
+    device = next(policy.parameters()).device
+    stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    log_ratios: list[float] = []
+    lengths: list[int] = []
+    samples: list[tuple[Tensor, Tensor, float]] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            for _ in range(samples_per_prompt):
+                ids = prompt.to(device)[None]
+                log_ratio = 0.0
+                for _ in range(max_new_tokens):
+                    # No KV cache: simple and exact; measurements use few, short samples.
+                    log_p = torch.log_softmax(
+                        policy(input_ids=ids, use_cache=False).logits[0, -1].float(), -1
+                    )
+                    log_q = torch.log_softmax(
+                        reference(input_ids=ids, use_cache=False).logits[0, -1].float(), -1
+                    )
+                    token = torch.multinomial(log_p.exp(), 1)
+                    log_ratio += float(log_p[token] - log_q[token])
+                    ids = torch.cat([ids, token[None]], dim=1)
+                    if int(token) in stop_ids:
+                        break
+                completion = ids[0, prompt.numel() :].cpu()
+                log_ratios.append(log_ratio)
+                lengths.append(completion.numel())
+                samples.append((prompt.cpu(), completion, log_ratio))
+    values = torch.tensor(log_ratios, dtype=torch.float64)
+    stderr = float(values.std(unbiased=True) / len(values) ** 0.5) if len(values) > 1 else float("nan")
+    estimate = SampledKL(
+        mean=float(values.mean()), stderr=stderr, mean_length=sum(lengths) / len(lengths), samples=len(values)
+    )
+    return estimate, samples

@@ -51,6 +51,7 @@ def _config(tmp_path: Path, model_dir: Path, train: Path, **data_overrides) -> P
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
         },
         "data": data,
+        "divergence": {"sample_prompts": 2, "max_new_tokens": 8},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -92,6 +93,7 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     divergence = [(int(r["step"]), float(r["divergence/kl"])) for r in rows if r.get("divergence/kl")]
     assert [step for step, _ in divergence] == [0, 3, 6]
     assert divergence[0][1] == 0.0 and divergence[-1][1] > 0.0
+    assert all(r.get("divergence/seq_kl") for r in rows if r.get("divergence/kl"))
     # The primary set's plain names repeat its named values.
     last_val = [r for r in rows if r.get("val/loss")][-1]
     assert last_val["val/loss"] == last_val["val/in_dist/loss"]

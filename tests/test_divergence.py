@@ -64,7 +64,9 @@ def _setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[PreferenceModule, Pref
 
 def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, tiny_model_dir: Path) -> None:
     module, datamodule = _setup(tmp_path, tiny_model_dir)
-    monitor = DivergenceMonitor(every_n_steps=2, num_pairs=5, batch_size=2)
+    monitor = DivergenceMonitor(
+        every_n_steps=2, num_pairs=5, batch_size=2, sample_prompts=2, max_new_tokens=8
+    )
     logger = CSVLogger(tmp_path / "logs", name="")
     trainer = L.Trainer(
         accelerator="cpu",
@@ -86,6 +88,7 @@ def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, t
     assert float(rows[0]["divergence/kl"]) == 0.0 and float(rows[0]["divergence/kl_reverse"]) == 0.0
     assert float(rows[0]["divergence/logratio/margin_mean"]) == 0.0
     assert float(rows[0]["divergence/entropy"]) > 0.0
+    assert float(rows[0]["divergence/seq_kl"]) == 0.0 and float(rows[0]["divergence/gen_length"]) >= 1
     assert float(rows[-1]["divergence/kl"]) > 0.0  # training moved the policy
 
     # The last measurement equals a naive full-softmax computation on the same held-out pairs.
@@ -115,7 +118,9 @@ def _fit_with_budget(
     tmp_path: Path, tiny_model_dir: Path, on_exceed: str
 ) -> tuple[L.Trainer, DivergenceMonitor]:
     module, datamodule = _setup(tmp_path, tiny_model_dir)
-    monitor = DivergenceMonitor(every_n_steps=2, num_pairs=4, max_kl=1e-6, on_exceed=on_exceed)
+    monitor = DivergenceMonitor(
+        every_n_steps=2, num_pairs=4, sample_prompts=0, max_kl=1e-6, on_exceed=on_exceed
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=8,
@@ -145,3 +150,51 @@ def test_kl_budget_warn_keeps_training(tmp_path: Path, tiny_model_dir: Path) -> 
     with pytest.warns(UserWarning, match="exceeds the KL budget"):
         trainer, monitor = _fit_with_budget(tmp_path, tiny_model_dir, "warn")
     assert trainer.global_step == 8 and monitor.budget_checkpoint is None
+
+
+def _tiny_lm(seed: int, scale: float):
+    from ipo_lightning.tiny import build_tiny_llama
+
+    model = build_tiny_llama(5, hidden_size=16, num_layers=1, num_heads=2, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)  # peaky next-token distributions: a KL well above noise
+    return model
+
+
+def _exact_sequence_kl(policy, reference, prompt: torch.Tensor, max_new_tokens: int, eos: int) -> float:
+    """Enumerate every completion (ended by EOS or by the length cap) with its probability."""
+    total = 0.0
+    stack = [(prompt, 0.0, 0.0)]  # (ids, log pi, log ref) of the prefix
+    while stack:
+        ids, log_pi, log_ref = stack.pop()
+        with torch.no_grad():
+            log_p = torch.log_softmax(policy(input_ids=ids[None]).logits[0, -1].double(), -1)
+            log_q = torch.log_softmax(reference(input_ids=ids[None]).logits[0, -1].double(), -1)
+        for token in range(log_p.numel()):
+            lp, lq = log_pi + float(log_p[token]), log_ref + float(log_q[token])
+            longer = torch.cat([ids, torch.tensor([token])])
+            if token == eos or longer.numel() - prompt.numel() == max_new_tokens:
+                total += float(torch.tensor(lp).exp()) * (lp - lq)
+            else:
+                stack.append((longer, lp, lq))
+    return total
+
+
+def test_sampled_sequence_kl_is_honest_against_enumeration() -> None:
+    from ipo_lightning.divergence import sampled_sequence_kl
+
+    policy, reference = _tiny_lm(seed=0, scale=30.0), _tiny_lm(seed=1, scale=30.0)
+    prompt = torch.tensor([1, 2])
+    exact = _exact_sequence_kl(policy, reference, prompt, max_new_tokens=3, eos=4)
+    estimate, samples = sampled_sequence_kl(
+        policy, reference, [prompt], samples_per_prompt=400, max_new_tokens=3, eos_token_id=4, seed=0
+    )
+    assert exact > 0.05  # the two models really differ, so the check has teeth
+    assert abs(estimate.mean - exact) < 4 * estimate.stderr
+    assert estimate.samples == len(samples) == 400 and 1 <= estimate.mean_length <= 3
+    assert all(c.numel() == 3 or int(c[-1]) == 4 for _, c, _ in samples)
+
+    same, _ = sampled_sequence_kl(
+        policy, policy, [prompt], samples_per_prompt=20, max_new_tokens=3, eos_token_id=4
+    )
+    assert same.mean == 0.0 and same.stderr == 0.0

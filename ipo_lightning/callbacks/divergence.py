@@ -8,7 +8,10 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
   (teacher forcing on the held-out chosen and rejected completions);
 - ``divergence/kl_reverse``: KL(ref || pi), same positions; ``divergence/entropy``: H(pi);
 - ``divergence/logratio/{chosen,rejected,margin}_{mean,std}``: the per-sequence log-ratios
-  log pi(y) - log ref(y) of the held-out pairs (length-normalised like the loss) and their margin h.
+  log pi(y) - log ref(y) of the held-out pairs (length-normalised like the loss) and their margin h;
+- ``divergence/seq_kl`` and ``divergence/seq_kl_stderr``: sequence-level KL(pi || ref) estimated from
+  completions sampled from the policy (temperature 1, full softmax) for the first ``sample_prompts``
+  held-out prompts, with its standard error; ``divergence/gen_length``: their mean length.
 
 Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
 not thinned out by ``log_every_n_steps``.
@@ -30,7 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ipo_lightning.divergence import TokenDivergence, token_divergence
+from ipo_lightning.divergence import TokenDivergence, sampled_sequence_kl, token_divergence
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.logprobs import reduce_sequence_logprobs, scoring_window, token_logprobs, window_logits
 
@@ -47,6 +50,8 @@ class DivergenceMonitor(Callback):
         batch_size: pairs per forward pass during a measurement.
         on_validation: also measure after every validation run.
         chunk_size: positions per float32 chunk of the full-vocabulary sums.
+        sample_prompts: held-out prompts to sample one completion each for ``seq_kl`` (0: off).
+        max_new_tokens: longest sampled completion.
         max_kl: KL budget in nats per completion token on ``divergence/kl``; null: no budget.
         on_exceed: when the budget is exceeded: ``warn``, or ``stop`` (checkpoint, then stop training).
     """
@@ -59,6 +64,8 @@ class DivergenceMonitor(Callback):
         batch_size: int = 8,
         on_validation: bool = True,
         chunk_size: int = 1024,
+        sample_prompts: int = 8,
+        max_new_tokens: int = 64,
         max_kl: float | None = None,
         on_exceed: Literal["warn", "stop"] = "warn",
     ) -> None:
@@ -74,12 +81,20 @@ class DivergenceMonitor(Callback):
         self.batch_size = batch_size
         self.on_validation = on_validation
         self.chunk_size = chunk_size
+        if sample_prompts < 0 or max_new_tokens < 1:
+            raise ConfigError(
+                f"divergence: sample_prompts must be >= 0 and max_new_tokens >= 1, got {sample_prompts}, "
+                f"{max_new_tokens}"
+            )
+        self.sample_prompts = sample_prompts
+        self.max_new_tokens = max_new_tokens
         if max_kl is not None and max_kl <= 0:
             raise ConfigError(f"divergence.max_kl must be positive (or null for no budget), got {max_kl}")
         self.max_kl = max_kl
         self.on_exceed = on_exceed
         self.budget_checkpoint: Path | None = None
         self._batches: list[dict[str, Tensor]] | None = None
+        self._prompts: list[Tensor] = []
         self._last_step: int | None = None
 
     # ------------------------------------------------------------------ when
@@ -138,6 +153,7 @@ class DivergenceMonitor(Callback):
             names = list(getattr(datamodule, "val_set_names", []))
             dataset = datamodule.val_datasets[names[0]] if names else datamodule.train_dataset
             pairs = [dataset[i] for i in range(min(self.num_pairs, len(dataset)))]
+            self._prompts = [torch.tensor(pair["prompt_ids"]) for pair in pairs[: self.sample_prompts]]
             self._batches = [
                 datamodule.collator(pairs[start : start + self.batch_size])
                 for start in range(0, len(pairs), self.batch_size)
@@ -172,12 +188,35 @@ class DivergenceMonitor(Callback):
                 half = ids.shape[0] // 2
                 chosen.append(logratio[:half])
                 rejected.append(logratio[half:])
+            estimate = None
+            if self._prompts:
+                estimate, _ = sampled_sequence_kl(
+                    policy,
+                    reference,
+                    self._prompts,
+                    max_new_tokens=self.max_new_tokens,
+                    eos_token_id=_stop_tokens(policy, trainer),
+                )
         finally:
             policy.train(was_training)
         chosen_ratio, rejected_ratio = torch.cat(chosen), torch.cat(rejected)
         margin = chosen_ratio - rejected_ratio
         metrics = totals.means()
+        if estimate is not None:
+            metrics.update(
+                seq_kl=estimate.mean, seq_kl_stderr=estimate.stderr, gen_length=estimate.mean_length
+            )
         for name, values in (("chosen", chosen_ratio), ("rejected", rejected_ratio), ("margin", margin)):
             metrics[f"logratio/{name}_mean"] = float(values.mean())
             metrics[f"logratio/{name}_std"] = float(values.std(unbiased=False))
         return metrics
+
+
+def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int] | None:
+    """The tokens that end a generation: the model's generation config, else the tokenizer's EOS."""
+    config = getattr(policy, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+    return eos
