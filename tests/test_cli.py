@@ -108,6 +108,9 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     # The W&B run (offline) carries the full resolved CLI config, trainer options included.
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"accumulate_grad_batches" in wandb_file.read_bytes()
+    # The divergence samples: a JSONL file beside metrics.csv and a W&B table.
+    assert len((run_dir / "divergence_samples.jsonl").read_text().splitlines()) == 3 * 2  # 3 measurements
+    assert list(wandb_file.parent.glob("files/media/table/divergence/samples_*.table.json"))
 
     # The export loads with the Auto classes and generates.
     export = run_dir / "hf_model"

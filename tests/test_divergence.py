@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
@@ -90,6 +91,16 @@ def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, t
     assert float(rows[0]["divergence/entropy"]) > 0.0
     assert float(rows[0]["divergence/seq_kl"]) == 0.0 and float(rows[0]["divergence/gen_length"]) >= 1
     assert float(rows[-1]["divergence/kl"]) > 0.0  # training moved the policy
+
+    # The samples table: two prompts per measurement, readable text, and log-ratios whose mean is the
+    # logged sequence KL of that step.
+    samples = [json.loads(line) for line in (Path(logger.log_dir) / "divergence_samples.jsonl").open()]
+    assert [row["step"] for row in samples] == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert set(samples[0]) == {"step", "prompt", "policy_completion", "reference_completion", "log_ratio"}
+    assert samples[0]["prompt"].startswith("Human:") and samples[0]["log_ratio"] == 0.0
+    for row in rows:
+        ratios = [sample["log_ratio"] for sample in samples if sample["step"] == int(row["step"])]
+        assert float(row["divergence/seq_kl"]) == pytest.approx(sum(ratios) / len(ratios), rel=1e-6, abs=1e-9)
 
     # The last measurement equals a naive full-softmax computation on the same held-out pairs.
     module.eval()

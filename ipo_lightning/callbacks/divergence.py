@@ -11,7 +11,9 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
   log pi(y) - log ref(y) of the held-out pairs (length-normalised like the loss) and their margin h;
 - ``divergence/seq_kl`` and ``divergence/seq_kl_stderr``: sequence-level KL(pi || ref) estimated from
   completions sampled from the policy (temperature 1, full softmax) for the first ``sample_prompts``
-  held-out prompts, with its standard error; ``divergence/gen_length``: their mean length.
+  held-out prompts, with its standard error; ``divergence/gen_length``: their mean length;
+- a samples table (``divergence_samples.jsonl`` beside ``metrics.csv``, and ``divergence/samples`` in
+  W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio.
 
 Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
 not thinned out by ``log_every_n_steps``.
@@ -24,12 +26,14 @@ the step.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -52,6 +56,8 @@ class DivergenceMonitor(Callback):
         chunk_size: positions per float32 chunk of the full-vocabulary sums.
         sample_prompts: held-out prompts to sample one completion each for ``seq_kl`` (0: off).
         max_new_tokens: longest sampled completion.
+        samples_file: JSONL file in the run folder that collects the samples of every measurement
+            (step, prompt, policy and reference completion, log-ratio); empty: none.
         max_kl: KL budget in nats per completion token on ``divergence/kl``; null: no budget.
         on_exceed: when the budget is exceeded: ``warn``, or ``stop`` (checkpoint, then stop training).
     """
@@ -66,6 +72,7 @@ class DivergenceMonitor(Callback):
         chunk_size: int = 1024,
         sample_prompts: int = 8,
         max_new_tokens: int = 64,
+        samples_file: str = "divergence_samples.jsonl",
         max_kl: float | None = None,
         on_exceed: Literal["warn", "stop"] = "warn",
     ) -> None:
@@ -87,6 +94,7 @@ class DivergenceMonitor(Callback):
                 f"{max_new_tokens}"
             )
         self.sample_prompts = sample_prompts
+        self.samples_file = samples_file
         self.max_new_tokens = max_new_tokens
         if max_kl is not None and max_kl <= 0:
             raise ConfigError(f"divergence.max_kl must be positive (or null for no budget), got {max_kl}")
@@ -95,6 +103,8 @@ class DivergenceMonitor(Callback):
         self.budget_checkpoint: Path | None = None
         self._batches: list[dict[str, Tensor]] | None = None
         self._prompts: list[Tensor] = []
+        self.last_samples: list[dict[str, Any]] = []
+        """Rows of the latest samples table: prompt, policy and reference completion, log-ratio."""
         self._last_step: int | None = None
 
     # ------------------------------------------------------------------ when
@@ -125,7 +135,24 @@ class DivergenceMonitor(Callback):
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        if self.last_samples:
+            self._write_samples(trainer, step)
         self._enforce_budget(trainer, metrics[PREFIX + "kl"], step)
+
+    def _write_samples(self, trainer: L.Trainer, step: int) -> None:
+        """Append the samples to ``<run dir>/divergence_samples.jsonl`` and log a W&B table."""
+        rows = [{"step": step, **row} for row in self.last_samples]
+        if trainer.is_global_zero and self.samples_file:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / self.samples_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = list(rows[0])
+                logger.log_table(
+                    key=PREFIX + "samples", columns=columns, data=[list(r.values()) for r in rows]
+                )
 
     def _enforce_budget(self, trainer: L.Trainer, kl: float, step: int) -> None:
         if self.max_kl is None or kl <= self.max_kl:
@@ -190,13 +217,14 @@ class DivergenceMonitor(Callback):
                 rejected.append(logratio[half:])
             estimate = None
             if self._prompts:
-                estimate, _ = sampled_sequence_kl(
-                    policy,
-                    reference,
-                    self._prompts,
-                    max_new_tokens=self.max_new_tokens,
-                    eos_token_id=_stop_tokens(policy, trainer),
-                )
+                sampling = {
+                    "max_new_tokens": self.max_new_tokens,
+                    "eos_token_id": _stop_tokens(policy, trainer),
+                }
+                estimate, policy_samples = sampled_sequence_kl(policy, reference, self._prompts, **sampling)
+                # The reference's own samples, same seed, for side-by-side reading in the samples table.
+                _, reference_samples = sampled_sequence_kl(reference, policy, self._prompts, **sampling)
+                self.last_samples = _sample_rows(trainer, policy_samples, reference_samples)
         finally:
             policy.train(was_training)
         chosen_ratio, rejected_ratio = torch.cat(chosen), torch.cat(rejected)
@@ -220,3 +248,25 @@ def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int]
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         eos = getattr(tokenizer, "eos_token_id", None)
     return eos
+
+
+def _sample_rows(
+    trainer: L.Trainer,
+    policy_samples: list[tuple[Tensor, Tensor, float]],
+    reference_samples: list[tuple[Tensor, Tensor, float]],
+) -> list[dict[str, Any]]:
+    """Decoded table rows: prompt, policy completion, reference completion, policy log-ratio."""
+    tokenizer = trainer.datamodule.tokenizer
+    rows = []
+    for (prompt, completion, log_ratio), (_, reference_completion, _) in zip(
+        policy_samples, reference_samples, strict=True
+    ):
+        rows.append(
+            {
+                "prompt": tokenizer.decode(prompt),
+                "policy_completion": tokenizer.decode(completion),
+                "reference_completion": tokenizer.decode(reference_completion),
+                "log_ratio": log_ratio,
+            }
+        )
+    return rows
