@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from ipo_lightning.batching import Batching, batch_scores, check_batching_option, check_model_batching
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.logprobs import completion_logprobs
 from ipo_lightning.losses import LossType, check_loss_options, preference_loss, soft_labels_supported
 from ipo_lightning.metrics import PreferenceMetrics, batch_values, metric_names
 from ipo_lightning.modeling import (
@@ -70,6 +70,9 @@ class PreferenceModule(L.LightningModule):
         max_length: longest row the data produces (linked from ``data.max_length``; default: the
             trainer's data module's), checked against the model's context size.
         logprob_chunk_size: tokens per chunk of the float32 log-softmax (memory vs. kernel count).
+        batching: how the pairs' rows run through policy and reference: ``padded`` rows,
+            ``padding_free`` (packed rows, positions restarting per sequence) or ``prefix_shared`` (one
+            row per pair, the prompt run once; sdpa/eager only). Same log-probs (see batching.py).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class PreferenceModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         max_length: int | None = None,
         logprob_chunk_size: int = 1024,
+        batching: Batching = "padded",
     ) -> None:
         super().__init__()
         # Every option is checked here, at start-up, so a bad value never surfaces mid-training.
@@ -104,6 +108,7 @@ class PreferenceModule(L.LightningModule):
         if warmup_steps is not None and warmup_steps < 0:
             raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+        check_batching_option(batching, attn_implementation)
         if dtype != "float32":
             rank_zero_warn(
                 f"model.dtype={dtype}: the policy's weights are {dtype}, and small optimizer updates "
@@ -156,6 +161,9 @@ class PreferenceModule(L.LightningModule):
                     f"model.reference_name_or_path {reference_path!r} has a vocabulary of {sizes[0]} "
                     f"tokens, the policy {sizes[1]}: both must share the tokenizer"
                 )
+        # Packed and prefix-shared rows need position_ids and a fitting attention kernel in both models.
+        for model in (self.policy, reference_model):
+            check_model_batching(model, hp.batching)
         setattr(self, REFERENCE_ATTRIBUTE, FrozenReference(reference_model))
 
     def setup(self, stage: str) -> None:
@@ -181,14 +189,18 @@ class PreferenceModule(L.LightningModule):
         hp = self.hparams
         num_pairs = batch["input_ids"].shape[0] // 2
         rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        policy_logps, _ = completion_logprobs(
-            self.policy, *rows, length_normalize=hp.length_normalize, chunk_size=hp.logprob_chunk_size
+        policy_scores = batch_scores(
+            self.policy, *rows, batching=hp.batching, chunk_size=hp.logprob_chunk_size
         )
+        policy_logps = policy_scores.sequence_logps(hp.length_normalize)
         if "ref_chosen_logps" in batch:  # a precomputed reference supplies its log-probs with the batch
             reference_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
         else:
             reference_logps = self.reference.sequence_logprobs(
-                *rows, length_normalize=hp.length_normalize, chunk_size=hp.logprob_chunk_size
+                *rows,
+                length_normalize=hp.length_normalize,
+                chunk_size=hp.logprob_chunk_size,
+                batching=hp.batching,
             )
         out = preference_loss(
             policy_logps[:num_pairs],

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ipo_lightning.logprobs import completion_logprobs
+from ipo_lightning.batching import Batching, batch_scores
 
 REFERENCE_ATTRIBUTE = "reference"
 
@@ -51,17 +51,16 @@ class FrozenReference(nn.Module):
         *,
         length_normalize: bool,
         chunk_size: int,
+        batching: Batching = "padded",
     ) -> Tensor:
-        """Per-sequence completion log-probs under the reference (no autograd graph)."""
-        logps, _ = completion_logprobs(
-            self.model,
-            input_ids,
-            attention_mask,
-            completion_mask,
-            length_normalize=length_normalize,
-            chunk_size=chunk_size,
+        """Per-sequence completion log-probs under the reference (no autograd graph).
+
+        ``batching`` lays the rows out as the policy's forward does (see :mod:`ipo_lightning.batching`).
+        """
+        scores = batch_scores(
+            self.model, input_ids, attention_mask, completion_mask, batching=batching, chunk_size=chunk_size
         )
-        return logps
+        return scores.sequence_logps(length_normalize)
 
 
 def ignore_missing_reference_keys(module: nn.Module, incompatible_keys: Any) -> None:

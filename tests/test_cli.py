@@ -226,8 +226,12 @@ def test_fit_without_training_data_names_the_option(tmp_path: Path, tiny_model_d
         (["--data.max_length", "4096"], "data.max_length=4096 exceeds the model's context size"),
         (["--data.train.limit", "0"], "limit must be a positive number"),
         (["--model.loss_type", "hinge", "--data.train.path", "{soft}"], "soft labels (preference_prob < 1)"),
+        (
+            ["--model.batching", "prefix_shared", "--model.attn_implementation", "flash_attention_2"],
+            "model.batching=prefix_shared needs a 4D attention mask",
+        ),
     ],
-    ids=["label-smoothing", "chunk-size", "model-path", "context", "limit", "soft-labels-hinge"],
+    ids=["label-smoothing", "chunk-size", "model-path", "context", "limit", "soft-labels-hinge", "batching"],
 )
 def test_bad_settings_fail_at_start_with_one_line(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str

@@ -1,0 +1,410 @@
+"""How a pairwise batch is laid out for the model: padded rows, padding-free packs, or shared prompts.
+
+The collator always produces ``2B`` right-padded rows (prompt + chosen rows, then prompt + rejected
+rows). :func:`build_layout` rearranges them, per step, into what the model actually runs on:
+
+- ``padded``: the rows as they are, with their 2D attention mask (today's path).
+- ``padding_free``: the sequences' real tokens concatenated, ``position_ids`` restarting at 0 for
+  each sequence and no attention mask, so no compute is spent on padding. transformers 5.x derives a
+  block-diagonal causal mask from the restarting positions, but only with ``use_cache=False`` (with a
+  cache, packed sequences silently attend to each other); the forward here always passes it. With
+  ``flash_attention_2`` everything goes into one row (the varlen kernel cost grows with each
+  sequence's length). With sdpa/eager a mask over one row of all tokens costs attention quadratic in
+  the *total* length, so sequences are packed first-fit-decreasing into rows no wider than the
+  longest sequence: never more attention work than the padded batch, and less padding.
+- ``prefix_shared``: one row per pair, ``[prompt, chosen, rejected]``; the rejected tokens see the
+  prompt but not the chosen tokens, and their positions restart after the prompt, through a 4D mask
+  (bool for sdpa; additive float for eager, which mishandles bool masks). The prompt runs once per
+  pair instead of twice. The rejected completion's first token is predicted by the prompt's last
+  position, the same position that predicts the chosen completion's first token.
+
+Every layout says where each completion token's log-prob sits in the model's output, so
+:func:`score_layout` returns per-token log-probs in one canonical order (sequence 0's completion
+tokens, then sequence 1's, ...; sequences in the collator's row order) and per-sequence sums and
+token counts, equal across layouts up to float rounding (tests check 1e-5 in float32). Logits are
+only computed where a completion token is predicted (``logits_to_keep``: an int window for padded
+rows, per-row position indices otherwise), and the log-softmax is the chunked float32 kernel of
+:mod:`ipo_lightning.logprobs`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.logprobs import scoring_window, token_logprobs
+
+Batching = Literal["padded", "padding_free", "prefix_shared"]
+BATCHING_CHOICES: tuple[str, ...] = get_args(Batching)
+# prefix_shared needs a dense 4D mask: flash_attention_2 takes none, and flex_attention wants a
+# BlockMask (a 4D tensor through it crashed the process) and has no CPU backward in torch 2.13.
+PREFIX_SHARED_ATTENTION = ("sdpa", "eager")
+SINGLE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Model inputs of one batch in one batching mode, and where to read each completion token's score.
+
+    ``keep`` is passed as ``logits_to_keep``: the model returns logits ``[R, K, V]`` and
+    ``labels[r, k]`` is the token that ``logits[r, k]`` is scored against. ``scored`` indexes the
+    flattened ``[R * K]`` token log-probs in canonical order; ``sequence_ids`` names the sequence (the
+    collator's row) each of them belongs to.
+    """
+
+    input_ids: Tensor
+    """[R, W] token ids of the rows the model runs on."""
+    attention_mask: Tensor | None
+    """[R, W] padding mask, [R, 1, W, W] 4D mask, or None (padding-free)."""
+    position_ids: Tensor | None
+    """[R, W] positions, or None for the model's default ``arange``."""
+    keep: int | Tensor
+    """``logits_to_keep``: a trailing window (int) or per-row positions ([R, K] long)."""
+    labels: Tensor
+    """[R, K] the token each kept logit is scored against (dummy 0 where unused)."""
+    scored: Tensor
+    """[M] indices into the flattened [R * K] scores, in canonical order."""
+    sequence_ids: Tensor
+    """[M] the sequence (collator row, 0..N-1) of each scored token, non-decreasing."""
+    num_sequences: int
+    """N, the collator's row count (2B)."""
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """Completion log-probs of N sequences, in the collator's row order (chosen rows, then rejected)."""
+
+    sums: Tensor
+    """[N] float32 summed completion-token log-probs."""
+    counts: Tensor
+    """[N] long number of scored completion tokens."""
+    token_logps: Tensor
+    """[M] float32 per-token log-probs, sequence by sequence (see :class:`RowLayout`)."""
+    sequence_ids: Tensor
+    """[M] the sequence each entry of ``token_logps`` belongs to."""
+
+    def sequence_logps(self, length_normalize: bool) -> Tensor:
+        """[N] sums, or means over completion tokens with ``length_normalize``."""
+        if not length_normalize:
+            return self.sums
+        return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    """Named parameters of the model's forward, looking through a PEFT wrapper (``**kwargs`` only)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return set(inspect.signature(inner.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def check_batching_option(batching: str, attn_implementation: str | None) -> None:
+    """Start-up check of ``model.batching`` against ``model.attn_implementation`` (one ConfigError)."""
+    if batching not in BATCHING_CHOICES:
+        raise ConfigError(f"model.batching must be one of {', '.join(BATCHING_CHOICES)}, got {batching!r}")
+    if batching == "prefix_shared" and attn_implementation is not None:
+        if attn_implementation not in PREFIX_SHARED_ATTENTION:
+            raise ConfigError(
+                f"model.batching=prefix_shared needs a 4D attention mask, which "
+                f"model.attn_implementation={attn_implementation!r} cannot take; use sdpa or eager, "
+                "or model.batching padding_free"
+            )
+
+
+def check_model_batching(model: nn.Module, batching: str) -> None:
+    """Check a loaded model can run ``batching`` (its forward takes ``position_ids``, its attention fits).
+
+    Raises:
+        ConfigError: naming ``model.batching`` and what the model lacks.
+    """
+    if batching == "padded":
+        return
+    if "position_ids" not in _forward_parameters(model):
+        raise ConfigError(
+            f"model.batching={batching}: {type(model).__name__}.forward takes no position_ids, which "
+            "packed and prefix-shared rows need; use model.batching padded"
+        )
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    check_batching_option(batching, attn)
+
+
+# --------------------------------------------------------------------------------------- layouts
+
+
+def _spans(attention_mask: Tensor, completion_mask: Tensor) -> tuple[list[int], list[int]]:
+    """Per row: its length (real tokens) and where its completion starts (its length if none)."""
+    lengths = attention_mask.sum(dim=1)
+    has_completion = completion_mask.any(dim=1)
+    starts = torch.where(has_completion, completion_mask.int().argmax(dim=1), lengths)
+    return lengths.tolist(), starts.tolist()
+
+
+def _padded_layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> RowLayout:
+    window = scoring_window(input_ids, completion_mask)
+    scored = window.mask.reshape(-1).nonzero().squeeze(-1)
+    return RowLayout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=None,
+        keep=window.keep,
+        labels=window.labels,
+        scored=scored,
+        sequence_ids=torch.div(scored, window.keep, rounding_mode="floor"),
+        num_sequences=input_ids.shape[0],
+    )
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of row indices whose lengths sum to at most ``capacity`` (deterministic)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        for index, free in enumerate(room):
+            if lengths[row] <= free:
+                bins[index].append(row)
+                room[index] -= lengths[row]
+                break
+        else:
+            bins.append([row])
+            room.append(capacity - lengths[row])
+    return bins
+
+
+class _KeptPositions:
+    """Accumulates, per output row, the positions whose logits are kept and the labels they score."""
+
+    def __init__(self, rows: int) -> None:
+        self.positions: list[list[Tensor]] = [[] for _ in range(rows)]
+        self.labels: list[list[Tensor]] = [[] for _ in range(rows)]
+        self.used = [0] * rows
+        self.slots: list[tuple[int, Tensor]] = []  # (row, slot indices) in canonical order
+        self.sequence_ids: list[Tensor] = []
+
+    def add(self, row: int, positions: Tensor, labels: Tensor, sequence: int) -> None:
+        count = positions.numel()
+        self.positions[row].append(positions)
+        self.labels[row].append(labels)
+        self.slots.append((row, torch.arange(self.used[row], self.used[row] + count)))
+        self.sequence_ids.append(torch.full((count,), sequence, dtype=torch.long))
+        self.used[row] += count
+
+    def finish(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(keep [R, K], labels [R, K], scored [M], sequence_ids [M])``; unused slots keep position 0."""
+        width = max(max(self.used), 1)
+        keep = torch.zeros((len(self.used), width), dtype=torch.long)
+        labels = torch.zeros((len(self.used), width), dtype=torch.long)
+        for row, (positions, row_labels) in enumerate(zip(self.positions, self.labels, strict=True)):
+            if positions:
+                keep[row, : self.used[row]] = torch.cat(positions)
+                labels[row, : self.used[row]] = torch.cat(row_labels)
+        empty = torch.zeros(0, dtype=torch.long)
+        scored = torch.cat([row * width + slots for row, slots in self.slots]) if self.slots else empty
+        sequence_ids = torch.cat(self.sequence_ids) if self.sequence_ids else empty
+        return keep.to(device), labels.to(device), scored.to(device), sequence_ids.to(device)
+
+
+def _scored_positions(completion_row: Tensor, length: int) -> Tensor:
+    """Row positions of completion tokens that have a predicting position (token 0 has none)."""
+    positions = completion_row[:length].nonzero().squeeze(-1)
+    return positions[positions >= 1]
+
+
+def _padding_free_layout(
+    input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *, single_row: bool
+) -> RowLayout:
+    device = input_ids.device
+    lengths, _ = _spans(attention_mask, completion_mask)
+    capacity = sum(lengths) if single_row else max(max(lengths), 1)
+    bins = _first_fit_decreasing(lengths, capacity)
+    width = max(max(sum(lengths[r] for r in rows) for rows in bins), 1)
+    ids_cpu, completion_cpu = input_ids.cpu(), completion_mask.cpu()
+    packed = torch.zeros((len(bins), width), dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    offsets: dict[int, tuple[int, int]] = {}
+    for b, rows in enumerate(bins):
+        offset = 0
+        for row in rows:
+            length = lengths[row]
+            packed[b, offset : offset + length] = ids_cpu[row, :length]
+            positions[b, offset : offset + length] = torch.arange(length)
+            offsets[row] = (b, offset)
+            offset += length
+        # The tail is its own pseudo-sequence (positions restart at 0): nothing real attends to it.
+        positions[b, offset:] = torch.arange(width - offset)
+    kept = _KeptPositions(len(bins))
+    for row in range(len(lengths)):  # canonical order: the collator's rows
+        b, offset = offsets[row]
+        targets = _scored_positions(completion_cpu[row], lengths[row])
+        kept.add(b, offset + targets - 1, ids_cpu[row, targets], row)
+    keep, labels, scored, sequence_ids = kept.finish(device)
+    return RowLayout(
+        input_ids=packed.to(device),
+        attention_mask=None,
+        position_ids=positions.to(device),
+        keep=keep,
+        labels=labels,
+        scored=scored,
+        sequence_ids=sequence_ids,
+        num_sequences=len(lengths),
+    )
+
+
+def _prefix_shared_layout(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    float_mask_dtype: torch.dtype | None,
+) -> RowLayout:
+    device = input_ids.device
+    rows = input_ids.shape[0]
+    if rows % 2:
+        raise ValueError(f"prefix_shared needs 2B rows (chosen then rejected), got {rows}")
+    pairs = rows // 2
+    lengths, starts = _spans(attention_mask, completion_mask)
+    ids_cpu, completion_cpu = input_ids.cpu(), completion_mask.cpu()
+    spans = []
+    for i in range(pairs):
+        prompt = starts[i]
+        if starts[pairs + i] != prompt or not torch.equal(ids_cpu[i, :prompt], ids_cpu[pairs + i, :prompt]):
+            raise ValueError(f"prefix_shared: pair {i}: chosen and rejected rows do not share their prompt")
+        for row in (i, pairs + i):
+            if int(completion_cpu[row].sum()) != lengths[row] - prompt:
+                raise ValueError(f"prefix_shared: row {row}: the completion is not the end of the row")
+        spans.append((prompt, lengths[i] - prompt, lengths[pairs + i] - prompt))
+    width = max(max(p + c + r for p, c, r in spans), 1)
+    packed = torch.zeros((pairs, width), dtype=torch.long)
+    positions = torch.zeros((pairs, width), dtype=torch.long)
+    # Segment of every column: 0 prompt, 1 chosen, 2 rejected, 3 padding.
+    segment = torch.full((pairs, width), 3, dtype=torch.long)
+    for i, (p, c, r) in enumerate(spans):
+        packed[i, : p + c] = ids_cpu[i, : p + c]
+        packed[i, p + c : p + c + r] = ids_cpu[pairs + i, p : p + r]
+        positions[i, : p + c] = torch.arange(p + c)
+        positions[i, p + c : p + c + r] = torch.arange(p, p + r)
+        segment[i, :p], segment[i, p : p + c], segment[i, p + c : p + c + r] = 0, 1, 2
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    # Padding queries attend causally too (they see at least themselves, so no NaN); nothing reads them.
+    rejected_sees_chosen = (segment[:, :, None] == 2) & (segment[:, None, :] == 1)
+    allowed = (causal[None] & ~rejected_sees_chosen)[:, None]
+    if float_mask_dtype is None:
+        mask = allowed
+    else:
+        mask = torch.zeros(allowed.shape, dtype=float_mask_dtype)
+        mask.masked_fill_(~allowed, torch.finfo(float_mask_dtype).min)
+    kept = _KeptPositions(pairs)
+    for side in (1, 2):  # chosen sequences first, then rejected: the collator's row order
+        for i, (p, c, r) in enumerate(spans):
+            if side == 1:
+                targets = torch.arange(max(p, 1), p + c)
+                predictors = targets - 1
+            else:
+                targets = torch.arange(p + c + (0 if p >= 1 else 1), p + c + r)
+                predictors = targets - 1
+                if p >= 1 and r:
+                    predictors[0] = p - 1  # the prompt's last position predicts the first rejected token
+            kept.add(i, predictors, packed[i, targets], i if side == 1 else pairs + i)
+    keep, labels, scored, sequence_ids = kept.finish(device)
+    return RowLayout(
+        input_ids=packed.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        keep=keep,
+        labels=labels,
+        scored=scored,
+        sequence_ids=sequence_ids,
+        num_sequences=rows,
+    )
+
+
+def build_layout(
+    batching: Batching,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    attn_implementation: str | None = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> RowLayout:
+    """Lay out the collator's right-padded rows for one forward in mode ``batching``.
+
+    Args:
+        batching: ``padded``, ``padding_free`` or ``prefix_shared`` (see module docstring).
+        input_ids: [N, T] right-padded rows (prompt + completion), for prefix_shared N = 2B rows
+            (chosen rows then rejected rows of the same pairs).
+        attention_mask: [N, T] 1 on real tokens.
+        completion_mask: [N, T] True at completion tokens.
+        attn_implementation: the model's attention kernel (decides packing width and mask type).
+        dtype: the model's compute dtype, for the additive float mask of eager attention.
+    """
+    if batching == "padded":
+        return _padded_layout(input_ids, attention_mask, completion_mask)
+    if batching == "padding_free":
+        single_row = attn_implementation in SINGLE_ROW_ATTENTION
+        return _padding_free_layout(input_ids, attention_mask, completion_mask, single_row=single_row)
+    if batching == "prefix_shared":
+        float_dtype = None if attn_implementation == "sdpa" else dtype
+        return _prefix_shared_layout(input_ids, attention_mask, completion_mask, float_mask_dtype=float_dtype)
+    raise ValueError(f"unknown batching {batching!r}; expected one of {', '.join(BATCHING_CHOICES)}")
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+
+def _kept_logits(model: nn.Module, layout: RowLayout) -> Tensor:
+    """[R, K, V] logits at the layout's kept positions; the vocabulary projection skips the rest."""
+    inputs = {"input_ids": layout.input_ids, "attention_mask": layout.attention_mask, "use_cache": False}
+    if layout.position_ids is not None:
+        inputs["position_ids"] = layout.position_ids
+    if "logits_to_keep" in _forward_parameters(model):
+        return model(**inputs, logits_to_keep=layout.keep).logits
+    logits = model(**inputs).logits  # older models: every position, then a (copying) selection
+    if isinstance(layout.keep, int):
+        return logits[:, -layout.keep :] if layout.keep < logits.shape[1] else logits
+    return torch.take_along_dim(logits, layout.keep[..., None], dim=1)
+
+
+def score_layout(model: nn.Module, layout: RowLayout, *, chunk_size: int = 1024) -> SequenceScores:
+    """Run ``model`` once on ``layout`` and return its completion log-probs (see :class:`SequenceScores`)."""
+    logits = _kept_logits(model, layout)
+    per_slot = token_logprobs(logits, layout.labels, chunk_size=chunk_size).reshape(-1)
+    token_logps = per_slot[layout.scored]
+    sums = token_logps.new_zeros(layout.num_sequences).index_add(0, layout.sequence_ids, token_logps)
+    counts = torch.bincount(layout.sequence_ids, minlength=layout.num_sequences)
+    return SequenceScores(sums=sums, counts=counts, token_logps=token_logps, sequence_ids=layout.sequence_ids)
+
+
+def model_attention(model: nn.Module) -> str | None:
+    """The attention kernel a loaded model runs (``config._attn_implementation``)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def batch_scores(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    batching: Batching = "padded",
+    chunk_size: int = 1024,
+) -> SequenceScores:
+    """Score the collator's rows with ``model`` in mode ``batching`` (layout built for this model)."""
+    dtype = next(model.parameters()).dtype
+    layout = build_layout(
+        batching,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        attn_implementation=model_attention(model),
+        dtype=dtype,
+    )
+    return score_layout(model, layout, chunk_size=chunk_size)

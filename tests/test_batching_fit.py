@@ -1,0 +1,78 @@
+"""Training through each batching mode: the same loss curve as padded rows, end to end with a Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.module import PreferenceModule
+from tests.helpers import polite_pairs, write_jsonl
+
+
+class _LossRecorder(L.Callback):
+    """Keeps the loss of every training step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.losses.append(float(outputs["loss"]))
+
+
+def _losses(tiny_model_dir: Path, train_file: Path, batching: str, attn: str) -> list[float]:
+    L.seed_everything(0)
+    module = PreferenceModule(
+        str(tiny_model_dir),
+        beta=0.5,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        lr_schedule="constant",
+        attn_implementation=attn,
+        batching=batching,
+    )
+    recorder = _LossRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[recorder],
+    )
+    data = PreferenceDataModule(
+        train=DataSource(path=str(train_file)),
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=64,
+        max_prompt_length=32,
+        batch_size=4,
+        seed=0,
+    )
+    trainer.fit(module, datamodule=data)
+    return recorder.losses
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fit_gives_the_padded_loss_curve(tmp_path: Path, tiny_model_dir: Path, attn: str) -> None:
+    # Pairs of different prompt and completion lengths, so padding and prompt sharing both matter.
+    records = polite_pairs(16)
+    for i, record in enumerate(records):
+        record["prompt"] = record["prompt"] * (1 + i % 3)
+        record["chosen"] = record["chosen"] * (1 + i % 2)
+    train_file = write_jsonl(tmp_path / "train.jsonl", records)
+    padded = _losses(tiny_model_dir, train_file, "padded", attn)
+    assert len(padded) == 4 and padded[-1] < padded[0]  # it trains at lr 1e-2, so the curve means something
+    for batching in ("padding_free", "prefix_shared"):
+        losses = _losses(tiny_model_dir, train_file, batching, attn)
+        assert losses == pytest.approx(padded, rel=1e-4, abs=1e-5), batching
+
+
+def test_prefix_shared_with_flash_attention_is_one_config_error(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="model.batching=prefix_shared needs a 4D attention mask"):
+        PreferenceModule(
+            str(tiny_model_dir), attn_implementation="flash_attention_2", batching="prefix_shared"
+        )
