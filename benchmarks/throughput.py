@@ -1,0 +1,466 @@
+"""Training throughput per batching/reference mode, against an SFT step and TRL's DPOTrainer (IPO loss).
+
+Every mode trains the same tiny Llama-architecture model (random init, float32, built from a config
+and a byte-level BPE tokenizer trained offline) on the same synthetic token-id pairs, in the same
+order, with AdamW: ipo_lightning modes through a real ``lightning.Trainer`` fitting
+``PreferenceModule`` (forward, backward, optimizer step and per-step metrics), TRL through its own
+``DPOTrainer.train()``. A step is timed from the trainer's batch-start hook to its batch-end hook
+(the collated batch in hand, the optimizer step done); the first ``--warmup`` steps are dropped.
+
+Each run is a fresh subprocess (so ``peak_rss_mb``, the process's peak resident memory, is per
+mode; it includes the Python imports, which are larger for TRL). Modes run round-robin
+``--repeats`` times, so load from other processes on the machine hits every mode alike; ratios are
+medians over repeats of ratios within a round. Output: one JSON line per run (``"kind": "run"``), then
+one per mode (``"kind": "summary"``) with median ``pairs_per_s``, ``tokens_per_s`` (real tokens of the
+2B prompt+completion sequences, the same count in every mode), ``peak_rss_mb`` and ratios.
+
+    python benchmarks/throughput.py                                  # every mode, default workload
+    python benchmarks/throughput.py --modes padded,prefix_shared,trl_ipo --repeats 5
+
+Modes are a registry (:data:`MODES`): add one with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model, data and optimizer every mode trains with (each a command-line flag)."""
+
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    vocab: int = 4096
+    prompt_max: int = 48
+    completion_max: int = 80
+    jitter: float = 0.25
+    batch_size: int = 8
+    lr: float = 1e-4
+    threads: int = 2
+    warmup: int = 2
+    steps: int = 8
+    attn: str = "sdpa"
+    beta: float = 0.1
+    seed: int = 0
+
+    def key(self) -> str:
+        """A short hash of what the prepared model and pairs depend on (the cache folder's name)."""
+        data = {k: getattr(self, k) for k in ("hidden", "layers", "heads", "vocab", "prompt_max")}
+        data.update(completion_max=self.completion_max, jitter=self.jitter, seed=self.seed)
+        data.update(pairs=self.batch_size * (self.warmup + self.steps))
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------- model and data
+
+SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+
+
+def _corpus(seed: int, sentences: int = 20000) -> list[str]:
+    """Pseudo-words from syllables: enough distinct merges for a several-thousand-token BPE vocabulary."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(6000)]
+    return [" ".join(rng.choices(words, k=rng.randint(8, 24))) + "." for _ in range(sentences)]
+
+
+def prepare(work: Workload, root: Path) -> Path:
+    """Save the model, tokenizer and pairs (token ids) under ``root/<key>`` once; return that folder."""
+    from transformers import AutoTokenizer
+
+    from ipo_lightning.tiny import save_tiny_model
+
+    folder = root / work.key()
+    if (folder / "pairs.json").exists():
+        return folder
+    corpus = _corpus(work.seed)
+    save_tiny_model(
+        folder / "model",
+        corpus,
+        vocab_size=work.vocab,
+        seed=work.seed,
+        hidden_size=work.hidden,
+        num_layers=work.layers,
+        num_heads=work.heads,
+        max_position_embeddings=max(512, work.prompt_max + 2 * work.completion_max),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    rng = random.Random(work.seed + 1)
+    stream = [tid for text in corpus[:4000] for tid in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def take(longest: int, eos: bool) -> list[int]:
+        # Lengths uniform in [(1 - jitter) * longest, longest]; completions end with EOS, as in training.
+        length = rng.randint(max(1, round(longest * (1 - work.jitter))), longest)
+        start = rng.randrange(len(stream) - length)
+        ids = stream[start : start + length]
+        return ids[:-1] + [tokenizer.eos_token_id] if eos else ids
+
+    pairs = [
+        {
+            "prompt_ids": take(work.prompt_max, eos=False),
+            "chosen_ids": take(work.completion_max, eos=True),
+            "rejected_ids": take(work.completion_max, eos=True),
+        }
+        for _ in range(work.batch_size * (work.warmup + work.steps))
+    ]
+    (folder / "pairs.json").write_text(json.dumps(pairs))
+    return folder
+
+
+def _load_pairs(folder: Path) -> list[dict[str, Any]]:
+    return json.loads((folder / "pairs.json").read_text())
+
+
+def _real_tokens(pairs: list[dict[str, Any]]) -> int:
+    """Tokens of the 2B prompt+completion sequences of these pairs (no padding, prompt counted twice)."""
+    return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+
+
+# ------------------------------------------------------------------------------------ the modes
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A way of training: ``run(work, folder)`` trains and returns the per-step seconds (after warm-up)."""
+
+    name: str
+    description: str
+    run: Callable[[Workload, Path], list[float]]
+    needs: str | None = None
+    """An optional package the mode needs; the mode is skipped when it is missing."""
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register(mode: Mode) -> Mode:
+    """Add ``mode`` to the registry (the lead adds ``lora`` and reference strategies this way)."""
+    MODES[mode.name] = mode
+    return mode
+
+
+def _lightning_steps(
+    work: Workload, folder: Path, *, batching: str, precompute: bool = False, sft: bool = False
+) -> list[float]:
+    """Fit ``PreferenceModule`` (or the SFT stand-in) with a real Trainer; seconds per timed step."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ipo_lightning.batching import batch_scores
+    from ipo_lightning.data.collator import PairwiseCollator
+    from ipo_lightning.module import PreferenceModule
+
+    class SFTModule(PreferenceModule):
+        """The policy's step alone on the same chosen+rejected tokens: the limit with a cached reference."""
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            scores = batch_scores(self.policy, *rows, batching=self.hparams.batching)
+            return -scores.token_logps.mean()
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            pass  # no preference metrics to log
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.seconds.append(time.perf_counter() - self.start)
+
+    pairs = _load_pairs(folder)
+    model_dir = str(folder / "model")
+    module = (SFTModule if sft else PreferenceModule)(
+        model_dir,
+        loss_type="ipo",
+        beta=work.beta,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=work.lr),
+        lr_schedule="constant",
+        warmup_steps=0,
+        attn_implementation=work.attn,
+        batching=batching,
+    )
+    pad_id = int(module.model_config.pad_token_id)
+    collate = PairwiseCollator(pad_token_id=pad_id)
+    if precompute:
+        # Reference log-probs computed once before training, carried in the batch (the collator's seam).
+        module.configure_model()
+        for start in range(0, len(pairs), work.batch_size):
+            chunk = pairs[start : start + work.batch_size]
+            batch = collate(chunk)
+            logps = module.reference.sequence_logprobs(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                length_normalize=module.hparams.length_normalize,
+                chunk_size=module.hparams.logprob_chunk_size,
+                batching=batching,
+            )
+            for i, pair in enumerate(chunk):
+                pair["ref_chosen_logps"] = float(logps[i])
+                pair["ref_rejected_logps"] = float(logps[len(chunk) + i])
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=work.warmup + work.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    loader = DataLoader(pairs, batch_size=work.batch_size, shuffle=False, collate_fn=collate)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.seconds[work.warmup :]
+
+
+def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[float]:
+    """TRL ``DPOTrainer(loss_type="ipo")`` on the same token ids, order and optimizer."""
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class SameDataTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+            return dataset  # already the token ids every mode trains on (completions end with EOS)
+
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)  # the same batches, in the same order
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.seconds.append(time.perf_counter() - self.start)
+
+    model_dir = folder / "model"
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation=work.attn
+        )
+
+    # An explicit frozen reference: without one TRL reloads the model by name from the hub. With its
+    # precompute option TRL scores the data with the initial policy and keeps no reference.
+    reference = None if precompute else load().eval().requires_grad_(False)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = DPOConfig(
+            output_dir=output_dir,
+            loss_type=["ipo"],
+            beta=work.beta,
+            per_device_train_batch_size=work.batch_size,
+            learning_rate=work.lr,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            max_steps=work.warmup + work.steps,
+            precompute_ref_log_probs=precompute,
+            # TRL's config defaults to bf16 autocast and gradient checkpointing; the workload is float32
+            # without checkpointing, as in every other mode.
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=10**6,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=work.seed,
+        )
+        trainer = SameDataTrainer(
+            model=load(),
+            ref_model=reference,
+            args=config,
+            train_dataset=Dataset.from_list(_load_pairs(folder)),
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+            callbacks=[timer],
+        )
+        trainer.train()
+    return timer.seconds[work.warmup :]
+
+
+for _batching in ("padded", "padding_free", "prefix_shared"):
+    register(
+        Mode(
+            _batching,
+            f"PreferenceModule, frozen reference, model.batching={_batching}",
+            lambda work, folder, b=_batching: _lightning_steps(work, folder, batching=b),
+        )
+    )
+register(
+    Mode(
+        "sft",
+        "SFT step on the same rows (padded), no reference",
+        lambda w, f: _lightning_steps(w, f, batching="padded", sft=True),
+    )
+)
+register(
+    Mode(
+        "precomputed",
+        "PreferenceModule, padded, reference log-probs precomputed into the batch",
+        lambda w, f: _lightning_steps(w, f, batching="padded", precompute=True),
+    )
+)
+register(
+    Mode(
+        "precomputed_prefix_shared",
+        "PreferenceModule, prefix_shared, reference log-probs precomputed into the batch",
+        lambda w, f: _lightning_steps(w, f, batching="prefix_shared", precompute=True),
+    )
+)
+register(
+    Mode(
+        "trl_ipo",
+        "TRL DPOTrainer(loss_type=ipo), frozen ref_model",
+        lambda w, f: _trl_steps(w, f, precompute=False),
+        needs="trl",
+    )
+)
+register(
+    Mode(
+        "trl_ipo_precompute",
+        "TRL DPOTrainer(loss_type=ipo), precompute_ref_log_probs=True",
+        lambda w, f: _trl_steps(w, f, precompute=True),
+        needs="trl",
+    )
+)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _worker(mode: str, work: Workload, folder: Path) -> dict[str, Any]:
+    """Run one mode in this (fresh) process and return its numbers."""
+    import torch
+
+    torch.set_num_threads(work.threads)
+    torch.manual_seed(work.seed)
+    seconds = MODES[mode].run(work, folder)
+    pairs = _load_pairs(folder)
+    timed = pairs[work.batch_size * work.warmup :]
+    total = sum(seconds)
+    return {
+        "mode": mode,
+        "pairs_per_s": len(timed) / total,
+        "tokens_per_s": _real_tokens(timed) / total,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "steps": len(seconds),
+        "step_s_median": statistics.median(seconds),
+    }
+
+
+def _available(mode: str) -> bool:
+    needs = MODES[mode].needs
+    if needs is None:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(needs) is not None
+
+
+def _summaries(runs: list[dict[str, Any]], modes: list[str], repeats: int) -> list[dict[str, Any]]:
+    """Per mode: medians, and median ratios against the baselines measured in the same round."""
+    by_round = {(r["mode"], r["round"]): r for r in runs}
+    out = []
+    for mode in modes:
+        mine = [by_round[(mode, k)] for k in range(repeats)]
+        summary: dict[str, Any] = {"kind": "summary", "mode": mode, "description": MODES[mode].description}
+        for key in ("pairs_per_s", "tokens_per_s", "peak_rss_mb"):
+            summary[key] = round(statistics.median(r[key] for r in mine), 2)
+        summary["steps"] = sum(r["steps"] for r in mine)
+        for base in ("sft", "padded", "trl_ipo", "trl_ipo_precompute"):
+            if base in modes:
+                ratios = [
+                    by_round[(mode, k)]["pairs_per_s"] / by_round[(base, k)]["pairs_per_s"]
+                    for k in range(repeats)
+                ]
+                summary[f"vs_{base}"] = round(statistics.median(ratios), 3)
+                rss = [
+                    by_round[(mode, k)]["peak_rss_mb"] / by_round[(base, k)]["peak_rss_mb"]
+                    for k in range(repeats)
+                ]
+                summary[f"rss_vs_{base}"] = round(statistics.median(rss), 3)
+        out.append(summary)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, prepare the workload once, run the modes round-robin in subprocesses, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for field in dataclasses.fields(Workload):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=type(field.default), default=field.default)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds over the modes")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ipo_lightning_bench")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
+    folder = prepare(work, args.cache)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, work, folder)))
+        return
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    skipped = [m for m in modes if not _available(m)]
+    for mode in skipped:
+        print(
+            json.dumps({"kind": "skipped", "mode": mode, "reason": f"{MODES[mode].needs} is not installed"})
+        )
+    modes = [m for m in modes if m not in skipped]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS=str(work.threads), TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    runs = []
+    for round_index in range(args.repeats):
+        for mode in modes:
+            command = [sys.executable, __file__, "--worker", mode, "--cache", str(args.cache)]
+            command += [
+                f"--{f.name.replace('_', '-')}={getattr(work, f.name)}" for f in dataclasses.fields(Workload)
+            ]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.exit(f"mode {mode} failed:\n{done.stderr[-4000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result.update(kind="run", round=round_index)
+            runs.append(result)
+            print(
+                json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
+                flush=True,
+            )
+    for summary in _summaries(runs, modes, args.repeats):
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
