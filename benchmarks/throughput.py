@@ -139,11 +139,11 @@ def _real_tokens(pairs: list[dict[str, Any]]) -> int:
 
 @dataclass(frozen=True)
 class Mode:
-    """A way of training: ``run(work, folder)`` trains and returns the per-step seconds (after warm-up)."""
+    """A way of training: ``run(work, folder)`` trains and returns ``(wall, cpu)`` seconds per timed step."""
 
     name: str
     description: str
-    run: Callable[[Workload, Path], list[float]]
+    run: Callable[[Workload, Path], list[tuple[float, float]]]
     needs: str | None = None
     """An optional package the mode needs; the mode is skipped when it is missing."""
 
@@ -159,7 +159,7 @@ def register(mode: Mode) -> Mode:
 
 def _lightning_steps(
     work: Workload, folder: Path, *, batching: str, precompute: bool = False, sft: bool = False
-) -> list[float]:
+) -> list[tuple[float, float]]:
     """Fit ``PreferenceModule`` (or the SFT stand-in) with a real Trainer; seconds per timed step."""
     import lightning as L
     import torch
@@ -182,13 +182,13 @@ def _lightning_steps(
 
     class StepTimer(L.Callback):
         def __init__(self) -> None:
-            self.seconds: list[float] = []
+            self.seconds: list[tuple[float, float]] = []
 
         def on_train_batch_start(self, *args: Any) -> None:
-            self.start = time.perf_counter()
+            self.start = (time.perf_counter(), time.process_time())
 
         def on_train_batch_end(self, *args: Any) -> None:
-            self.seconds.append(time.perf_counter() - self.start)
+            self.seconds.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
 
     pairs = _load_pairs(folder)
     model_dir = str(folder / "model")
@@ -237,7 +237,7 @@ def _lightning_steps(
     return timer.seconds[work.warmup :]
 
 
-def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[float]:
+def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[tuple[float, float]]:
     """TRL ``DPOTrainer(loss_type="ipo")`` on the same token ids, order and optimizer."""
     import torch
     from datasets import Dataset
@@ -254,13 +254,13 @@ def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[float]
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
-            self.seconds: list[float] = []
+            self.seconds: list[tuple[float, float]] = []
 
         def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            self.start = time.perf_counter()
+            self.start = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            self.seconds.append(time.perf_counter() - self.start)
+            self.seconds.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
 
     model_dir = folder / "model"
 
@@ -367,14 +367,17 @@ def _worker(mode: str, work: Workload, folder: Path) -> dict[str, Any]:
     seconds = MODES[mode].run(work, folder)
     pairs = _load_pairs(folder)
     timed = pairs[work.batch_size * work.warmup :]
-    total = sum(seconds)
+    wall = sum(w for w, _ in seconds)
+    cpu = sum(c for _, c in seconds)
     return {
         "mode": mode,
-        "pairs_per_s": len(timed) / total,
-        "tokens_per_s": _real_tokens(timed) / total,
+        "pairs_per_s": len(timed) / wall,
+        "tokens_per_s": _real_tokens(timed) / wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "steps": len(seconds),
-        "step_s_median": statistics.median(seconds),
+        "step_s_median": statistics.median(w for w, _ in seconds),
+        # CPU seconds of this process (all its threads): what other processes' load changes least.
+        "pairs_per_cpu_s": len(timed) / cpu,
     }
 
 
@@ -388,27 +391,30 @@ def _available(mode: str) -> bool:
 
 
 def _summaries(runs: list[dict[str, Any]], modes: list[str], repeats: int) -> list[dict[str, Any]]:
-    """Per mode: medians, and median ratios against the baselines measured in the same round."""
+    """Per mode: medians, and median ratios against the baselines measured in the same round.
+
+    ``vs_<base>`` compares wall-clock pairs/s, ``cpu_vs_<base>`` pairs per CPU-second of the process
+    (steadier when other processes load the machine), ``rss_vs_<base>`` peak RSS.
+    """
     by_round = {(r["mode"], r["round"]): r for r in runs}
     out = []
     for mode in modes:
-        mine = [by_round[(mode, k)] for k in range(repeats)]
+        mine = [by_round[(mode, k)] for k in range(repeats) if (mode, k) in by_round]
         summary: dict[str, Any] = {"kind": "summary", "mode": mode, "description": MODES[mode].description}
-        for key in ("pairs_per_s", "tokens_per_s", "peak_rss_mb"):
+        for key in ("pairs_per_s", "tokens_per_s", "pairs_per_cpu_s", "peak_rss_mb"):
             summary[key] = round(statistics.median(r[key] for r in mine), 2)
         summary["steps"] = sum(r["steps"] for r in mine)
         for base in ("sft", "padded", "trl_ipo", "trl_ipo_precompute"):
-            if base in modes:
-                ratios = [
-                    by_round[(mode, k)]["pairs_per_s"] / by_round[(base, k)]["pairs_per_s"]
-                    for k in range(repeats)
-                ]
-                summary[f"vs_{base}"] = round(statistics.median(ratios), 3)
-                rss = [
-                    by_round[(mode, k)]["peak_rss_mb"] / by_round[(base, k)]["peak_rss_mb"]
-                    for k in range(repeats)
-                ]
-                summary[f"rss_vs_{base}"] = round(statistics.median(rss), 3)
+            rounds = [k for k in range(repeats) if (mode, k) in by_round and (base, k) in by_round]
+            if base not in modes or not rounds:
+                continue
+            for prefix, key in (
+                ("vs", "pairs_per_s"),
+                ("cpu_vs", "pairs_per_cpu_s"),
+                ("rss_vs", "peak_rss_mb"),
+            ):
+                ratios = [by_round[(mode, k)][key] / by_round[(base, k)][key] for k in rounds]
+                summary[f"{prefix}_{base}"] = round(statistics.median(ratios), 3)
         out.append(summary)
     return out
 
@@ -423,7 +429,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds over the modes")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ipo_lightning_bench")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--summarize", type=Path, help="print summaries of the run lines of an earlier output"
+    )
     args = parser.parse_args(argv)
+    if args.summarize:  # e.g. a run cut short: summarise the rounds it finished
+        lines = [json.loads(line) for line in args.summarize.read_text().splitlines() if line.startswith("{")]
+        runs = [r for r in lines if r.get("kind") == "run"]
+        modes = list(dict.fromkeys(r["mode"] for r in runs))
+        for summary in _summaries(runs, modes, max(r["round"] for r in runs) + 1):
+            print(json.dumps(summary))
+        return
     work = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
     folder = prepare(work, args.cache)
     if args.worker:

@@ -56,9 +56,17 @@ def test_summary_ratios_are_medians_of_same_round_ratios(bench) -> None:
     for round_index, (mine, base) in enumerate([(2.0, 1.0), (3.0, 1.0), (10.0, 8.0)]):
         for mode, rate in (("padded", mine), ("sft", base)):
             runs.append(
-                {"mode": mode, "round": round_index, "pairs_per_s": rate, "tokens_per_s": rate, "steps": 4}
+                {
+                    "mode": mode,
+                    "round": round_index,
+                    "pairs_per_s": rate,
+                    "tokens_per_s": rate,
+                    "pairs_per_cpu_s": rate / 2,
+                    "steps": 4,
+                }
             )
             runs[-1]["peak_rss_mb"] = 100.0 * rate
     summary = {s["mode"]: s for s in bench._summaries(runs, ["sft", "padded"], repeats=3)}
     assert summary["padded"]["vs_sft"] == 2.0  # median of 2.0, 3.0 and 1.25
     assert summary["padded"]["pairs_per_s"] == 3.0 and summary["sft"]["vs_sft"] == 1.0
+    assert summary["padded"]["cpu_vs_sft"] == 2.0 and summary["padded"]["rss_vs_sft"] == 2.0
