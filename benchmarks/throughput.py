@@ -7,15 +7,18 @@ order, with AdamW: ipo_lightning modes through a real ``lightning.Trainer`` fitt
 ``DPOTrainer.train()``. A step is timed from the trainer's batch-start hook to its batch-end hook
 (the collated batch in hand, the optimizer step done); the first ``--warmup`` steps are dropped.
 
-Each run is a fresh subprocess (so ``peak_rss_mb``, the process's peak resident memory, is per
-mode; it includes the Python imports, which are larger for TRL). Modes run round-robin
-``--repeats`` times, so load from other processes on the machine hits every mode alike; ratios are
-medians over repeats of ratios within a round. Output: one JSON line per run (``"kind": "run"``), then
-one per mode (``"kind": "summary"``) with median ``pairs_per_s``, ``tokens_per_s`` (real tokens of the
-2B prompt+completion sequences, the same count in every mode), ``peak_rss_mb`` and ratios.
+Each mode runs in its own fresh worker process (so ``peak_rss_mb``, the process's peak resident
+memory, is per mode; it includes the Python imports, which are larger for TRL). The workers of a
+round start together, load and precompute, then run in lockstep: step k of every mode, one at a time,
+on the same batch, before any step k+1 (:class:`StepGate`), so load from other processes hits every
+mode alike. Ratios (``vs_<base>``) are medians over rounds and steps of step-time ratios on the same
+batch; ``cpu_vs_<base>`` the same with process CPU seconds. Output: one JSON line per mode and round
+(``"kind": "run"``), then one per mode (``"kind": "summary"``) with median ``pairs_per_s``,
+``tokens_per_s`` (real tokens of the 2B prompt+completion sequences, the same count in every mode),
+``peak_rss_mb`` and the ratios.
 
     python benchmarks/throughput.py                                  # every mode, default workload
-    python benchmarks/throughput.py --modes padded,prefix_shared,trl_ipo --repeats 5
+    python benchmarks/throughput.py --modes padded,prefix_shared,trl_ipo --repeats 3 --steps 10
 
 Modes are a registry (:data:`MODES`): add one with :func:`register`.
 """
@@ -137,6 +140,41 @@ def _real_tokens(pairs: list[dict[str, Any]]) -> int:
 # ------------------------------------------------------------------------------------ the modes
 
 
+class StepGate:
+    """Times each training step of this process and, in lockstep, runs it only when the driver says so.
+
+    Lockstep: before a step the worker prints ``@@ready`` and waits for a line on stdin; after it,
+    it prints ``@@done``; after its last step it waits once more, so no worker tears down while
+    another is being timed. The driver thus runs one step of one mode at a time, every mode's step
+    k on the same batch, interleaved step by step: load from other processes hits all modes alike.
+    """
+
+    def __init__(self, lockstep: bool = False, total_steps: int = 0) -> None:
+        self.lockstep = lockstep
+        self.total_steps = total_steps
+        self.seconds: list[tuple[float, float]] = []
+        self.start = (0.0, 0.0)
+
+    def begin(self) -> None:
+        """Called by the trainer's batch-start hook (the collated batch in hand)."""
+        if self.lockstep:
+            print("@@ready", flush=True)
+            sys.stdin.readline()
+        self.start = (time.perf_counter(), time.process_time())
+
+    def end(self) -> None:
+        """Called by the trainer's batch-end hook (the optimizer step done)."""
+        self.seconds.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
+        if self.lockstep:
+            print("@@done", flush=True)
+            if len(self.seconds) == self.total_steps:
+                sys.stdin.readline()
+
+
+GATE = StepGate()
+"""This process's step gate (one training run per worker process)."""
+
+
 @dataclass(frozen=True)
 class Mode:
     """A way of training: ``run(work, folder)`` trains and returns ``(wall, cpu)`` seconds per timed step."""
@@ -181,14 +219,11 @@ def _lightning_steps(
             pass  # no preference metrics to log
 
     class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.seconds: list[tuple[float, float]] = []
-
         def on_train_batch_start(self, *args: Any) -> None:
-            self.start = (time.perf_counter(), time.process_time())
+            GATE.begin()
 
         def on_train_batch_end(self, *args: Any) -> None:
-            self.seconds.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
+            GATE.end()
 
     pairs = _load_pairs(folder)
     model_dir = str(folder / "model")
@@ -221,7 +256,7 @@ def _lightning_steps(
             for i, pair in enumerate(chunk):
                 pair["ref_chosen_logps"] = float(logps[i])
                 pair["ref_rejected_logps"] = float(logps[len(chunk) + i])
-    timer = StepTimer()
+    timer = StepTimer()  # times the steps through GATE
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -234,7 +269,7 @@ def _lightning_steps(
     )
     loader = DataLoader(pairs, batch_size=work.batch_size, shuffle=False, collate_fn=collate)
     trainer.fit(module, train_dataloaders=loader)
-    return timer.seconds[work.warmup :]
+    return GATE.seconds[work.warmup :]
 
 
 def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[tuple[float, float]]:
@@ -253,14 +288,11 @@ def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[tuple[
             return SequentialSampler(self.train_dataset)  # the same batches, in the same order
 
     class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[tuple[float, float]] = []
-
         def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            self.start = (time.perf_counter(), time.process_time())
+            GATE.begin()
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            self.seconds.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
+            GATE.end()
 
     model_dir = folder / "model"
 
@@ -272,7 +304,7 @@ def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[tuple[
     # An explicit frozen reference: without one TRL reloads the model by name from the hub. With its
     # precompute option TRL scores the data with the initial policy and keeps no reference.
     reference = None if precompute else load().eval().requires_grad_(False)
-    timer = StepTimer()
+    timer = StepTimer()  # times the steps through GATE
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(
             output_dir=output_dir,
@@ -305,7 +337,7 @@ def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[tuple[
             callbacks=[timer],
         )
         trainer.train()
-    return timer.seconds[work.warmup :]
+    return GATE.seconds[work.warmup :]
 
 
 for _batching in ("padded", "padding_free", "prefix_shared"):
@@ -358,10 +390,12 @@ register(
 # ------------------------------------------------------------------------------------ driver
 
 
-def _worker(mode: str, work: Workload, folder: Path) -> dict[str, Any]:
+def _worker(mode: str, work: Workload, folder: Path, *, lockstep: bool) -> dict[str, Any]:
     """Run one mode in this (fresh) process and return its numbers."""
     import torch
 
+    global GATE
+    GATE = StepGate(lockstep=lockstep, total_steps=work.warmup + work.steps)
     torch.set_num_threads(work.threads)
     torch.manual_seed(work.seed)
     seconds = MODES[mode].run(work, folder)
@@ -375,10 +409,59 @@ def _worker(mode: str, work: Workload, folder: Path) -> dict[str, Any]:
         "tokens_per_s": _real_tokens(timed) / wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "steps": len(seconds),
-        "step_s_median": statistics.median(w for w, _ in seconds),
         # CPU seconds of this process (all its threads): what other processes' load changes least.
         "pairs_per_cpu_s": len(timed) / cpu,
+        "step_wall_s": [round(w, 4) for w, _ in seconds],
+        "step_cpu_s": [round(c, 4) for _, c in seconds],
     }
+
+
+def _lockstep_round(modes: list[str], work: Workload, cache: Path) -> list[dict[str, Any]]:
+    """Start one worker per mode, then run step k of every mode in turn (see :class:`StepGate`)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS=str(work.threads), TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    flags = [f"--{f.name.replace('_', '-')}={getattr(work, f.name)}" for f in dataclasses.fields(Workload)]
+    logs = {mode: tempfile.TemporaryFile(mode="w+") for mode in modes}
+    procs = {
+        mode: subprocess.Popen(
+            [sys.executable, __file__, "--worker", mode, "--lockstep", "--cache", str(cache), *flags],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=logs[mode],
+            text=True,
+        )
+        for mode in modes
+    }
+
+    def expect(mode: str, tag: str) -> str:
+        for line in procs[mode].stdout:  # other output (TRL prints its metrics) is skipped
+            if line.startswith(tag):
+                return line[len(tag) :].strip()
+        logs[mode].seek(0)
+        for other in procs.values():
+            other.kill()
+        sys.exit(f"mode {mode} failed:\n{logs[mode].read()[-4000:]}")
+
+    def go(mode: str) -> None:
+        procs[mode].stdin.write("go\n")
+        procs[mode].stdin.flush()
+
+    for mode in modes:  # every worker has loaded its model (and precomputed what it precomputes)
+        expect(mode, "@@ready")
+    for step in range(work.warmup + work.steps):
+        shift = step % len(modes)  # who goes first rotates
+        for mode in modes[shift:] + modes[:shift]:
+            if step:
+                expect(mode, "@@ready")
+            go(mode)
+            expect(mode, "@@done")
+    results = []
+    for mode in modes:  # only now may the workers tear down
+        go(mode)
+        results.append(json.loads(expect(mode, "@@result ")))
+        procs[mode].wait()
+    return results
 
 
 def _available(mode: str) -> bool:
@@ -391,10 +474,11 @@ def _available(mode: str) -> bool:
 
 
 def _summaries(runs: list[dict[str, Any]], modes: list[str], repeats: int) -> list[dict[str, Any]]:
-    """Per mode: medians, and median ratios against the baselines measured in the same round.
+    """Per mode: medians over rounds, and ratios against baselines run beside it.
 
-    ``vs_<base>`` compares wall-clock pairs/s, ``cpu_vs_<base>`` pairs per CPU-second of the process
-    (steadier when other processes load the machine), ``rss_vs_<base>`` peak RSS.
+    ``vs_<base>`` is the median over rounds and timed steps of ``base step time / mode step time``
+    for the same batch, run back to back (pairs/s ratio); ``cpu_vs_<base>`` the same with the
+    processes' CPU seconds; ``rss_vs_<base>`` the median ratio of peak RSS.
     """
     by_round = {(r["mode"], r["round"]): r for r in runs}
     out = []
@@ -408,13 +492,15 @@ def _summaries(runs: list[dict[str, Any]], modes: list[str], repeats: int) -> li
             rounds = [k for k in range(repeats) if (mode, k) in by_round and (base, k) in by_round]
             if base not in modes or not rounds:
                 continue
-            for prefix, key in (
-                ("vs", "pairs_per_s"),
-                ("cpu_vs", "pairs_per_cpu_s"),
-                ("rss_vs", "peak_rss_mb"),
-            ):
-                ratios = [by_round[(mode, k)][key] / by_round[(base, k)][key] for k in rounds]
+            for prefix, key in (("vs", "step_wall_s"), ("cpu_vs", "step_cpu_s")):
+                ratios = [
+                    theirs / mine
+                    for k in rounds
+                    for mine, theirs in zip(by_round[(mode, k)][key], by_round[(base, k)][key], strict=True)
+                ]
                 summary[f"{prefix}_{base}"] = round(statistics.median(ratios), 3)
+            rss = [by_round[(mode, k)]["peak_rss_mb"] / by_round[(base, k)]["peak_rss_mb"] for k in rounds]
+            summary[f"rss_vs_{base}"] = round(statistics.median(rss), 3)
         out.append(summary)
     return out
 
@@ -426,9 +512,10 @@ def main(argv: list[str] | None = None) -> None:
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(field.default), default=field.default)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds over the modes")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds, each with fresh worker processes")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ipo_lightning_bench")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--summarize", type=Path, help="print summaries of the run lines of an earlier output"
     )
@@ -443,7 +530,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
     folder = prepare(work, args.cache)
     if args.worker:
-        print(json.dumps(_worker(args.worker, work, folder)))
+        print(
+            "@@result " + json.dumps(_worker(args.worker, work, folder, lockstep=args.lockstep)), flush=True
+        )
         return
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -455,19 +544,9 @@ def main(argv: list[str] | None = None) -> None:
             json.dumps({"kind": "skipped", "mode": mode, "reason": f"{MODES[mode].needs} is not installed"})
         )
     modes = [m for m in modes if m not in skipped]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS=str(work.threads), TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     runs = []
     for round_index in range(args.repeats):
-        for mode in modes:
-            command = [sys.executable, __file__, "--worker", mode, "--cache", str(args.cache)]
-            command += [
-                f"--{f.name.replace('_', '-')}={getattr(work, f.name)}" for f in dataclasses.fields(Workload)
-            ]
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                sys.exit(f"mode {mode} failed:\n{done.stderr[-4000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+        for result in _lockstep_round(modes, work, args.cache):
             result.update(kind="run", round=round_index)
             runs.append(result)
             print(

@@ -51,22 +51,30 @@ def test_workload_pairs_have_the_requested_lengths(bench, tmp_path: Path) -> Non
     assert bench._real_tokens(pairs[:3]) == int(batch["attention_mask"].sum())
 
 
-def test_summary_ratios_are_medians_of_same_round_ratios(bench) -> None:
+def test_summary_ratios_are_medians_of_step_by_step_ratios(bench) -> None:
+    # Two rounds of two timed steps; padded's step k runs beside sft's step k on the same batch.
+    sft_steps = [[1.0, 2.0], [4.0, 1.0]]
+    padded_steps = [[2.0, 2.0], [2.0, 4.0]]  # step-time ratios sft/padded: 0.5, 1.0, 2.0, 0.25
     runs = []
-    for round_index, (mine, base) in enumerate([(2.0, 1.0), (3.0, 1.0), (10.0, 8.0)]):
-        for mode, rate in (("padded", mine), ("sft", base)):
+    for round_index in range(2):
+        for mode, steps in (("sft", sft_steps[round_index]), ("padded", padded_steps[round_index])):
+            wall = sum(steps)
             runs.append(
                 {
                     "mode": mode,
                     "round": round_index,
-                    "pairs_per_s": rate,
-                    "tokens_per_s": rate,
-                    "pairs_per_cpu_s": rate / 2,
-                    "steps": 4,
+                    "pairs_per_s": 16 / wall,
+                    "tokens_per_s": 1600 / wall,
+                    "pairs_per_cpu_s": 8 / wall,
+                    "peak_rss_mb": 100.0 * wall,
+                    "steps": 2,
+                    "step_wall_s": steps,
+                    "step_cpu_s": [2 * t for t in steps],
                 }
             )
-            runs[-1]["peak_rss_mb"] = 100.0 * rate
-    summary = {s["mode"]: s for s in bench._summaries(runs, ["sft", "padded"], repeats=3)}
-    assert summary["padded"]["vs_sft"] == 2.0  # median of 2.0, 3.0 and 1.25
-    assert summary["padded"]["pairs_per_s"] == 3.0 and summary["sft"]["vs_sft"] == 1.0
-    assert summary["padded"]["cpu_vs_sft"] == 2.0 and summary["padded"]["rss_vs_sft"] == 2.0
+    summary = {s["mode"]: s for s in bench._summaries(runs, ["sft", "padded"], repeats=2)}
+    assert summary["padded"]["vs_sft"] == 0.75  # median of 0.25, 0.5, 1.0, 2.0
+    assert summary["padded"]["cpu_vs_sft"] == 0.75
+    assert summary["sft"]["vs_sft"] == 1.0 and summary["padded"]["steps"] == 4
+    assert summary["padded"]["pairs_per_s"] == round((16 / 4 + 16 / 6) / 2, 2)  # median over rounds
+    assert summary["padded"]["rss_vs_sft"] == round((4 / 3 + 6 / 5) / 2, 3)
