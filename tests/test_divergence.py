@@ -203,7 +203,7 @@ def test_sampled_sequence_kl_is_honest_against_enumeration() -> None:
     assert exact > 0.05  # the two models really differ, so the check has teeth
     assert abs(estimate.mean - exact) < 4 * estimate.stderr
     assert estimate.samples == len(samples) == 400 and 1 <= estimate.mean_length <= 3
-    assert all(c.numel() == 3 or int(c[-1]) == 4 for _, c, _ in samples)
+    assert all(s.completion.numel() == 3 or int(s.completion[-1]) == 4 for s in samples)
 
     same, _ = sampled_sequence_kl(
         policy, policy, [prompt], samples_per_prompt=20, max_new_tokens=3, eos_token_id=4

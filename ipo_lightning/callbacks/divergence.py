@@ -15,6 +15,10 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
 - a samples table (``divergence_samples.jsonl`` beside ``metrics.csv``, and ``divergence/samples`` in
   W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio.
 
+Under DDP every process measures a share of the held-out batches and prompts (round-robin by rank)
+and the shares are gathered, so the logged numbers are those one process would compute; rank 0
+writes the samples file, and the loggers write on rank 0 only.
+
 Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
 not thinned out by ``log_every_n_steps``.
 
@@ -27,17 +31,25 @@ the step.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ipo_lightning.divergence import TokenDivergence, sampled_sequence_kl, token_divergence
+from ipo_lightning.divergence import (
+    SequenceSample,
+    TokenDivergence,
+    estimate_sequence_kl,
+    sample_completions,
+    token_divergence,
+)
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.logprobs import reduce_sequence_logprobs, scoring_window, token_logprobs, window_logits
 
@@ -142,8 +154,10 @@ class DivergenceMonitor(Callback):
     def _write_samples(self, trainer: L.Trainer, step: int) -> None:
         """Append the samples to ``<run dir>/divergence_samples.jsonl`` and log a W&B table."""
         rows = [{"step": step, **row} for row in self.last_samples]
+        # trainer.log_dir is a broadcast under DDP: every process must ask for it, not just rank 0.
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero and self.samples_file:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / self.samples_file
+            path = run_dir / self.samples_file
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
@@ -189,22 +203,60 @@ class DivergenceMonitor(Callback):
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Divergence metrics of the current policy on the held-out subset (names without prefix)."""
+        """Divergence metrics of the current policy on the held-out subset (names without prefix).
+
+        Under DDP each process measures its share (batches and prompts round-robin by rank) and the
+        shares are gathered, so every process returns the numbers a single process would compute.
+        """
+        share = self._measure_share(trainer, pl_module)
+        shares = _all_gather_objects(trainer, share)
+        totals = TokenDivergence()
+        chosen: list[float] = []
+        rejected: list[float] = []
+        # Merged in batch order, the sums run in the same order as in one process.
+        for _, (batch_totals, batch_chosen, batch_rejected) in sorted(
+            item for share in shares for item in share.batches.items()
+        ):
+            totals.add(batch_totals)
+            chosen += batch_chosen
+            rejected += batch_rejected
+        metrics = totals.means()
+        policy_samples = sorted((s for share in shares for s in share.policy_samples), key=_by_prompt)
+        if policy_samples:
+            estimate = estimate_sequence_kl(policy_samples)
+            metrics.update(
+                seq_kl=estimate.mean, seq_kl_stderr=estimate.stderr, gen_length=estimate.mean_length
+            )
+            reference_samples = sorted(
+                (s for share in shares for s in share.reference_samples), key=_by_prompt
+            )
+            self.last_samples = _sample_rows(trainer, policy_samples, reference_samples)
+        chosen_ratio = torch.tensor(chosen, dtype=torch.float64)
+        rejected_ratio = torch.tensor(rejected, dtype=torch.float64)
+        margin = chosen_ratio - rejected_ratio
+        for name, values in (("chosen", chosen_ratio), ("rejected", rejected_ratio), ("margin", margin)):
+            metrics[f"logratio/{name}_mean"] = float(values.mean())
+            metrics[f"logratio/{name}_std"] = float(values.std(unbiased=False))
+        return metrics
+
+    def _measure_share(self, trainer: L.Trainer, pl_module: L.LightningModule) -> _Share:
+        """This process's part of a measurement: every ``world_size``-th batch and prompt."""
         policy, reference = pl_module.policy, pl_module.reference.model
         length_normalize = pl_module.hparams.length_normalize
+        rank, world = trainer.global_rank, trainer.world_size
+        share = _Share()
         was_training = policy.training
         policy.eval()  # dropout off: measure the policy itself, not a noisy sample of it
-        totals = TokenDivergence()
-        chosen, rejected = [], []
         try:
-            for batch in self.held_out_batches(trainer):
-                batch = {key: value.to(pl_module.device) for key, value in batch.items()}
+            batches = self.held_out_batches(trainer)
+            for index in range(rank, len(batches), world):
+                batch = {key: value.to(pl_module.device) for key, value in batches[index].items()}
                 ids, attention = batch["input_ids"], batch["attention_mask"]
                 window = scoring_window(ids, batch["completion_mask"])
                 policy_logits = window_logits(policy, ids, attention, window.keep)
                 reference_logits = window_logits(reference, ids, attention, window.keep)
-                totals.add(
-                    token_divergence(policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size)
+                totals = token_divergence(
+                    policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size
                 )
                 logratio = reduce_sequence_logprobs(
                     token_logprobs(policy_logits, window.labels, chunk_size=self.chunk_size)
@@ -213,31 +265,44 @@ class DivergenceMonitor(Callback):
                     length_normalize=length_normalize,
                 )
                 half = ids.shape[0] // 2
-                chosen.append(logratio[:half])
-                rejected.append(logratio[half:])
-            estimate = None
-            if self._prompts:
+                share.batches[index] = (totals, logratio[:half].tolist(), logratio[half:].tolist())
+            indices = list(range(rank, len(self._prompts), world))
+            if indices:
                 sampling = {
+                    "prompt_indices": indices,
                     "max_new_tokens": self.max_new_tokens,
                     "eos_token_id": _stop_tokens(policy, trainer),
                 }
-                estimate, policy_samples = sampled_sequence_kl(policy, reference, self._prompts, **sampling)
-                # The reference's own samples, same seed, for side-by-side reading in the samples table.
-                _, reference_samples = sampled_sequence_kl(reference, policy, self._prompts, **sampling)
-                self.last_samples = _sample_rows(trainer, policy_samples, reference_samples)
+                prompts = [self._prompts[i] for i in indices]
+                share.policy_samples = sample_completions(policy, reference, prompts, **sampling)
+                # The reference's own samples, same seeds, for side-by-side reading in the samples table.
+                share.reference_samples = sample_completions(reference, policy, prompts, **sampling)
         finally:
             policy.train(was_training)
-        chosen_ratio, rejected_ratio = torch.cat(chosen), torch.cat(rejected)
-        margin = chosen_ratio - rejected_ratio
-        metrics = totals.means()
-        if estimate is not None:
-            metrics.update(
-                seq_kl=estimate.mean, seq_kl_stderr=estimate.stderr, gen_length=estimate.mean_length
-            )
-        for name, values in (("chosen", chosen_ratio), ("rejected", rejected_ratio), ("margin", margin)):
-            metrics[f"logratio/{name}_mean"] = float(values.mean())
-            metrics[f"logratio/{name}_std"] = float(values.std(unbiased=False))
-        return metrics
+        return share
+
+
+@dataclass
+class _Share:
+    """One process's part of a measurement, keyed so that the parts merge in a fixed order."""
+
+    batches: dict[int, tuple[TokenDivergence, list[float], list[float]]] = field(default_factory=dict)
+    """Held-out batch index -> (divergence sums, chosen log-ratios, rejected log-ratios)."""
+    policy_samples: list[SequenceSample] = field(default_factory=list)
+    reference_samples: list[SequenceSample] = field(default_factory=list)
+
+
+def _by_prompt(sample: SequenceSample) -> int:
+    return sample.prompt_index
+
+
+def _all_gather_objects(trainer: L.Trainer, obj: _Share) -> list[_Share]:
+    """Every process's ``obj`` (just ``[obj]`` in a single process)."""
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int] | None:
@@ -251,22 +316,16 @@ def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int]
 
 
 def _sample_rows(
-    trainer: L.Trainer,
-    policy_samples: list[tuple[Tensor, Tensor, float]],
-    reference_samples: list[tuple[Tensor, Tensor, float]],
+    trainer: L.Trainer, policy_samples: list[SequenceSample], reference_samples: list[SequenceSample]
 ) -> list[dict[str, Any]]:
     """Decoded table rows: prompt, policy completion, reference completion, policy log-ratio."""
     tokenizer = trainer.datamodule.tokenizer
-    rows = []
-    for (prompt, completion, log_ratio), (_, reference_completion, _) in zip(
-        policy_samples, reference_samples, strict=True
-    ):
-        rows.append(
-            {
-                "prompt": tokenizer.decode(prompt),
-                "policy_completion": tokenizer.decode(completion),
-                "reference_completion": tokenizer.decode(reference_completion),
-                "log_ratio": log_ratio,
-            }
-        )
-    return rows
+    return [
+        {
+            "prompt": tokenizer.decode(sample.prompt),
+            "policy_completion": tokenizer.decode(sample.completion),
+            "reference_completion": tokenizer.decode(reference_sample.completion),
+            "log_ratio": sample.log_ratio,
+        }
+        for sample, reference_sample in zip(policy_samples, reference_samples, strict=True)
+    ]
