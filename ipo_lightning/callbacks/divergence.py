@@ -12,6 +12,10 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
 - ``divergence/seq_kl`` and ``divergence/seq_kl_stderr``: sequence-level KL(pi || ref) estimated from
   completions sampled from the policy (temperature 1, full softmax) for the first ``sample_prompts``
   held-out prompts, with its standard error; ``divergence/gen_length``: their mean length;
+- ``divergence/retention/chosen``: capability retention, the per-token change in log-likelihood
+  log pi - log ref pooled over every held-out chosen token (negative: the policy predicts the
+  preferred answers worse than the reference did); ``divergence/retention/text`` the same over the
+  texts of ``retention_file``, a plain-text set (e.g. pre-training or instruction text);
 - a samples table (``divergence_samples.jsonl`` beside ``metrics.csv``, and ``divergence/samples`` in
   W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio.
 
@@ -43,6 +47,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ipo_lightning.data.retention import read_texts, text_batches
 from ipo_lightning.divergence import (
     SequenceSample,
     TokenDivergence,
@@ -72,6 +77,9 @@ class DivergenceMonitor(Callback):
             (step, prompt, policy and reference completion, log-ratio); empty: none.
         max_kl: KL budget in nats per completion token on ``divergence/kl``; null: no budget.
         on_exceed: when the budget is exceeded: ``warn``, or ``stop`` (checkpoint, then stop training).
+        retention_file: plain-text retention set (``.txt``, one text per line, or ``.jsonl`` with a
+            ``text`` field) scored for ``divergence/retention/text``; null: none.
+        retention_texts: texts of ``retention_file`` used (the first N), cut to ``data.max_length``.
     """
 
     def __init__(
@@ -87,6 +95,8 @@ class DivergenceMonitor(Callback):
         samples_file: str = "divergence_samples.jsonl",
         max_kl: float | None = None,
         on_exceed: Literal["warn", "stop"] = "warn",
+        retention_file: str | None = None,
+        retention_texts: int = 64,
     ) -> None:
         super().__init__()
         if every_n_steps < 0 or num_pairs < 1 or batch_size < 1 or chunk_size < 1:
@@ -112,7 +122,12 @@ class DivergenceMonitor(Callback):
             raise ConfigError(f"divergence.max_kl must be positive (or null for no budget), got {max_kl}")
         self.max_kl = max_kl
         self.on_exceed = on_exceed
+        if retention_texts < 1:
+            raise ConfigError(f"divergence.retention_texts must be at least 1, got {retention_texts}")
+        self.retention_file = retention_file
+        self.retention_texts = retention_texts
         self.budget_checkpoint: Path | None = None
+        self._text_batches: list[dict[str, Tensor]] | None = None
         self._batches: list[dict[str, Tensor]] | None = None
         self._prompts: list[Tensor] = []
         self.last_samples: list[dict[str, Any]] = []
@@ -201,6 +216,20 @@ class DivergenceMonitor(Callback):
             ]
         return self._batches
 
+    def retention_batches(self, trainer: L.Trainer) -> list[dict[str, Tensor]]:
+        """The plain-text retention set as batches, built once (empty without ``retention_file``)."""
+        if self._text_batches is None:
+            self._text_batches = []
+            if self.retention_file:
+                datamodule = trainer.datamodule
+                self._text_batches = text_batches(
+                    read_texts(self.retention_file, self.retention_texts),
+                    datamodule.tokenizer,
+                    max_length=datamodule.max_length,
+                    batch_size=self.batch_size,
+                )
+        return self._text_batches
+
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Divergence metrics of the current policy on the held-out subset (names without prefix).
@@ -213,14 +242,20 @@ class DivergenceMonitor(Callback):
         totals = TokenDivergence()
         chosen: list[float] = []
         rejected: list[float] = []
+        retention = _TokenMean()
         # Merged in batch order, the sums run in the same order as in one process.
-        for _, (batch_totals, batch_chosen, batch_rejected) in sorted(
-            item for share in shares for item in share.batches.items()
-        ):
-            totals.add(batch_totals)
-            chosen += batch_chosen
-            rejected += batch_rejected
+        for _, result in sorted(item for share in shares for item in share.batches.items()):
+            totals.add(result.divergence)
+            chosen += result.chosen
+            rejected += result.rejected
+            retention.add(result.chosen_delta)
         metrics = totals.means()
+        metrics["retention/chosen"] = retention.mean()
+        text_retention = _TokenMean()
+        for _, delta in sorted(item for share in shares for item in share.texts.items()):
+            text_retention.add(delta)
+        if text_retention.tokens:
+            metrics["retention/text"] = text_retention.mean()
         policy_samples = sorted((s for share in shares for s in share.policy_samples), key=_by_prompt)
         if policy_samples:
             estimate = estimate_sequence_kl(policy_samples)
@@ -258,14 +293,28 @@ class DivergenceMonitor(Callback):
                 totals = token_divergence(
                     policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size
                 )
+                token_delta = self._token_delta(policy_logits, reference_logits, window.labels)
                 logratio = reduce_sequence_logprobs(
-                    token_logprobs(policy_logits, window.labels, chunk_size=self.chunk_size)
-                    - token_logprobs(reference_logits, window.labels, chunk_size=self.chunk_size),
-                    window.mask,
-                    length_normalize=length_normalize,
+                    token_delta, window.mask, length_normalize=length_normalize
                 )
                 half = ids.shape[0] // 2
-                share.batches[index] = (totals, logratio[:half].tolist(), logratio[half:].tolist())
+                share.batches[index] = _BatchResult(
+                    divergence=totals,
+                    chosen=logratio[:half].tolist(),
+                    rejected=logratio[half:].tolist(),
+                    chosen_delta=_TokenMean.of(token_delta[:half], window.mask[:half]),
+                )
+            texts = self.retention_batches(trainer)
+            for index in range(rank, len(texts), world):
+                batch = {key: value.to(pl_module.device) for key, value in texts[index].items()}
+                ids, attention = batch["input_ids"], batch["attention_mask"]
+                window = scoring_window(ids, batch["completion_mask"])
+                token_delta = self._token_delta(
+                    window_logits(policy, ids, attention, window.keep),
+                    window_logits(reference, ids, attention, window.keep),
+                    window.labels,
+                )
+                share.texts[index] = _TokenMean.of(token_delta, window.mask)
             indices = list(range(rank, len(self._prompts), world))
             if indices:
                 sampling = {
@@ -281,13 +330,52 @@ class DivergenceMonitor(Callback):
             policy.train(was_training)
         return share
 
+    def _token_delta(self, policy_logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-position log pi(label) - log ref(label)."""
+        return token_logprobs(policy_logits, labels, chunk_size=self.chunk_size) - token_logprobs(
+            reference_logits, labels, chunk_size=self.chunk_size
+        )
+
+
+@dataclass
+class _TokenMean:
+    """A sum over tokens and the token count, for per-token means pooled across batches."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    @classmethod
+    def of(cls, values: Tensor, mask: Tensor) -> _TokenMean:
+        return cls(total=float(values[mask].double().sum()), tokens=int(mask.sum()))
+
+    def add(self, other: _TokenMean) -> None:
+        self.total += other.total
+        self.tokens += other.tokens
+
+    def mean(self) -> float:
+        return self.total / max(self.tokens, 1)
+
+
+@dataclass
+class _BatchResult:
+    """What one held-out batch contributes to a measurement."""
+
+    divergence: TokenDivergence
+    chosen: list[float]
+    """Per-pair chosen log-ratios (normalised like the loss)."""
+    rejected: list[float]
+    chosen_delta: _TokenMean
+    """log pi - log ref summed over the chosen completions' tokens (for ``retention/chosen``)."""
+
 
 @dataclass
 class _Share:
     """One process's part of a measurement, keyed so that the parts merge in a fixed order."""
 
-    batches: dict[int, tuple[TokenDivergence, list[float], list[float]]] = field(default_factory=dict)
-    """Held-out batch index -> (divergence sums, chosen log-ratios, rejected log-ratios)."""
+    batches: dict[int, _BatchResult] = field(default_factory=dict)
+    """Held-out batch index -> its results."""
+    texts: dict[int, _TokenMean] = field(default_factory=dict)
+    """Retention-text batch index -> log pi - log ref summed over its tokens."""
     policy_samples: list[SequenceSample] = field(default_factory=list)
     reference_samples: list[SequenceSample] = field(default_factory=list)
 
