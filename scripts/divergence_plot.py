@@ -1,7 +1,7 @@
 """IPO vs DPO on the quickstart data: how far each drifts from the reference (the README's plot).
 
 Trains the quickstart config once per method with the product's own CLI, then plots the logged
-``divergence/kl`` and the held-out accuracy over optimizer steps:
+``divergence/kl``, the held-out margin and the held-out accuracy over optimizer steps:
 
     python scripts/divergence_plot.py                      # train all runs (CPU, ~15 min), then plot
     python scripts/divergence_plot.py --plot-only          # re-plot from runs/divergence_plot/
@@ -75,7 +75,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "divergence_plot", help="run folders")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images" / "divergence_ipo_vs_dpo.png")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs over the 1400 quickstart pairs")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs over the 1400 quickstart pairs")
     parser.add_argument("--every-n-steps", type=int, default=25, help="divergence measurement interval")
     parser.add_argument("--plot-only", action="store_true", help="re-plot existing runs, train nothing")
     args = parser.parse_args()
@@ -90,11 +90,14 @@ def main() -> None:
     plot_metrics_over_steps(
         runs,
         [
-            ("divergence/kl", "KL(pi || ref), nats per completion token"),
+            ("divergence/kl", "KL(pi || ref), nats per completion token (log scale)"),
+            ("divergence/logratio/margin_mean", "held-out margin h (log scale)"),
             ("val/rewards/accuracy", "held-out preference accuracy"),
         ],
         args.out,
         title=f"Quickstart data, {args.epochs} epochs: drift from the reference",
+        reference_lines={"divergence/logratio/margin_mean": [(1.0, "IPO target 1/(2 beta)")]},
+        log_scale=("divergence/kl", "divergence/logratio/margin_mean"),
     )
     for label, run in runs.items():
         print(
