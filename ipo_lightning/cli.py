@@ -17,6 +17,7 @@ import netrc
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -154,7 +155,9 @@ class PreferenceCLI(LightningCLI):
             auto_configure_optimizers=False,
             parser_kwargs={
                 "prog": "python -m ipo_lightning",
-                "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs.",
+                "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
+                "compare (several methods, one budget), report (Markdown + plots from run folders), "
+                "judge (reward-model win rate); see `python -m ipo_lightning report --help`.",
             },
         )
 
@@ -196,10 +199,22 @@ class PreferenceCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _tools() -> dict[str, Callable[[list[str]], None]]:
+    """Subcommands beside Lightning's: they read runs or launch fits, so they are not Trainer methods."""
+    from ipo_lightning import compare, judge, report
+
+    return {"compare": compare.main, "report": report.main, "judge": judge.main}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m ipo_lightning`` and the ``ipo-lightning`` script."""
     _quiet_expected_warnings()
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        tools = _tools()
+        if argv and argv[0] in tools:
+            tools[argv[0]](argv[1:])
+            return
         PreferenceCLI(args=args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
