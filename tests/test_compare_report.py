@@ -257,3 +257,12 @@ def test_sweep_file_parameters_are_fit_options() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["loss_type"] == "ipo" and printed["model"]["beta"] == 0.1
+
+
+def test_shipped_compare_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root, where users run it
+    spec = load_spec("configs/compare/quickstart-noise.yaml")
+    assert list(spec.members) == ["ipo", "dpo", "ipo-noise20", "dpo-noise20"]
+    command = spec.fit_command("ipo-noise20")
+    assert command[-2:] == ["--trainer.default_root_dir", "runs/compare/quickstart-noise/ipo-noise20"]
+    assert ["--data.label_noise", "0.2"] == command[command.index("--data.label_noise") :][:2]
