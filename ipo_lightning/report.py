@@ -9,9 +9,11 @@ so it needs no W&B account and works on copied run folders. It writes ``DIR/repo
 - ``accuracy_id_vs_ood.png``: accuracy on the first (in-distribution) val set against the second
   (out-of-distribution), when the runs have two or more val sets.
 
-Recommendation rule: the highest mean held-out accuracy over all val sets; runs within
-``TIE_ACCURACY`` of the best count as tied and the one with the lowest KL to the reference wins,
-since it bought the same accuracy with less drift.
+Recommendation rule: among the runs trained on clean labels (``data.label_noise`` 0; all runs if
+none is), the highest mean held-out accuracy over all val sets; runs within ``TIE_ACCURACY`` of the
+best count as tied and the one with the lowest KL to the reference wins, since it bought the same
+accuracy with less drift. Runs with label noise are robustness tests: the report pairs each with
+the clean run of the same loss, beta and normalisation and shows how much accuracy the noise cost.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
 
 def recommend(summaries: list[RunSummary]) -> tuple[RunSummary, str]:
     """The recommended run and the reason, by the rule in the module docstring."""
-    scored = [s for s in summaries if not math.isnan(s.mean_accuracy)]
+    clean = [s for s in summaries if s.label_noise == 0]
+    scored = [s for s in (clean or summaries) if not math.isnan(s.mean_accuracy)]
     if not scored:
         raise UserInputError("no run logged a validation accuracy; the report needs val sets")
     best = max(s.mean_accuracy for s in scored)
@@ -115,6 +118,34 @@ def recommend(summaries: list[RunSummary]) -> tuple[RunSummary, str]:
             f"(divergence/kl {choice.kl:.4f})"
         )
     return choice, reason
+
+
+@dataclass
+class NoiseCost:
+    """What deliberate label noise cost one method: accuracy of the noisy run minus the clean one."""
+
+    noisy: str
+    clean: str
+    label_noise: float
+    accuracy_change: dict[str, float]
+    """Val set name -> noisy accuracy minus clean accuracy (negative: the noise hurt)."""
+
+
+def noise_costs(summaries: list[RunSummary]) -> list[NoiseCost]:
+    """Pair every noisy run with the clean run of the same loss, beta and normalisation."""
+    costs = []
+    for noisy in (s for s in summaries if s.label_noise > 0):
+        key = (noisy.loss_type, noisy.beta, noisy.length_normalize)
+        clean = next(
+            (s for s in summaries if s.label_noise == 0 and (s.loss_type, s.beta, s.length_normalize) == key),
+            None,
+        )
+        if clean is not None:
+            change = {
+                name: noisy.accuracy[name] - clean.accuracy.get(name, math.nan) for name in noisy.accuracy
+            }
+            costs.append(NoiseCost(noisy.name, clean.name, noisy.label_noise, change))
+    return costs
 
 
 def run_names(run_dirs: list[Path]) -> list[str]:
@@ -180,10 +211,21 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         cells += [_number(s.margin), _number(s.kl, 4), _number(s.retention_chosen), _number(s.retention_text)]
         cells += [_number(s.win_rate)] if with_judge else []
         lines.append("| " + " | ".join(cells) + " |")
+    candidates = "runs with clean labels" if any(s.label_noise > 0 for s in summaries) else "runs"
     lines += [
         "",
-        f"**Recommended: {choice.name}** ({choice.loss_type}, beta {choice.beta:g}): {reason}.",
+        f"**Recommended** (of the {candidates}): **{choice.name}** ({choice.loss_type}, beta "
+        f"{choice.beta:g}): {reason}.",
         "",
+    ]
+    costs = noise_costs(summaries)
+    if costs:
+        lines += ["**Label-noise robustness** (accuracy with flipped training labels minus without):", ""]
+        for cost in costs:
+            changes = ", ".join(f"{name} {change:+.3f}" for name, change in cost.accuracy_change.items())
+            lines.append(f"- {cost.noisy} ({cost.label_noise:.0%} flipped) vs {cost.clean}: {changes}")
+        lines.append("")
+    lines += [
         "Accuracy is the implicit-reward preference accuracy on each val set at the end of training; "
         "margin is the primary val set's log-ratio margin h in the loss's own normalisation; KL/token is "
         "the exact `divergence/kl` on the held-out subset; retention is the per-token change in "
@@ -193,7 +235,11 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
     lines += [f"![{Path(image).stem}]({image})" for image in images]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    summary = {"recommended": choice.name, "runs": [_json_safe(asdict(s)) for s in summaries]}
+    summary = {
+        "recommended": choice.name,
+        "runs": [_json_safe(asdict(s)) for s in summaries],
+        "noise_costs": [_json_safe(asdict(cost)) for cost in costs],
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return report
 

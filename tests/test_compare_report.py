@@ -121,7 +121,7 @@ def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
     markdown = report.read_text()
     ipo = summary["runs"][0]
     assert f"| ipo | ipo | 0.50 | mean | 0.00 | 4 | {ipo['accuracy']['in_dist']:.3f} |" in markdown
-    assert f"**Recommended: {summary['recommended']}**" in markdown
+    assert f"**Recommended** (of the runs): **{summary['recommended']}**" in markdown
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
     assert images == ["kl_vs_step.png", "accuracy_vs_kl.png", "accuracy_id_vs_ood.png"]
     for image in images:
@@ -151,6 +151,18 @@ def test_recommendation_prefers_less_drift_among_tied_accuracies(tmp_path: Path)
     assert choice.name == "drifty" and "highest mean held-out accuracy" in reason
     report = write_report(runs, tmp_path / "report")
     assert "accuracy_id_vs_ood.png" not in report.read_text()  # one val set: no ID-vs-OOD plot
+
+
+def test_noisy_runs_are_paired_with_their_clean_run_and_not_recommended(tmp_path: Path) -> None:
+    runs = [_run_with(tmp_path, "ipo", 0.90, 0.05), _run_with(tmp_path, "ipo-noise", 0.95, 0.04)]
+    config = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    config["data"] = {"label_noise": 0.2}
+    (runs[1] / "config.yaml").write_text(yaml.safe_dump(config))
+    report = write_report(runs, tmp_path / "report").read_text()
+    assert "**Recommended** (of the runs with clean labels): **ipo**" in report
+    assert "- ipo-noise (20% flipped) vs ipo: val +0.050" in report
+    costs = json.loads((tmp_path / "report" / "summary.json").read_text())["noise_costs"]
+    assert costs[0]["accuracy_change"]["val"] == pytest.approx(0.05)
     assert (tmp_path / "report" / "accuracy_vs_kl.png").is_file()
 
 
