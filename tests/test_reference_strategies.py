@@ -385,3 +385,94 @@ def test_precomputed_cache_is_reused_and_rebuilt_when_data_or_reference_change(
         assert handle.get_tensor("values").shape == (6, 4)
     # No temporary files left beside the cache.
     assert not [p for p in damaged.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_precomputed_under_ddp_writes_the_complete_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Two gloo processes through the CLI: each scores half, and the file holds every pair's values."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(9))  # odd: the shards differ in size
+    val = write_jsonl(tmp_path / "val.jsonl", polite_pairs(5, offset=40))
+    cache = tmp_path / "cache"
+    config = {
+        "trainer": {
+            "default_root_dir": str(tmp_path / "runs"),
+            "accelerator": "cpu",
+            "strategy": "ddp",
+            "devices": 2,
+            "max_steps": 2,
+            "enable_progress_bar": False,
+        },
+        "model": {"model_name_or_path": str(tiny_model_dir), "reference": "precomputed", "beta": BETA},
+        "data": {
+            "train": {"path": str(train)},
+            "val": {"heldout": {"path": str(val)}},
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "batch_size": 2,
+            "cache_dir": str(cache),
+        },
+        "wandb": {"enabled": False},
+        "export": {"enabled": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(tmp_path / "config.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pairs/s, 2 process(es)" in result.stderr + result.stdout
+    assert "no reference model in memory" in result.stderr  # the divergence monitor says why it is off
+
+    datamodule = _datamodule(tiny_model_dir, train, val, cache_dir=str(cache))
+    datamodule.setup("fit")
+    files = sorted((cache / "ipo_lightning_reference_logps").glob("*.safetensors"))
+    assert len(files) == 2
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            label, values = handle.metadata()["set"], handle.get_tensor("values")
+        dataset = datamodule.train_dataset if label == "train" else datamodule.val_datasets["heldout"]
+        expected = _expected_columns(tiny_model_dir, datamodule, dataset)
+        torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.lora.rank", "0"], "model.lora.rank must be at least 1"),
+        (
+            ["--model.reference", "separate", "--model.lora.rank", "4"],
+            "model.reference=separate with model.lora",
+        ),
+        (["--model.lora.target_modules", "[no_such_proj]"], "model.lora.target_modules=['no_such_proj']"),
+        (
+            ["--model.reference", "precomputed", "--divergence.max_kl", "0.1"],
+            "divergence.max_kl needs a reference",
+        ),
+    ],
+    ids=["rank", "separate-with-lora", "target-modules", "precomputed-kl-budget"],
+)
+def test_bad_reference_settings_fail_on_the_command_line_with_one_line(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    from ipo_lightning.cli import main
+
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(4))
+    base = ["fit", "--model.model_name_or_path", str(tiny_model_dir), "--data.train.path", str(train)]
+    base += ["--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.max_steps", "1"]
+    base += ["--wandb.enabled", "false", "--data.cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    message = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and expected in message[0], err[-2000:]
+    assert "Traceback" not in err
