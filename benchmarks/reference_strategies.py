@@ -133,13 +133,13 @@ def main() -> None:
         for strategy in ("separate", "lora", "precomputed"):
             rows[strategy] = run(strategy, model_dir, cache_dir, args)
         rows["precomputed (cache hit)"] = run("precomputed", model_dir, cache_dir, args)
-    print(
-        f"\n{args.device}, {args.precision}, hidden {args.hidden}, {args.layers} layers, batch {args.batch_size}"
-    )
+    setting = f"{args.device}, {args.precision}, hidden {args.hidden}, {args.layers} layers"
+    print(f"\n{setting}, batch {args.batch_size} pairs, checkpointing {args.checkpointing}")
     print(f"{'strategy':<24} {'weights MB':>10} {'trainable':>10} {'step s':>8} {'fit s':>7}", end="")
     print(f" {'peak GPU MB':>12}" if args.device == "cuda" else "")
     for name, row in rows.items():
-        line = f"{name:<24} {row['weights_mb']:>10.1f} {row['trainable_k']:>9.0f}k {row['step_s']:>8.3f} {row['fit_s']:>7.1f}"
+        line = f"{name:<24} {row['weights_mb']:>10.1f} {row['trainable_k']:>9.0f}k"
+        line += f" {row['step_s']:>8.3f} {row['fit_s']:>7.1f}"
         print(line + (f" {row['peak_gpu_mb']:>12.0f}" if "peak_gpu_mb" in row else ""))
 
 
