@@ -108,8 +108,16 @@ def test_separate_lora_and_precomputed_give_the_same_loss(
     batch = next(iter(datamodule.val_dataloader()[0]))
     assert "ref_chosen_logp_sum" in batch
 
+    # LoRA policy with a precomputed reference (the base): the same adapters, the cached values.
+    lora_precomputed = PreferenceModule(
+        str(tiny_model_dir), lora=LORA, reference="precomputed", beta=BETA, length_normalize=length_normalize
+    )
+    lora_precomputed.configure_model()
+    lora_precomputed.policy.load_state_dict(lora.policy.state_dict())
+
     losses = {}
-    for name, module in [("separate", separate), ("lora", lora), ("precomputed", precomputed)]:
+    strategies = [("separate", separate), ("lora", lora), ("precomputed", precomputed)]
+    for name, module in [*strategies, ("lora+precomputed", lora_precomputed)]:
         module.eval()
         with torch.no_grad():
             loss, values = module.forward_pairs(batch)
