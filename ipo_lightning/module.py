@@ -35,7 +35,7 @@ from ipo_lightning.modeling import (
     load_causal_lm,
     load_model_config,
 )
-from ipo_lightning.precompute import ReferenceSpec, prepare_precomputed_reference
+from ipo_lightning.precompute import PrecomputeReport, ReferenceSpec, prepare_precomputed_reference
 from ipo_lightning.reference import (
     REFERENCE_ATTRIBUTE,
     AdapterReference,
@@ -143,15 +143,17 @@ class PreferenceModule(L.LightningModule):
             length_normalize = default_length_normalize(loss_type)
         # max_length belongs to the data module's hyperparameters (linked from there by the CLI);
         # logging it twice would make Lightning's hparams merge fail whenever the two differ.
-        self.save_hyperparameters(ignore=["optimizer", "max_length", "lora"])
-        # As a plain dict: hparams.yaml stays safe-loadable and load_from_checkpoint accepts it back.
-        self.hparams["lora"] = lora_options_dict(lora)
         self.lora_options = lora
+        # Saved as a plain dict: hparams.yaml stays safe-loadable and load_from_checkpoint accepts it.
+        lora = lora_options_dict(lora)
+        self.save_hyperparameters(ignore=["optimizer", "max_length"])
         self.max_length = max_length
         self.uses_soft_labels = True  # until setup() has seen the data: the safe choice
         self.optimizer_factory = optimizer
         self.policy: PreTrainedModel | None = None
         self.reference: FrozenReference | AdapterReference | None = None
+        self.precompute_report: PrecomputeReport | None = None
+        """What the last precompute pass did (``model.reference: precomputed``): cache hits, files."""
         self.train_metrics = PreferenceMetrics(metric_names(loss_type))
         self.val_metrics = torch.nn.ModuleDict()
         self.test_metrics = torch.nn.ModuleDict()
