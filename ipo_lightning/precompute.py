@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from ipo_lightning import logprobs as logprobs_module
 from ipo_lightning.builtin import cache_root, resolve_model_path
+from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.logprobs import completion_logprobs, scoring_window
 from ipo_lightning.modeling import load_causal_lm
@@ -381,7 +382,9 @@ def _compute(
             model,
             dataset,
             indices,
-            collate=datamodule.collator,
+            # The plain padded layout on purpose, whatever the training batches look like: the values
+            # are per pair, and this keeps the pass independent of how training packs its rows.
+            collate=PairwiseCollator(pad_token_id=datamodule.tokenizer.pad_token_id),
             batch_size=datamodule.val_batch_size,
             device=trainer.strategy.root_device,
             chunk_size=chunk_size,
