@@ -188,6 +188,8 @@ class PreferenceCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
+        if config.model.reference is None:
+            config.model.reference = "lora" if config.model.lora is not None else "separate"
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The stock trainer, plus the default CSV + W&B loggers when none are configured."""

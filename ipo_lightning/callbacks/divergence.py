@@ -133,8 +133,23 @@ class DivergenceMonitor(Callback):
         self.last_samples: list[dict[str, Any]] = []
         """Rows of the latest samples table: prompt, policy and reference completion, log-ratio."""
         self._last_step: int | None = None
+        self._no_reference = False
 
     # ------------------------------------------------------------------ when
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._no_reference = getattr(pl_module, "reference", None) is None
+        if self.enabled and self._no_reference:
+            # model.reference=precomputed: only per-sequence log-probs exist, not the full distribution.
+            if self.max_kl is not None:
+                raise ConfigError(
+                    "divergence.max_kl needs a reference model, and model.reference=precomputed has none "
+                    "during training; use model.reference separate or lora, or unset divergence.max_kl"
+                )
+            rank_zero_warn(
+                "divergence: no reference model in memory (model.reference=precomputed), so the KL "
+                "cannot be measured; divergence/* is not logged (set divergence.enabled false to hide this)"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._measure_and_log(trainer, pl_module)
@@ -156,7 +171,7 @@ class DivergenceMonitor(Callback):
     def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Once per optimizer step: a validation right after a scheduled measurement sees the same weights.
         step = trainer.global_step
-        if not self.enabled or step == self._last_step:
+        if not self.enabled or self._no_reference or step == self._last_step:
             return
         self._last_step = step
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
