@@ -218,6 +218,17 @@ def _lightning_steps(
         def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
             pass  # no preference metrics to log
 
+    class InBatchReferenceModule(PreferenceModule):
+        """``model.reference: precomputed`` on data that already carries the reference values.
+
+        The product's precompute pass needs a PreferenceDataModule (text data); the benchmark's data
+        is token ids, so the same sums and counts are computed below and the pass is skipped.
+        Training steps are the product's own.
+        """
+
+        def setup(self, stage: str) -> None:
+            self.uses_soft_labels = False
+
     class StepTimer(L.Callback):
         def on_train_batch_start(self, *args: Any) -> None:
             GATE.begin()
@@ -227,7 +238,8 @@ def _lightning_steps(
 
     pairs = _load_pairs(folder)
     model_dir = str(folder / "model")
-    module = (SFTModule if sft else PreferenceModule)(
+    module_class = SFTModule if sft else (InBatchReferenceModule if precompute else PreferenceModule)
+    module = module_class(
         model_dir,
         loss_type="ipo",
         beta=work.beta,
@@ -236,26 +248,29 @@ def _lightning_steps(
         warmup_steps=0,
         attn_implementation=work.attn,
         batching=batching,
+        reference="precomputed" if precompute else None,
     )
     pad_id = int(module.model_config.pad_token_id)
     collate = PairwiseCollator(pad_token_id=pad_id)
     if precompute:
-        # Reference log-probs computed once before training, carried in the batch (the collator's seam).
-        module.configure_model()
+        # Reference sums and token counts computed once before training, carried in the batch under
+        # the keys the product's precompute pass writes; the reference model is freed before training.
+        from ipo_lightning.modeling import load_causal_lm
+        from ipo_lightning.reference import PRECOMPUTED_KEYS
+
+        reference = load_causal_lm(model_dir, attn_implementation=work.attn)
         for start in range(0, len(pairs), work.batch_size):
             chunk = pairs[start : start + work.batch_size]
             batch = collate(chunk)
-            logps = module.reference.sequence_logprobs(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["completion_mask"],
-                length_normalize=module.hparams.length_normalize,
-                chunk_size=module.hparams.logprob_chunk_size,
-                batching=batching,
-            )
+            rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            with torch.no_grad():
+                scores = batch_scores(reference, *rows, batching=batching)
+            chosen_sum, chosen_count, rejected_sum, rejected_count = PRECOMPUTED_KEYS
             for i, pair in enumerate(chunk):
-                pair["ref_chosen_logps"] = float(logps[i])
-                pair["ref_rejected_logps"] = float(logps[len(chunk) + i])
+                pair[chosen_sum], pair[chosen_count] = float(scores.sums[i]), float(scores.counts[i])
+                j = len(chunk) + i
+                pair[rejected_sum], pair[rejected_count] = float(scores.sums[j]), float(scores.counts[j])
+        del reference
     timer = StepTimer()  # times the steps through GATE
     trainer = L.Trainer(
         accelerator="cpu",
@@ -358,14 +373,14 @@ register(
 register(
     Mode(
         "precomputed",
-        "PreferenceModule, padded, reference log-probs precomputed into the batch",
+        "PreferenceModule, padded, model.reference=precomputed (values in the batch)",
         lambda w, f: _lightning_steps(w, f, batching="padded", precompute=True),
     )
 )
 register(
     Mode(
         "precomputed_prefix_shared",
-        "PreferenceModule, prefix_shared, reference log-probs precomputed into the batch",
+        "PreferenceModule, prefix_shared, model.reference=precomputed (values in the batch)",
         lambda w, f: _lightning_steps(w, f, batching="prefix_shared", precompute=True),
     )
 )

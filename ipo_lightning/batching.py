@@ -73,6 +73,9 @@ class RowLayout:
     """[M] the sequence (collator row, 0..N-1) of each scored token, non-decreasing."""
     num_sequences: int
     """N, the collator's row count (2B)."""
+    row_mask: Tensor | None = None
+    """[R, K] bool when the rows are the sequences (padded): each row is summed in place, in the same
+    float32 order as :func:`ipo_lightning.logprobs.reduce_sequence_logprobs` (the pre-batching path)."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ def _padded_layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: T
         scored=scored,
         sequence_ids=torch.div(scored, window.keep, rounding_mode="floor"),
         num_sequences=input_ids.shape[0],
+        row_mask=window.mask,
     )
 
 
@@ -376,9 +380,12 @@ def _kept_logits(model: nn.Module, layout: RowLayout) -> Tensor:
 def score_layout(model: nn.Module, layout: RowLayout, *, chunk_size: int = 1024) -> SequenceScores:
     """Run ``model`` once on ``layout`` and return its completion log-probs (see :class:`SequenceScores`)."""
     logits = _kept_logits(model, layout)
-    per_slot = token_logprobs(logits, layout.labels, chunk_size=chunk_size).reshape(-1)
-    token_logps = per_slot[layout.scored]
-    sums = token_logps.new_zeros(layout.num_sequences).index_add(0, layout.sequence_ids, token_logps)
+    per_slot = token_logprobs(logits, layout.labels, chunk_size=chunk_size)
+    token_logps = per_slot.reshape(-1)[layout.scored]
+    if layout.row_mask is not None:
+        sums = (per_slot * layout.row_mask.to(per_slot.dtype)).sum(dim=-1)
+    else:
+        sums = token_logps.new_zeros(layout.num_sequences).index_add(0, layout.sequence_ids, token_logps)
     counts = torch.bincount(layout.sequence_ids, minlength=layout.num_sequences)
     return SequenceScores(sums=sums, counts=counts, token_logps=token_logps, sequence_ids=layout.sequence_ids)
 

@@ -17,6 +17,7 @@ import netrc
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -154,7 +155,9 @@ class PreferenceCLI(LightningCLI):
             auto_configure_optimizers=False,
             parser_kwargs={
                 "prog": "python -m ipo_lightning",
-                "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs.",
+                "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
+                "compare (several methods, one budget), report (Markdown + plots from run folders), "
+                "judge (reward-model win rate); see `python -m ipo_lightning report --help`.",
             },
         )
 
@@ -185,6 +188,8 @@ class PreferenceCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
+        if config.model.reference is None:
+            config.model.reference = "lora" if config.model.lora is not None else "separate"
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The stock trainer, plus the default CSV + W&B loggers when none are configured."""
@@ -196,10 +201,22 @@ class PreferenceCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _tools() -> dict[str, Callable[[list[str]], None]]:
+    """Subcommands beside Lightning's: they read runs or launch fits, so they are not Trainer methods."""
+    from ipo_lightning import compare, judge, report
+
+    return {"compare": compare.main, "report": report.main, "judge": judge.main}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m ipo_lightning`` and the ``ipo-lightning`` script."""
     _quiet_expected_warnings()
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        tools = _tools()
+        if argv and argv[0] in tools:
+            tools[argv[0]](argv[1:])
+            return
         PreferenceCLI(args=args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ The sums run in float32 over chunks of positions, so no float32 [rows, length, v
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,45 +85,62 @@ class SampledKL:
     samples: int
 
 
+@dataclass
+class SequenceSample:
+    """One completion sampled from the policy, with its sequence log-ratio."""
+
+    prompt_index: int
+    """Position of the prompt in the caller's full prompt list (what seeded its RNG)."""
+    prompt: Tensor
+    completion: Tensor
+    """Sampled tokens, EOS included when one was drawn."""
+    log_ratio: float
+    """log pi(completion | prompt) - log ref(completion | prompt)."""
+
+
 @torch.no_grad()
-def sampled_sequence_kl(
+def sample_completions(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
     prompts: list[Tensor],
     *,
+    prompt_indices: list[int] | None = None,
     samples_per_prompt: int = 1,
     max_new_tokens: int = 64,
     eos_token_id: int | list[int] | None = None,
     seed: int = 0,
-) -> tuple[SampledKL, list[tuple[Tensor, Tensor, float]]]:
-    """Sample completions from the policy at temperature 1 and estimate KL(pi || ref) per sequence.
+) -> list[SequenceSample]:
+    """Sample completions from the policy at temperature 1, scoring each under both models.
 
     Sampling is plain ancestral sampling from the policy's full softmax (no top-k, top-p or
-    penalties, whatever the model's generation config says), so the estimator is unbiased. A sequence
-    ends at ``eos_token_id`` (included) or after ``max_new_tokens``; its log-probs under both models
-    are those of exactly the tokens sampled. The global RNG is left untouched (a forked, seeded one
-    is used), so measuring does not change training.
+    penalties, whatever the model's generation config says), so the log-ratios give an unbiased
+    estimate of the sequence KL. A sequence ends at ``eos_token_id`` (included) or after
+    ``max_new_tokens``; its log-probs under both models are those of exactly the tokens sampled.
+
+    Prompt ``i`` draws from an RNG seeded with ``seed + i``, so a prompt's samples do not depend on
+    which other prompts are sampled with it: processes that split the prompts between them (pass
+    each its ``prompt_indices``) draw exactly what one process drawing them all would. The global RNG
+    is left untouched (a forked one is used), so measuring does not change training.
 
     Args:
         policy: causal LM to sample from.
         reference: causal LM to compare with.
         prompts: 1-D token id tensors, one per prompt.
+        prompt_indices: each prompt's index in the full list (default ``0..len(prompts)-1``).
         samples_per_prompt: completions drawn per prompt.
         max_new_tokens: longest completion.
         eos_token_id: token(s) that end a completion (None: always ``max_new_tokens`` tokens).
-        seed: seed of the sampling RNG.
-
-    Returns:
-        ``(estimate, samples)`` where ``samples`` lists ``(prompt, completion, log-ratio)``.
+        seed: base seed of the sampling RNG.
     """
     device = next(policy.parameters()).device
     stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    log_ratios: list[float] = []
-    lengths: list[int] = []
-    samples: list[tuple[Tensor, Tensor, float]] = []
+    indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt_indices")
+    samples: list[SequenceSample] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for prompt in prompts:
+        for index, prompt in zip(indices, prompts, strict=True):
+            torch.manual_seed(seed + index)
             for _ in range(samples_per_prompt):
                 ids = prompt.to(device)[None]
                 log_ratio = 0.0
@@ -140,12 +158,23 @@ def sampled_sequence_kl(
                     if int(token) in stop_ids:
                         break
                 completion = ids[0, prompt.numel() :].cpu()
-                log_ratios.append(log_ratio)
-                lengths.append(completion.numel())
-                samples.append((prompt.cpu(), completion, log_ratio))
-    values = torch.tensor(log_ratios, dtype=torch.float64)
+                samples.append(SequenceSample(index, prompt.cpu(), completion, log_ratio))
+    return samples
+
+
+def estimate_sequence_kl(samples: list[SequenceSample]) -> SampledKL:
+    """The sequence-KL estimate of ``samples``: mean log-ratio, its standard error, mean length."""
+    if not samples:
+        raise ValueError("no samples to estimate the sequence KL from")
+    values = torch.tensor([sample.log_ratio for sample in samples], dtype=torch.float64)
     stderr = float(values.std(unbiased=True) / len(values) ** 0.5) if len(values) > 1 else float("nan")
-    estimate = SampledKL(
-        mean=float(values.mean()), stderr=stderr, mean_length=sum(lengths) / len(lengths), samples=len(values)
-    )
-    return estimate, samples
+    mean_length = sum(sample.completion.numel() for sample in samples) / len(samples)
+    return SampledKL(mean=float(values.mean()), stderr=stderr, mean_length=mean_length, samples=len(samples))
+
+
+def sampled_sequence_kl(
+    policy: torch.nn.Module, reference: torch.nn.Module, prompts: list[Tensor], **sampling: Any
+) -> tuple[SampledKL, list[SequenceSample]]:
+    """:func:`sample_completions` (same keyword arguments) and the estimate from its samples."""
+    samples = sample_completions(policy, reference, prompts, **sampling)
+    return estimate_sequence_kl(samples), samples

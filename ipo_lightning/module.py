@@ -4,7 +4,8 @@ One training step, top to bottom:
 
 1. The batch holds B pairs as 2B right-padded rows: prompt+chosen rows, then prompt+rejected rows.
 2. One policy forward over all 2B rows gives per-sequence completion log-probs (:mod:`logprobs`).
-3. The frozen reference scores the same rows without autograd (:mod:`reference`).
+3. The reference scores the same rows without autograd, or its log-probs come precomputed with the
+   batch (``model.reference``: separate | lora | precomputed, see :mod:`reference`).
 4. :func:`~ipo_lightning.losses.preference_loss` turns the four [B] log-prob vectors into per-pair
    losses and implicit rewards; the step's loss is their mean.
 5. Metrics named as in DESIGN.md are logged under ``train/`` and ``val/`` (``val/<name>/`` per set).
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 
 from ipo_lightning.batching import Batching, batch_scores, check_batching_option, check_model_batching
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.losses import LossType, check_loss_options, preference_loss, soft_labels_supported
 from ipo_lightning.metrics import PreferenceMetrics, batch_values, metric_names
 from ipo_lightning.modeling import (
@@ -33,7 +35,16 @@ from ipo_lightning.modeling import (
     load_causal_lm,
     load_model_config,
 )
-from ipo_lightning.reference import REFERENCE_ATTRIBUTE, FrozenReference, ignore_missing_reference_keys
+from ipo_lightning.precompute import PrecomputeReport, ReferenceSpec, prepare_precomputed_reference
+from ipo_lightning.reference import (
+    REFERENCE_ATTRIBUTE,
+    AdapterReference,
+    FrozenReference,
+    ReferenceStrategy,
+    ignore_missing_reference_keys,
+    precomputed_logprobs,
+    resolve_reference_strategy,
+)
 from ipo_lightning.schedule import LRSchedule, build_scheduler, check_schedule_options
 
 DEFAULT_LR = 1e-6
@@ -50,6 +61,11 @@ class PreferenceModule(L.LightningModule):
     Args:
         model_name_or_path: policy to train: a hub id, a local folder, or ``builtin:quickstart``.
         reference_name_or_path: frozen reference model; default: the same weights as the policy.
+        reference: how the reference is held: ``separate`` (a frozen copy), ``lora`` (the LoRA
+            policy's base with adapters off; no second copy) or ``precomputed`` (log-probs computed
+            once before training and cached on disk; no reference in memory while training). Default
+            (null): lora when ``lora`` is set, else separate.
+        lora: train LoRA adapters instead of all weights (peft); null: full fine-tuning.
         loss_type: ``ipo`` (regress the margin to 1/(2 beta)), ``dpo`` or ``hinge``.
         beta: pull towards the reference; IPO's target log-ratio margin is 1/(2 beta).
         label_smoothing: conservative DPO: assumed probability that a label is flipped (dpo only).
@@ -79,6 +95,8 @@ class PreferenceModule(L.LightningModule):
         self,
         model_name_or_path: str,
         reference_name_or_path: str | None = None,
+        reference: ReferenceStrategy | None = None,
+        lora: LoraOptions | None = None,
         loss_type: LossType = "ipo",
         beta: float = 0.1,
         label_smoothing: float = 0.0,
@@ -109,6 +127,13 @@ class PreferenceModule(L.LightningModule):
             raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
         check_batching_option(batching, attn_implementation)
+        lora = as_lora_options(lora)
+        reference = resolve_reference_strategy(reference, uses_lora=lora is not None)
+        if reference == "lora":
+            lora = lora or LoraOptions()
+            _check_lora_reference(model_name_or_path, reference_name_or_path, dtype, reference_dtype)
+        if lora is not None:
+            check_lora_options(lora)
         if dtype != "float32":
             rank_zero_warn(
                 f"model.dtype={dtype}: the policy's weights are {dtype}, and small optimizer updates "
@@ -123,12 +148,17 @@ class PreferenceModule(L.LightningModule):
             length_normalize = default_length_normalize(loss_type)
         # max_length belongs to the data module's hyperparameters (linked from there by the CLI);
         # logging it twice would make Lightning's hparams merge fail whenever the two differ.
+        self.lora_options = lora
+        # Saved as a plain dict: hparams.yaml stays safe-loadable and load_from_checkpoint accepts it.
+        lora = lora_options_dict(lora)
         self.save_hyperparameters(ignore=["optimizer", "max_length"])
         self.max_length = max_length
         self.uses_soft_labels = True  # until setup() has seen the data: the safe choice
         self.optimizer_factory = optimizer
         self.policy: PreTrainedModel | None = None
-        self.reference: FrozenReference | None = None
+        self.reference: FrozenReference | AdapterReference | None = None
+        self.precompute_report: PrecomputeReport | None = None
+        """What the last precompute pass did (``model.reference: precomputed``): cache hits, files."""
         self.train_metrics = PreferenceMetrics(metric_names(loss_type))
         self.val_metrics = torch.nn.ModuleDict()
         self.test_metrics = torch.nn.ModuleDict()
@@ -148,6 +178,18 @@ class PreferenceModule(L.LightningModule):
         self.policy.train()
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+        if self.lora_options is not None:
+            self.policy = apply_lora(
+                self.policy, self.lora_options, gradient_checkpointing=hp.gradient_checkpointing
+            )
+        # Packed and prefix-shared rows need position_ids and a fitting attention kernel.
+        check_model_batching(self.policy, hp.batching)
+        if hp.reference == "lora":
+            # A plain object, not a submodule: the base weights are the policy's own, held once.
+            self.reference = AdapterReference(self.policy)
+            return
+        if hp.reference == "precomputed":
+            return  # scored before training by setup(); no reference model in memory
         reference_path = hp.reference_name_or_path or hp.model_name_or_path
         reference_dtype = hp.reference_dtype or hp.dtype
         if reference_path == hp.model_name_or_path:
@@ -161,9 +203,7 @@ class PreferenceModule(L.LightningModule):
                     f"model.reference_name_or_path {reference_path!r} has a vocabulary of {sizes[0]} "
                     f"tokens, the policy {sizes[1]}: both must share the tokenizer"
                 )
-        # Packed and prefix-shared rows need position_ids and a fitting attention kernel in both models.
-        for model in (self.policy, reference_model):
-            check_model_batching(model, hp.batching)
+        check_model_batching(reference_model, hp.batching)
         setattr(self, REFERENCE_ATTRIBUTE, FrozenReference(reference_model))
 
     def setup(self, stage: str) -> None:
@@ -181,6 +221,20 @@ class PreferenceModule(L.LightningModule):
             )
         # Without soft labels the loss needs no preference_prob (and skips checking it every step).
         self.uses_soft_labels = bool(soft_sets)
+        if hp.reference == "precomputed":
+            self.precompute_report = prepare_precomputed_reference(
+                self.trainer, self.reference_spec(), stage, chunk_size=hp.logprob_chunk_size
+            )
+
+    def reference_spec(self) -> ReferenceSpec:
+        """How the reference model is loaded: its path (default: the policy's base) and dtype."""
+        hp = self.hparams
+        return ReferenceSpec(
+            name_or_path=hp.reference_name_or_path or hp.model_name_or_path,
+            dtype=hp.reference_dtype or hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            trust_remote_code=hp.trust_remote_code,
+        )
 
     # ------------------------------------------------------------------ steps
 
@@ -193,8 +247,8 @@ class PreferenceModule(L.LightningModule):
             self.policy, *rows, batching=hp.batching, chunk_size=hp.logprob_chunk_size
         )
         policy_logps = policy_scores.sequence_logps(hp.length_normalize)
-        if "ref_chosen_logps" in batch:  # a precomputed reference supplies its log-probs with the batch
-            reference_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        if hp.reference == "precomputed":  # the reference's log-probs come with the batch
+            reference_logps = precomputed_logprobs(batch, length_normalize=hp.length_normalize)
         else:
             reference_logps = self.reference.sequence_logprobs(
                 *rows,
@@ -307,3 +361,20 @@ class PreferenceModule(L.LightningModule):
             min_lr_ratio=hp.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_lora_reference(
+    model_name_or_path: str, reference_name_or_path: str | None, dtype: str, reference_dtype: str | None
+) -> None:
+    """``reference: lora`` scores with the policy's own base weights: no other path or dtype applies."""
+    if reference_name_or_path not in (None, model_name_or_path):
+        raise ConfigError(
+            f"model.reference=lora uses the policy's base ({model_name_or_path!r}) with the adapters off; "
+            f"model.reference_name_or_path={reference_name_or_path!r} cannot apply (unset it, or use "
+            "model.reference precomputed)"
+        )
+    if reference_dtype not in (None, dtype):
+        raise ConfigError(
+            f"model.reference=lora shares the policy's weights (dtype {dtype}); model.reference_dtype="
+            f"{reference_dtype} cannot apply (unset it, or use model.reference precomputed)"
+        )

@@ -76,3 +76,29 @@ def test_prefix_shared_with_flash_attention_is_one_config_error(tiny_model_dir: 
         PreferenceModule(
             str(tiny_model_dir), attn_implementation="flash_attention_2", batching="prefix_shared"
         )
+
+
+@pytest.mark.parametrize("batching", ["padding_free", "prefix_shared"])
+def test_lora_policy_and_adapters_off_reference_match_padded(tiny_model_dir: Path, batching: str) -> None:
+    from ipo_lightning.data.collator import PairwiseCollator
+    from ipo_lightning.lora import LoraOptions
+    from tests.test_batching import UNEVEN, _pairs
+
+    lora = LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    batch = PairwiseCollator(pad_token_id=0)(_pairs(400, UNEVEN, seed=2))
+    losses = {}
+    for mode in ("padded", batching):
+        module = PreferenceModule(str(tiny_model_dir), lora=lora, reference="lora", batching=mode, beta=0.5)
+        module.configure_model()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # non-zero adapters, so policy and reference differ
+            for name, parameter in module.policy.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        module.eval()
+        with torch.no_grad():
+            loss, values = module.forward_pairs(batch)
+        losses[mode] = (float(loss), values["logratio/margin"])
+    assert losses[batching][1].abs().max() > 1e-2  # the reference really is the base, not the policy
+    assert losses[batching][0] == pytest.approx(losses["padded"][0], rel=1e-5)
+    assert torch.allclose(losses[batching][1], losses["padded"][1], atol=1e-5)

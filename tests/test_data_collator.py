@@ -52,23 +52,27 @@ def test_padding_is_dynamic_and_pad_may_equal_eos() -> None:
     assert batch["preference_prob"].tolist() == [1.0]
 
 
-def test_reference_log_probs_are_passed_through() -> None:
-    features = [
-        {
+def test_reference_log_prob_sums_and_counts_are_passed_through() -> None:
+    def feature(completion: int, sums: tuple[float, float], counts: tuple[int, int]) -> dict:
+        return {
             "prompt_ids": [1],
-            "chosen_ids": [2],
-            "rejected_ids": [3],
-            "ref_chosen_logps": -1.5,
-            "ref_rejected_logps": -2.0,
-        },
-        {
-            "prompt_ids": [1],
-            "chosen_ids": [4],
-            "rejected_ids": [5],
-            "ref_chosen_logps": -0.5,
-            "ref_rejected_logps": -3.0,
-        },
-    ]
-    batch = PairwiseCollator(pad_token_id=PAD)(features)
-    assert batch["ref_chosen_logps"].tolist() == [-1.5, -0.5]
-    assert batch["ref_rejected_logps"].tolist() == [-2.0, -3.0]
+            "chosen_ids": [completion],
+            "rejected_ids": [completion + 1],
+            "ref_chosen_logp_sum": sums[0],
+            "ref_rejected_logp_sum": sums[1],
+            "ref_chosen_token_count": counts[0],
+            "ref_rejected_token_count": counts[1],
+        }
+
+    batch = PairwiseCollator(pad_token_id=PAD)(
+        [feature(2, (-1.5, -2.0), (3, 4)), feature(4, (-0.5, -3.0), (1, 2))]
+    )
+    assert batch["ref_chosen_logp_sum"].tolist() == [-1.5, -0.5]
+    assert batch["ref_rejected_logp_sum"].tolist() == [-2.0, -3.0]
+    assert batch["ref_chosen_token_count"].tolist() == [3, 1]
+    assert batch["ref_rejected_token_count"].tolist() == [4, 2]
+    # Without them on every feature, none are added (a batch never mixes sources).
+    partial = PairwiseCollator(pad_token_id=PAD)(
+        [feature(2, (-1.5, -2.0), (3, 4)), {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}]
+    )
+    assert "ref_chosen_logp_sum" not in partial

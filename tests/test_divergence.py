@@ -65,8 +65,16 @@ def _setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[PreferenceModule, Pref
 
 def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, tiny_model_dir: Path) -> None:
     module, datamodule = _setup(tmp_path, tiny_model_dir)
+    texts = ["The quick brown fox jumps over the lazy dog.", "Write a short poem about the sea.", "Paris"]
+    retention_file = tmp_path / "retention.txt"
+    retention_file.write_text("\n".join(texts) + "\n\n")
     monitor = DivergenceMonitor(
-        every_n_steps=2, num_pairs=5, batch_size=2, sample_prompts=2, max_new_tokens=8
+        every_n_steps=2,
+        num_pairs=5,
+        batch_size=2,
+        sample_prompts=2,
+        max_new_tokens=8,
+        retention_file=str(retention_file),
     )
     logger = CSVLogger(tmp_path / "logs", name="")
     trainer = L.Trainer(
@@ -90,6 +98,8 @@ def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, t
     assert float(rows[0]["divergence/logratio/margin_mean"]) == 0.0
     assert float(rows[0]["divergence/entropy"]) > 0.0
     assert float(rows[0]["divergence/seq_kl"]) == 0.0 and float(rows[0]["divergence/gen_length"]) >= 1
+    assert float(rows[0]["divergence/retention/chosen"]) == 0.0
+    assert float(rows[0]["divergence/retention/text"]) == 0.0
     assert float(rows[-1]["divergence/kl"]) > 0.0  # training moved the policy
 
     # The samples table: two prompts per measurement, readable text, and log-ratios whose mean is the
@@ -116,6 +126,23 @@ def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, t
     assert float(rows[-1]["divergence/kl"]) == pytest.approx(kl / tokens, rel=1e-4)
     assert float(rows[-1]["divergence/kl_reverse"]) == pytest.approx(reverse / tokens, rel=1e-4)
     assert float(rows[-1]["divergence/entropy"]) == pytest.approx(entropy / tokens, rel=1e-4)
+
+    # Retention: log pi - log ref pooled over every chosen token, and over every text token after the first.
+    def delta_per_token(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = [m(input_ids=ids, attention_mask=attention).logits for m in (module.policy, ref)]
+        labels = ids[:, 1:, None]
+        pi, rf = (torch.log_softmax(x[:, :-1].double(), -1).gather(-1, labels)[..., 0] for x in logits)
+        return float((pi - rf)[mask].sum() / mask.sum())
+
+    ref = module.reference.model
+    half = len(pairs)
+    chosen_expected = delta_per_token(ids[:half], attention[:half], mask[:half])
+    assert float(rows[-1]["divergence/retention/chosen"]) == pytest.approx(chosen_expected, rel=1e-4)
+    encoded = datamodule.tokenizer(texts, padding=True, return_tensors="pt")
+    text_mask = encoded["attention_mask"][:, 1:].bool()
+    text_expected = delta_per_token(encoded["input_ids"], encoded["attention_mask"], text_mask)
+    assert float(rows[-1]["divergence/retention/text"]) == pytest.approx(text_expected, rel=1e-4)
     # ...and its margin statistics equal the loss path's own log-ratios.
     module.uses_soft_labels = False
     with torch.no_grad():
@@ -203,9 +230,22 @@ def test_sampled_sequence_kl_is_honest_against_enumeration() -> None:
     assert exact > 0.05  # the two models really differ, so the check has teeth
     assert abs(estimate.mean - exact) < 4 * estimate.stderr
     assert estimate.samples == len(samples) == 400 and 1 <= estimate.mean_length <= 3
-    assert all(c.numel() == 3 or int(c[-1]) == 4 for _, c, _ in samples)
+    assert all(s.completion.numel() == 3 or int(s.completion[-1]) == 4 for s in samples)
 
     same, _ = sampled_sequence_kl(
         policy, policy, [prompt], samples_per_prompt=20, max_new_tokens=3, eos_token_id=4
     )
     assert same.mean == 0.0 and same.stderr == 0.0
+
+
+def test_retention_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    from ipo_lightning.data.retention import read_texts
+    from ipo_lightning.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="divergence.retention_file .*missing.txt.*: no such file"):
+        read_texts(tmp_path / "missing.txt", limit=4)
+    bad = tmp_path / "texts.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"body": "no text field"}\n')
+    with pytest.raises(DataError, match=r"texts.jsonl:3: needs a non-empty string field 'text'"):
+        read_texts(bad, limit=4)
+    assert read_texts(bad, limit=1) == ["fine"]  # reading stops at the limit

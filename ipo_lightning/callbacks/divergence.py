@@ -12,8 +12,16 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
 - ``divergence/seq_kl`` and ``divergence/seq_kl_stderr``: sequence-level KL(pi || ref) estimated from
   completions sampled from the policy (temperature 1, full softmax) for the first ``sample_prompts``
   held-out prompts, with its standard error; ``divergence/gen_length``: their mean length;
+- ``divergence/retention/chosen``: capability retention, the per-token change in log-likelihood
+  log pi - log ref pooled over every held-out chosen token (negative: the policy predicts the
+  preferred answers worse than the reference did); ``divergence/retention/text`` the same over the
+  texts of ``retention_file``, a plain-text set (e.g. pre-training or instruction text);
 - a samples table (``divergence_samples.jsonl`` beside ``metrics.csv``, and ``divergence/samples`` in
   W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio.
+
+Under DDP every process measures a share of the held-out batches and prompts (round-robin by rank)
+and the shares are gathered, so the logged numbers are those one process would compute; rank 0
+writes the samples file, and the loggers write on rank 0 only.
 
 Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
 not thinned out by ``log_every_n_steps``.
@@ -27,17 +35,26 @@ the step.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ipo_lightning.divergence import TokenDivergence, sampled_sequence_kl, token_divergence
+from ipo_lightning.data.retention import read_texts, text_batches
+from ipo_lightning.divergence import (
+    SequenceSample,
+    TokenDivergence,
+    estimate_sequence_kl,
+    sample_completions,
+    token_divergence,
+)
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.logprobs import reduce_sequence_logprobs, scoring_window, token_logprobs, window_logits
 
@@ -60,6 +77,9 @@ class DivergenceMonitor(Callback):
             (step, prompt, policy and reference completion, log-ratio); empty: none.
         max_kl: KL budget in nats per completion token on ``divergence/kl``; null: no budget.
         on_exceed: when the budget is exceeded: ``warn``, or ``stop`` (checkpoint, then stop training).
+        retention_file: plain-text retention set (``.txt``, one text per line, or ``.jsonl`` with a
+            ``text`` field) scored for ``divergence/retention/text``; null: none.
+        retention_texts: texts of ``retention_file`` used (the first N), cut to ``data.max_length``.
     """
 
     def __init__(
@@ -75,6 +95,8 @@ class DivergenceMonitor(Callback):
         samples_file: str = "divergence_samples.jsonl",
         max_kl: float | None = None,
         on_exceed: Literal["warn", "stop"] = "warn",
+        retention_file: str | None = None,
+        retention_texts: int = 64,
     ) -> None:
         super().__init__()
         if every_n_steps < 0 or num_pairs < 1 or batch_size < 1 or chunk_size < 1:
@@ -100,14 +122,34 @@ class DivergenceMonitor(Callback):
             raise ConfigError(f"divergence.max_kl must be positive (or null for no budget), got {max_kl}")
         self.max_kl = max_kl
         self.on_exceed = on_exceed
+        if retention_texts < 1:
+            raise ConfigError(f"divergence.retention_texts must be at least 1, got {retention_texts}")
+        self.retention_file = retention_file
+        self.retention_texts = retention_texts
         self.budget_checkpoint: Path | None = None
+        self._text_batches: list[dict[str, Tensor]] | None = None
         self._batches: list[dict[str, Tensor]] | None = None
         self._prompts: list[Tensor] = []
         self.last_samples: list[dict[str, Any]] = []
         """Rows of the latest samples table: prompt, policy and reference completion, log-ratio."""
         self._last_step: int | None = None
+        self._no_reference = False
 
     # ------------------------------------------------------------------ when
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._no_reference = getattr(pl_module, "reference", None) is None
+        if self.enabled and self._no_reference:
+            # model.reference=precomputed: only per-sequence log-probs exist, not the full distribution.
+            if self.max_kl is not None:
+                raise ConfigError(
+                    "divergence.max_kl needs a reference model, and model.reference=precomputed has none "
+                    "during training; use model.reference separate or lora, or unset divergence.max_kl"
+                )
+            rank_zero_warn(
+                "divergence: no reference model in memory (model.reference=precomputed), so the KL "
+                "cannot be measured; divergence/* is not logged (set divergence.enabled false to hide this)"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._measure_and_log(trainer, pl_module)
@@ -129,7 +171,7 @@ class DivergenceMonitor(Callback):
     def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Once per optimizer step: a validation right after a scheduled measurement sees the same weights.
         step = trainer.global_step
-        if not self.enabled or step == self._last_step:
+        if not self.enabled or self._no_reference or step == self._last_step:
             return
         self._last_step = step
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
@@ -142,8 +184,10 @@ class DivergenceMonitor(Callback):
     def _write_samples(self, trainer: L.Trainer, step: int) -> None:
         """Append the samples to ``<run dir>/divergence_samples.jsonl`` and log a W&B table."""
         rows = [{"step": step, **row} for row in self.last_samples]
+        # trainer.log_dir is a broadcast under DDP: every process must ask for it, not just rank 0.
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero and self.samples_file:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / self.samples_file
+            path = run_dir / self.samples_file
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
@@ -187,57 +231,181 @@ class DivergenceMonitor(Callback):
             ]
         return self._batches
 
+    def retention_batches(self, trainer: L.Trainer) -> list[dict[str, Tensor]]:
+        """The plain-text retention set as batches, built once (empty without ``retention_file``)."""
+        if self._text_batches is None:
+            self._text_batches = []
+            if self.retention_file:
+                datamodule = trainer.datamodule
+                self._text_batches = text_batches(
+                    read_texts(self.retention_file, self.retention_texts),
+                    datamodule.tokenizer,
+                    max_length=datamodule.max_length,
+                    batch_size=self.batch_size,
+                )
+        return self._text_batches
+
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Divergence metrics of the current policy on the held-out subset (names without prefix)."""
-        policy, reference = pl_module.policy, pl_module.reference.model
-        length_normalize = pl_module.hparams.length_normalize
-        was_training = policy.training
-        policy.eval()  # dropout off: measure the policy itself, not a noisy sample of it
+        """Divergence metrics of the current policy on the held-out subset (names without prefix).
+
+        Under DDP each process measures its share (batches and prompts round-robin by rank) and the
+        shares are gathered, so every process returns the numbers a single process would compute.
+        """
+        share = self._measure_share(trainer, pl_module)
+        shares = _all_gather_objects(trainer, share)
         totals = TokenDivergence()
-        chosen, rejected = [], []
-        try:
-            for batch in self.held_out_batches(trainer):
-                batch = {key: value.to(pl_module.device) for key, value in batch.items()}
-                ids, attention = batch["input_ids"], batch["attention_mask"]
-                window = scoring_window(ids, batch["completion_mask"])
-                policy_logits = window_logits(policy, ids, attention, window.keep)
-                reference_logits = window_logits(reference, ids, attention, window.keep)
-                totals.add(
-                    token_divergence(policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size)
-                )
-                logratio = reduce_sequence_logprobs(
-                    token_logprobs(policy_logits, window.labels, chunk_size=self.chunk_size)
-                    - token_logprobs(reference_logits, window.labels, chunk_size=self.chunk_size),
-                    window.mask,
-                    length_normalize=length_normalize,
-                )
-                half = ids.shape[0] // 2
-                chosen.append(logratio[:half])
-                rejected.append(logratio[half:])
-            estimate = None
-            if self._prompts:
-                sampling = {
-                    "max_new_tokens": self.max_new_tokens,
-                    "eos_token_id": _stop_tokens(policy, trainer),
-                }
-                estimate, policy_samples = sampled_sequence_kl(policy, reference, self._prompts, **sampling)
-                # The reference's own samples, same seed, for side-by-side reading in the samples table.
-                _, reference_samples = sampled_sequence_kl(reference, policy, self._prompts, **sampling)
-                self.last_samples = _sample_rows(trainer, policy_samples, reference_samples)
-        finally:
-            policy.train(was_training)
-        chosen_ratio, rejected_ratio = torch.cat(chosen), torch.cat(rejected)
-        margin = chosen_ratio - rejected_ratio
+        chosen: list[float] = []
+        rejected: list[float] = []
+        retention = _TokenMean()
+        # Merged in batch order, the sums run in the same order as in one process.
+        for _, result in sorted(item for share in shares for item in share.batches.items()):
+            totals.add(result.divergence)
+            chosen += result.chosen
+            rejected += result.rejected
+            retention.add(result.chosen_delta)
         metrics = totals.means()
-        if estimate is not None:
+        metrics["retention/chosen"] = retention.mean()
+        text_retention = _TokenMean()
+        for _, delta in sorted(item for share in shares for item in share.texts.items()):
+            text_retention.add(delta)
+        if text_retention.tokens:
+            metrics["retention/text"] = text_retention.mean()
+        policy_samples = sorted((s for share in shares for s in share.policy_samples), key=_by_prompt)
+        if policy_samples:
+            estimate = estimate_sequence_kl(policy_samples)
             metrics.update(
                 seq_kl=estimate.mean, seq_kl_stderr=estimate.stderr, gen_length=estimate.mean_length
             )
+            reference_samples = sorted(
+                (s for share in shares for s in share.reference_samples), key=_by_prompt
+            )
+            self.last_samples = _sample_rows(trainer, policy_samples, reference_samples)
+        chosen_ratio = torch.tensor(chosen, dtype=torch.float64)
+        rejected_ratio = torch.tensor(rejected, dtype=torch.float64)
+        margin = chosen_ratio - rejected_ratio
         for name, values in (("chosen", chosen_ratio), ("rejected", rejected_ratio), ("margin", margin)):
             metrics[f"logratio/{name}_mean"] = float(values.mean())
             metrics[f"logratio/{name}_std"] = float(values.std(unbiased=False))
         return metrics
+
+    def _measure_share(self, trainer: L.Trainer, pl_module: L.LightningModule) -> _Share:
+        """This process's part of a measurement: every ``world_size``-th batch and prompt."""
+        policy, reference = pl_module.policy, pl_module.reference.model
+        length_normalize = pl_module.hparams.length_normalize
+        rank, world = trainer.global_rank, trainer.world_size
+        share = _Share()
+        was_training = policy.training
+        policy.eval()  # dropout off: measure the policy itself, not a noisy sample of it
+        try:
+            batches = self.held_out_batches(trainer)
+            for index in range(rank, len(batches), world):
+                batch = {key: value.to(pl_module.device) for key, value in batches[index].items()}
+                ids, attention = batch["input_ids"], batch["attention_mask"]
+                window = scoring_window(ids, batch["completion_mask"])
+                policy_logits = window_logits(policy, ids, attention, window.keep)
+                reference_logits = window_logits(reference, ids, attention, window.keep)
+                totals = token_divergence(
+                    policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size
+                )
+                token_delta = self._token_delta(policy_logits, reference_logits, window.labels)
+                logratio = reduce_sequence_logprobs(
+                    token_delta, window.mask, length_normalize=length_normalize
+                )
+                half = ids.shape[0] // 2
+                share.batches[index] = _BatchResult(
+                    divergence=totals,
+                    chosen=logratio[:half].tolist(),
+                    rejected=logratio[half:].tolist(),
+                    chosen_delta=_TokenMean.of(token_delta[:half], window.mask[:half]),
+                )
+            texts = self.retention_batches(trainer)
+            for index in range(rank, len(texts), world):
+                batch = {key: value.to(pl_module.device) for key, value in texts[index].items()}
+                ids, attention = batch["input_ids"], batch["attention_mask"]
+                window = scoring_window(ids, batch["completion_mask"])
+                token_delta = self._token_delta(
+                    window_logits(policy, ids, attention, window.keep),
+                    window_logits(reference, ids, attention, window.keep),
+                    window.labels,
+                )
+                share.texts[index] = _TokenMean.of(token_delta, window.mask)
+            indices = list(range(rank, len(self._prompts), world))
+            if indices:
+                sampling = {
+                    "prompt_indices": indices,
+                    "max_new_tokens": self.max_new_tokens,
+                    "eos_token_id": _stop_tokens(policy, trainer),
+                }
+                prompts = [self._prompts[i] for i in indices]
+                share.policy_samples = sample_completions(policy, reference, prompts, **sampling)
+                # The reference's own samples, same seeds, for side-by-side reading in the samples table.
+                share.reference_samples = sample_completions(reference, policy, prompts, **sampling)
+        finally:
+            policy.train(was_training)
+        return share
+
+    def _token_delta(self, policy_logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-position log pi(label) - log ref(label)."""
+        return token_logprobs(policy_logits, labels, chunk_size=self.chunk_size) - token_logprobs(
+            reference_logits, labels, chunk_size=self.chunk_size
+        )
+
+
+@dataclass
+class _TokenMean:
+    """A sum over tokens and the token count, for per-token means pooled across batches."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    @classmethod
+    def of(cls, values: Tensor, mask: Tensor) -> _TokenMean:
+        return cls(total=float(values[mask].double().sum()), tokens=int(mask.sum()))
+
+    def add(self, other: _TokenMean) -> None:
+        self.total += other.total
+        self.tokens += other.tokens
+
+    def mean(self) -> float:
+        return self.total / max(self.tokens, 1)
+
+
+@dataclass
+class _BatchResult:
+    """What one held-out batch contributes to a measurement."""
+
+    divergence: TokenDivergence
+    chosen: list[float]
+    """Per-pair chosen log-ratios (normalised like the loss)."""
+    rejected: list[float]
+    chosen_delta: _TokenMean
+    """log pi - log ref summed over the chosen completions' tokens (for ``retention/chosen``)."""
+
+
+@dataclass
+class _Share:
+    """One process's part of a measurement, keyed so that the parts merge in a fixed order."""
+
+    batches: dict[int, _BatchResult] = field(default_factory=dict)
+    """Held-out batch index -> its results."""
+    texts: dict[int, _TokenMean] = field(default_factory=dict)
+    """Retention-text batch index -> log pi - log ref summed over its tokens."""
+    policy_samples: list[SequenceSample] = field(default_factory=list)
+    reference_samples: list[SequenceSample] = field(default_factory=list)
+
+
+def _by_prompt(sample: SequenceSample) -> int:
+    return sample.prompt_index
+
+
+def _all_gather_objects(trainer: L.Trainer, obj: _Share) -> list[_Share]:
+    """Every process's ``obj`` (just ``[obj]`` in a single process)."""
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int] | None:
@@ -251,22 +419,16 @@ def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int]
 
 
 def _sample_rows(
-    trainer: L.Trainer,
-    policy_samples: list[tuple[Tensor, Tensor, float]],
-    reference_samples: list[tuple[Tensor, Tensor, float]],
+    trainer: L.Trainer, policy_samples: list[SequenceSample], reference_samples: list[SequenceSample]
 ) -> list[dict[str, Any]]:
     """Decoded table rows: prompt, policy completion, reference completion, policy log-ratio."""
     tokenizer = trainer.datamodule.tokenizer
-    rows = []
-    for (prompt, completion, log_ratio), (_, reference_completion, _) in zip(
-        policy_samples, reference_samples, strict=True
-    ):
-        rows.append(
-            {
-                "prompt": tokenizer.decode(prompt),
-                "policy_completion": tokenizer.decode(completion),
-                "reference_completion": tokenizer.decode(reference_completion),
-                "log_ratio": log_ratio,
-            }
-        )
-    return rows
+    return [
+        {
+            "prompt": tokenizer.decode(sample.prompt),
+            "policy_completion": tokenizer.decode(sample.completion),
+            "reference_completion": tokenizer.decode(reference_sample.completion),
+            "log_ratio": sample.log_ratio,
+        }
+        for sample, reference_sample in zip(policy_samples, reference_samples, strict=True)
+    ]

@@ -13,6 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer
 
 from ipo_lightning.builtin import resolve_model_path
+from ipo_lightning.lora import is_lora, merged_copy
+
+ADAPTER_DIRNAME = "adapter"
 
 
 class HFExport(Callback):
@@ -23,15 +26,21 @@ class HFExport(Callback):
     an interrupted export never leaves a folder that looks finished; a fit that fails or is
     interrupted exports nothing (``on_fit_end`` runs only after a completed fit).
 
+    A LoRA policy is exported merged (adapters folded into the weights), as a plain model that loads
+    without peft; with ``save_adapter`` its unmerged adapter is saved too, in ``<dirname>/adapter``
+    (load it with ``peft.PeftModel.from_pretrained(base_model, that_folder)``).
+
     Args:
         enabled: export at the end of ``fit``.
         dirname: folder name inside the run directory (``trainer.log_dir``).
+        save_adapter: LoRA policies: also save the unmerged adapter in ``<dirname>/adapter``.
     """
 
-    def __init__(self, enabled: bool = True, dirname: str = "hf_model") -> None:
+    def __init__(self, enabled: bool = True, dirname: str = "hf_model", save_adapter: bool = False) -> None:
         super().__init__()
         self.enabled = enabled
         self.dirname = dirname
+        self.save_adapter = save_adapter
         self.export_dir: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -50,13 +59,20 @@ class HFExport(Callback):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.dirname}-", dir=target.parent))
         try:
-            policy.save_pretrained(staging, safe_serialization=True)
+            if is_lora(policy):
+                merged_copy(policy).save_pretrained(staging, safe_serialization=True)
+                if self.save_adapter:
+                    policy.save_pretrained(staging / ADAPTER_DIRNAME, safe_serialization=True)
+            else:
+                policy.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             info = {
                 "base_model": pl_module.hparams.model_name_or_path,
                 "loss_type": pl_module.hparams.loss_type,
                 "beta": pl_module.hparams.beta,
                 "length_normalize": pl_module.hparams.length_normalize,
+                "reference": pl_module.hparams.get("reference"),
+                "lora": pl_module.hparams.get("lora"),
                 "global_step": trainer.global_step,
             }
             (staging / "ipo_lightning.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-REF_LOGP_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+from ipo_lightning.reference import PRECOMPUTED_KEYS as REF_LOGP_KEYS
 
 
 @dataclass
@@ -25,8 +25,9 @@ class PairwiseCollator:
     - ``completion_mask`` BoolTensor [2B, T]: True exactly at completion tokens (not prompt, not padding).
       It marks the tokens to score; the log-prob code shifts it by one against the logits.
     - ``preference_prob`` FloatTensor [B].
-    - ``ref_chosen_logps`` / ``ref_rejected_logps`` FloatTensor [B], only if every feature carries them
-      (precomputed reference log-probs).
+    - ``ref_{chosen,rejected}_logp_sum`` and ``ref_{chosen,rejected}_token_count`` FloatTensor [B], only
+      if every feature carries them (precomputed reference log-prob sums and scored token counts, see
+      ``ipo_lightning.precompute``).
 
     Padding is located by lengths, never by token id, so a pad id equal to EOS is safe.
 

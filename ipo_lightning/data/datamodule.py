@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.data.formats import DataFormat, validate_columns
+from ipo_lightning.data.noise import FLIPPED_COLUMN, check_label_noise, flip_labels
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
 from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
@@ -52,7 +53,9 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         num_proc: Processes for tokenising large sets; None: one.
         cache_dir: datasets cache folder; None: datasets' default (HF_DATASETS_CACHE).
-        seed: Seed of the held-out split and of the training shuffle.
+        seed: Seed of the held-out split, the training shuffle and the label noise.
+        label_noise: Fraction of training pairs (after drops, val_fraction excluded) whose chosen and
+            rejected are swapped, drawn from ``seed``: a robustness test on your own data. 0: none.
         trust_remote_code: Allow custom tokenizer code from the tokenizer's repository.
     """
 
@@ -73,6 +76,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
+        label_noise: float = 0.0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -92,6 +96,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 "batch_size": batch_size,
                 "val_batch_size": val_batch_size,
                 "seed": seed,
+                "label_noise": label_noise,
             }
         )
         self.train = train
@@ -109,6 +114,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.cache_dir = cache_dir
         self.seed = seed
+        self.label_noise = label_noise
         self.trust_remote_code = trust_remote_code
         self._check_config()
 
@@ -124,6 +130,7 @@ class PreferenceDataModule(L.LightningDataModule):
         for source in [self.train, *self.val.values(), *self.test.values()]:
             if source is not None:
                 check_source(source)  # load_source checks again; here it fails before any loading
+        check_label_noise(self.label_noise)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction > 0 and self.train is None:
@@ -253,7 +260,15 @@ class PreferenceDataModule(L.LightningDataModule):
                 )
             self.val_datasets[HELD_OUT_NAME] = self._finish(HELD_OUT_NAME, tokenized.select(held_out_rows))
             tokenized = tokenized.select(train_rows)
-        self.train_dataset = self._finish("train", tokenized)
+        train_dataset = self._finish("train", tokenized)
+        if self.label_noise > 0:
+            train_dataset = flip_labels(train_dataset, self.label_noise, self.seed)
+            flipped = sum(train_dataset[FLIPPED_COLUMN])
+            rank_zero_info(
+                f"train: flipped the labels of {flipped} of {len(train_dataset)} pairs "
+                f"(data.label_noise {self.label_noise})"
+            )
+        self.train_dataset = train_dataset
 
     def _finish(self, name: str, tokenized: datasets.Dataset) -> datasets.Dataset:
         """Count and report the dropped pairs of set ``name``, return the kept ones."""

@@ -1,0 +1,111 @@
+"""LoRA policies: options, wrapping a causal LM with peft adapters, and merging them for export.
+
+With a LoRA policy only the small adapter matrices train; the base weights stay frozen. That makes
+the reference free: it is the same base with the adapters switched off (see
+:class:`ipo_lightning.reference.AdapterReference`), so one copy of the base weights serves both.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from ipo_lightning.errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraOptions:
+    """Low-rank adapters on the policy (peft LoRA); the base weights stay frozen.
+
+    Args:
+        rank: Rank r of each adapter: trainable parameters per adapted matrix are r * (in + out).
+        alpha: Scaling numerator: the update is (alpha / rank) * B @ A.
+        dropout: Dropout on the adapter's input during training (off in every reference pass).
+        target_modules: Module names to adapt, e.g. [q_proj, v_proj]; ``all-linear`` for every linear
+            layer but the output head; null: peft's default for the architecture.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+
+
+def as_lora_options(value: LoraOptions | dict[str, Any] | None) -> LoraOptions | None:
+    """Accept the dataclass (CLI, Python) or its dict form (hyperparameters of a saved checkpoint)."""
+    if value is None or isinstance(value, LoraOptions):
+        return value
+    if isinstance(value, dict):
+        return LoraOptions(**value)
+    raise ConfigError(f"model.lora must be a mapping of LoRA options, got {type(value).__name__}")
+
+
+def check_lora_options(options: LoraOptions) -> None:
+    """Raise one ConfigError naming the first unusable option."""
+    if options.rank < 1:
+        raise ConfigError(f"model.lora.rank must be at least 1, got {options.rank}")
+    if options.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha must be positive, got {options.alpha}")
+    if not 0.0 <= options.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {options.dropout}")
+    targets = options.target_modules
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        raise ConfigError(
+            f"model.lora.target_modules must be a list of module names or {ALL_LINEAR!r}, got {targets!r}"
+        )
+    if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"model.lora.target_modules must list module names, got {targets!r}")
+
+
+def lora_options_dict(options: LoraOptions | None) -> dict[str, Any] | None:
+    """Plain-dict form for hyperparameters (keeps hparams.yaml loadable with ``yaml.safe_load``)."""
+    return None if options is None else asdict(options)
+
+
+def apply_lora(model: PreTrainedModel, options: LoraOptions, *, gradient_checkpointing: bool) -> PeftModel:
+    """Wrap ``model`` with trainable LoRA adapters; every base weight is frozen by peft.
+
+    Raises:
+        ConfigError: ``target_modules`` names no module of the model, or peft knows no default for it.
+    """
+    config = LoraConfig(
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        policy = get_peft_model(model, config)
+    except ValueError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model.lora.target_modules={options.target_modules!r}: {first_line}") from None
+    if gradient_checkpointing:
+        # Checkpointed blocks whose inputs do not require grad return outputs without a graph under
+        # reentrant checkpointing, and the embeddings are frozen here: make their output require grad.
+        policy.enable_input_require_grads()
+    return policy
+
+
+def is_lora(model: nn.Module | None) -> bool:
+    """Whether ``model`` is a peft model (a LoRA policy)."""
+    return isinstance(model, PeftModel)
+
+
+def merged_copy(policy: PeftModel) -> PreTrainedModel:
+    """A plain Hugging Face model with the adapters merged into its weights; ``policy`` is untouched.
+
+    The copy (not an in-place merge and unmerge) keeps the training weights bit-exact: ``W + BA - BA``
+    is not ``W`` in floating point. It costs a second copy of the model for the duration of the export.
+    """
+    merged = copy.deepcopy(policy).merge_and_unload()
+    merged.eval()
+    return merged

@@ -1,0 +1,267 @@
+"""``python -m ipo_lightning report RUN_DIR... --out DIR``: compare finished runs in Markdown and PNGs.
+
+The report reads only what runs write (``metrics.csv``, ``config.yaml``, an optional ``judge.json``),
+so it needs no W&B account and works on copied run folders. It writes ``DIR/report.md``, a
+``DIR/summary.json`` with every number of the table, and the plots:
+
+- ``kl_vs_step.png``: ``divergence/kl`` over optimizer steps, one line per run;
+- ``accuracy_vs_kl.png``: final held-out accuracy against final KL, the trade-off frontier;
+- ``accuracy_id_vs_ood.png``: accuracy on the first (in-distribution) val set against the second
+  (out-of-distribution), when the runs have two or more val sets.
+
+Recommendation rule: among the runs trained on clean labels (``data.label_noise`` 0; all runs if
+none is), the highest mean held-out accuracy over all val sets; runs within ``TIE_ACCURACY`` of the
+best count as tied and the one with the lowest KL to the reference wins, since it bought the same
+accuracy with less drift. Runs with label noise are robustness tests: the report pairs each with
+the clean run of the same loss, beta and normalisation and shows how much accuracy the noise cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ipo_lightning.errors import UserInputError
+from ipo_lightning.plots import plot_metrics_over_steps, scatter_runs
+from ipo_lightning.runs import RunMetrics, load_run
+
+TIE_ACCURACY = 0.01
+ACCURACY = "rewards/accuracy"
+
+
+@dataclass
+class RunSummary:
+    """The final numbers of one run, as the report's table shows them."""
+
+    name: str
+    run_dir: str
+    loss_type: str
+    beta: float
+    length_normalize: bool | None
+    label_noise: float
+    steps: int
+    accuracy: dict[str, float]
+    """Val set name -> last logged preference accuracy (implicit reward)."""
+    margin: float
+    """Last ``val/logratio/margin`` of the primary val set (the loss's own normalisation)."""
+    kl: float
+    """Last ``divergence/kl``, nats per completion token."""
+    retention_chosen: float
+    retention_text: float
+    win_rate: float | None = None
+    """Reward-model win rate against the reference, from ``judge.json`` when present."""
+
+    @property
+    def mean_accuracy(self) -> float:
+        """Mean accuracy over the val sets (NaN without any)."""
+        values = list(self.accuracy.values())
+        return sum(values) / len(values) if values else math.nan
+
+
+def val_set_names(run: RunMetrics) -> list[str]:
+    """Named val sets in logging order (from ``val/<name>/rewards/accuracy``), else ``["val"]``."""
+    columns = list(run.rows[0]) if run.rows else []
+    named = [
+        c[len("val/") : -len(ACCURACY) - 1] for c in columns if c.startswith("val/") and c.endswith(ACCURACY)
+    ]
+    named = [name for name in named if name]
+    return named or ["val"]
+
+
+def summarize(name: str, run: RunMetrics) -> RunSummary:
+    """The table row of ``run``: last logged values, settings from its ``config.yaml``."""
+    sets = val_set_names(run)
+    accuracy = {
+        set_name: run.last(f"val/{ACCURACY}" if sets == ["val"] else f"val/{set_name}/{ACCURACY}")
+        for set_name in sets
+    }
+    judge_file = run.run_dir / "judge.json"
+    win_rate = json.loads(judge_file.read_text())["win_rate"] if judge_file.is_file() else None
+    steps = [int(row["step"]) for row in run.rows if row.get("step")]
+    return RunSummary(
+        name=name,
+        run_dir=str(run.run_dir),
+        loss_type=str(run.setting("model.loss_type", "?")),
+        beta=float(run.setting("model.beta", math.nan)),
+        length_normalize=run.setting("model.length_normalize"),
+        label_noise=float(run.setting("data.label_noise", 0.0) or 0.0),
+        steps=max(steps, default=0),
+        accuracy=accuracy,
+        margin=run.last("val/logratio/margin"),
+        kl=run.last("divergence/kl"),
+        retention_chosen=run.last("divergence/retention/chosen"),
+        retention_text=run.last("divergence/retention/text"),
+        win_rate=win_rate,
+    )
+
+
+def recommend(summaries: list[RunSummary]) -> tuple[RunSummary, str]:
+    """The recommended run and the reason, by the rule in the module docstring."""
+    clean = [s for s in summaries if s.label_noise == 0]
+    scored = [s for s in (clean or summaries) if not math.isnan(s.mean_accuracy)]
+    if not scored:
+        raise UserInputError("no run logged a validation accuracy; the report needs val sets")
+    best = max(s.mean_accuracy for s in scored)
+    tied = [s for s in scored if s.mean_accuracy >= best - TIE_ACCURACY]
+    choice = min(tied, key=lambda s: (math.inf if math.isnan(s.kl) else s.kl, -s.mean_accuracy))
+    if len(tied) == 1:
+        reason = f"it has the highest mean held-out accuracy ({choice.mean_accuracy:.3f})"
+    else:
+        others = ", ".join(s.name for s in tied if s is not choice)
+        reason = (
+            f"its mean held-out accuracy ({choice.mean_accuracy:.3f}) is within {TIE_ACCURACY} of the best "
+            f"({best:.3f}), tied with {others}, and it drifted least from the reference "
+            f"(divergence/kl {choice.kl:.4f})"
+        )
+    return choice, reason
+
+
+@dataclass
+class NoiseCost:
+    """What deliberate label noise cost one method: accuracy of the noisy run minus the clean one."""
+
+    noisy: str
+    clean: str
+    label_noise: float
+    accuracy_change: dict[str, float]
+    """Val set name -> noisy accuracy minus clean accuracy (negative: the noise hurt)."""
+
+
+def noise_costs(summaries: list[RunSummary]) -> list[NoiseCost]:
+    """Pair every noisy run with the clean run of the same loss, beta and normalisation."""
+    costs = []
+    for noisy in (s for s in summaries if s.label_noise > 0):
+        key = (noisy.loss_type, noisy.beta, noisy.length_normalize)
+        clean = next(
+            (s for s in summaries if s.label_noise == 0 and (s.loss_type, s.beta, s.length_normalize) == key),
+            None,
+        )
+        if clean is not None:
+            change = {
+                name: noisy.accuracy[name] - clean.accuracy.get(name, math.nan) for name in noisy.accuracy
+            }
+            costs.append(NoiseCost(noisy.name, clean.name, noisy.label_noise, change))
+    return costs
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Short unique names: the folder above ``version_N`` (or the folder itself)."""
+    names = []
+    for run_dir in run_dirs:
+        base = run_dir.parent.name if run_dir.name.startswith("version_") else run_dir.name
+        name, suffix = base, 2
+        while name in names:
+            name, suffix = f"{base}-{suffix}", suffix + 1
+        names.append(name)
+    return names
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method comparison") -> Path:
+    """Write ``report.md``, ``summary.json`` and the plots for ``run_dirs`` into ``out_dir``."""
+    if not run_dirs:
+        raise UserInputError("report: give at least one run folder")
+    runs = {name: load_run(path) for name, path in zip(run_names(run_dirs), run_dirs, strict=True)}
+    summaries = [summarize(name, run) for name, run in runs.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = list(dict.fromkeys(name for s in summaries for name in s.accuracy))
+
+    plot_metrics_over_steps(
+        runs, [("divergence/kl", "KL(pi || ref), nats per token")], out_dir / "kl_vs_step.png", title=title
+    )
+    scatter_runs(
+        {s.name: (s.kl, s.mean_accuracy) for s in summaries},
+        out_dir / "accuracy_vs_kl.png",
+        xlabel="final divergence/kl (nats per token)",
+        ylabel="mean held-out accuracy",
+        title="Accuracy bought per unit of drift",
+    )
+    images = ["kl_vs_step.png", "accuracy_vs_kl.png"]
+    if len(sets) >= 2:
+        scatter_runs(
+            {
+                s.name: (s.accuracy.get(sets[0], math.nan), s.accuracy.get(sets[1], math.nan))
+                for s in summaries
+            },
+            out_dir / "accuracy_id_vs_ood.png",
+            xlabel=f"accuracy on {sets[0]}",
+            ylabel=f"accuracy on {sets[1]}",
+            title="In-distribution vs out-of-distribution",
+            diagonal=True,
+        )
+        images.append("accuracy_id_vs_ood.png")
+
+    choice, reason = recommend(summaries)
+    header = ["run", "loss", "beta", "norm", "label noise", "steps"]
+    header += [f"acc {name}" for name in sets] + ["margin", "KL/token", "retention chosen", "retention text"]
+    with_judge = any(s.win_rate is not None for s in summaries)
+    header += ["RM win rate"] if with_judge else []
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for s in summaries:
+        norm = {True: "mean", False: "sum"}.get(s.length_normalize, "?")
+        cells = [s.name, s.loss_type, _number(s.beta, 2), norm, _number(s.label_noise, 2), str(s.steps)]
+        cells += [_number(s.accuracy.get(name, math.nan)) for name in sets]
+        cells += [_number(s.margin), _number(s.kl, 4), _number(s.retention_chosen), _number(s.retention_text)]
+        cells += [_number(s.win_rate)] if with_judge else []
+        lines.append("| " + " | ".join(cells) + " |")
+    candidates = "runs with clean labels" if any(s.label_noise > 0 for s in summaries) else "runs"
+    lines += [
+        "",
+        f"**Recommended** (of the {candidates}): **{choice.name}** ({choice.loss_type}, beta "
+        f"{choice.beta:g}): {reason}.",
+        "",
+    ]
+    costs = noise_costs(summaries)
+    if costs:
+        lines += ["**Label-noise robustness** (accuracy with flipped training labels minus without):", ""]
+        for cost in costs:
+            changes = ", ".join(f"{name} {change:+.3f}" for name, change in cost.accuracy_change.items())
+            lines.append(f"- {cost.noisy} ({cost.label_noise:.0%} flipped) vs {cost.clean}: {changes}")
+        lines.append("")
+    lines += [
+        "Accuracy is the implicit-reward preference accuracy on each val set at the end of training; "
+        "margin is the primary val set's log-ratio margin h in the loss's own normalisation; KL/token is "
+        "the exact `divergence/kl` on the held-out subset; retention is the per-token change in "
+        "log-likelihood, policy minus reference (negative: capability lost).",
+        "",
+    ]
+    lines += [f"![{Path(image).stem}]({image})" for image in images]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = {
+        "recommended": choice.name,
+        "runs": [_json_safe(asdict(s)) for s in summaries],
+        "noise_costs": [_json_safe(asdict(cost)) for cost in costs],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (never logged) as null, so summary.json is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    return value
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m ipo_lightning report RUN_DIR... [--out DIR] [--title TEXT]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ipo_lightning report",
+        description="Compare finished runs: a Markdown report with a summary table and PNG plots.",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (runs/<name>/version_N)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
+    parser.add_argument("--title", default="Method comparison", help="report title")
+    options = parser.parse_args(args)
+    report = write_report(options.run_dirs, options.out, title=options.title)
+    print(f"wrote {report}")

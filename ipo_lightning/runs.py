@@ -1,0 +1,67 @@
+"""Reading finished (or running) runs back: the metrics and the resolved config of a run folder.
+
+A run folder is what ``fit`` writes (``runs/<name>/version_N/``): ``metrics.csv`` from the CSV logger,
+one row per logging call, and ``config.yaml`` with the resolved configuration. Plots and reports are
+built from these files only, so they need no W&B account and work on copies of run folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipo_lightning.errors import UserInputError
+
+
+@dataclass
+class RunMetrics:
+    """The logged metrics and resolved config of one run folder."""
+
+    run_dir: Path
+    rows: list[dict[str, str]]
+    """``metrics.csv`` rows as read: column name -> value, empty where a row did not log a column."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """``config.yaml`` of the run (empty when the folder has none)."""
+
+    def series(self, name: str) -> tuple[list[int], list[float]]:
+        """Steps and values of metric ``name``, in logging order (empty lists if never logged)."""
+        steps: list[int] = []
+        values: list[float] = []
+        for row in self.rows:
+            value = row.get(name)
+            if value not in (None, ""):
+                steps.append(int(row["step"]))
+                values.append(float(value))
+        return steps, values
+
+    def last(self, name: str) -> float:
+        """The last logged value of ``name`` (NaN if it was never logged)."""
+        _, values = self.series(name)
+        return values[-1] if values else math.nan
+
+    def setting(self, dotted: str, default: Any = None) -> Any:
+        """A value of the resolved config by dotted path, e.g. ``model.loss_type``."""
+        node: Any = self.config
+        for key in dotted.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return default
+            node = node[key]
+        return node
+
+
+def load_run(run_dir: str | Path) -> RunMetrics:
+    """Read ``metrics.csv`` (required) and ``config.yaml`` (optional) of a run folder."""
+    run_dir = Path(run_dir)
+    metrics_file = run_dir / "metrics.csv"
+    if not metrics_file.is_file():
+        raise UserInputError(f"{run_dir}: no metrics.csv here; pass a run folder such as runs/x/version_0")
+    with metrics_file.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    return RunMetrics(run_dir=run_dir, rows=rows, config=config or {})

@@ -1,0 +1,280 @@
+"""compare (several members, one budget), report (table + plots from run folders), judge, sweep file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from matplotlib.image import imread
+
+from ipo_lightning.compare import load_spec, run_compare
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.judge import judge_run, win_rate
+from ipo_lightning.report import recommend, summarize, write_report
+from ipo_lightning.runs import load_run
+from tests.helpers import polite_pairs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _last_logged(metrics_csv: Path, column: str) -> float:
+    """Independent reading of metrics.csv: the last non-empty value of ``column``."""
+    with metrics_csv.open() as handle:
+        values = [row[column] for row in csv.DictReader(handle) if row.get(column)]
+    return float(values[-1]) if values else math.nan
+
+
+def _fit_config(tmp_path: Path, model_dir: Path) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
+    val_a = write_jsonl(tmp_path / "val_a.jsonl", polite_pairs(6, offset=100))
+    val_b = write_jsonl(tmp_path / "val_b.jsonl", polite_pairs(4, offset=200))
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+        },
+        "model": {
+            "model_name_or_path": str(model_dir),
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+        },
+        "data": {
+            "train": {"path": str(train)},
+            "val": {"in_dist": {"path": str(val_a)}, "ood": {"path": str(val_b)}},
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "batch_size": 4,
+        },
+        "divergence": {"every_n_steps": 2, "sample_prompts": 0},
+        "export": {"enabled": False},
+        "wandb": {"enabled": False},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec_file = tmp_path / "compare.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "fit_config": str(_fit_config(tmp_path, tiny_model_dir)),
+                "runs_dir": str(tmp_path / "runs"),
+                "members": {
+                    "ipo": {"model.loss_type": "ipo", "model.beta": 0.5},
+                    "dpo-mean": {"model.loss_type": "dpo", "model.length_normalize": True},
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    report = run_compare(load_spec(spec_file))
+
+    run_dirs = {m: tmp_path / "runs" / "tiny" / m / "version_0" for m in ("ipo", "dpo-mean")}
+    configs = {m: yaml.safe_load((d / "config.yaml").read_text()) for m, d in run_dirs.items()}
+    assert configs["ipo"]["model"]["beta"] == 0.5 and configs["dpo-mean"]["model"]["loss_type"] == "dpo"
+    for config in configs.values():  # same seed, data and budget
+        assert config["seed_everything"] == 0 and config["trainer"]["max_steps"] == 4
+        assert config["data"] == configs["ipo"]["data"]
+    # Same data order, from the logs: before the first update the policy is the same in every member,
+    # so the first step's policy log-probs are equal exactly when the first batch is.
+    first = {}
+    for member, run_dir in run_dirs.items():
+        with (run_dir / "metrics.csv").open() as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("train/logps/chosen")]
+        first[member] = (rows[0]["train/logps/chosen"], rows[0]["train/logps/rejected"])
+    assert first["ipo"] == first["dpo-mean"]
+
+    # The report's numbers are the runs' metrics.csv values.
+    summary = json.loads((report.parent / "summary.json").read_text())
+    assert [run["name"] for run in summary["runs"]] == ["ipo", "dpo-mean"]
+    for run in summary["runs"]:
+        metrics = run_dirs[run["name"]] / "metrics.csv"
+        assert run["kl"] == _last_logged(metrics, "divergence/kl")
+        assert run["margin"] == _last_logged(metrics, "val/logratio/margin")
+        assert run["accuracy"] == {
+            "in_dist": _last_logged(metrics, "val/in_dist/rewards/accuracy"),
+            "ood": _last_logged(metrics, "val/ood/rewards/accuracy"),
+        }
+        assert run["steps"] == 4
+    markdown = report.read_text()
+    ipo = summary["runs"][0]
+    assert f"| ipo | ipo | 0.50 | mean | 0.00 | 4 | {ipo['accuracy']['in_dist']:.3f} |" in markdown
+    assert f"**Recommended** (of the runs): **{summary['recommended']}**" in markdown
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+    assert images == ["kl_vs_step.png", "accuracy_vs_kl.png", "accuracy_id_vs_ood.png"]
+    for image in images:
+        assert imread(report.parent / image).shape[0] > 100  # a real PNG, linked where it lies
+
+
+def _run_with(root: Path, name: str, accuracy: float, kl: float) -> Path:
+    logger = CSVLogger(root / name, name="")
+    logger.log_metrics({"divergence/kl": kl}, step=10)
+    logger.log_metrics({"val/rewards/accuracy": accuracy}, step=10)
+    logger.save()
+    config = {"model": {"loss_type": "ipo", "beta": 0.5, "length_normalize": True}}
+    (Path(logger.log_dir) / "config.yaml").write_text(yaml.safe_dump(config))
+    return Path(logger.log_dir)
+
+
+def test_recommendation_prefers_less_drift_among_tied_accuracies(tmp_path: Path) -> None:
+    runs = [
+        _run_with(tmp_path, "drifty", 0.900, 0.30),
+        _run_with(tmp_path, "steady", 0.895, 0.05),
+        _run_with(tmp_path, "weak", 0.700, 0.01),
+    ]
+    summaries = [summarize(d.parent.name, load_run(d)) for d in runs]
+    choice, reason = recommend(summaries)
+    assert choice.name == "steady" and "tied with drifty" in reason
+    choice, reason = recommend([summaries[0], summaries[2]])
+    assert choice.name == "drifty" and "highest mean held-out accuracy" in reason
+    report = write_report(runs, tmp_path / "report")
+    assert "accuracy_id_vs_ood.png" not in report.read_text()  # one val set: no ID-vs-OOD plot
+
+
+def test_noisy_runs_are_paired_with_their_clean_run_and_not_recommended(tmp_path: Path) -> None:
+    runs = [_run_with(tmp_path, "ipo", 0.90, 0.05), _run_with(tmp_path, "ipo-noise", 0.95, 0.04)]
+    config = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    config["data"] = {"label_noise": 0.2}
+    (runs[1] / "config.yaml").write_text(yaml.safe_dump(config))
+    report = write_report(runs, tmp_path / "report").read_text()
+    assert "**Recommended** (of the runs with clean labels): **ipo**" in report
+    assert "- ipo-noise (20% flipped) vs ipo: val +0.050" in report
+    costs = json.loads((tmp_path / "report" / "summary.json").read_text())["noise_costs"]
+    assert costs[0]["accuracy_change"]["val"] == pytest.approx(0.05)
+    assert (tmp_path / "report" / "accuracy_vs_kl.png").is_file()
+
+
+def test_compare_file_errors_name_the_member_and_option(tmp_path: Path, tiny_model_dir: Path) -> None:
+    fit = _fit_config(tmp_path, tiny_model_dir)
+    spec_file = tmp_path / "compare.yaml"
+
+    def write(**spec: object) -> Path:
+        spec_file.write_text(yaml.safe_dump({"name": "x", "fit_config": str(fit), **spec}))
+        return spec_file
+
+    with pytest.raises(ConfigError, match=r"member 'b' sets 'data.seed', which all members must share"):
+        load_spec(write(members={"a": {}, "b": {"data.seed": 3}}))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['memebrs'\]"):
+        load_spec(write(memebrs={"a": {}}))
+    with pytest.raises(ConfigError, match="'members' is required"):
+        load_spec(write())
+
+
+def test_compare_checks_every_member_before_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    spec_file = tmp_path / "compare.yaml"
+    spec = {
+        "name": "x",
+        "fit_config": str(_fit_config(tmp_path, tiny_model_dir)),
+        "runs_dir": str(tmp_path / "runs"),
+        "members": {"good": {"model.beta": 0.5}, "typo": {"model.betta": 0.5}},
+    }
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "ipo_lightning", "compare", "--config", str(spec_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "error: compare member 'typo'" in result.stderr and "betta" in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_win_rate_and_its_confidence_interval_by_direct_calculation() -> None:
+    policy = [3.0, 1.0, 2.0, 2.0, 5.0]
+    reference = [1.0, 2.0, 2.0, 0.0, 4.0]  # win, loss, tie, win, win
+    result = win_rate(policy, reference)
+    outcomes = [1.0, 0.0, 0.5, 1.0, 1.0]
+    mean = sum(outcomes) / 5
+    sd = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / 4)
+    assert result.win_rate == pytest.approx(0.7)
+    assert result.ci_low == pytest.approx(mean - 1.959964 * sd / math.sqrt(5), abs=1e-6)
+    assert result.ci_high == pytest.approx(min(1.0, mean + 1.959964 * sd / math.sqrt(5)), abs=1e-6)
+    assert (result.wins, result.ties, result.losses) == (3, 1, 1)
+
+
+def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    scorer = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    reward_dir = tmp_path / "reward"
+    scorer.save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+
+    run_dir = tmp_path / "run" / "version_0"
+    shutil.copytree(tiny_model_dir, run_dir / "hf_model")  # the exported policy: the reference itself
+    val = write_jsonl(tmp_path / "val.jsonl", polite_pairs(6))
+    config = {
+        "model": {"model_name_or_path": str(tiny_model_dir)},
+        "data": {"val": {"held_out": {"path": str(val)}}, "max_length": 64, "max_prompt_length": 32},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "metrics.csv").write_text("step\n0\n")
+
+    result = judge_run(run_dir, str(reward_dir), prompts=5, max_new_tokens=6)
+    assert (result.win_rate, result.ci_low, result.ci_high) == (0.5, 0.5, 0.5)
+    assert result.ties == result.prompts == 5
+    assert json.loads((run_dir / "judge.json").read_text())["win_rate"] == 0.5
+
+
+def test_sweep_file_parameters_are_fit_options() -> None:
+    sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "quickstart-beta.yaml").read_text())
+    assert sweep["command"][-1] == "${args}"
+    point = [f"--{name}={spec['values'][0]}" for name, spec in sweep["parameters"].items()]  # W&B's form
+    fixed = [part for part in sweep["command"][2:-1] if part not in ("-m", "ipo_lightning")]
+    result = subprocess.run(
+        [sys.executable, "-m", "ipo_lightning", *fixed, *point, "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["loss_type"] == "ipo" and printed["model"]["beta"] == 0.1
+
+
+def test_shipped_compare_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root, where users run it
+    spec = load_spec("configs/compare/quickstart-noise.yaml")
+    assert list(spec.members) == ["ipo", "dpo", "ipo-noise20", "dpo-noise20"]
+    command = spec.fit_command("ipo-noise20")
+    assert command[-2:] == ["--trainer.default_root_dir", "runs/compare/quickstart-noise/ipo-noise20"]
+    assert ["--data.label_noise", "0.2"] == command[command.index("--data.label_noise") :][:2]

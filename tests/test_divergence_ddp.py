@@ -1,0 +1,106 @@
+"""The divergence monitor under DDP: two processes, each measuring a share, log what one process logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ipo_lightning.tiny import save_tiny_model
+from tests.conftest import CORPUS
+from tests.helpers import polite_pairs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+def _run_fit(tmp_path: Path, config: Path, *extra: str) -> None:
+    """``python -m ipo_lightning fit``, bounded in time; the whole process group dies on timeout."""
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_cache")
+    command = [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config), *extra]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # DDP's second rank is a child of the first
+        process.communicate()
+        pytest.fail(f"fit did not finish within {TIMEOUT_S} s: {' '.join(extra)}")
+    assert process.returncode == 0, output[-3000:]
+
+
+def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [row for row in csv.DictReader(handle) if row.get("divergence/kl")]
+
+
+def test_ddp_shards_the_measurement_and_logs_what_one_process_logs(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # A reference that differs from the policy makes every metric non-zero at step 0, where both
+    # runs hold the same weights; 6 pairs in batches of 2 split unevenly (2 batches and 1) over 2 ranks.
+    reference_dir = save_tiny_model(
+        tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+        },
+        "model": {"model_name_or_path": str(tiny_model_dir), "reference_name_or_path": str(reference_dir)},
+        "data": {"train": {"path": str(train)}, "max_length": 64, "max_prompt_length": 32, "batch_size": 2},
+        "divergence": {
+            "every_n_steps": 1,
+            "num_pairs": 6,
+            "batch_size": 2,
+            "sample_prompts": 3,
+            "max_new_tokens": 4,
+        },
+        "export": {"enabled": False},
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _run_fit(tmp_path, config_path, "--trainer.default_root_dir", str(single), "--trainer.devices", "1")
+    _run_fit(
+        tmp_path,
+        config_path,
+        "--trainer.default_root_dir",
+        str(ddp),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
+
+    single_rows, ddp_rows = _divergence_rows(single / "version_0"), _divergence_rows(ddp / "version_0")
+    assert [row["step"] for row in single_rows] == [row["step"] for row in ddp_rows] == ["0", "1"]
+    names = [name for name in single_rows[0] if name.startswith("divergence/")]
+    assert {"divergence/kl", "divergence/seq_kl", "divergence/logratio/margin_std"} <= set(names)
+    for name in names:
+        expected = float(single_rows[0][name])
+        assert expected != 0.0, name
+        assert float(ddp_rows[0][name]) == pytest.approx(expected, rel=1e-6), name
+
+    # Rank 0 wrote the samples of all three prompts, the same ones one process draws.
+    def samples(run_dir: Path) -> list[dict]:
+        lines = (run_dir / "version_0" / "divergence_samples.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    single_samples, ddp_samples = samples(single), samples(ddp)
+    assert [row["step"] for row in ddp_samples] == [0, 0, 0, 1, 1, 1]
+    assert ddp_samples[:3] == single_samples[:3]
