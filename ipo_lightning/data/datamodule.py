@@ -198,8 +198,10 @@ class PreferenceDataModule(L.LightningDataModule):
         """Load and tokenise every configured set once (on one process per node) to fill the cache.
 
         ``setup`` then reads the cached results on every process instead of tokenising in parallel.
-        A bad record or option is not raised here: this runs on local rank 0 only, and the other ranks
-        would wait for it at a barrier forever. ``setup`` meets the same error on every rank.
+        With several processes a bad record or option is not raised here: this runs on local rank 0
+        only, and the other ranks would wait for it at Lightning's next barrier forever. ``setup``
+        meets the same error on every rank instead. (One process raises it here, before any run
+        folder exists.)
         """
         if self.tokenizer is None:
             return
@@ -211,7 +213,9 @@ class PreferenceDataModule(L.LightningDataModule):
                         self._load(source), pair_tokenizer, self.format, self.columns, self.num_proc
                     )
                 except UserInputError:
-                    return
+                    if self.trainer is not None and self.trainer.world_size > 1:
+                        return
+                    raise
 
     def setup(self, stage: str | None = None) -> None:
         """Build the sets the stage needs (fit/validate: train and val; test: test); built sets are kept."""
