@@ -117,9 +117,10 @@ class SaveAndLogConfig(SaveConfigCallback):
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if wandb_loggers and trainer.log_dir:
+        if wandb_loggers and wandb_loggers[0].save_dir:
             # Kept beside the checkpoints so a resumed (e.g. requeued) run logs into the same W&B run.
-            save_wandb_run_id(trainer.log_dir, str(wandb_loggers[0].version))
+            # (Not trainer.log_dir: it broadcasts, and this runs on rank 0 only.)
+            save_wandb_run_id(wandb_loggers[0].save_dir, str(wandb_loggers[0].version))
         if wandb_loggers:
             resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
             for logger in wandb_loggers:
