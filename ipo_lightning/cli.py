@@ -36,6 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ipo_lightning.callbacks import DivergenceMonitor, HFExport
 from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.data import PreferenceDataModule
+from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
 from ipo_lightning.resume import RNGStateCheckpoint, find_resume_checkpoint
@@ -224,6 +225,7 @@ class PreferenceCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Resolve defaults that depend on other options, so the saved config states them."""
         config = self.config.get(str(self.subcommand), self.config)
+        check_strategy(config.trainer.strategy)
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
 

@@ -72,7 +72,7 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     """
     run_dir = Path(run_dir)
     candidates = [*run_dir.glob(HPC_CHECKPOINT_GLOB), *run_dir.glob("checkpoints/*.ckpt")]
-    candidates = [path for path in candidates if path.is_file()]
+    candidates = [path for path in candidates if path.exists()]  # DeepSpeed checkpoints are folders
     if not candidates:
         return None
     return max(candidates, key=lambda path: path.stat().st_mtime_ns)

@@ -1,0 +1,194 @@
+"""Sharded strategies that handle the frozen reference right by construction, and the full-weight export.
+
+Use them by class path (``configs/strategy/fsdp.yaml``, ``deepspeed_zero{2,3}.yaml``):
+
+- :class:`PreferenceFSDPStrategy`: FSDP that wraps each decoder layer, and the policy and the reference
+  as whole models, in their own units. Frozen and trainable weights then never share a flat parameter,
+  the reference is sharded like the policy, and a call to either model (forward or ``generate``)
+  gathers its own top-level weights (embeddings, head). ``use_orig_params`` is on, so the module's
+  optimizer sees the policy's real parameters.
+- :class:`PreferenceDeepSpeedStrategy`: DeepSpeed that loads the models without ``deepspeed.zero.Init``:
+  inside it, ``from_pretrained`` and the copy of the policy made for the reference see empty
+  partitioned tensors (the classic ZeRO-3 failure). The engine partitions the full models when it is
+  built; the cost is one full copy of policy and reference in host memory per process at start-up.
+
+The reference stays a :class:`~ipo_lightning.reference.FrozenReference` under every strategy: eval
+mode whatever the strategy calls, no gradients, not in the optimizer, nothing in checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from torch import nn
+from transformers import PreTrainedModel
+
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.reference import FrozenReference
+
+
+def _no_split_classes(module: nn.Module) -> set[str]:
+    """Class names that Hugging Face marks as not to be split (its decoder layers), over all models."""
+    names: set[str] = set()
+    for sub in module.modules():
+        if isinstance(sub, PreTrainedModel):
+            names.update(getattr(sub, "_no_split_modules", None) or [])
+    return names
+
+
+class _PreferenceWrapPolicy:
+    """FSDP auto-wrap policy: each Hugging Face model and each of its no-split layers is a unit.
+
+    Computed from the module when called (FSDP calls it with the root first), so it fits any model
+    family without naming its layer class in the config.
+    """
+
+    def __init__(self) -> None:
+        self.layer_classes: set[str] | None = None
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if self.layer_classes is None:
+            self.layer_classes = _no_split_classes(module)
+        if recurse:
+            return True  # always look inside
+        if isinstance(module, FrozenReference):
+            return False  # ignored by FSDP (see PreferenceFSDPStrategy._setup_model)
+        return isinstance(module, PreTrainedModel) or type(module).__name__ in self.layer_classes
+
+
+class PreferenceFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` with a wrap policy for a policy + frozen reference pair.
+
+    ``auto_wrap_policy`` defaults to one unit per Hugging Face model and per decoder layer (module
+    docstring).
+
+    Args:
+        sharding_strategy: what FSDP shards: ``FULL_SHARD`` (weights, gradients, optimizer state),
+            ``SHARD_GRAD_OP`` (gradients and optimizer state), ``NO_SHARD`` (DDP-like), ``HYBRID_SHARD``.
+        state_dict_type: ``full``: checkpoints hold the whole policy in one file, loadable anywhere;
+            ``sharded``: one file per rank (faster for large models, resumable on the same world size).
+        cpu_offload: keep sharded weights in CPU memory between uses (slow; for the largest models).
+        use_orig_params: expose the original parameters to the optimizer (the module selects the
+            policy's trainable ones); needed here, keep it on.
+        kwargs: further ``FSDPStrategy`` / ``FullyShardedDataParallel`` arguments.
+    """
+
+    def __init__(
+        self,
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD",
+        state_dict_type: Literal["full", "sharded"] = "full",
+        cpu_offload: bool = False,
+        use_orig_params: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("auto_wrap_policy", _PreferenceWrapPolicy())
+        super().__init__(
+            sharding_strategy=sharding_strategy,
+            state_dict_type=state_dict_type,
+            cpu_offload=cpu_offload,
+            use_orig_params=use_orig_params,
+            **kwargs,
+        )
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        # The reference stays out of FSDP: replicated on every device, in eval mode, never flattened
+        # with trainable weights and never touched by FSDP's state-dict hooks (it saves nothing).
+        # FSDP moves only what it wraps, so the reference is put on this rank's device here.
+        references = [module for module in model.modules() if isinstance(module, FrozenReference)]
+        for reference in references:
+            reference.to(self.root_device)
+        self.kwargs["ignored_states"] = references
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        # CPU processes (gloo), as the tests run it: FSDP needs the CPU named as its device, which
+        # Lightning (which refuses FSDP on CPU for its own class) does not pass.
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+
+
+class PreferenceDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` without ``zero.Init`` around ``configure_model`` (module docstring).
+
+    Args:
+        kwargs: ``DeepSpeedStrategy`` arguments (``stage``, ``offload_optimizer``, ``config``, ...).
+    """
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:  # noqa: D102
+        yield
+
+
+def full_policy_state_dict(trainer: L.Trainer, policy: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The policy's full (unsharded) weights on rank 0, None on other ranks. Call it on every rank.
+
+    FSDP and DeepSpeed ZeRO-3 keep each weight in pieces across ranks, so gathering is collective;
+    DDP, ZeRO-1/2 and one process hold full weights everywhere and just return them on rank 0.
+    """
+    strategy: Strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
+            state = policy.state_dict()
+    elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed  # present: the strategy could not run without it
+
+        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+            state = {name: tensor.detach().cpu().clone() for name, tensor in policy.state_dict().items()}
+    else:
+        state = policy.state_dict()
+    return state if trainer.is_global_zero else None
+
+
+_FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")
+_DEEPSPEED_PREFIX = "deepspeed"
+
+
+def check_strategy(strategy: Any) -> None:
+    """Reject strategies that mishandle the frozen reference, with one message naming the option.
+
+    ``strategy`` is the raw ``trainer.strategy`` value: a name, or a class path with init args.
+    Lightning's own FSDP and DeepSpeed strategies break here (frozen and trainable weights in one
+    flat parameter; ``zero.Init`` around ``from_pretrained``), so their names point to the configs.
+    """
+    if isinstance(strategy, str):
+        if strategy in _FSDP_NAMES:
+            raise ConfigError(
+                f"trainer.strategy={strategy!r} would flatten the frozen reference with the policy; use "
+                "--config configs/strategy/fsdp.yaml (ipo_lightning.distributed.PreferenceFSDPStrategy)"
+            )
+        if strategy.startswith(_DEEPSPEED_PREFIX):
+            raise ConfigError(
+                f"trainer.strategy={strategy!r} loads the models inside deepspeed.zero.Init; use --config "
+                "configs/strategy/deepspeed_zero2.yaml or deepspeed_zero3.yaml "
+                "(ipo_lightning.distributed.PreferenceDeepSpeedStrategy)"
+            )
+        return
+    class_path = getattr(strategy, "class_path", None) or (
+        strategy.get("class_path") if isinstance(strategy, dict) else None
+    )
+    if class_path is None and isinstance(strategy, DeepSpeedStrategy):
+        class_path = f"{type(strategy).__module__}.{type(strategy).__qualname__}"
+    if class_path and "DeepSpeed" in class_path.rsplit(".", 1)[-1]:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"trainer.strategy {class_path} needs the deepspeed package, which is not installed: "
+                "pip install deepspeed"
+            ) from None
