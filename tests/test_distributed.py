@@ -195,6 +195,21 @@ def test_ddp_two_processes_match_one_process(
     assert not list(run_dir.glob(".hf_model-*"))
 
 
+def test_ddp_bad_record_stops_every_rank_with_one_line(
+    tmp_path: Path, tiny_model_dir: Path, processes: Processes
+) -> None:
+    """A bad record under DDP: every rank stops with the error (none waits at a barrier forever)."""
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=2)
+    with (tmp_path / "train.jsonl").open("a") as handle:
+        handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
+    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    log = tmp_path / "log.txt"
+    process = processes.start(_command(config, *args), _env(tmp_path), log)
+    assert processes.wait(process, log, time.monotonic() + DEADLINE_S) == 2
+    errors = {line for line in log.read_text().splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "record 16" in errors.pop() and "Traceback" not in log.read_text()
+
+
 def _slurm_env(tmp_path: Path, rank: int, port: int, fake_bin: Path) -> dict[str, str]:
     return _env(
         tmp_path,
@@ -273,3 +288,34 @@ def test_slurm_job_requeues_on_signal_and_resumes(
     assert len(offline_runs) == 2 and all(run.name.endswith(f"-{wandb_id}") for run in offline_runs)
     # Interrupted at world size 2, resumed, trained to the end: the weights of one uninterrupted process.
     _assert_same_weights(_weights(run_dir), _weights(single_process_run))
+
+
+def test_sbatch_script_launches_one_task_per_gpu_with_requeue(tmp_path: Path) -> None:
+    """The sbatch template's header asks for the requeue signal, and its srun line sets the world last."""
+    script = REPO / "scripts" / "slurm" / "train.sbatch"
+    header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --signal=SIGUSR1@90" in header and "#SBATCH --requeue" in header
+    fake_bin, calls = tmp_path / "bin", tmp_path / "srun_args.txt"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{calls}"\n')
+    (fake_bin / "scontrol").write_text("#!/bin/sh\necho node7\n")  # `scontrol show hostnames`
+    for tool in fake_bin.iterdir():
+        tool.chmod(0o755)
+    env = _env(
+        tmp_path,
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="777",
+        SLURM_JOB_NODELIST="node[7-8]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NTASKS_PER_NODE="4",
+        SLURM_SUBMIT_DIR=str(REPO),
+        PYTHON="python3",
+    )
+    args = ["--config", "configs/quickstart.yaml", "--config", "configs/strategy/ddp.yaml"]
+    result = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "master node7:15777" in result.stdout
+    assert calls.read_text().split() == [
+        "--kill-on-bad-exit=1", "python3", "-m", "ipo_lightning", "fit", *args,
+        "--trainer.num_nodes", "2", "--trainer.devices", "4",
+    ]  # fmt: skip
