@@ -39,7 +39,7 @@ from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
-from ipo_lightning.resume import RNGStateCheckpoint, find_resume_checkpoint
+from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
 from ipo_lightning.rundir import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
 
 DEFAULT_ROOT_DIR = "runs"
@@ -260,6 +260,8 @@ class PreferenceCLI(LightningCLI):
         if config.get("ckpt_path") is None and run.resume and self.run_dir is not None:
             checkpoint = find_resume_checkpoint(self.run_dir)
             if checkpoint is not None:
+                current = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
+                check_same_run(self.run_dir, current)
                 rank_zero_info(f"Resuming from {checkpoint} (run.resume; --run.resume false starts over)")
                 config["ckpt_path"] = str(checkpoint)
 

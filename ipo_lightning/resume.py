@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
+
+from ipo_lightning.errors import ConfigError
 
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
 """Lightning's name for SLURM requeue checkpoints, saved in ``trainer.default_root_dir``."""
@@ -76,3 +79,38 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     if not candidates:
         return None
     return max(candidates, key=lambda path: path.stat().st_mtime_ns)
+
+
+CONFIG_FILE = "config.yaml"
+"""The resolved config a run folder was started with (written by the CLI at fit start)."""
+_IGNORED_KEYS = ("ckpt_path",)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, sub in value.items():
+            flat.update(_flatten(sub, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def check_same_run(run_dir: str | Path, config: dict[str, Any]) -> None:
+    """Refuse to resume a run folder that another configuration started (one ConfigError naming the option).
+
+    Resuming is automatic when a run folder holds checkpoints, and a folder name can repeat (two fits
+    in one SLURM job both get ``slurm-<job id>``; a reused ``run.name``): resuming an IPO run's
+    checkpoint into a DPO run would silently mix them. A requeued job runs the very same command.
+    """
+    saved_path = Path(run_dir) / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    current = _flatten(config)
+    for key in sorted(saved.keys() | current.keys()):
+        if key in _IGNORED_KEYS or saved.get(key) == current.get(key):
+            continue
+        raise ConfigError(
+            f"run folder {run_dir} holds checkpoints of a run with {key}={saved.get(key)!r}, this run has "
+            f"{key}={current.get(key)!r}: use another run.name (or --run.resume false to start over there)"
+        )

@@ -47,7 +47,7 @@ class StepPacer(Callback):
         seconds: sleep after each batch.
     """
 
-    def __init__(self, marker: str, seconds: float = 0.5) -> None:
+    def __init__(self, marker: str, seconds: float = 0.3) -> None:
         self.marker = marker
         self.seconds = seconds
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -130,3 +131,16 @@ def test_sampler_keeps_the_single_process_order_and_deals_global_batches() -> No
     sampler.skip_batches(epoch=1, batches=3)
     assert list(sampler) == per_rank[1][6:]
     assert list(sampler) == per_rank[1]
+
+
+def test_resuming_a_folder_started_with_another_config_is_refused(tmp_path: Path) -> None:
+    """Two different fits sharing a folder name (e.g. one SLURM job) must not resume each other."""
+    from ipo_lightning.errors import ConfigError
+    from ipo_lightning.resume import check_same_run
+
+    saved = {"model": {"loss_type": "ipo", "beta": 0.5}, "ckpt_path": None, "trainer": {"max_steps": 8}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_same_run(tmp_path, {**saved, "ckpt_path": "x.ckpt"})  # the very same run (a requeue) resumes
+    with pytest.raises(ConfigError, match=r"model.loss_type='ipo', this run has model.loss_type='dpo'"):
+        check_same_run(tmp_path, {**saved, "model": {"loss_type": "dpo", "beta": 0.5}})
+    check_same_run(tmp_path / "fresh", saved)  # a folder without config.yaml: nothing to compare
