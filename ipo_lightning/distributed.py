@@ -118,6 +118,39 @@ class PreferenceFSDPStrategy(FSDPStrategy):
             **self.kwargs,
         )
 
+    # FSDP's full state dict offloaded "to the CPU" crashes the process (SIGSEGV, torch 2.13, gloo) when
+    # the weights already live on the CPU; Lightning always offloads. On CPU, gather without it.
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:  # noqa: D102
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        with _full_state_dict_context(self.model, offload_to_cpu=False):
+            return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:  # noqa: D102
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        with _full_state_dict_context(self.model, offload_to_cpu=False):
+            return FSDP.optim_state_dict(self.model, optimizer)
+
+
+def _full_state_dict_context(model: nn.Module, *, offload_to_cpu: bool) -> Any:
+    """FSDP's full (unsharded) model and optimizer state dicts, gathered to rank 0."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True),
+    )
+
 
 class PreferenceDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` without ``zero.Init`` around ``configure_model`` (module docstring).
@@ -131,27 +164,30 @@ class PreferenceDeepSpeedStrategy(DeepSpeedStrategy):
         yield
 
 
-def full_policy_state_dict(trainer: L.Trainer, policy: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The policy's full (unsharded) weights on rank 0, None on other ranks. Call it on every rank.
+def full_policy_state_dict(
+    trainer: L.Trainer, pl_module: L.LightningModule, attribute: str = "policy"
+) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) weights of ``pl_module.<attribute>`` on rank 0, None elsewhere.
 
-    FSDP and DeepSpeed ZeRO-3 keep each weight in pieces across ranks, so gathering is collective;
-    DDP, ZeRO-1/2 and one process hold full weights everywhere and just return them on rank 0.
+    Call it on every rank: FSDP and DeepSpeed ZeRO-3 keep each weight in pieces across ranks, so
+    gathering is collective. Under FSDP the root's full state dict is taken (a nested unit's own
+    ``state_dict`` returns its local shard) and the policy's keys are cut out of it. DDP, ZeRO-1/2 and
+    one process hold full weights everywhere and just return them on rank 0.
     """
     strategy: Strategy = trainer.strategy
+    model: nn.Module = getattr(pl_module, attribute)
     if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
-            state = policy.state_dict()
+        with _full_state_dict_context(strategy.model, offload_to_cpu=strategy.root_device.type != "cpu"):
+            full = strategy.model.state_dict()
+        prefix = f"{attribute}."
+        state = {key[len(prefix) :]: value for key, value in full.items() if key.startswith(prefix)}
     elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         import deepspeed  # present: the strategy could not run without it
 
-        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
-            state = {name: tensor.detach().cpu().clone() for name, tensor in policy.state_dict().items()}
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
     else:
-        state = policy.state_dict()
+        state = model.state_dict()
     return state if trainer.is_global_zero else None
 
 

@@ -195,6 +195,30 @@ def test_ddp_two_processes_match_one_process(
     assert not list(run_dir.glob(".hf_model-*"))
 
 
+def test_fsdp_two_processes_match_one_process(
+    tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
+) -> None:
+    """configs/strategy/fsdp.yaml on 2 CPU processes: sharded policy, reference left out of FSDP; the
+    loss curve and the export (gathered to rank 0) equal one process's."""
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
+    fsdp = str(REPO / "configs" / "strategy" / "fsdp.yaml")
+    args = ["--config", fsdp, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+    _run(processes, _command(config, *args), _env(tmp_path), tmp_path / "log.txt")
+    run_dir = tmp_path / "runs" / "version_0"
+    # The checkpoint holds the full policy in one file (gathered), and no reference.
+    (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["policy.lm_head.weight"].shape == _weights(run_dir)["lm_head.weight"].shape
+    assert not any(key.startswith("reference.") for key in state)
+    torch.testing.assert_close(
+        torch.tensor(_train_losses(run_dir)),
+        torch.tensor(_train_losses(single_process_run)),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    _assert_same_weights(_weights(run_dir), _weights(single_process_run))
+
+
 def test_ddp_bad_record_stops_every_rank_with_one_line(
     tmp_path: Path, tiny_model_dir: Path, processes: Processes
 ) -> None:

@@ -144,13 +144,15 @@ def test_fsdp_shards_the_policy_and_leaves_the_reference_frozen(
     assert not any(p.requires_grad for p in reference.parameters())
     assert all(p.requires_grad for p in module.policy.parameters())  # use_orig_params: real parameters
 
-    # Checkpoint path: the full state dict holds the policy only (this raised a KeyError when the
-    # reference was an FSDP unit), and the export path gathers the policy's own weights.
+    # Checkpoint and export path: the full state dict holds the policy only (this raised a KeyError when
+    # the reference was an FSDP unit), under the keys the export cuts out (full_policy_state_dict).
     config = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
     with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
         checkpoint_state = wrapped.state_dict()
-        policy_state = module.policy.state_dict()
     assert checkpoint_state and not any(key.startswith("reference.") for key in checkpoint_state)
+    policy_state = {
+        k.removeprefix("policy."): v for k, v in checkpoint_state.items() if k.startswith("policy.")
+    }
     expected = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert set(policy_state) == set(expected)
     for name, tensor in expected.items():

@@ -42,7 +42,7 @@ class HFExport(Callback):
         target = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
         self.export_dir = target
         # Every rank takes part: under FSDP and ZeRO-3 the weights are gathered from all of them.
-        state_dict = full_policy_state_dict(trainer, pl_module.policy)
+        state_dict = full_policy_state_dict(trainer, pl_module)
         if not trainer.is_global_zero:
             return
         policy = _unwrapped(pl_module.policy)
