@@ -2,11 +2,11 @@
 
 Use them by class path (``configs/strategy/fsdp.yaml``, ``deepspeed_zero{2,3}.yaml``):
 
-- :class:`PreferenceFSDPStrategy`: FSDP that wraps each decoder layer, and the policy and the reference
-  as whole models, in their own units. Frozen and trainable weights then never share a flat parameter,
-  the reference is sharded like the policy, and a call to either model (forward or ``generate``)
-  gathers its own top-level weights (embeddings, head). ``use_orig_params`` is on, so the module's
-  optimizer sees the policy's real parameters.
+- :class:`PreferenceFSDPStrategy`: FSDP with one unit per decoder layer and one for the policy model
+  (its embeddings and head); ``use_orig_params`` is on, so the module's optimizer sees the policy's
+  real parameters. The reference is left out of FSDP (``ignored_states``) and replicated on every
+  device: in FSDP units its frozen weights would share flat parameters and state-dict hooks with the
+  trained ones (a full state dict then failed with a KeyError on the reference's keys).
 - :class:`PreferenceDeepSpeedStrategy`: DeepSpeed that loads the models without ``deepspeed.zero.Init``:
   inside it, ``from_pretrained`` and the copy of the policy made for the reference see empty
   partitioned tensors (the classic ZeRO-3 failure). The engine partitions the full models when it is
