@@ -43,6 +43,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if not key.startswith(("SLURM_", "TORCHELASTIC_", "PL_")) and key not in LAUNCH_VARS
     }
+    # An earlier in-process W&B run leaves its service's address here; a child would share that
+    # service, which still counts the first launch's run as active ("run ID ... is in use").
+    env.pop("WANDB_SERVICE", None)
     env.update(
         WANDB_MODE="offline",
         PYTHONPATH=str(REPO),
