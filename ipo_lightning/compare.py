@@ -139,7 +139,8 @@ def latest_run(folder: Path) -> Path:
 
     Usually ``version_N``; under SLURM or with ``--run.name`` the folder has another name.
     """
-    runs = [child for child in folder.iterdir() if (child / "metrics.csv").is_file()] if folder.is_dir() else []
+    children = folder.iterdir() if folder.is_dir() else []
+    runs = [child for child in children if (child / "metrics.csv").is_file()]
     if not runs:
         raise UserInputError(f"{folder}: no run folder with a metrics.csv")
     return max(runs, key=lambda child: (child / "metrics.csv").stat().st_mtime)
