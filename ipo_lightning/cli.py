@@ -5,7 +5,11 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
 - model and data share one setting for the tokenizer and the maximum length (``link_arguments``);
 - ``--wandb.*`` options and default loggers: unless ``trainer.logger`` is set, every run writes a CSV
   copy of all metrics and a W&B run (offline when not logged in) into one run directory,
-  ``<trainer.default_root_dir>/version_N``, beside its checkpoints, resolved config and export;
+  ``<trainer.default_root_dir>/<run name>``, beside its checkpoints, resolved config and export;
+- ``--run.*``: the run folder's name, decided once for all processes (``version_N``, ``slurm-<job
+  id>``, or ``run.name``), and resuming from the newest checkpoint in it;
+- ``--slurm.*``: auto-requeue of SLURM jobs at a step boundary (:class:`SlurmRequeue`);
+- random states in every checkpoint (:class:`RNGStateCheckpoint`) for an exact resume;
 - ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
 - ``--divergence.*``: KL to the reference on held-out pairs, every N steps and after validations;
 - user errors (bad data, bad config values) end with one line on stderr and exit code 2.
@@ -23,15 +27,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ipo_lightning.callbacks import DivergenceMonitor, HFExport
+from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.data import PreferenceDataModule
+from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
+from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
+from ipo_lightning.rundir import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
 
 DEFAULT_ROOT_DIR = "runs"
 
@@ -68,6 +78,21 @@ class WandbOptions:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
 
 
+@dataclass
+class RunOptions:
+    """The run folder ``<trainer.default_root_dir>/<name>`` of the default loggers.
+
+    Args:
+        name: Folder name; default: the next ``version_N``, or ``slurm-<job id>`` in a SLURM job (so a
+            requeued job continues in the same folder). Reusing a name continues that run.
+        resume: Continue from the run folder's newest checkpoint when it has one and ``ckpt_path`` is
+            not set; the W&B run continues too (its id is kept in the folder).
+    """
+
+    name: str | None = None
+    resume: bool = True
+
+
 class SaveAndLogConfig(SaveConfigCallback):
     """Save the resolved config as ``config.yaml`` in the run folder and send it to W&B as well.
 
@@ -94,6 +119,10 @@ class SaveAndLogConfig(SaveConfigCallback):
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if wandb_loggers and wandb_loggers[0].save_dir:
+            # Kept beside the checkpoints so a resumed (e.g. requeued) run logs into the same W&B run.
+            # (Not trainer.log_dir: it broadcasts, and this runs on rank 0 only.)
+            save_wandb_run_id(wandb_loggers[0].save_dir, str(wandb_loggers[0].version))
         if wandb_loggers:
             resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
             for logger in wandb_loggers:
@@ -118,9 +147,18 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if _wandb_logged_in() else "offline"
 
 
-def build_default_loggers(root_dir: str | Path, options: WandbOptions) -> list[Logger]:
-    """CSV (always) and W&B (unless disabled) loggers sharing one run folder ``root/version_N``."""
-    csv_logger = CSVLogger(save_dir=str(root_dir), name="")
+def build_default_loggers(
+    root_dir: str | Path, options: WandbOptions, run_name: str | None = None
+) -> list[Logger]:
+    """CSV (always) and W&B (unless disabled) loggers sharing one run folder ``root/<run name>``.
+
+    The name comes from :func:`~ipo_lightning.rundir.resolve_run_name` (one decision for all
+    processes). The W&B run id is read from the folder when it holds one, so a resumed run continues
+    the same W&B run (``resume="allow"``); only rank 0 ever opens the W&B run.
+    """
+    run_name = resolve_run_name(root_dir, run_name)
+    share_run_name(run_name)
+    csv_logger = CSVLogger(save_dir=str(root_dir), name="", version=run_name)
     loggers: list[Logger] = [csv_logger]
     mode = resolve_wandb_mode(options.mode)
     if options.enabled and mode != "disabled":
@@ -134,6 +172,8 @@ def build_default_loggers(root_dir: str | Path, options: WandbOptions) -> list[L
                 name=options.name,
                 entity=options.entity,
                 tags=options.tags or None,
+                id=wandb_run_id(csv_logger.log_dir) if getattr(rank_zero_only, "rank", 0) == 0 else None,
+                resume="allow",
             )
         )
     return loggers
@@ -173,7 +213,9 @@ class PreferenceCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(DivergenceMonitor, "divergence")
+        parser.add_lightning_class_args(SlurmRequeue, "slurm")
         parser.add_class_arguments(WandbOptions, "wandb", fail_untyped=True, sub_configs=True)
+        parser.add_class_arguments(RunOptions, "run", fail_untyped=True, sub_configs=True)
         parser.set_defaults(
             {
                 "model.optimizer": {
@@ -186,19 +228,55 @@ class PreferenceCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Resolve defaults that depend on other options, so the saved config states them."""
         config = self.config.get(str(self.subcommand), self.config)
+        check_strategy(config.trainer.strategy)
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
         if config.model.reference is None:
             config.model.reference = "lora" if config.model.lora is not None else "separate"
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The stock trainer, plus the default CSV + W&B loggers when none are configured."""
+        """The stock trainer, plus the default loggers, random states in checkpoints and SLURM set-up.
+
+        With the default loggers, ``default_root_dir`` becomes the run folder, so everything Lightning
+        writes there by itself (SLURM requeue checkpoints) belongs to this run only.
+        """
         trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if not any(isinstance(callback, RNGStateCheckpoint) for callback in callbacks):
+            callbacks.append(RNGStateCheckpoint())
+        kwargs["callbacks"] = callbacks
+        if SLURMEnvironment.detect():
+            kwargs["plugins"] = _without_lightning_requeue(trainer_config.get("plugins"))
+        self.run_dir: Path | None = None
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR
-            options = self._get(self.config_init, "wandb")
-            kwargs["logger"] = build_default_loggers(root, options)
+            run = self._get(self.config_init, "run")
+            loggers = build_default_loggers(root, self._get(self.config_init, "wandb"), run.name)
+            kwargs["logger"] = loggers
+            self.run_dir = Path(loggers[0].log_dir)
+            kwargs["default_root_dir"] = str(self.run_dir)
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Resume from the run folder's newest checkpoint (``run.resume``) unless ``ckpt_path`` is set."""
+        config = self.config_init["fit"]
+        run = self._get(self.config_init, "run")
+        if config.get("ckpt_path") is None and run.resume and self.run_dir is not None:
+            checkpoint = find_resume_checkpoint(self.run_dir)
+            if checkpoint is not None:
+                current = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
+                check_same_run(self.run_dir, current)
+                rank_zero_info(f"Resuming from {checkpoint} (run.resume; --run.resume false starts over)")
+                config["ckpt_path"] = str(checkpoint)
+
+
+def _without_lightning_requeue(plugins: Any) -> list[Any]:
+    """``plugins`` with a ``SLURMEnvironment`` whose own requeue handler is off (see SlurmRequeue)."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def _tools() -> dict[str, Callable[[list[str]], None]]:

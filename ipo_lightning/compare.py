@@ -135,11 +135,15 @@ def check_members(spec: CompareSpec) -> None:
 
 
 def latest_run(folder: Path) -> Path:
-    """The newest ``version_N`` folder under ``folder``."""
-    versions = sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[-1]))
-    if not versions:
-        raise UserInputError(f"{folder}: no version_N run folder")
-    return versions[-1]
+    """The newest run folder (one holding ``metrics.csv``) under ``folder``.
+
+    Usually ``version_N``; under SLURM or with ``--run.name`` the folder has another name.
+    """
+    children = folder.iterdir() if folder.is_dir() else []
+    runs = [child for child in children if (child / "metrics.csv").is_file()]
+    if not runs:
+        raise UserInputError(f"{folder}: no run folder with a metrics.csv")
+    return max(runs, key=lambda child: (child / "metrics.csv").stat().st_mtime)
 
 
 def run_compare(spec: CompareSpec) -> Path:

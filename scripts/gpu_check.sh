@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CUDA checks for a GPU machine: log-prob kernels, bf16 quickstart, and the log-prob memory benchmark.
+# CUDA checks for a GPU machine: log-prob kernels, bf16 quickstart, scale-out strategies, and the
+# log-prob memory benchmark.
 #
 #   bash scripts/gpu_check.sh [WHEEL_DIR]
 #
@@ -22,6 +23,8 @@ export GPU_CHECK_RUNS="$WORK/runs"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
 "$PY" scripts/gpu_check.py || status=$?
+# DDP / FSDP / DeepSpeed ZeRO-2/3 on min(2, GPUs) devices: frozen reference, export, loss vs DDP.
+"$PY" scripts/gpu_check_scale.py || status=$?
 # Qwen2.5's vocabulary, 8 sequences of 2048 scored tokens, bf16 logits (4.6 GiB).
 "$PY" benchmarks/logprobs.py --device cuda --dtype bfloat16 --rows 8 --length 2048 --vocab 151936 \
   | tee "$OUT/logprobs_benchmark.jsonl"

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
 
 GOOD = ["thank you", "here is a clear answer", "please", "happy to help"]
 BAD = ["no", "figure it out yourself", "stupid question", "go away"]
@@ -30,3 +34,25 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> Path:
     """Write ``records`` as JSON lines and return ``path``."""
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     return path
+
+
+class StepPacer(Callback):
+    """Test callback for multi-process runs: after each optimizer step, record the step and sleep.
+
+    The sleep widens the window in which a test can signal a running job; the marker file (one line
+    per step, from rank 0) tells the test how far training has got. It draws no random numbers.
+
+    Args:
+        marker: file that rank 0 appends the global step to after each batch.
+        seconds: sleep after each batch.
+    """
+
+    def __init__(self, marker: str, seconds: float = 0.3) -> None:
+        self.marker = marker
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:  # noqa: D102
+        if trainer.is_global_zero:
+            with open(self.marker, "a") as handle:
+                handle.write(f"{trainer.global_step}\n")
+        time.sleep(self.seconds)

@@ -8,11 +8,13 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer
 
 from ipo_lightning.builtin import resolve_model_path
+from ipo_lightning.distributed import full_policy_state_dict
 from ipo_lightning.lora import is_lora, merged_copy
 
 ADAPTER_DIRNAME = "adapter"
@@ -48,9 +50,11 @@ class HFExport(Callback):
             return
         target = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
         self.export_dir = target
+        # Every rank takes part: under FSDP and ZeRO-3 the weights are gathered from all of them.
+        state_dict = full_policy_state_dict(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        policy = pl_module.policy
+        policy = _unwrapped(pl_module.policy)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -60,11 +64,12 @@ class HFExport(Callback):
         staging = Path(tempfile.mkdtemp(prefix=f".{self.dirname}-", dir=target.parent))
         try:
             if is_lora(policy):
+                # Not gathered: LoRA is supported with DDP and one process, where weights are whole.
                 merged_copy(policy).save_pretrained(staging, safe_serialization=True)
                 if self.save_adapter:
                     policy.save_pretrained(staging / ADAPTER_DIRNAME, safe_serialization=True)
             else:
-                policy.save_pretrained(staging, safe_serialization=True)
+                policy.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             info = {
                 "base_model": pl_module.hparams.model_name_or_path,
@@ -82,3 +87,8 @@ class HFExport(Callback):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         rank_zero_info(f"Exported the trained policy to {target}")
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside an FSDP unit (its ``save_pretrained`` and config)."""
+    return getattr(module, "_fsdp_wrapped_module", module)

@@ -11,6 +11,7 @@ import datasets
 import lightning as L
 import pyarrow.compute as pc
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -20,9 +21,10 @@ from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.data.formats import DataFormat, validate_columns
 from ipo_lightning.data.noise import FLIPPED_COLUMN, check_label_noise, flip_labels
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
+from ipo_lightning.data.sampler import ResumableDistributedSampler
 from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
-from ipo_lightning.errors import ConfigError, DataError
+from ipo_lightning.errors import ConfigError, DataError, UserInputError
 
 HELD_OUT_NAME = "val"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -124,6 +126,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.test_datasets: dict[str, datasets.Dataset] = {}
         self.dropped: dict[str, dict[str, int]] = {}
         """Set name -> drop reason -> number of pairs dropped, filled by ``setup``."""
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done), from a checkpoint
 
     def _check_config(self) -> None:
         check_lengths(self.max_length, self.max_prompt_length, prefix="data.")
@@ -202,13 +205,24 @@ class PreferenceDataModule(L.LightningDataModule):
         """Load and tokenise every configured set once (on one process per node) to fill the cache.
 
         ``setup`` then reads the cached results on every process instead of tokenising in parallel.
+        With several processes a bad record or option is not raised here: this runs on local rank 0
+        only, and the other ranks would wait for it at Lightning's next barrier forever. ``setup``
+        meets the same error on every rank instead. (One process raises it here, before any run
+        folder exists.)
         """
         if self.tokenizer is None:
             return
         pair_tokenizer = self._pair_tokenizer()
         for source in [self.train, *self.val.values(), *self.test.values()]:
             if source is not None:
-                tokenize_source(self._load(source), pair_tokenizer, self.format, self.columns, self.num_proc)
+                try:
+                    tokenize_source(
+                        self._load(source), pair_tokenizer, self.format, self.columns, self.num_proc
+                    )
+                except UserInputError:
+                    if self.trainer is not None and self.trainer.world_size > 1:
+                        return
+                    raise
 
     def setup(self, stage: str | None = None) -> None:
         """Build the sets the stage needs (fit/validate: train and val; test: test); built sets are kept."""
@@ -283,17 +297,51 @@ class PreferenceDataModule(L.LightningDataModule):
         return kept_pairs(tokenized)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the shuffle order is drawn from ``seed``."""
+        """Shuffled training batches, this rank's share of each global batch (see the sampler).
+
+        The shuffle order is drawn from ``seed`` and shared by all ranks; after a resume from a
+        mid-epoch checkpoint the first iteration starts after the batches already trained on.
+        """
         if self.train_dataset is None:
             raise ConfigError(
                 "no training data: set data.train" if self.train is None else "call setup('fit') first"
             )
+        trainer = self.trainer
+        sampler = ResumableDistributedSampler(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=self.seed,
+        )
+        if self._resume_position is not None:
+            sampler.skip_batches(*self._resume_position)
+            self._resume_position = None
+        # The loader's own generator draws the worker base seed, which would otherwise come from the
+        # global torch RNG at every new epoch iterator and shift dropout after a resume.
         return self._loader(
             self.train_dataset,
             self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in its epoch, saved in every checkpoint for an exact resume.
+
+        ``batches_done`` counts this epoch's batches whose optimizer step is in the checkpoint (a
+        checkpoint saved at a batch end includes that batch; Lightning resumes after it).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the training order at the checkpoint's position (applied by ``train_dataloader``)."""
+        if "epoch" in state_dict:
+            self._resume_position = (state_dict["epoch"], state_dict["batches_done"])
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per validation set, in ``val_set_names`` order (a list even for one set)."""
@@ -319,13 +367,13 @@ class PreferenceDataModule(L.LightningDataModule):
         self,
         dataset: datasets.Dataset,
         batch_size: int,
-        shuffle: bool = False,
+        sampler: ResumableDistributedSampler | None = None,
         generator: torch.Generator | None = None,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             collate_fn=self.collator,
             num_workers=self.num_workers,

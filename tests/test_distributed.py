@@ -1,0 +1,348 @@
+"""Several processes on CPU (gloo), through the real CLI: DDP, a simulated SLURM job, requeue and resume.
+
+Every process is started in its own session and killed with its children when a test ends, and every
+wait has a deadline, so a hang fails the test instead of the suite. One thread per process.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
+from ipo_lightning.rundir import WANDB_ID_FILE
+from tests.helpers import polite_pairs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS, GLOBAL_BATCH, MAX_STEPS = 16, 4, 8  # 4 optimizer steps per epoch, 2 epochs
+DEADLINE_S = 240
+LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SLURM_", "TORCHELASTIC_", "PL_")) and key not in LAUNCH_VARS
+    }
+    # An earlier in-process W&B run leaves its service's address here; a child would share that
+    # service, which still counts the first launch's run as active ("run ID ... is in use").
+    env.pop("WANDB_SERVICE", None)
+    env.update(
+        WANDB_MODE="offline",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        HF_DATASETS_CACHE=str(tmp_path / "hf_cache"),
+        WANDB_DIR=str(tmp_path / "wandb"),
+    )
+    env.update(extra)
+    return env
+
+
+def _config(tmp_path: Path, model_dir: Path, *, per_rank_batch: int, wandb: bool = False, pace: bool = False):
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(PAIRS))
+    callbacks = []
+    if pace:
+        marker = str(tmp_path / "steps.txt")
+        callbacks.append({"class_path": "tests.helpers.StepPacer", "init_args": {"marker": marker}})
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(tmp_path / "runs"),
+            "accelerator": "cpu",
+            "max_steps": MAX_STEPS,
+            "max_epochs": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": callbacks,
+        },
+        "model": {
+            "model_name_or_path": str(model_dir),
+            "beta": 0.5,
+            # Plain SGD: Adam's normalisation would blow float noise in near-zero gradients up to lr.
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+            "warmup_ratio": 0.0,
+        },
+        "data": {
+            "train": {"path": str(train)},
+            "max_length": 48,
+            "max_prompt_length": 24,
+            "batch_size": per_rank_batch,
+        },
+        "divergence": {"enabled": False},
+        "wandb": {"enabled": wandb},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config), *args]
+
+
+class Processes:
+    """Processes started in their own sessions; ``close`` kills whatever is left, children included."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+        handle = log.open("w")
+        process = subprocess.Popen(
+            command, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        handle.close()
+        self.started.append(process)
+        return process
+
+    def wait(self, process: subprocess.Popen[str], log: Path, deadline: float) -> int:
+        try:
+            return process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.close()
+            pytest.fail(f"process timed out; log tail:\n{log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait(timeout=30)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Started processes, killed (with their process groups) at the end of the test."""
+    tracker = Processes()
+    try:
+        yield tracker
+    finally:
+        tracker.close()
+
+
+def _run(processes: Processes, command: list[str], env: dict[str, str], log: Path) -> None:
+    process = processes.start(command, env, log)
+    code = processes.wait(process, log, time.monotonic() + DEADLINE_S)
+    assert code == 0, log.read_text()[-4000:]
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "hf_model" / "model.safetensors")
+
+
+def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The reference run: one process, global batch 4, SGD, 8 steps; returns its run folder."""
+    tmp_path = tmp_path_factory.mktemp("single")
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH)
+    tracker = Processes()
+    try:
+        _run(tracker, _command(config, "--trainer.devices", "1"), _env(tmp_path), tmp_path / "log.txt")
+    finally:
+        tracker.close()
+    return tmp_path / "runs" / "version_0"
+
+
+def test_ddp_two_processes_match_one_process(
+    tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
+) -> None:
+    """2 ranks x batch 2 through the CLI = 1 process x batch 4: loss per step and final weights."""
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
+    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    _run(processes, _command(config, *args), _env(tmp_path), tmp_path / "log.txt")
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert [run.name for run in runs] == ["version_0"]  # one folder for both ranks: no version race
+    run_dir = runs[0]
+
+    single_losses, ddp_losses = _train_losses(single_process_run), _train_losses(run_dir)
+    assert len(ddp_losses) == MAX_STEPS and ddp_losses[-1] < ddp_losses[0]
+    # train/loss is the mean over all pairs of the step on both ranks (torchmetrics sync).
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), rtol=1e-4, atol=1e-6)
+    _assert_same_weights(_weights(run_dir), _weights(single_process_run))
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert not torch.equal(start["lm_head.weight"], _weights(run_dir)["lm_head.weight"])
+    # Rank 0 alone wrote the export, once.
+    assert not list(run_dir.glob(".hf_model-*"))
+
+
+def test_fsdp_two_processes_match_one_process(
+    tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
+) -> None:
+    """configs/strategy/fsdp.yaml on 2 CPU processes: sharded policy, reference left out of FSDP; the
+    loss curve and the export (gathered to rank 0) equal one process's."""
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
+    fsdp = str(REPO / "configs" / "strategy" / "fsdp.yaml")
+    args = ["--config", fsdp, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+    _run(processes, _command(config, *args), _env(tmp_path), tmp_path / "log.txt")
+    run_dir = tmp_path / "runs" / "version_0"
+    # The checkpoint holds the full policy in one file (gathered), and no reference.
+    (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["policy.lm_head.weight"].shape == _weights(run_dir)["lm_head.weight"].shape
+    assert not any(key.startswith("reference.") for key in state)
+    torch.testing.assert_close(
+        torch.tensor(_train_losses(run_dir)),
+        torch.tensor(_train_losses(single_process_run)),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    _assert_same_weights(_weights(run_dir), _weights(single_process_run))
+
+
+def test_ddp_bad_record_stops_every_rank_with_one_line(
+    tmp_path: Path, tiny_model_dir: Path, processes: Processes
+) -> None:
+    """A bad record under DDP: every rank stops with the error (none waits at a barrier forever)."""
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=2)
+    with (tmp_path / "train.jsonl").open("a") as handle:
+        handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
+    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    log = tmp_path / "log.txt"
+    process = processes.start(_command(config, *args), _env(tmp_path), log)
+    assert processes.wait(process, log, time.monotonic() + DEADLINE_S) == 2
+    errors = {line for line in log.read_text().splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "record 16" in errors.pop() and "Traceback" not in log.read_text()
+
+
+def _slurm_env(tmp_path: Path, rank: int, port: int, fake_bin: Path) -> dict[str, str]:
+    return _env(
+        tmp_path,
+        SLURM_NTASKS="2",
+        SLURM_PROCID=str(rank),
+        SLURM_LOCALID=str(rank),
+        SLURM_NODEID="0",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_JOB_NAME="ipo-test",  # not "bash": Lightning treats that as an interactive session
+        SLURM_JOB_ID="4242",
+        SLURM_NODELIST="localhost",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PATH=f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+
+
+def _fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``scontrol`` on PATH that records its arguments (SLURM itself is absent here)."""
+    fake_bin, record = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
+    fake_bin.mkdir()
+    script = fake_bin / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\n')
+    script.chmod(0o755)
+    return fake_bin, record
+
+
+def _launch_slurm_job(tmp_path: Path, config: Path, processes: Processes, fake_bin: Path, attempt: int):
+    port = _free_port()
+    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.num_nodes", "1"]
+    launched = []
+    for rank in (0, 1):
+        log = tmp_path / f"attempt{attempt}_rank{rank}.txt"
+        env = _slurm_env(tmp_path, rank, port, fake_bin)
+        launched.append((processes.start(_command(config, *args), env, log), log))
+    return launched
+
+
+def test_slurm_job_requeues_on_signal_and_resumes(
+    tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
+) -> None:
+    """Two hand-started SLURM tasks: SIGUSR1 mid-run -> checkpoint + requeue; relaunch resumes to the end."""
+    fake_bin, record = _fake_scontrol(tmp_path)
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2, wandb=True, pace=True)
+    marker = tmp_path / "steps.txt"
+    deadline = time.monotonic() + DEADLINE_S
+
+    first = _launch_slurm_job(tmp_path, config, processes, fake_bin, attempt=1)
+    while not (marker.exists() and len(marker.read_text().split()) >= 2):
+        assert all(p.poll() is None for p, _ in first), first[0][1].read_text()[-3000:]
+        assert time.monotonic() < deadline, "training did not start in time"
+        time.sleep(0.2)
+    # SLURM signals every task; signalling one is enough (the ranks agree at the next step) and harder.
+    first[1][0].send_signal(signal.SIGUSR1)
+    for process, log in first:
+        assert processes.wait(process, log, deadline) == REQUEUE_EXIT_CODE, log.read_text()[-4000:]
+    run_dir = tmp_path / "runs" / "slurm-4242"  # from the job id, the same in every task and after requeue
+    # Lightning took the world from SLURM's variables: two hand-started tasks, one world of size 2.
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in first[1][1].read_text()
+    assert record.read_text().split() == ["requeue", "4242"]  # rank 0 alone asked SLURM to requeue
+    (checkpoint,) = run_dir.glob("hpc_ckpt_*.ckpt")
+    stopped_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < stopped_at < MAX_STEPS
+    assert not (run_dir / "hf_model").exists()  # an interrupted run exports nothing
+    wandb_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+
+    second = _launch_slurm_job(tmp_path, config, processes, fake_bin, attempt=2)
+    for process, log in second:
+        assert processes.wait(process, log, deadline) == 0, log.read_text()[-4000:]
+    assert f"Resuming from {checkpoint}" in second[0][1].read_text()
+    steps = [int(step) for step in marker.read_text().split()]
+    assert steps[-1] == MAX_STEPS and stopped_at + 1 in steps[steps.index(stopped_at) + 1 :]
+    # Same W&B run continued: both launches' offline runs carry the id kept in the run folder.
+    assert (run_dir / WANDB_ID_FILE).read_text().strip() == wandb_id
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(run.name.endswith(f"-{wandb_id}") for run in offline_runs)
+    # Interrupted at world size 2, resumed, trained to the end: the weights of one uninterrupted process.
+    _assert_same_weights(_weights(run_dir), _weights(single_process_run))
+
+
+def test_sbatch_script_launches_one_task_per_gpu_with_requeue(tmp_path: Path) -> None:
+    """The sbatch template's header asks for the requeue signal, and its srun line sets the world last."""
+    script = REPO / "scripts" / "slurm" / "train.sbatch"
+    header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --signal=SIGUSR1@90" in header and "#SBATCH --requeue" in header
+    fake_bin, calls = tmp_path / "bin", tmp_path / "srun_args.txt"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{calls}"\n')
+    (fake_bin / "scontrol").write_text("#!/bin/sh\necho node7\n")  # `scontrol show hostnames`
+    for tool in fake_bin.iterdir():
+        tool.chmod(0o755)
+    env = _env(
+        tmp_path,
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="777",
+        SLURM_JOB_NODELIST="node[7-8]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NTASKS_PER_NODE="4",
+        SLURM_SUBMIT_DIR=str(REPO),
+        PYTHON="python3",
+    )
+    args = ["--config", "configs/quickstart.yaml", "--config", "configs/strategy/ddp.yaml"]
+    result = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "master node7:15777" in result.stdout
+    assert calls.read_text().split() == [
+        "--kill-on-bad-exit=1", "python3", "-m", "ipo_lightning", "fit", *args,
+        "--trainer.num_nodes", "2", "--trainer.devices", "4",
+    ]  # fmt: skip
