@@ -97,10 +97,8 @@ class FrozenReference(nn.Module):
 
         ``batching`` lays the rows out as the policy's forward does (see :mod:`ipo_lightning.batching`).
         """
-        scores = batch_scores(
-            self.model, input_ids, attention_mask, completion_mask, batching=batching, chunk_size=chunk_size
-        )
-        return scores.sequence_logps(length_normalize)
+        rows = (input_ids, attention_mask, completion_mask)
+        return _sequence_logprobs(self.model, rows, length_normalize, chunk_size, batching)
 
 
 class _AdaptersOff(nn.Module):
@@ -176,16 +174,21 @@ class AdapterReference:
     ) -> Tensor:
         """Per-sequence completion log-probs under the base model (no autograd graph), laid out as
         the policy's forward (``batching``, see :mod:`ipo_lightning.batching`)."""
-        with torch.no_grad():
-            scores = batch_scores(
-                self.model,
-                input_ids,
-                attention_mask,
-                completion_mask,
-                batching=batching,
-                chunk_size=chunk_size,
-            )
-        return scores.sequence_logps(length_normalize)
+        rows = (input_ids, attention_mask, completion_mask)
+        return _sequence_logprobs(self.model, rows, length_normalize, chunk_size, batching)
+
+
+@torch.no_grad()
+def _sequence_logprobs(
+    model: nn.Module,
+    rows: tuple[Tensor, Tensor, Tensor],
+    length_normalize: bool,
+    chunk_size: int,
+    batching: Batching,
+) -> Tensor:
+    """The reference scoring both model-backed strategies share."""
+    scores = batch_scores(model, *rows, batching=batching, chunk_size=chunk_size)
+    return scores.sequence_logps(length_normalize)
 
 
 def precomputed_logprobs(batch: dict[str, Tensor], *, length_normalize: bool) -> Tensor:

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -56,3 +57,20 @@ class StepPacer(Callback):
             with open(self.marker, "a") as handle:
                 handle.write(f"{trainer.global_step}\n")
         time.sleep(self.seconds)
+
+
+def quiet_trainer(root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
+    """A CPU trainer without logger, progress bar, summary, checkpoints or sanity check."""
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(root),
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)

@@ -11,23 +11,7 @@ import torch
 
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.module import PreferenceModule
-from tests.helpers import polite_pairs, write_jsonl
-
-
-def _trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": str(root),
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+from tests.helpers import polite_pairs, quiet_trainer, write_jsonl
 
 
 def _datamodule(tiny_model_dir: Path, train_file: Path, batch_size: int) -> PreferenceDataModule:
@@ -51,7 +35,7 @@ def test_reference_untouched_and_not_checkpointed(tmp_path: Path, tiny_model_dir
     before = {k: v.clone() for k, v in module.reference.model.state_dict().items()}
     policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
 
-    trainer = _trainer(tmp_path, max_steps=6, enable_checkpointing=True)
+    trainer = quiet_trainer(tmp_path, max_steps=6, enable_checkpointing=True)
     trainer.fit(module, datamodule=_datamodule(tiny_model_dir, train_file, batch_size=4))
 
     # Reference: bitwise equal, frozen, in eval mode, outside the optimizer.
@@ -92,7 +76,7 @@ def _train_and_measure_margin(tmp_path: Path, tiny_model_dir: Path, loss_type: s
         lr_schedule="constant",
         warmup_ratio=0.0,
     )
-    _trainer(tmp_path, max_steps=250).fit(module, datamodule=datamodule)
+    quiet_trainer(tmp_path, max_steps=250).fit(module, datamodule=datamodule)
     module.eval()
     with torch.no_grad():
         _, values = module.forward_pairs(next(iter(datamodule.train_dataloader())))
@@ -116,7 +100,7 @@ def test_fit_resumes_from_a_checkpoint_without_reference_weights(
     def module() -> PreferenceModule:
         return PreferenceModule(str(tiny_model_dir), optimizer=_constant_adam(1e-2), lr_schedule="constant")
 
-    first = _trainer(tmp_path / "a", max_steps=3, enable_checkpointing=True)
+    first = quiet_trainer(tmp_path / "a", max_steps=3, enable_checkpointing=True)
     first.fit(module(), datamodule=_datamodule(tiny_model_dir, train_file, batch_size=4))
     checkpoint = first.checkpoint_callback.best_model_path
 
@@ -127,7 +111,7 @@ def test_fit_resumes_from_a_checkpoint_without_reference_weights(
         def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
             steps_run.append(1)
 
-    resumed = _trainer(tmp_path / "b", max_steps=6, callbacks=[CountSteps()])
+    resumed = quiet_trainer(tmp_path / "b", max_steps=6, callbacks=[CountSteps()])
     resumed.fit(
         resumed_module, datamodule=_datamodule(tiny_model_dir, train_file, batch_size=4), ckpt_path=checkpoint
     )
@@ -158,7 +142,9 @@ def test_train_metrics_cover_every_micro_batch_of_an_optimizer_step(
         str(tiny_model_dir), reference_name_or_path=str(reference_dir), optimizer=_constant_adam(0.0)
     )
     logger = CSVLogger(tmp_path / "logs", name="")
-    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1)
+    trainer = quiet_trainer(
+        tmp_path, max_steps=1, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1
+    )
     trainer.fit(module, datamodule=datamodule)
 
     rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))

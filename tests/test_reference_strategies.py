@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from peft import PeftModel
@@ -23,26 +22,10 @@ from ipo_lightning.lora import LoraOptions, merged_copy
 from ipo_lightning.module import PreferenceModule
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import polite_pairs, write_jsonl
+from tests.helpers import polite_pairs, quiet_trainer, write_jsonl
 
 LORA = LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
 BETA = 0.5
-
-
-def _trainer(root: Path, max_steps: int = 1, **kwargs) -> L.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": str(root),
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
 
 
 def _datamodule(tokenizer_dir: Path, train: Path, val: Path | None = None, **kwargs) -> PreferenceDataModule:
@@ -103,7 +86,7 @@ def test_separate_lora_and_precomputed_give_the_same_loss(
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(8))
     val = write_jsonl(tmp_path / "val.jsonl", polite_pairs(6, offset=40))
     datamodule = _datamodule(tiny_model_dir, train, val, cache_dir=str(tmp_path / "cache"))
-    _trainer(tmp_path).validate(precomputed, datamodule=datamodule)  # runs the precompute pass
+    quiet_trainer(tmp_path).validate(precomputed, datamodule=datamodule)  # runs the precompute pass
     batch = next(iter(datamodule.val_dataloader()[0]))
     assert "ref_chosen_logp_sum" in batch
 
@@ -233,7 +216,7 @@ def test_lora_fit_bf16_checkpoint_resume_and_merged_export(tmp_path: Path, tiny_
 
     first = module()
     export = HFExport(save_adapter=True)
-    trainer = _trainer(
+    trainer = quiet_trainer(
         tmp_path / "a", max_steps=3, precision="bf16-mixed", enable_checkpointing=True, callbacks=[export]
     )
     trainer.fit(first, datamodule=_datamodule(tiny_model_dir, train))
@@ -259,7 +242,7 @@ def test_lora_fit_bf16_checkpoint_resume_and_merged_export(tmp_path: Path, tiny_
         torch.testing.assert_close(adapted(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
 
     # Resume goes on from step 3.
-    resumed = _trainer(tmp_path / "b", max_steps=5, precision="bf16-mixed")
+    resumed = quiet_trainer(tmp_path / "b", max_steps=5, precision="bf16-mixed")
     resumed.fit(module(), datamodule=_datamodule(tiny_model_dir, train), ckpt_path=checkpoint)
     assert resumed.global_step == 5
 
@@ -315,7 +298,7 @@ def _fit_precomputed(tmp_path: Path, policy_dir: Path, reference_dir: Path, trai
     )
     datamodule = _datamodule(policy_dir, train, val, cache_dir=str(tmp_path / "cache"))
     with ReferenceForwards() as forwards:
-        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
+        quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
     return module.precompute_report, forwards.count, datamodule
 
 
