@@ -41,7 +41,7 @@ from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
 from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
-from ipo_lightning.rundir import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
+from ipo_lightning.run_folder import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
 
 DEFAULT_ROOT_DIR = "runs"
 
@@ -152,7 +152,7 @@ def build_default_loggers(
 ) -> list[Logger]:
     """CSV (always) and W&B (unless disabled) loggers sharing one run folder ``root/<run name>``.
 
-    The name comes from :func:`~ipo_lightning.rundir.resolve_run_name` (one decision for all
+    The name comes from :func:`~ipo_lightning.run_folder.resolve_run_name` (one decision for all
     processes). The W&B run id is read from the folder when it holds one, so a resumed run continues
     the same W&B run (``resume="allow"``); only rank 0 ever opens the W&B run.
     """
@@ -281,7 +281,7 @@ def _without_lightning_requeue(plugins: Any) -> list[Any]:
 
 def _tools() -> dict[str, Callable[[list[str]], None]]:
     """Subcommands beside Lightning's: they read runs or launch fits, so they are not Trainer methods."""
-    from ipo_lightning import compare, judge, report
+    from ipo_lightning.analysis import compare, judge, report
 
     return {"compare": compare.main, "report": report.main, "judge": judge.main}
 

@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ipo_lightning.plots import plot_metrics_over_steps
-from ipo_lightning.runs import RunMetrics, load_run
+from ipo_lightning.analysis.plots import plot_metrics_over_steps
+from ipo_lightning.analysis.run_logs import RunMetrics, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 

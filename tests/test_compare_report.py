@@ -18,11 +18,11 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
-from ipo_lightning.compare import load_spec, run_compare
+from ipo_lightning.analysis.compare import load_spec, run_compare
+from ipo_lightning.analysis.judge import judge_run, win_rate
+from ipo_lightning.analysis.report import recommend, summarize, write_report
+from ipo_lightning.analysis.run_logs import load_run
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.judge import judge_run, win_rate
-from ipo_lightning.report import recommend, summarize, write_report
-from ipo_lightning.runs import load_run
 from tests.helpers import polite_pairs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
-from ipo_lightning.rundir import WANDB_ID_FILE
+from ipo_lightning.run_folder import WANDB_ID_FILE
 from tests.helpers import polite_pairs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from ipo_lightning.callbacks.divergence import DivergenceMonitor
+from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
 from ipo_lightning.data import DataSource, PreferenceDataModule
-from ipo_lightning.divergence import token_divergence
+from ipo_lightning.divergence.token_kl import token_divergence
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import polite_pairs, write_jsonl
 
@@ -219,7 +219,7 @@ def _exact_sequence_kl(policy, reference, prompt: torch.Tensor, max_new_tokens: 
 
 
 def test_sampled_sequence_kl_is_honest_against_enumeration() -> None:
-    from ipo_lightning.divergence import sampled_sequence_kl
+    from ipo_lightning.divergence.token_kl import sampled_sequence_kl
 
     policy, reference = _tiny_lm(seed=0, scale=30.0), _tiny_lm(seed=1, scale=30.0)
     prompt = torch.tensor([1, 2])

@@ -10,9 +10,9 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
+from ipo_lightning.analysis.plots import plot_metrics_over_steps
+from ipo_lightning.analysis.run_logs import load_run
 from ipo_lightning.errors import UserInputError
-from ipo_lightning.plots import plot_metrics_over_steps
-from ipo_lightning.runs import load_run
 
 
 def _logged_run(root: Path, kl_values: list[float], loss_type: str) -> Path:

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ipo_lightning.resume import HPC_CHECKPOINT_GLOB
-from ipo_lightning.rundir import slurm_job_id
+from ipo_lightning.run_folder import slurm_job_id
 
 REQUEUE_EXIT_CODE = 3
 """Exit status of a process that stopped for a requeue (0 is a finished run, 2 a user error)."""

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
+from ipo_lightning.analysis.report import write_report
 from ipo_lightning.errors import ConfigError, UserInputError
-from ipo_lightning.report import write_report
 
 FIXED_OPTIONS = (
     "seed_everything",

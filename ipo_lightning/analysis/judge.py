@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from ipo_lightning.analysis.run_logs import load_run
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.modeling import load_causal_lm
-from ipo_lightning.runs import load_run
 
 Z_95 = 1.959963984540054
 

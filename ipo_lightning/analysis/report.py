@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ipo_lightning.analysis.plots import plot_metrics_over_steps, scatter_runs
+from ipo_lightning.analysis.run_logs import RunMetrics, load_run
 from ipo_lightning.errors import UserInputError
-from ipo_lightning.plots import plot_metrics_over_steps, scatter_runs
-from ipo_lightning.runs import RunMetrics, load_run
 
 TIE_ACCURACY = 0.01
 ACCURACY = "rewards/accuracy"

@@ -48,7 +48,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ipo_lightning.data.retention import read_texts, text_batches
-from ipo_lightning.divergence import (
+from ipo_lightning.divergence.token_kl import (
     SequenceSample,
     TokenDivergence,
     estimate_sequence_kl,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ipo_lightning.runs import RunMetrics
+from ipo_lightning.analysis.run_logs import RunMetrics
 
 
 def plot_metrics_over_steps(

@@ -1,0 +1,1 @@
+"""Reading finished runs back and comparing them: ``compare``, ``report`` and ``judge`` with their plots."""

@@ -1,0 +1,1 @@
+"""How far the policy has moved from the reference: exact token-level KL and sampled sequence KL."""
