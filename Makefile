@@ -1,15 +1,16 @@
 # Set-up and checks. `make install` then `make test` is all a fresh machine needs.
 #
 # TORCH is the torch requirement installed before the package. The default takes the normal
-# torch build for this platform (CUDA on Linux x86_64). On a CPU-only machine pin a CPU wheel,
-# e.g. `make install TORCH=torch==2.13.0` where that wheel is available locally (CI does this).
+# torch build for this platform (CUDA on Linux x86_64, which also runs on a CPU-only machine).
+# To install a CPU-only build instead, e.g. `make install TORCH=torch==2.13.0` where that wheel is
+# on your package index.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format quickstart clean
+.PHONY: install test test-fast lint format quickstart clean
 
 install: $(STAMP)
 
@@ -21,7 +22,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The development loop: everything but the tests marked slow (multi-process, subprocess CLI, long fits).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check ipo_lightning tests scripts benchmarks

@@ -38,12 +38,12 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def on_train_batch_start(self, *args: object) -> None:  # noqa: D102
+    def on_train_batch_start(self, *args: object) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, *args: object) -> None:  # noqa: D102
+    def on_train_batch_end(self, *args: object) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)

@@ -102,22 +102,22 @@ class SaveAndLogConfig(SaveConfigCallback):
     no run folder behind.
     """
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._stage = stage
 
     def _save_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().setup(trainer, pl_module, self._stage)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save_once(trainer, pl_module)
 
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save_once(trainer, pl_module)
 
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save_once(trainer, pl_module)
 
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         if wandb_loggers and wandb_loggers[0].save_dir:
             # Kept beside the checkpoints so a resumed (e.g. requeued) run logs into the same W&B run.
@@ -206,7 +206,7 @@ class PreferenceCLI(LightningCLI):
         """``fit``, ``validate`` and ``test`` (there is no ``predict`` for preference pairs)."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One tokenizer and one length budget for model and data: set them once.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("data.max_length", "model.max_length")

@@ -121,13 +121,13 @@ class PreferenceFSDPStrategy(FSDPStrategy):
     # FSDP's full state dict offloaded "to the CPU" crashes the process (SIGSEGV, torch 2.13, gloo) when
     # the weights already live on the CPU; Lightning always offloads. On CPU, gather without it.
 
-    def lightning_module_state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def lightning_module_state_dict(self) -> dict[str, Any]:
         if self.root_device.type != "cpu" or self._state_dict_type != "full":
             return super().lightning_module_state_dict()
         with _full_state_dict_context(self.model, offload_to_cpu=False):
             return self.model.state_dict()
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:  # noqa: D102
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if self.root_device.type != "cpu" or self._state_dict_type != "full":
             return super().optimizer_state(optimizer)
         from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -160,7 +160,7 @@ class PreferenceDeepSpeedStrategy(DeepSpeedStrategy):
     """
 
     @contextmanager
-    def model_sharded_context(self) -> Generator[None, None, None]:  # noqa: D102
+    def model_sharded_context(self) -> Generator[None, None, None]:
         yield
 
 

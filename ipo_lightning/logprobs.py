@@ -25,7 +25,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     """``log_softmax(logits)[labels]`` in float32, chunked over tokens in forward and backward."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
         flat_logits = logits.reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1)
         out = torch.empty(flat_labels.shape, dtype=torch.float32, device=logits.device)
@@ -38,7 +38,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         return out.view(labels.shape)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
         logits, labels = ctx.saved_tensors
         flat_logits = logits.reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1)

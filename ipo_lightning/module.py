@@ -310,16 +310,16 @@ class PreferenceModule(L.LightningModule):
                 store[name] = PreferenceMetrics(metric_names(self.hparams.loss_type)).to(self.device)
         return store
 
-    def on_validation_epoch_start(self) -> None:  # noqa: D102
+    def on_validation_epoch_start(self) -> None:
         self._ensure_metrics("val")
 
-    def on_test_epoch_start(self) -> None:  # noqa: D102
+    def on_test_epoch_start(self) -> None:
         self._ensure_metrics("test")
 
-    def on_validation_epoch_end(self) -> None:  # noqa: D102
+    def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
 
-    def on_test_epoch_end(self) -> None:  # noqa: D102
+    def on_test_epoch_end(self) -> None:
         self._log_eval_metrics("test")
 
     def _log_eval_metrics(self, split: str) -> None:

@@ -72,7 +72,7 @@ class FrozenReference(nn.Module):
         # `nn.Module.__init__` set training=True on the wrapper; keep the whole subtree consistent.
         self.training = False
 
-    def train(self, mode: bool = True) -> FrozenReference:  # noqa: ARG002 - mode deliberately ignored
+    def train(self, mode: bool = True) -> FrozenReference:
         """Keep eval mode whatever Lightning asks for."""
         return super().train(False)
 

@@ -32,10 +32,10 @@ class RNGStateCheckpoint(Callback):
     """
 
     @property
-    def state_key(self) -> str:  # noqa: D102
+    def state_key(self) -> str:
         return "RNGStateCheckpoint"
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "python": random.getstate(),
             "numpy": _numpy_state(),
@@ -45,7 +45,7 @@ class RNGStateCheckpoint(Callback):
             state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
         name, keys, position, has_gauss, cached_gaussian = state_dict["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))

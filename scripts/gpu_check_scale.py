@@ -67,14 +67,14 @@ class ReferenceFrozenCheck(Callback):
 
     def on_train_batch_start(
         self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int
-    ) -> None:  # noqa: D102
+    ) -> None:
         if self.batch is None:
             self.batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
             self._check_state(module, "start")
             with torch.no_grad():
                 self.before = self._reference_logps(module)
 
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:  # noqa: D102
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._check_state(module, "end")
         with torch.no_grad():
             after = self._reference_logps(module)

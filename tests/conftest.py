@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # No network, ever: W&B offline, hub lookups off. Set before transformers/datasets are imported.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -55,7 +59,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_model_dir: Path):  # noqa: ANN201 - transformers tokenizer type
+def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of ``tiny_model_dir`` loaded with ``AutoTokenizer``."""
     from transformers import AutoTokenizer
 

@@ -52,7 +52,7 @@ class StepPacer(Callback):
         self.marker = marker
         self.seconds = seconds
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.is_global_zero:
             with open(self.marker, "a") as handle:
                 handle.write(f"{trainer.global_step}\n")

@@ -71,6 +71,7 @@ def _fit_subprocess(tmp_path: Path, config: Path) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, tiny_model_dir: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
     config = _config(tmp_path, tiny_model_dir, train)
@@ -139,6 +140,7 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     )
 
 
+@pytest.mark.slow
 def test_bad_data_exits_with_one_line_and_no_traceback(tmp_path: Path, tiny_model_dir: Path) -> None:
     train = tmp_path / "train.jsonl"
     lines = [json.dumps(r) for r in polite_pairs(5)]

@@ -69,6 +69,7 @@ def _fit_config(tmp_path: Path, model_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,6 +183,7 @@ def test_compare_file_errors_name_the_member_and_option(tmp_path: Path, tiny_mod
         load_spec(write())
 
 
+@pytest.mark.slow
 def test_compare_checks_every_member_before_training(tmp_path: Path, tiny_model_dir: Path) -> None:
     spec_file = tmp_path / "compare.yaml"
     spec = {
@@ -253,6 +255,7 @@ def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, t
     assert json.loads((run_dir / "judge.json").read_text())["win_rate"] == 0.5
 
 
+@pytest.mark.slow
 def test_sweep_file_parameters_are_fit_options() -> None:
     sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "quickstart-beta.yaml").read_text())
     assert sweep["command"][-1] == "${args}"

@@ -176,6 +176,7 @@ def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
     return tmp_path / "runs" / "version_0"
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(
     tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
 ) -> None:
@@ -198,6 +199,7 @@ def test_ddp_two_processes_match_one_process(
     assert not list(run_dir.glob(".hf_model-*"))
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_process(
     tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
 ) -> None:
@@ -222,6 +224,7 @@ def test_fsdp_two_processes_match_one_process(
     _assert_same_weights(_weights(run_dir), _weights(single_process_run))
 
 
+@pytest.mark.slow
 def test_ddp_bad_record_stops_every_rank_with_one_line(
     tmp_path: Path, tiny_model_dir: Path, processes: Processes
 ) -> None:
@@ -275,6 +278,7 @@ def _launch_slurm_job(tmp_path: Path, config: Path, processes: Processes, fake_b
     return launched
 
 
+@pytest.mark.slow
 def test_slurm_job_requeues_on_signal_and_resumes(
     tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
 ) -> None:

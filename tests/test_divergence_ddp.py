@@ -43,6 +43,7 @@ def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(handle) if row.get("divergence/kl")]
 
 
+@pytest.mark.slow
 def test_ddp_shards_the_measurement_and_logs_what_one_process_logs(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

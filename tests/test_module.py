@@ -83,6 +83,7 @@ def _train_and_measure_margin(tmp_path: Path, tiny_model_dir: Path, loss_type: s
     return float(values["logratio/margin"].mean())
 
 
+@pytest.mark.slow
 def test_ipo_settles_at_its_fixed_point_while_dpo_keeps_growing(tmp_path: Path, tiny_model_dir: Path) -> None:
     beta = 0.5
     target = 1 / (2 * beta)
@@ -108,7 +109,7 @@ def test_fit_resumes_from_a_checkpoint_without_reference_weights(
     steps_run = []
 
     class CountSteps(L.Callback):
-        def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
+        def on_train_batch_end(self, *args) -> None:
             steps_run.append(1)
 
     resumed = quiet_trainer(tmp_path / "b", max_steps=6, callbacks=[CountSteps()])

@@ -123,7 +123,7 @@ def test_separate_lora_and_precomputed_give_the_same_loss(
 # ------------------------------------------------------------------ LoRA
 
 
-def _storage_bytes(tensors) -> int:  # noqa: ANN001
+def _storage_bytes(tensors) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
@@ -281,18 +281,18 @@ class ReferenceForwards:
         self.count = 0
 
     def __enter__(self) -> ReferenceForwards:
-        def hook(module: torch.nn.Module, args, output) -> None:  # noqa: ANN001
+        def hook(module: torch.nn.Module, args, output) -> None:
             if isinstance(module, LlamaForCausalLM) and not module.training:
                 self.count += 1
 
         self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.handle.remove()
 
 
-def _fit_precomputed(tmp_path: Path, policy_dir: Path, reference_dir: Path, train: Path, val: Path):  # noqa: ANN202
+def _fit_precomputed(tmp_path: Path, policy_dir: Path, reference_dir: Path, train: Path, val: Path):
     module = PreferenceModule(
         str(policy_dir), reference_name_or_path=str(reference_dir), reference="precomputed", beta=BETA
     )
@@ -302,7 +302,7 @@ def _fit_precomputed(tmp_path: Path, policy_dir: Path, reference_dir: Path, trai
     return module.precompute_report, forwards.count, datamodule
 
 
-def _expected_columns(reference_dir: Path, datamodule: PreferenceDataModule, dataset) -> torch.Tensor:  # noqa: ANN001
+def _expected_columns(reference_dir: Path, datamodule: PreferenceDataModule, dataset) -> torch.Tensor:
     """[N, 4] sums and counts scored independently with a plain log_softmax, one pair at a time."""
     model = AutoModelForCausalLM.from_pretrained(reference_dir)
     rows = []
@@ -314,7 +314,7 @@ def _expected_columns(reference_dir: Path, datamodule: PreferenceDataModule, dat
     return torch.tensor(rows)
 
 
-def _attached(dataset) -> torch.Tensor:  # noqa: ANN001
+def _attached(dataset) -> torch.Tensor:
     names = [
         "ref_chosen_logp_sum",
         "ref_chosen_token_count",
@@ -378,6 +378,7 @@ def test_precomputed_cache_is_reused_and_rebuilt_when_data_or_reference_change(
     assert not [p for p in damaged.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_precomputed_under_ddp_writes_the_complete_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Two gloo processes through the CLI: each scores half, and the file holds every pair's values."""
     import os

@@ -29,7 +29,7 @@ class StopAtStep(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             trainer.should_stop = True
 

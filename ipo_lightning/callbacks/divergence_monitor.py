@@ -137,7 +137,7 @@ class DivergenceMonitor(Callback):
 
     # ------------------------------------------------------------------ when
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._no_reference = getattr(pl_module, "reference", None) is None
         if self.enabled and self._no_reference:
             # model.reference=precomputed: only per-sequence log-probs exist, not the full distribution.
@@ -151,10 +151,10 @@ class DivergenceMonitor(Callback):
                 "cannot be measured; divergence/* is not logged (set divergence.enabled false to hide this)"
             )
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure_and_log(trainer, pl_module)
 
-    def on_train_batch_end(  # noqa: D102
+    def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Called per micro-batch; global_step counts optimizer steps, so this fires once per step.
@@ -162,7 +162,7 @@ class DivergenceMonitor(Callback):
         if self.every_n_steps and step % self.every_n_steps == 0:
             self._measure_and_log(trainer, pl_module)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
             self._measure_and_log(trainer, pl_module)
 

@@ -45,7 +45,7 @@ class HFExport(Callback):
         self.save_adapter = save_adapter
         self.export_dir: Path | None = None
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
         target = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname

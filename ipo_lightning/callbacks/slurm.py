@@ -56,19 +56,19 @@ class SlurmRequeue(Callback):
         # Only a flag: nothing here may block or talk to other ranks (see the module docstring).
         self.requested = True
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.auto_requeue or not SLURMEnvironment.detect():
             return
         signum = getattr(signal, self.requeue_signal)
         self._previous_handler = signal.signal(signum, self._handle)
         self._active = True
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._active:
             signal.signal(getattr(signal, self.requeue_signal), self._previous_handler)
             self._active = False
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         # Mid-accumulation the summed gradients are in no checkpoint: wait for the optimizer step.
         if not self._active or trainer.fit_loop._should_accumulate():
             return

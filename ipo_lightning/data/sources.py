@@ -97,7 +97,7 @@ def _load_file(file: Path, cache_dir: str | None) -> LoadedSource:
     jsonl = str(file) if builder == "json" and is_line_delimited(file) else None
     try:
         dataset = datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=cache_dir)
-    except Exception as error:  # noqa: BLE001 - datasets wraps parse errors in several types
+    except Exception as error:  # datasets wraps parse errors in several types
         if builder != "json":
             raise DataError(f"{file}: cannot be read as {builder}: {error}") from error
         # datasets reports "row N" of an Arrow block, not a line of the file: parse it ourselves to name
@@ -127,7 +127,7 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None) -> LoadedSourc
         return LoadedSource(saved[split], label)
     try:
         dataset = datasets.load_dataset(str(folder), split=split, cache_dir=cache_dir)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         for file in sorted(folder.rglob("*")):
             if file.suffix.lower() in JSON_SUFFIXES and file.is_file():
                 read_json_records(file)  # names a malformed line, if that is the problem
@@ -139,7 +139,7 @@ def _load_hub(name: str, subset: str | None, split: str, cache_dir: str | None) 
     label = f"{name}" + (f" (subset {subset}, split {split})" if subset else f" (split {split})")
     try:
         dataset = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir)
-    except Exception as error:  # noqa: BLE001 - network, auth, missing split: all one message
+    except Exception as error:  # network, auth, missing split: all one message
         raise DataError(
             f"{label}: not a local file or folder, and loading it as a Hugging Face hub dataset failed: "
             f"{type(error).__name__}: {error}"
