@@ -3,7 +3,7 @@
 The collator always produces ``2B`` right-padded rows (prompt + chosen rows, then prompt + rejected
 rows). :func:`build_layout` rearranges them, per step, into what the model actually runs on:
 
-- ``padded``: the rows as they are, with their 2D attention mask (today's path).
+- ``padded``: the rows as they are, with their 2D attention mask.
 - ``padding_free``: the sequences' real tokens concatenated, ``position_ids`` restarting at 0 for
   each sequence and no attention mask, so no compute is spent on padding. transformers 5.x derives a
   block-diagonal causal mask from the restarting positions, but only with ``use_cache=False`` (with a

@@ -1,4 +1,4 @@
-"""Torchmetrics aggregation of the preference metrics named in DESIGN.md (the metric contract)."""
+"""Torchmetrics aggregation of the preference metrics (their names and meaning: docs/metrics.md)."""
 
 from __future__ import annotations
 

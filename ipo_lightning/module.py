@@ -8,7 +8,7 @@ One training step, top to bottom:
    batch (``model.reference``: separate | lora | precomputed, see :mod:`reference`).
 4. :func:`~ipo_lightning.losses.preference_loss` turns the four [B] log-prob vectors into per-pair
    losses and implicit rewards; the step's loss is their mean.
-5. Metrics named as in DESIGN.md are logged under ``train/`` and ``val/`` (``val/<name>/`` per set).
+5. Metrics (named in docs/metrics.md) are logged under ``train/`` and ``val/`` (``val/<name>/`` per set).
 """
 
 from __future__ import annotations
