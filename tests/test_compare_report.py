@@ -22,6 +22,7 @@ from ipo_lightning.analysis.compare import load_spec, run_compare
 from ipo_lightning.analysis.judge import judge_run, win_rate
 from ipo_lightning.analysis.report import recommend, summarize, write_report
 from ipo_lightning.analysis.run_logs import load_run
+from ipo_lightning.cli import main
 from ipo_lightning.errors import ConfigError
 from tests.helpers import polite_pairs, write_jsonl
 
@@ -219,7 +220,8 @@ def test_win_rate_and_its_confidence_interval_by_direct_calculation() -> None:
     assert (result.wins, result.ties, result.losses) == (3, 1, 1)
 
 
-def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, tiny_model_dir: Path) -> None:
+def _judge_setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """A run folder whose exported policy is the reference itself, and a tiny reward model folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -248,11 +250,35 @@ def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, t
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "metrics.csv").write_text("step\n0\n")
+    return run_dir, reward_dir
 
+
+def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run_dir, reward_dir = _judge_setup(tmp_path, tiny_model_dir)
     result = judge_run(run_dir, str(reward_dir), prompts=5, max_new_tokens=6)
     assert (result.win_rate, result.ci_low, result.ci_high) == (0.5, 0.5, 0.5)
     assert result.ties == result.prompts == 5
     assert json.loads((run_dir / "judge.json").read_text())["win_rate"] == 0.5
+
+
+def test_judge_refuses_a_reward_model_with_only_pickled_weights(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    run_dir, reward_dir = _judge_setup(tmp_path, tiny_model_dir)
+    weights = reward_dir / "model.safetensors"
+    torch.save(load_file(weights), reward_dir / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["judge", str(run_dir), "--reward_model", str(reward_dir)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: --reward_model {str(reward_dir)!r}: the folder holds only pickled .bin weights; the reward "
+        "model is loaded from safetensors only (re-save it with save_pretrained, which writes .safetensors)"
+    ]
+    assert not (run_dir / "judge.json").exists()
 
 
 @pytest.mark.slow
