@@ -172,8 +172,17 @@ def cache_folder(data_cache_dir: str | None) -> Path:
 def load_cached(path: Path, key: str, num_pairs: int) -> Tensor | None:
     """The [num_pairs, 4] values of cache file ``path``, or None if absent or not what ``key`` promises.
 
-    A file that exists but fails a check is reported (and then rebuilt by the caller): it is never used.
+    A file that exists but fails a check (unreadable, another key, another shape, a dtype other than
+    float32, a non-finite value) is reported (and then rebuilt by the caller): it is never used.
+
+    Raises:
+        ConfigError: something other than a file (e.g. a folder) is at ``path``: it is not ours to delete.
     """
+    if path.exists() and not path.is_file():
+        raise ConfigError(
+            f"{path}: expected a reference log-prob cache file there, found a folder or other non-file; "
+            "move it away (or point data.cache_dir elsewhere)"
+        )
     if not path.is_file():
         return None
     try:
@@ -183,11 +192,16 @@ def load_cached(path: Path, key: str, num_pairs: int) -> Tensor | None:
     except (OSError, SafetensorError, KeyError) as error:
         rank_zero_warn(f"reference log-prob cache {path} is unreadable ({error}); recomputing it")
         return None
-    if stored_key != key or tuple(values.shape) != (num_pairs, len(COLUMNS)) or not values.isfinite().all():
-        rank_zero_warn(
-            f"reference log-prob cache {path} does not match its key (stored key {stored_key}, shape "
-            f"{tuple(values.shape)} for {num_pairs} pairs); recomputing it"
-        )
+    problem = None
+    if stored_key != key or tuple(values.shape) != (num_pairs, len(COLUMNS)):
+        problem = f"stored key {stored_key}, shape {tuple(values.shape)} for {num_pairs} pairs"
+    elif values.dtype != torch.float32:
+        # save_cached writes float32 only: any other dtype is not a file this module wrote.
+        problem = f"{str(values.dtype).removeprefix('torch.')} values, not float32"
+    elif not values.isfinite().all():
+        problem = "non-finite values"
+    if problem is not None:
+        rank_zero_warn(f"reference log-prob cache {path} does not match its key ({problem}); recomputing it")
         return None
     return values
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,60 @@ def test_bad_records_name_file_record_and_field(
     assert len(message) == 1
     for part in expected:
         assert part in message[0], message[0]
+
+
+USER = {"role": "user", "content": "tell me about the sea"}
+REPLY = {"role": "assistant", "content": "the sea is lovely"}
+RUDE = {"role": "assistant", "content": "go away"}
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "problem", ["not-utf8", "template-raises", "completion-role", "prompt-ends-with-assistant"]
+)
+def test_bad_data_bytes_and_turns_name_file_line_and_field(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], problem: str
+) -> None:
+    """Record 3 (line 4) of train.jsonl is bad; the CLI says where in one line and exits with 2."""
+    records = [{"prompt": [USER], "chosen": [REPLY], "rejected": [RUDE]} for _ in range(6)]
+    model_dir = tiny_model_dir
+    if problem == "template-raises":
+        records[3]["prompt"] = [USER, USER]
+        model_dir = tmp_path / "model"
+        shutil.copytree(tiny_model_dir, model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.chat_template = ALTERNATING_TEMPLATE
+        tokenizer.save_pretrained(model_dir)
+    if problem == "completion-role":
+        records[3]["chosen"] = [REPLY, USER]
+    if problem == "prompt-ends-with-assistant":
+        records[3]["prompt"] = [USER, REPLY]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    bad_at = None
+    if problem == "not-utf8":
+        data = train.read_bytes()
+        start = data.index(b"\n", data.index(b"\n", data.index(b"\n") + 1) + 1) + 1  # line 4
+        bad_at = data.index(b"lovely", start) + 3
+        train.write_bytes(data[:bad_at] + b"\xe9" + data[bad_at + 1 :])
+    config = _config(tmp_path, model_dir, train)
+    code, err = _run_main(["fit", "--config", str(config), "--trainer.logger", "false"], capsys)
+    assert code == 2 and "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1, err[-2000:]
+    record = f"error: {train}:4: record 3: "
+    expected = {
+        "not-utf8": f"error: {train}:4: not valid UTF-8 (byte offset {bad_at}, byte 0xe9",
+        "template-raises": record + "field 'prompt': the chat template fails on the prompt: TemplateError: "
+        "Conversation roles must alternate",
+        "completion-role": record + "field 'chosen', message 1: role 'user' in a completion",
+        "prompt-ends-with-assistant": record + "field 'prompt', message 1: the prompt ends with an assistant",
+    }[problem]
+    assert message[0].startswith(expected), message[0]
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

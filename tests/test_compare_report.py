@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,18 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
-from ipo_lightning.analysis.compare import load_spec, run_compare
+from ipo_lightning.analysis.compare import (
+    CompareSpec,
+    check_members,
+    load_spec,
+    run_compare,
+    write_compare_report,
+    write_folder_atomically,
+)
 from ipo_lightning.analysis.judge import judge_run, win_rate
 from ipo_lightning.analysis.report import recommend, summarize, write_report
 from ipo_lightning.analysis.run_logs import load_run
+from ipo_lightning.cli import main
 from ipo_lightning.errors import ConfigError
 from tests.helpers import polite_pairs, write_jsonl
 
@@ -183,6 +192,124 @@ def test_compare_file_errors_name_the_member_and_option(tmp_path: Path, tiny_mod
         load_spec(write())
 
 
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        ({"b": {"trainer": {"max_steps": 5000}}}, "member 'b' sets 'trainer.max_steps', which all members"),
+        ({"b": {"data": {"batch_size": 2}}}, "member 'b' sets 'data.batch_size', which all members"),
+        ({"b": {"data": {"train": {"path": "x.jsonl"}}}}, "member 'b' sets 'data.train.path', which"),
+        ({"b": {"trainer": None}}, "member 'b' sets 'trainer', which all members must share"),
+        (
+            {"b": {"config": "{other}"}},
+            "member 'b' sets 'seed_everything' (in its config file {other}), which",
+        ),
+        ({"../../x": {}}, "member name '../../x' is not a plain folder name"),
+        ({"a/b": {}}, "member name 'a/b' is not a plain folder name"),
+        ({"..": {}}, "member name '..' is not a plain folder name"),
+        ({"report": {}}, "member 'report' would share its folder with the report"),
+    ],
+    ids=[
+        "trainer-parent",
+        "data-parent",
+        "nested-deeper",
+        "parent-null",
+        "config-file",
+        "dotdot-path",
+        "slash",
+        "dotdot",
+        "report-folder",
+    ],
+)
+def test_members_cannot_reach_the_shared_options_or_leave_runs_dir(
+    tmp_path: Path, tiny_model_dir: Path, members: dict, expected: str
+) -> None:
+    fit = _fit_config(tmp_path, tiny_model_dir)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"seed_everything": 3, "model": {"beta": 0.1}}))
+    members = {
+        "a": {},
+        **{
+            name: {k: str(other) if v == "{other}" else v for k, v in (options or {}).items()}
+            for name, options in members.items()
+        },
+    }
+    spec_file = tmp_path / "compare.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "x", "fit_config": str(fit), "members": members}))
+    with pytest.raises(ConfigError) as caught:
+        load_spec(spec_file)
+    assert str(caught.value).startswith(f"{spec_file}: " + expected.replace("{other}", str(other)))
+
+
+def test_allowed_member_options_and_names_load(tmp_path: Path, tiny_model_dir: Path) -> None:
+    fit = _fit_config(tmp_path, tiny_model_dir)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"model": {"beta": 0.1}}))
+    members = {"ipo_v1.2": {"data": {"label_noise": 0.2}}, "dpo-2": {"config": str(other)}}
+    spec_file = tmp_path / "compare.yaml"
+    spec_file.write_text(
+        yaml.safe_dump({"name": "x", "fit_config": str(fit), "members": members}, sort_keys=False)
+    )
+    assert list(load_spec(spec_file).members) == ["ipo_v1.2", "dpo-2"]
+    spec_file.write_text(yaml.safe_dump({"name": "../up", "fit_config": str(fit), "members": members}))
+    with pytest.raises(ConfigError, match=r"comparison name '../up' is not a plain folder name"):
+        load_spec(spec_file)
+
+
+@pytest.mark.slow
+def test_members_are_compared_on_their_resolved_shared_options(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # Built directly, past load_spec's own checks: the resolved configs alone must catch it.
+    spec = CompareSpec(
+        name="x",
+        fit_config=[_fit_config(tmp_path, tiny_model_dir)],
+        members={"a": {"model.beta": 0.2}, "b": {"trainer": {"max_steps": 7}}},
+        runs_dir=tmp_path / "runs",
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_members(spec)
+    assert str(caught.value) == (
+        "compare member 'b': trainer.max_steps resolves to 7, but member 'a' has 4; all members must share "
+        "seed, data and budget"
+    )
+    spec.members["b"] = {"model.beta": 0.3}  # its own default_root_dir is not a difference
+    check_members(spec)
+
+
+def _member_run(spec: CompareSpec, member: str, kl: float) -> None:
+    logger = CSVLogger(spec.member_dir(member), name="")
+    logger.log_metrics({"divergence/kl": kl, "val/rewards/accuracy": 0.8}, step=10)
+    logger.save()
+    (Path(logger.log_dir) / "config.yaml").write_text(yaml.safe_dump({"model": {"loss_type": "ipo"}}))
+
+
+def test_a_failed_report_leaves_the_previous_report_whole(tmp_path: Path) -> None:
+    spec = CompareSpec(name="x", fit_config=[], members={"a": {}, "b": {}}, runs_dir=tmp_path / "runs")
+    report_dir = tmp_path / "runs" / "x" / "report"
+    _member_run(spec, "a", 0.1)
+    _member_run(spec, "b", 0.2)
+    first = write_compare_report(spec)
+    assert first == report_dir / "report.md" and "| b |" in first.read_text()
+    before = {path.name: path.read_bytes() for path in report_dir.iterdir()}
+
+    # A newer run of b whose KL is infinite: summary.json cannot hold it, after report.md is written.
+    time.sleep(0.01)
+    _member_run(spec, "b", math.inf)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_compare_report(spec)
+    assert {path.name: path.read_bytes() for path in report_dir.iterdir()} == before
+    assert sorted(path.name for path in report_dir.parent.iterdir()) == ["a", "b", "report"]
+
+    # A writer that fails on a first report: no report folder at all.
+    fresh = tmp_path / "fresh"
+
+    def half_then_fail(folder: Path) -> Path:
+        (folder / "report.md").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomically(fresh, half_then_fail)
+    assert list(tmp_path.iterdir()) == [tmp_path / "runs"]
+
+
 @pytest.mark.slow
 def test_compare_checks_every_member_before_training(tmp_path: Path, tiny_model_dir: Path) -> None:
     spec_file = tmp_path / "compare.yaml"
@@ -219,7 +346,8 @@ def test_win_rate_and_its_confidence_interval_by_direct_calculation() -> None:
     assert (result.wins, result.ties, result.losses) == (3, 1, 1)
 
 
-def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, tiny_model_dir: Path) -> None:
+def _judge_setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """A run folder whose exported policy is the reference itself, and a tiny reward model folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -248,11 +376,35 @@ def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, t
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "metrics.csv").write_text("step\n0\n")
+    return run_dir, reward_dir
 
+
+def test_judge_gives_one_half_when_the_policy_is_the_reference(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run_dir, reward_dir = _judge_setup(tmp_path, tiny_model_dir)
     result = judge_run(run_dir, str(reward_dir), prompts=5, max_new_tokens=6)
     assert (result.win_rate, result.ci_low, result.ci_high) == (0.5, 0.5, 0.5)
     assert result.ties == result.prompts == 5
     assert json.loads((run_dir / "judge.json").read_text())["win_rate"] == 0.5
+
+
+def test_judge_refuses_a_reward_model_with_only_pickled_weights(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    run_dir, reward_dir = _judge_setup(tmp_path, tiny_model_dir)
+    weights = reward_dir / "model.safetensors"
+    torch.save(load_file(weights), reward_dir / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["judge", str(run_dir), "--reward_model", str(reward_dir)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: --reward_model {str(reward_dir)!r}: the folder holds only pickled .bin weights; the reward "
+        "model is loaded from safetensors only (re-save it with save_pretrained, which writes .safetensors)"
+    ]
+    assert not (run_dir / "judge.json").exists()
 
 
 @pytest.mark.slow

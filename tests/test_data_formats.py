@@ -118,6 +118,89 @@ def test_implicit_messages_prefix_is_dropped_and_no_shared_prompt_is_an_error() 
         normalise({"chosen": [USER, GOOD], "rejected": [{**USER, "content": "hi"}, BAD]}, "implicit")
 
 
+SYSTEM = {"role": "system", "content": "Be brief."}
+TOOL_CALL = {"role": "assistant", "content": "Looking it up.", "tool_calls": [{"name": "search"}]}
+TOOL_RESULT = {"role": "tool", "content": "Paris"}
+
+
+def test_valid_role_orders_are_accepted() -> None:
+    # A prompt may end with a tool result; a completion may hold several assistant turns, tool calls too.
+    record = {
+        "prompt": [SYSTEM, USER, TOOL_CALL, TOOL_RESULT],
+        "chosen": [GOOD],
+        "rejected": [TOOL_CALL, BAD],
+    }
+    assert normalise(record, "conversational") == PreferenceExample(
+        record["prompt"], [GOOD], [TOOL_CALL, BAD]
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt", "expected"),
+    [
+        (
+            {"prompt": [USER], "chosen": [GOOD, USER], "rejected": [BAD]},
+            "conversational",
+            "field 'chosen', message 1: role 'user' in a completion; a completion holds only the assistant's "
+            "reply (assistant messages): put user, system and tool turns into the prompt",
+        ),
+        (
+            {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD, SYSTEM, BAD]},
+            "conversational",
+            "field 'rejected', message 1: role 'system' in a completion",
+        ),
+        (
+            {"prompt": [USER], "chosen": [TOOL_CALL, TOOL_RESULT, GOOD], "rejected": [BAD]},
+            "conversational",
+            "field 'chosen', message 1: role 'tool' in a completion",
+        ),
+        (
+            # Positions count in the record's field, before the repeated prompt is cut off.
+            {"prompt": [USER], "chosen": [USER, GOOD], "rejected": [USER, BAD, USER]},
+            "conversational",
+            "field 'rejected', message 2: role 'user' in a completion",
+        ),
+        (
+            {"prompt": [USER, GOOD], "chosen": [GOOD], "rejected": [BAD]},
+            "conversational",
+            "field 'prompt', message 1: the prompt ends with an assistant turn; the prompt must end before "
+            "the assistant's reply (move that message into both completions)",
+        ),
+        (
+            {"question": [USER, GOOD], "chosen": [GOOD], "rejected": [BAD]},
+            "conversational",
+            "field 'question' (prompt), message 1: the prompt ends with an assistant turn",
+        ),
+        (
+            {"chosen": [USER, GOOD, GOOD], "rejected": [USER, GOOD, BAD]},
+            "implicit",
+            "the prompt shared by field 'chosen' and field 'rejected', message 1: the prompt ends with an "
+            "assistant turn",
+        ),
+        (
+            {"chosen": [USER, GOOD], "rejected": [USER, BAD, USER]},
+            "implicit",
+            "field 'rejected', message 2: role 'user' in a completion",
+        ),
+    ],
+    ids=[
+        "user-after",
+        "system-after",
+        "tool-result",
+        "repeated-prompt",
+        "prompt-ends-assistant",
+        "mapped-prompt",
+        "implicit-prompt",
+        "implicit-completion",
+    ],
+)
+def test_role_order_errors_name_the_field_and_message(record: dict, fmt: str, expected: str) -> None:
+    columns = {"prompt": "question"} if "question" in record else None
+    with pytest.raises(DataError) as caught:
+        normalise(record, fmt, columns)
+    assert str(caught.value).startswith(expected), str(caught.value)
+
+
 def test_format_is_detected_from_the_columns_not_the_first_record() -> None:
     plain = {"prompt": "Q", "chosen": " a", "rejected": " b"}
     no_prompt = {"chosen": " a", "rejected": " b"}

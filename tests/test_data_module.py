@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -12,6 +13,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from ipo_lightning.data import DataSource, PairTokenizer, PreferenceDataModule
+from ipo_lightning.data.sources import check_utf8
 from ipo_lightning.errors import ConfigError, DataError
 
 QUESTIONS = [f"Question {i}: what is the capital of France?" for i in range(20)]
@@ -322,6 +324,48 @@ def test_malformed_json_line(tiny_model_dir: Path, tmp_path: Path) -> None:
         '[\n  {"prompt": "Q", "chosen": " a", "rejected": " b"},\n  {"prompt": "Q" "chosen": " a"}\n]\n'
     )
     assert setup_error(tiny_model_dir, tmp_path, array).startswith(f"{array}:3: malformed JSON: ")
+
+
+def latin1_jsonl(tmp_path: Path, name: str = "latin1.jsonl") -> tuple[Path, int]:
+    """Record 3 (line 5, after a blank line) holds a Latin-1 byte; returns the file and its offset."""
+    file = bad_jsonl(tmp_path, {"prompt": "Q", "chosen": " cafe", "rejected": " b"}).rename(tmp_path / name)
+    data = file.read_bytes().replace(b"cafe", b"caf\xe9")
+    file.write_bytes(data)
+    return file, data.index(b"\xe9")
+
+
+def test_non_utf8_file_names_the_line_and_byte_offset(tiny_model_dir: Path, tmp_path: Path) -> None:
+    file, offset = latin1_jsonl(tmp_path)
+    assert setup_error(tiny_model_dir, tmp_path, file) == (
+        f"{file}:5: not valid UTF-8 (byte offset {offset}, byte 0xe9: invalid continuation byte); "
+        "save the file as UTF-8"
+    )
+    # The same inside a folder of data files.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    moved = file.rename(folder / "train.jsonl")
+    message = setup_error(tiny_model_dir, tmp_path, folder)
+    assert message.startswith(f"{moved}:5: not valid UTF-8 (byte offset")
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64, 1 << 20])
+def test_utf8_check_reads_blocks_without_losing_the_position(tmp_path: Path, block_size: int) -> None:
+    text = "".join(f'{{"n": {i}, "text": "\u00e9t\u00e9 \u2014 \U0001f600"}}\n' for i in range(30))
+    data = text.encode("utf-8")
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(data)
+    check_utf8(good, block_size=block_size)  # multi-byte characters cut by block edges are fine
+    bad_at = data.index(b"\n", len(data) // 2) + 4  # inside line 17
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(data[:bad_at] + b"\xff" + data[bad_at:])
+    line = data[:bad_at].count(b"\n") + 1
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}:{line}: .*byte offset {bad_at}, byte 0xff"):
+        check_utf8(bad, block_size=block_size)
+    # A character cut off by the end of the file.
+    bad.write_bytes(data + "\u00e9".encode()[:1])
+    expected = rf"^{re.escape(str(bad))}:31: not valid UTF-8 \(byte offset {len(data)}, byte 0xc3"
+    with pytest.raises(DataError, match=expected):
+        check_utf8(bad, block_size=block_size)
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,32 @@ def test_template_that_does_not_extend_the_prompt_is_an_error(
         )
 
 
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+"""A template that refuses conversations whose roles do not alternate, as Llama 2 and Mistral do."""
+
+
+def test_template_that_raises_names_the_field_and_keeps_its_message(
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = ALTERNATING_TEMPLATE
+    pairs = PairTokenizer(tokenizer, max_length=64, max_prompt_length=32)
+    assert isinstance(pairs(PreferenceExample([USER], [GOOD], [BAD])), TokenisedPair)
+    with pytest.raises(DataError) as caught:
+        pairs(PreferenceExample([USER, USER], [GOOD], [BAD]))
+    assert str(caught.value) == (
+        "field 'prompt': the chat template fails on the prompt: TemplateError: "
+        "Conversation roles must alternate user/assistant/user/assistant/..."
+    )
+    with pytest.raises(DataError, match=r"^field 'rejected': the chat template fails on prompt \+ rejected"):
+        pairs(PreferenceExample([USER], [GOOD], [BAD, BAD]))
+
+
 def test_settings_are_validated(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(ConfigError, match="smaller than max_length"):
         PairTokenizer(tiny_tokenizer, max_length=16, max_prompt_length=16)

@@ -7,16 +7,24 @@ member is checked (``fit --print_config``) before the first one trains, so a typ
 ``--print_commands`` prints the fit commands instead, e.g. to submit them as separate SLURM jobs.
 
 Seed, training data and step budget are the same for every member by construction: a member may
-not override them (``FIXED_OPTIONS``), so the members see the same pairs in the same order.
+not override them (``FIXED_OPTIONS``), so the members see the same pairs in the same order. That is
+checked twice: on the compare file (dotted keys, keys nested under a parent such as ``trainer:``,
+and the keys of a member's own ``config:`` file), and on every member's resolved config (``fit
+--print_config``), which no way of setting an option gets around. The report is written into a
+temporary folder and renamed into place only once complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +48,13 @@ FIXED_OPTIONS = (
 )
 """Options (and everything under them) that members must share: same data, order and budget."""
 
+PER_MEMBER_OPTIONS = ("trainer.default_root_dir",)
+"""Fixed options that ``fit_command`` itself sets to each member's own folder."""
+
 FILE_KEYS = {"name", "fit_config", "runs_dir", "options", "members", "report_dir"}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A comparison or member name: one folder name, so its runs stay inside ``runs_dir``."""
+DEFAULT_REPORT_FOLDER = "report"
 
 
 @dataclass
@@ -101,12 +115,19 @@ def load_spec(path: str | Path) -> CompareSpec:
     members = raw["members"]
     if not isinstance(members, dict) or not all(isinstance(o, dict | None) for o in members.values()):
         raise ConfigError(f"{path}: 'members' maps each member name to its options")
+    check_name(path, "comparison", raw["name"])
     for member, options in members.items():
-        for key in options or {}:
-            if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_OPTIONS):
+        check_name(path, "member", str(member) if isinstance(member, int) else member)
+        if member == DEFAULT_REPORT_FOLDER and not raw.get("report_dir"):
+            raise ConfigError(
+                f"{path}: member {member!r} would share its folder with the report; rename it or set "
+                "report_dir"
+            )
+        for key, via in _set_options(options or {}):
+            if _fixed_option(key) is not None:
                 raise ConfigError(
-                    f"{path}: member {member!r} sets {key!r}, which all members must share (same seed, "
-                    "data and budget); set it in fit_config or options"
+                    f"{path}: member {member!r} sets {key!r}{via}, which all members must share (same "
+                    "seed, data and budget); set it in fit_config or options"
                 )
     configs = raw["fit_config"] if isinstance(raw["fit_config"], list) else [raw["fit_config"]]
     for config in configs:
@@ -123,8 +144,53 @@ def load_spec(path: str | Path) -> CompareSpec:
     )
 
 
+def check_name(path: Path, what: str, name: object) -> None:
+    """Raise a ConfigError unless ``name`` is one safe folder name (no separator, no ``..``)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(
+            f"{path}: {what} name {name!r} is not a plain folder name: use letters, digits, '.', '_' and "
+            "'-', starting with a letter or digit"
+        )
+
+
+def _fixed_option(key: str) -> str | None:
+    """The fixed option that setting ``key`` changes (``key`` is it, below it or above it), if any."""
+    for fixed in FIXED_OPTIONS:
+        if key == fixed or key.startswith(fixed + ".") or fixed.startswith(key + "."):
+            return fixed
+    return None
+
+
+def _set_options(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(dotted option, how it is set) for every option a member's options set.
+
+    A mapping under a key sets the keys inside it (``trainer: {max_steps: 5}`` sets
+    ``trainer.max_steps``); a ``config`` file (a path as the fit command gets it, so relative to the
+    working directory) sets the options it holds. What this misses, the resolved check catches.
+    """
+    for key, value in options.items():
+        if key == "config" and isinstance(value, str):
+            file = Path(value).expanduser()
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) if file.is_file() else None
+            for inner, _ in _set_options(loaded if isinstance(loaded, dict) else {}):
+                yield inner, f" (in its config file {value})"
+        elif isinstance(value, dict) and value:
+            for inner, via in _set_options(value):
+                yield f"{str(key)}.{inner}", via
+        else:
+            yield str(key), ""
+
+
 def check_members(spec: CompareSpec) -> None:
-    """Parse every member's full config (``fit --print_config``) before anything trains."""
+    """Parse every member's full config (``fit --print_config``) before anything trains.
+
+    Then compare the resolved fixed options across members, whatever set them.
+
+    Raises:
+        ConfigError: a member's options do not parse, or resolve a fixed option to another value than
+            the first member's; the message names the member and the option.
+    """
+    resolved: dict[str, dict[str, Any]] = {}
     for member in spec.members:
         result = subprocess.run(
             [*spec.fit_command(member), "--print_config"], capture_output=True, text=True, check=False
@@ -132,6 +198,40 @@ def check_members(spec: CompareSpec) -> None:
         if result.returncode != 0:
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
             raise ConfigError(f"compare member {member!r}: {lines[-1] if lines else 'invalid options'}")
+        resolved[member] = yaml.safe_load(result.stdout) or {}
+    check_shared_options(resolved)
+
+
+def check_shared_options(resolved: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raise a ConfigError unless every member's resolved config has the same fixed options.
+
+    Args:
+        resolved: member -> its full config as ``fit --print_config`` prints it, in member order.
+    """
+    members = list(resolved)
+    for option in FIXED_OPTIONS:
+        if option in PER_MEMBER_OPTIONS:
+            continue
+        first = _lookup(resolved[members[0]], option)
+        for member in members[1:]:
+            value = _lookup(resolved[member], option)
+            if value != first:
+                raise ConfigError(
+                    f"compare member {member!r}: {option} resolves to {_short(value)}, but member "
+                    f"{members[0]!r} has {_short(first)}; all members must share seed, data and budget"
+                )
+
+
+def _lookup(config: Mapping[str, Any], option: str) -> Any:
+    value: Any = config
+    for part in option.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def latest_run(folder: Path) -> Path:
@@ -154,9 +254,48 @@ def run_compare(spec: CompareSpec) -> Path:
         result = subprocess.run(spec.fit_command(member), check=False)
         if result.returncode != 0:
             raise UserInputError(f"compare member {member!r}: fit failed (exit code {result.returncode})")
+    return write_compare_report(spec)
+
+
+def write_compare_report(spec: CompareSpec) -> Path:
+    """Write the report of the members' newest runs; returns the path of ``report.md``."""
     runs = [latest_run(spec.member_dir(member)) for member in spec.members]
-    report_dir = spec.report_dir or spec.runs_dir / spec.name / "report"
-    return write_report(runs, report_dir, title=f"Comparison: {spec.name}")
+    report_dir = spec.report_dir or spec.runs_dir / spec.name / DEFAULT_REPORT_FOLDER
+    return write_folder_atomically(
+        report_dir, lambda folder: write_report(runs, folder, title=f"Comparison: {spec.name}")
+    )
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], Path]) -> Path:
+    """Run ``write`` on a fresh temporary folder beside ``folder``, then rename it to ``folder``.
+
+    A ``write`` that fails leaves ``folder`` as it was (an older report stays whole) and no temporary
+    folder behind. An existing ``folder`` is replaced only after the new one is complete.
+
+    Args:
+        folder: the final folder.
+        write: fills the folder it is given and returns a path inside it.
+
+    Returns:
+        The path ``write`` returned, moved to inside ``folder``.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    old = folder.parent / f"{staging.name}-old"
+    try:
+        written = write(staging)
+        if folder.exists():
+            folder.rename(old)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if old.exists():
+                old.rename(folder)  # put the previous report back
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder / written.relative_to(staging)
 
 
 def main(args: list[str] | None = None) -> None:

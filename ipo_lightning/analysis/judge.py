@@ -94,6 +94,29 @@ def reward_scores(
     return scores
 
 
+def load_reward_model(name_or_path: str) -> torch.nn.Module:
+    """The sequence-classification reward model, in eval mode, from safetensors weights only.
+
+    Pickled ``.bin`` weights can run code when loaded, so they are refused, as for every model here.
+
+    Raises:
+        ConfigError: the model cannot be loaded; a local folder with only ``.bin`` weights says so.
+    """
+    path = resolve_model_path(name_or_path)
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise ConfigError(
+            f"--reward_model {name_or_path!r}: the folder holds only pickled .bin weights; the reward model "
+            "is loaded from safetensors only (re-save it with save_pretrained, which writes .safetensors)"
+        )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"--reward_model {name_or_path!r}: cannot load it: {reason[:300]}") from None
+    return model.eval()
+
+
 def judge_run(run_dir: Path, reward_model: str, *, prompts: int = 64, max_new_tokens: int = 64) -> WinRate:
     """Judge the exported policy of ``run_dir`` against its reference; write ``judge.json``."""
     run = load_run(run_dir)
@@ -116,7 +139,7 @@ def judge_run(run_dir: Path, reward_model: str, *, prompts: int = 64, max_new_to
     prompt_ids = [list(ids) for ids in data.val_datasets[primary]["prompt_ids"][:prompts]]
     prompt_texts = [data.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
 
-    scorer = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(reward_model)).eval()
+    scorer = load_reward_model(reward_model)
     scorer_tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(reward_model))
     scores = {}
     for name, path in (("policy", str(policy_dir)), ("reference", reference_path)):

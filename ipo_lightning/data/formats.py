@@ -19,7 +19,7 @@ Errors raised here name the field only; the caller prefixes the source and recor
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -164,11 +164,14 @@ def normalise(
         return PreferenceExample(prompt, fields.string("chosen"), fields.string("rejected"), prob)
     if fmt == "conversational":
         prompt_messages = fields.messages("prompt")
-        chosen = _strip_repeated_prompt(fields.completion_messages("chosen"), prompt_messages)
-        rejected = _strip_repeated_prompt(fields.completion_messages("rejected"), prompt_messages)
-        fields.check_completion("chosen", chosen)
-        fields.check_completion("rejected", rejected)
-        return PreferenceExample(prompt_messages, chosen, rejected, prob)
+        completions = {}
+        for field in ("chosen", "rejected"):
+            whole = fields.completion_messages(field)
+            completion = _strip_repeated_prompt(whole, prompt_messages)
+            fields.check_completion(field, completion)
+            completions[field] = (completion, len(whole) - len(completion))
+        check_role_order(prompt_messages, completions, name=fields.name)
+        return PreferenceExample(prompt_messages, completions["chosen"][0], completions["rejected"][0], prob)
     if fmt == "implicit":
         return _implicit(fields, prob)
     raise ConfigError(f"unknown data format {fmt!r}; use auto, plain, conversational or implicit")
@@ -230,7 +233,71 @@ def _implicit(fields: _Fields, prob: float) -> PreferenceExample | Dropped:
     chosen, rejected = chosen_messages[shared:], rejected_messages[shared:]
     fields.check_completion("chosen", chosen)
     fields.check_completion("rejected", rejected)
+    check_role_order(
+        chosen_messages[:shared],
+        {"chosen": (chosen, shared), "rejected": (rejected, shared)},
+        name=fields.name,
+        prompt_name=f"the prompt shared by {fields.name('chosen')} and {fields.name('rejected')}",
+    )
     return PreferenceExample(chosen_messages[:shared], chosen, rejected, prob)
+
+
+ASSISTANT = "assistant"
+"""The one role a completion may hold: the turns the model writes."""
+
+
+def check_role_order(
+    prompt: list[Message],
+    completions: Mapping[str, tuple[list[Message], int]],
+    *,
+    name: Callable[[str], str] = lambda field: f"field {field!r}",
+    prompt_name: str | None = None,
+) -> None:
+    """Raise a DataError unless the roles of a conversational pair fit what a preference pair means.
+
+    The pair says: after this prompt, the model should rather write ``chosen`` than ``rejected``.
+    So the rule is:
+
+    - **The prompt ends before an assistant turn**: its last message is not from the assistant (it is
+      usually a ``user`` turn; a ``tool`` result is fine too, the assistant answers it). A prompt that
+      ends with an assistant message would make the completion a second assistant turn in a row,
+      glued to the first; put that message into both completions instead.
+    - **A completion is assistant turns only**: every message of ``chosen`` and ``rejected`` has role
+      ``assistant``. Every completion token is scored as the model's own output, so a ``user`` or
+      ``system`` turn there would train the model to write the user's lines. The same holds for
+      tool results (role ``tool``): the environment writes them, not the model, so they are not allowed
+      inside a completion, although TRL's conversational format allows them in a ``messages``
+      conversation (where TRL can mask them out of the loss); here they belong in the prompt. An
+      assistant message that *calls* a tool (extra keys such as ``tool_calls`` go to the chat template)
+      is the model's output and is allowed.
+
+    Roles are compared as written (``assistant``, not ``gpt`` or ``bot``).
+
+    Args:
+        prompt: The prompt messages.
+        completions: Field name (``chosen``, ``rejected``) -> (its messages after the prompt, the
+            position in the record's field of its first message), so errors count messages as the
+            record stores them.
+        name: How messages name a canonical field (the source column, if mapped).
+        prompt_name: How messages name the prompt; default ``name("prompt")``.
+
+    Raises:
+        DataError: naming the field and the position and role of the offending message.
+    """
+    if prompt and prompt[-1]["role"] == ASSISTANT:
+        where = prompt_name or name("prompt")
+        raise DataError(
+            f"{where}, message {len(prompt) - 1}: the prompt ends with an assistant turn; the prompt must "
+            "end before the assistant's reply (move that message into both completions)"
+        )
+    for field, (messages, start) in completions.items():
+        for position, message in enumerate(messages, start=start):
+            if message["role"] != ASSISTANT:
+                raise DataError(
+                    f"{name(field)}, message {position}: role {message['role']!r} in a completion; a "
+                    "completion holds only the assistant's reply (assistant messages): put user, system "
+                    "and tool turns into the prompt"
+                )
 
 
 def _strip_repeated_prompt(completion: list[Message], prompt: list[Message]) -> list[Message]:
@@ -287,14 +354,9 @@ class _Fields:
         return self.messages(field)
 
     def check_completion(self, field: str, messages: list[Message]) -> None:
-        """A completion needs some text, and must start where the generation prompt leaves off."""
+        """A completion needs some text (its roles are checked by :func:`check_role_order`)."""
         if not any(message["content"].strip() for message in messages):
             raise DataError(f"{self.name(field)}: empty completion (every message content is blank)")
-        role = messages[0]["role"]
-        if role != "assistant":
-            raise DataError(
-                f"{self.name(field)}: the completion must start with an assistant message, got role {role!r}"
-            )
 
     def preference_prob(self) -> float:
         value = self.raw("preference_prob")

@@ -18,6 +18,7 @@ from ipo_lightning.errors import ConfigError, DataError
 
 JSON_SUFFIXES = (".json", ".jsonl")
 FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+UTF8_BLOCK = 16 * 1024 * 1024
 
 
 @dataclass
@@ -94,6 +95,10 @@ def _load_file(file: Path, cache_dir: str | None) -> LoadedSource:
     builder = FILE_SUFFIXES.get(file.suffix.lower())
     if builder is None:
         raise DataError(f"{file}: unsupported data file type {file.suffix!r}; use .jsonl, .json or .parquet")
+    if builder == "json":
+        # datasets copies invalid UTF-8 into its string columns unchecked; it would only fail when a
+        # record is read, with a traceback that names no file.
+        check_utf8(file)
     jsonl = str(file) if builder == "json" and is_line_delimited(file) else None
     try:
         dataset = datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=cache_dir)
@@ -125,6 +130,9 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None) -> LoadedSourc
         if split not in saved:
             raise DataError(f"{folder}: no split {split!r} in the saved dataset; splits: {', '.join(saved)}")
         return LoadedSource(saved[split], label)
+    for file in sorted(folder.rglob("*")):
+        if file.suffix.lower() in JSON_SUFFIXES and file.is_file():
+            check_utf8(file)
     try:
         dataset = datasets.load_dataset(str(folder), split=split, cache_dir=cache_dir)
     except Exception as error:
@@ -168,16 +176,41 @@ def record_line(file: str | Path, index: int) -> int | None:
     return None
 
 
+def check_utf8(file: Path, block_size: int = UTF8_BLOCK) -> None:
+    """Raise a DataError naming the line and byte offset of the first bytes of ``file`` that are not UTF-8.
+
+    Reads the file in blocks cut after a newline (a newline byte never occurs inside a multi-byte
+    character), so memory stays bounded and the decoding runs in C at disk speed.
+    """
+    with file.open("rb") as handle:
+        start, lines_before, carry = 0, 0, b""
+        while True:
+            block = handle.read(block_size)
+            data = carry + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            chunk, carry = data[:cut], data[cut:]
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line_no = lines_before + chunk.count(b"\n", 0, error.start) + 1
+                offset = start + error.start
+                raise DataError(
+                    f"{file}:{line_no}: not valid UTF-8 (byte offset {offset}, byte "
+                    f"0x{chunk[error.start]:02x}: {error.reason}); save the file as UTF-8"
+                ) from None
+            if not block:
+                return
+            start += len(chunk)
+            lines_before += chunk.count(b"\n")
+
+
 def read_json_records(file: Path) -> list[dict]:
     """Parse a JSON/JSONL file with the standard library; a DataError names the first malformed line.
 
     Only used after datasets failed to read the file, so speed does not matter here.
     """
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        line_no = file.read_bytes()[: error.start].count(b"\n") + 1
-        raise DataError(f"{file}:{line_no}: not valid UTF-8: {error.reason}") from None
+    check_utf8(file)
+    text = file.read_text(encoding="utf-8")
     if not is_line_delimited(file):
         try:
             records = json.loads(text)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from ipo_lightning.data.formats import Dropped, Message, PreferenceExample
@@ -85,8 +86,9 @@ class PairTokenizer:
 
         Raises:
             DataError: the prompt leaves no room for a completion (and ``max_prompt_length`` is None),
-                the prompt is empty with no BOS token, or the chat template does not render the prompt
-                as a prefix of the conversation. The message names the field, not the record.
+                the prompt is empty with no BOS token, the chat template raises (its message is kept), or
+                it does not render the prompt as a prefix of the conversation. The message names the
+                field, not the record.
         """
         if example.is_conversational:
             prompt_ids, chosen_ids, rejected_ids = self._chat_ids(example)
@@ -131,12 +133,12 @@ class PairTokenizer:
                 "use a chat model's tokenizer or plain-text records"
             )
         assert isinstance(example.prompt, list)
-        prompt_text = self._render(example.prompt, add_generation_prompt=True)
+        prompt_text = self._render(example.prompt, add_generation_prompt=True, field="prompt")
         prompt_ids = self.encode(prompt_text)
         completions = []
         for field, completion in (("chosen", example.chosen), ("rejected", example.rejected)):
             assert isinstance(completion, list)
-            full_text = self._render(example.prompt + completion, add_generation_prompt=False)
+            full_text = self._render(example.prompt + completion, add_generation_prompt=False, field=field)
             if not full_text.startswith(prompt_text):
                 raise DataError(
                     f"field {field!r}: the chat template renders prompt + {field} so that it does not start "
@@ -154,7 +156,17 @@ class PairTokenizer:
                 completions.append(self.encode(full_text[len(prompt_text) :]))
         return prompt_ids, completions[0], completions[1]
 
-    def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    def _render(self, messages: list[Message], add_generation_prompt: bool, field: str) -> str:
+        """The template's text of ``messages``; ``field`` names what is rendered (prompt + it) in errors."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as error:
+            # The template's own check (raise_exception) or a template bug: either way this record
+            # cannot be rendered, and the template's message says why.
+            what = "the prompt" if field == "prompt" else f"prompt + {field}"
+            message = " ".join(str(error).split())
+            raise DataError(
+                f"field {field!r}: the chat template fails on {what}: {type(error).__name__}: {message}"
+            ) from None
