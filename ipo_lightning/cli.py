@@ -40,6 +40,7 @@ from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
+from ipo_lightning.reference import resolve_reference_strategy
 from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
 from ipo_lightning.run_folder import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
 
@@ -231,8 +232,9 @@ class PreferenceCLI(LightningCLI):
         check_strategy(config.trainer.strategy)
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
-        if config.model.reference is None:
-            config.model.reference = "lora" if config.model.lora is not None else "separate"
+        config.model.reference = resolve_reference_strategy(
+            config.model.reference, uses_lora=config.model.lora is not None
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The stock trainer, plus the default loggers, random states in checkpoints and SLURM set-up.

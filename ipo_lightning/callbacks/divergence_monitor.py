@@ -47,16 +47,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ipo_lightning.batching import batch_logits, batch_scores
 from ipo_lightning.data.retention import read_texts, text_batches
 from ipo_lightning.divergence.token_kl import (
     SequenceSample,
     TokenDivergence,
+    chunked_token_divergence,
     estimate_sequence_kl,
     sample_completions,
-    token_divergence,
 )
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.logprobs import reduce_sequence_logprobs, scoring_window, token_logprobs, window_logits
 
 PREFIX = "divergence/"
 
@@ -293,6 +293,7 @@ class DivergenceMonitor(Callback):
         """This process's part of a measurement: every ``world_size``-th batch and prompt."""
         policy, reference = pl_module.policy, pl_module.reference.model
         length_normalize = pl_module.hparams.length_normalize
+        batching = pl_module.hparams.batching
         rank, world = trainer.global_rank, trainer.world_size
         share = _Share()
         was_training = policy.training
@@ -301,35 +302,43 @@ class DivergenceMonitor(Callback):
             batches = self.held_out_batches(trainer)
             for index in range(rank, len(batches), world):
                 batch = {key: value.to(pl_module.device) for key, value in batches[index].items()}
-                ids, attention = batch["input_ids"], batch["attention_mask"]
-                window = scoring_window(ids, batch["completion_mask"])
-                policy_logits = window_logits(policy, ids, attention, window.keep)
-                reference_logits = window_logits(reference, ids, attention, window.keep)
-                totals = token_divergence(
-                    policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size
+                rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                policy_kept = batch_logits(policy, *rows, batching=batching)
+                reference_kept = batch_logits(reference, *rows, batching=batching)
+                chunks = zip(
+                    policy_kept.scored_chunks(self.chunk_size),
+                    reference_kept.scored_chunks(self.chunk_size),
+                    strict=True,
                 )
-                token_delta = self._token_delta(policy_logits, reference_logits, window.labels)
-                logratio = reduce_sequence_logprobs(
-                    token_delta, window.mask, length_normalize=length_normalize
+                policy_scores = policy_kept.scores(chunk_size=self.chunk_size)
+                reference_scores = reference_kept.scores(chunk_size=self.chunk_size)
+                logratio = policy_scores.sequence_logps(length_normalize) - reference_scores.sequence_logps(
+                    length_normalize
                 )
-                half = ids.shape[0] // 2
+                token_delta = policy_scores.token_logps - reference_scores.token_logps
+                half = rows[0].shape[0] // 2
                 share.batches[index] = _BatchResult(
-                    divergence=totals,
+                    divergence=chunked_token_divergence(chunks),
                     chosen=logratio[:half].tolist(),
                     rejected=logratio[half:].tolist(),
-                    chosen_delta=_TokenMean.of(token_delta[:half], window.mask[:half]),
+                    chosen_delta=_TokenMean.of(token_delta, policy_scores.sequence_ids < half),
                 )
             texts = self.retention_batches(trainer)
+            # Texts are not pairs: prefix_shared has no prompt to share, so they run as padded rows.
+            text_batching = "padded" if batching == "prefix_shared" else batching
             for index in range(rank, len(texts), world):
                 batch = {key: value.to(pl_module.device) for key, value in texts[index].items()}
-                ids, attention = batch["input_ids"], batch["attention_mask"]
-                window = scoring_window(ids, batch["completion_mask"])
-                token_delta = self._token_delta(
-                    window_logits(policy, ids, attention, window.keep),
-                    window_logits(reference, ids, attention, window.keep),
-                    window.labels,
+                rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                policy_scores = batch_scores(
+                    policy, *rows, batching=text_batching, chunk_size=self.chunk_size
                 )
-                share.texts[index] = _TokenMean.of(token_delta, window.mask)
+                reference_scores = batch_scores(
+                    reference, *rows, batching=text_batching, chunk_size=self.chunk_size
+                )
+                token_delta = policy_scores.token_logps - reference_scores.token_logps
+                share.texts[index] = _TokenMean.of(
+                    token_delta, torch.ones_like(token_delta, dtype=torch.bool)
+                )
             indices = list(range(rank, len(self._prompts), world))
             if indices:
                 sampling = {
@@ -344,12 +353,6 @@ class DivergenceMonitor(Callback):
         finally:
             policy.train(was_training)
         return share
-
-    def _token_delta(self, policy_logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
-        """Per-position log pi(label) - log ref(label)."""
-        return token_logprobs(policy_logits, labels, chunk_size=self.chunk_size) - token_logprobs(
-            reference_logits, labels, chunk_size=self.chunk_size
-        )
 
 
 @dataclass

@@ -12,6 +12,7 @@ The sums run in float32 over chunks of positions, so no float32 [rows, length, v
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,17 @@ class TokenDivergence:
         self.entropy += other.entropy
         self.tokens += other.tokens
 
+    @torch.no_grad()
+    def add_positions(self, policy_logits: Tensor, reference_logits: Tensor) -> None:
+        """Accumulate the sums of a chunk of positions: ``[c, V]`` policy and reference logits."""
+        log_p = torch.log_softmax(policy_logits.float(), dim=-1)
+        log_q = torch.log_softmax(reference_logits.float(), dim=-1)
+        p, q = log_p.exp(), log_q.exp()
+        self.kl += float((p * (log_p - log_q)).sum())
+        self.kl_reverse += float((q * (log_q - log_p)).sum())
+        self.entropy += float(-(p * log_p).sum())
+        self.tokens += policy_logits.shape[0]
+
     def means(self) -> dict[str, float]:
         """Per-token means (0 when nothing was scored)."""
         count = max(self.tokens, 1)
@@ -57,18 +69,30 @@ def token_divergence(
     flat_policy = policy_logits.reshape(-1, vocab)
     flat_reference = reference_logits.reshape(-1, vocab)
     flat_mask = mask.reshape(-1)
-    total = TokenDivergence(tokens=int(flat_mask.sum()))
-    for start in range(0, flat_mask.numel(), chunk_size):
-        keep = flat_mask[start : start + chunk_size]
-        if not bool(keep.any()):
-            continue
+
+    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         # Select inside the chunk, so at most one chunk of positions is ever copied.
-        log_p = torch.log_softmax(flat_policy[start : start + chunk_size][keep].float(), dim=-1)
-        log_q = torch.log_softmax(flat_reference[start : start + chunk_size][keep].float(), dim=-1)
-        p, q = log_p.exp(), log_q.exp()
-        total.kl += float((p * (log_p - log_q)).sum())
-        total.kl_reverse += float((q * (log_q - log_p)).sum())
-        total.entropy += float(-(p * log_p).sum())
+        for start in range(0, flat_mask.numel(), chunk_size):
+            keep = flat_mask[start : start + chunk_size]
+            if bool(keep.any()):
+                yield (
+                    flat_policy[start : start + chunk_size][keep],
+                    flat_reference[start : start + chunk_size][keep],
+                )
+
+    return chunked_token_divergence(chunks())
+
+
+def chunked_token_divergence(chunks: Iterable[tuple[Tensor, Tensor]]) -> TokenDivergence:
+    """Sum KL(pi||ref), KL(ref||pi) and H(pi) over chunks of aligned positions.
+
+    Args:
+        chunks: ``(policy [c, V], reference [c, V])`` logits of the same ``c`` positions, chunk by
+            chunk (e.g. :meth:`ipo_lightning.batching.KeptLogits.scored_chunks` of both models).
+    """
+    total = TokenDivergence()
+    for policy_chunk, reference_chunk in chunks:
+        total.add_positions(policy_chunk, reference_chunk)
     return total
 
 
