@@ -12,6 +12,7 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
 - random states in every checkpoint (:class:`RNGStateCheckpoint`) for an exact resume;
 - ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
 - ``--divergence.*``: KL to the reference on held-out pairs, every N steps and after validations;
+- ``--kl_budget.*``: warn, or checkpoint and stop, when that KL exceeds a budget;
 - user errors (bad data, bad config values) end with one line on stderr and exit code 2.
 """
 
@@ -34,7 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ipo_lightning.callbacks import DivergenceMonitor, HFExport
+from ipo_lightning.callbacks import DivergenceMonitor, HFExport, KLBudget
 from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
@@ -214,6 +215,7 @@ class PreferenceCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(DivergenceMonitor, "divergence")
+        parser.add_lightning_class_args(KLBudget, "kl_budget")  # after the monitor: it checks its values
         parser.add_lightning_class_args(SlurmRequeue, "slurm")
         parser.add_class_arguments(WandbOptions, "wandb", fail_untyped=True, sub_configs=True)
         parser.add_class_arguments(RunOptions, "run", fail_untyped=True, sub_configs=True)

@@ -505,8 +505,8 @@ def test_precomputed_under_ddp_writes_the_complete_cache(tmp_path: Path, tiny_mo
         ),
         (["--model.lora.target_modules", "[no_such_proj]"], "model.lora.target_modules=['no_such_proj']"),
         (
-            ["--model.reference", "precomputed", "--divergence.max_kl", "0.1"],
-            "divergence.max_kl needs a reference",
+            ["--model.reference", "precomputed", "--kl_budget.max_kl", "0.1"],
+            "kl_budget.max_kl needs a reference",
         ),
     ],
     ids=["rank", "separate-with-lora", "target-modules", "precomputed-kl-budget"],
