@@ -3,7 +3,7 @@
 One training step, top to bottom:
 
 1. The batch holds B pairs as 2B right-padded rows: prompt+chosen rows, then prompt+rejected rows.
-2. One policy forward over all 2B rows gives per-sequence completion log-probs (:mod:`logprobs`).
+2. One policy forward over all 2B rows gives per-sequence completion log-probs (:mod:`batching`).
 3. The reference scores the same rows without autograd, or its log-probs come precomputed with the
    batch (``model.reference``: separate | lora | precomputed, see :mod:`reference`).
 4. :func:`~ipo_lightning.losses.preference_loss` turns the four [B] log-prob vectors into per-pair

@@ -10,8 +10,8 @@
   log-prob sums and token counts (:mod:`ipo_lightning.precompute`), which the collator puts in the
   batch and :func:`precomputed_logprobs` reads back.
 
-Both model-backed strategies expose ``sequence_logprobs(...)`` for the loss and ``model`` (a module
-callable like a causal LM) for the divergence monitor.
+Both model-backed strategies (:class:`ModelReference`) expose ``sequence_logprobs(...)`` for the loss,
+scored like the policy, and ``model`` (a module callable like a causal LM) for the divergence monitor.
 """
 
 from __future__ import annotations

@@ -127,3 +127,25 @@ def test_training_precompute_and_divergence_share_one_scoring_function(
     margins = torch.tensor(result.chosen) - torch.tensor(result.rejected)
     assert values["logratio/margin"].abs().min() > 1e-4  # the models differ: the check has teeth
     assert torch.equal(margins, values["logratio/margin"])
+
+
+@pytest.mark.parametrize("mode", ["padded", "padding_free", "prefix_shared"])
+def test_kept_logits_in_canonical_order_give_the_scores(
+    tiny_model_dir: Path, tmp_path: Path, mode: str
+) -> None:
+    module = PreferenceModule(str(tiny_model_dir))
+    module.configure_model()
+    datamodule = _datamodule(tiny_model_dir, tmp_path)
+    datamodule.setup("fit")
+    batch = datamodule.collator([datamodule.train_dataset[i] for i in range(4)])
+    rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    with torch.no_grad():
+        kept = batching.batch_logits(module.policy, *rows, batching=mode)
+    scored = kept.scored()
+    assert scored.shape == (int(batch["completion_mask"].sum()), module.policy.config.vocab_size)
+    assert torch.equal(torch.cat(list(kept.scored_chunks(5))), scored)
+    # Canonical order: sequence by sequence, each completion's tokens in order (the labels say so).
+    completion_tokens = batch["input_ids"][batch["completion_mask"]]
+    assert torch.equal(kept.labels(), completion_tokens)
+    picked = torch.log_softmax(scored.float(), -1).gather(-1, kept.labels()[:, None])[:, 0]
+    torch.testing.assert_close(kept.scores(chunk_size=3).token_logps, picked, rtol=0, atol=1e-6)
