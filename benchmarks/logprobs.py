@@ -1,7 +1,7 @@
 """Completion log-probs: the naive float32 log_softmax vs ipo_lightning's chunked version.
 
 Both turn the same logits (the model's output, here random) into per-sequence completion log-probs
-and backpropagate through them; the chunked mode goes through ``completion_logprobs``, the function
+and backpropagate through them; the chunked mode goes through ``batch_scores``, the function
 training uses, with a stand-in model that returns the logits. Peak memory is measured above the
 logits and their gradient, each mode in its own fresh process on CPU (peak RSS) or with
 ``torch.cuda.max_memory_allocated`` on CUDA; time is the median of ``--repeats`` forward+backward
@@ -21,8 +21,11 @@ import subprocess
 import sys
 import time
 from types import SimpleNamespace
+from typing import get_args
 
 import torch
+
+from ipo_lightning.modeling import DType
 
 MODES = ("naive", "chunked")
 
@@ -53,13 +56,10 @@ def _chunked(
     logits: torch.Tensor, input_ids: torch.Tensor, completion: torch.Tensor, chunk: int
 ) -> torch.Tensor:
     """Per-sequence log-probs through ipo_lightning's own path, exactly as training calls it."""
-    from ipo_lightning.logprobs import completion_logprobs
+    from ipo_lightning.batching import batch_scores
 
     attention = torch.ones_like(input_ids)
-    logps, _ = completion_logprobs(
-        _FixedLogits(logits), input_ids, attention, completion, length_normalize=False, chunk_size=chunk
-    )
-    return logps
+    return batch_scores(_FixedLogits(logits), input_ids, attention, completion, chunk_size=chunk).sums
 
 
 def _peak_bytes(device: str) -> int:
@@ -120,7 +120,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=get_args(DType))
     parser.add_argument("--rows", type=int, default=8, help="sequences (2 x pairs)")
     parser.add_argument("--length", type=int, default=512, help="scored tokens per sequence")
     parser.add_argument("--vocab", type=int, default=32000)

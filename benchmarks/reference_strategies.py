@@ -29,6 +29,7 @@ from ipo_lightning.builtin import quickstart_corpus
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.lora import LoraOptions
 from ipo_lightning.module import PreferenceModule
+from ipo_lightning.reference import REFERENCE_STRATEGIES
 from ipo_lightning.tiny import save_tiny_model
 
 
@@ -131,7 +132,7 @@ def main() -> None:
         )
         cache_dir = Path(tmp) / "cache"
         rows = {}
-        for strategy in ("separate", "lora", "precomputed"):
+        for strategy in REFERENCE_STRATEGIES:
             rows[strategy] = run(strategy, model_dir, cache_dir, args)
         rows["precomputed (cache hit)"] = run("precomputed", model_dir, cache_dir, args)
     setting = f"{args.device}, {args.precision}, hidden {args.hidden}, {args.layers} layers"

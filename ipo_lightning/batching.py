@@ -18,18 +18,22 @@ rows). :func:`build_layout` rearranges them, per step, into what the model actua
   pair instead of twice. The rejected completion's first token is predicted by the prompt's last
   position, the same position that predicts the chosen completion's first token.
 
-Every layout says where each completion token's log-prob sits in the model's output, so
-:func:`score_layout` returns per-token log-probs in one canonical order (sequence 0's completion
-tokens, then sequence 1's, ...; sequences in the collator's row order) and per-sequence sums and
-token counts, equal across layouts up to float rounding (tests check 1e-5 in float32). Logits are
-only computed where a completion token is predicted (``logits_to_keep``: an int window for padded
-rows, per-row position indices otherwise), and the log-softmax is the chunked float32 kernel of
-:mod:`ipo_lightning.logprobs`.
+Every layout says where each completion token's log-prob sits in the model's output. The one forward
+of every completion score is :func:`layout_logits`: it asks the model for logits only where a
+completion token is predicted (``logits_to_keep``: an int window for padded rows, per-row position
+indices otherwise) and returns them as :class:`KeptLogits`, whose scored positions come out in one
+canonical order (sequence 0's completion tokens, then sequence 1's, ...; sequences in the collator's
+row order). :meth:`KeptLogits.scores` turns them into per-token log-probs in that order, per-sequence
+sums and token counts (the chunked float32 kernel of :mod:`ipo_lightning.logprobs`), equal across
+layouts up to float rounding (tests check 1e-5 in float32). Training (policy and model-backed
+references), the precompute pass (:mod:`ipo_lightning.precompute`) and the divergence measurement
+(:mod:`ipo_lightning.divergence.measure`, which needs the full-vocabulary logits) all score this way.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -37,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.logprobs import scoring_window, token_logprobs
+from ipo_lightning.logprobs import token_logprobs
 
 Batching = Literal["padded", "padding_free", "prefix_shared"]
 BATCHING_CHOICES: tuple[str, ...] = get_args(Batching)
@@ -74,8 +78,8 @@ class RowLayout:
     num_sequences: int
     """N, the collator's row count (2B)."""
     row_mask: Tensor | None = None
-    """[R, K] bool when the rows are the sequences (padded): each row is summed in place, in the same
-    float32 order as :func:`ipo_lightning.logprobs.reduce_sequence_logprobs` (the pre-batching path)."""
+    """[R, K] bool when the rows are the sequences (padded): each row is then summed in place, a
+    masked sum over the row (no scatter)."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,15 @@ class SequenceScores:
 
     def sequence_logps(self, length_normalize: bool) -> Tensor:
         """[N] sums, or means over completion tokens with ``length_normalize``."""
-        if not length_normalize:
-            return self.sums
-        return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)
+        return sequence_logps(self.sums, self.counts, length_normalize=length_normalize)
+
+
+def sequence_logps(sums: Tensor, counts: Tensor, *, length_normalize: bool) -> Tensor:
+    """Per-sequence log-probs from summed token log-probs: the sums, or with ``length_normalize`` their
+    means over the scored tokens (a sequence with none counts as one, so it scores 0, not NaN)."""
+    if not length_normalize:
+        return sums
+    return sums / counts.clamp(min=1).to(sums.dtype)
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -152,18 +162,29 @@ def _spans(attention_mask: Tensor, completion_mask: Tensor) -> tuple[list[int], 
 
 
 def _padded_layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> RowLayout:
-    window = scoring_window(input_ids, completion_mask)
-    scored = window.mask.reshape(-1).nonzero().squeeze(-1)
+    # Logits from the batch's first completion token on: the ones before it are never needed. The
+    # window's last logit predicts nothing; it gets a dummy label that the row mask excludes, rather
+    # than being sliced off (a non-contiguous view, which the chunked kernel would copy whole).
+    seq_len = input_ids.shape[1]
+    has_completion = completion_mask.any(dim=1)
+    first_positions = completion_mask.int().argmax(dim=1)[has_completion]
+    first = int(first_positions.min()) if first_positions.numel() else seq_len - 1
+    first = max(first, 1)  # token 0 has no preceding logit to predict it
+    keep = seq_len - first + 1
+    dummy = torch.zeros_like(input_ids[:, :1])
+    labels = torch.cat([input_ids[:, first:], dummy], dim=1)
+    row_mask = torch.cat([completion_mask[:, first:], dummy.bool()], dim=1)
+    scored = row_mask.reshape(-1).nonzero().squeeze(-1)
     return RowLayout(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=None,
-        keep=window.keep,
-        labels=window.labels,
+        keep=keep,
+        labels=labels,
         scored=scored,
-        sequence_ids=torch.div(scored, window.keep, rounding_mode="floor"),
+        sequence_ids=torch.div(scored, keep, rounding_mode="floor"),
         num_sequences=input_ids.shape[0],
-        row_mask=window.mask,
+        row_mask=row_mask,
     )
 
 
@@ -364,35 +385,106 @@ def build_layout(
 # --------------------------------------------------------------------------------------- scoring
 
 
-def _kept_logits(model: nn.Module, layout: RowLayout) -> Tensor:
-    """[R, K, V] logits at the layout's kept positions; the vocabulary projection skips the rest."""
+@dataclass(frozen=True)
+class KeptLogits:
+    """The model's logits at a layout's kept positions, and where the scored ones sit.
+
+    ``logits`` are what the forward returned (``[R, K, V]``, nothing copied). The scored positions,
+    in canonical order, are ``logits.reshape(R * K, V)[layout.scored]``: :meth:`scored` copies them
+    out, :meth:`scored_chunks` yields them a chunk at a time (one chunk copied at a time).
+    """
+
+    logits: Tensor
+    """[R, K, V] the model's logits at the kept positions."""
+    layout: RowLayout
+    """The layout they were computed on."""
+
+    def _flat(self) -> Tensor:
+        return self.logits.reshape(-1, self.logits.shape[-1])
+
+    def scored(self) -> Tensor:
+        """[M, V] logits of the scored positions in canonical order (a copy)."""
+        return self._flat().index_select(0, self.layout.scored)
+
+    def scored_chunks(self, chunk_size: int) -> Iterator[Tensor]:
+        """The rows of :meth:`scored`, ``chunk_size`` at a time."""
+        flat, scored = self._flat(), self.layout.scored
+        for start in range(0, scored.numel(), chunk_size):
+            yield flat.index_select(0, scored[start : start + chunk_size])
+
+    def labels(self) -> Tensor:
+        """[M] the token each scored position is scored against, in canonical order."""
+        return self.layout.labels.reshape(-1)[self.layout.scored]
+
+    def scores(self, *, chunk_size: int = 1024) -> SequenceScores:
+        """The completion log-probs of these logits (chunked float32 log-softmax, see logprobs.py)."""
+        layout = self.layout
+        per_slot = token_logprobs(self.logits, layout.labels, chunk_size=chunk_size)
+        token_logps = per_slot.reshape(-1)[layout.scored]
+        if layout.row_mask is not None:
+            sums = (per_slot * layout.row_mask.to(per_slot.dtype)).sum(dim=-1)
+        else:
+            sums = token_logps.new_zeros(layout.num_sequences).index_add(0, layout.sequence_ids, token_logps)
+        counts = torch.bincount(layout.sequence_ids, minlength=layout.num_sequences)
+        return SequenceScores(
+            sums=sums, counts=counts, token_logps=token_logps, sequence_ids=layout.sequence_ids
+        )
+
+
+def layout_logits(model: nn.Module, layout: RowLayout) -> KeptLogits:
+    """Run ``model`` once on ``layout``: logits at its kept positions only (``logits_to_keep``).
+
+    The one forward through which every completion score is computed: training (policy and
+    model-backed references), the precompute pass and the divergence monitor.
+    """
     inputs = {"input_ids": layout.input_ids, "attention_mask": layout.attention_mask, "use_cache": False}
     if layout.position_ids is not None:
         inputs["position_ids"] = layout.position_ids
     if "logits_to_keep" in _forward_parameters(model):
-        return model(**inputs, logits_to_keep=layout.keep).logits
+        return KeptLogits(model(**inputs, logits_to_keep=layout.keep).logits, layout)
     logits = model(**inputs).logits  # older models: every position, then a (copying) selection
     if isinstance(layout.keep, int):
-        return logits[:, -layout.keep :] if layout.keep < logits.shape[1] else logits
-    return torch.take_along_dim(logits, layout.keep[..., None], dim=1)
+        kept = logits[:, -layout.keep :] if layout.keep < logits.shape[1] else logits
+    else:
+        kept = torch.take_along_dim(logits, layout.keep[..., None], dim=1)
+    return KeptLogits(kept, layout)
 
 
 def score_layout(model: nn.Module, layout: RowLayout, *, chunk_size: int = 1024) -> SequenceScores:
     """Run ``model`` once on ``layout`` and return its completion log-probs (see :class:`SequenceScores`)."""
-    logits = _kept_logits(model, layout)
-    per_slot = token_logprobs(logits, layout.labels, chunk_size=chunk_size)
-    token_logps = per_slot.reshape(-1)[layout.scored]
-    if layout.row_mask is not None:
-        sums = (per_slot * layout.row_mask.to(per_slot.dtype)).sum(dim=-1)
-    else:
-        sums = token_logps.new_zeros(layout.num_sequences).index_add(0, layout.sequence_ids, token_logps)
-    counts = torch.bincount(layout.sequence_ids, minlength=layout.num_sequences)
-    return SequenceScores(sums=sums, counts=counts, token_logps=token_logps, sequence_ids=layout.sequence_ids)
+    return layout_logits(model, layout).scores(chunk_size=chunk_size)
 
 
 def model_attention(model: nn.Module) -> str | None:
     """The attention kernel a loaded model runs (``config._attn_implementation``)."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def model_layout(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, batching: Batching
+) -> RowLayout:
+    """:func:`build_layout` for ``model``'s attention kernel and compute dtype."""
+    weight = next(model.parameters(), None)
+    return build_layout(
+        batching,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        attn_implementation=model_attention(model),
+        dtype=torch.float32 if weight is None else weight.dtype,
+    )
+
+
+def batch_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    batching: Batching = "padded",
+) -> KeptLogits:
+    """The collator's rows laid out for ``model`` in mode ``batching``, run once: its kept logits."""
+    return layout_logits(model, model_layout(model, input_ids, attention_mask, completion_mask, batching))
 
 
 def batch_scores(
@@ -405,13 +497,5 @@ def batch_scores(
     chunk_size: int = 1024,
 ) -> SequenceScores:
     """Score the collator's rows with ``model`` in mode ``batching`` (layout built for this model)."""
-    dtype = next(model.parameters()).dtype
-    layout = build_layout(
-        batching,
-        input_ids,
-        attention_mask,
-        completion_mask,
-        attn_implementation=model_attention(model),
-        dtype=dtype,
-    )
-    return score_layout(model, layout, chunk_size=chunk_size)
+    kept = batch_logits(model, input_ids, attention_mask, completion_mask, batching=batching)
+    return kept.scores(chunk_size=chunk_size)

@@ -12,6 +12,7 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
 - random states in every checkpoint (:class:`RNGStateCheckpoint`) for an exact resume;
 - ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
 - ``--divergence.*``: KL to the reference on held-out pairs, every N steps and after validations;
+- ``--kl_budget.*``: warn, or checkpoint and stop, when that KL exceeds a budget;
 - user errors (bad data, bad config values) end with one line on stderr and exit code 2.
 """
 
@@ -34,12 +35,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ipo_lightning.callbacks import DivergenceMonitor, HFExport
+from ipo_lightning.callbacks import DivergenceMonitor, HFExport, KLBudget
 from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
+from ipo_lightning.reference import resolve_reference_strategy
 from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
 from ipo_lightning.run_folder import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
 
@@ -213,6 +215,7 @@ class PreferenceCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(DivergenceMonitor, "divergence")
+        parser.add_lightning_class_args(KLBudget, "kl_budget")  # after the monitor: it checks its values
         parser.add_lightning_class_args(SlurmRequeue, "slurm")
         parser.add_class_arguments(WandbOptions, "wandb", fail_untyped=True, sub_configs=True)
         parser.add_class_arguments(RunOptions, "run", fail_untyped=True, sub_configs=True)
@@ -231,8 +234,9 @@ class PreferenceCLI(LightningCLI):
         check_strategy(config.trainer.strategy)
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
-        if config.model.reference is None:
-            config.model.reference = "lora" if config.model.lora is not None else "separate"
+        config.model.reference = resolve_reference_strategy(
+            config.model.reference, uses_lora=config.model.lora is not None
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The stock trainer, plus the default loggers, random states in checkpoints and SLURM set-up.

@@ -18,14 +18,14 @@ enter the loss, so the logged margin is on the scale of the IPO target.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 LossType = Literal["ipo", "dpo", "hinge"]
-LOSS_TYPES: tuple[str, ...] = ("ipo", "dpo", "hinge")
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 class PreferenceLossOutput(NamedTuple):

@@ -3,7 +3,7 @@
 One training step, top to bottom:
 
 1. The batch holds B pairs as 2B right-padded rows: prompt+chosen rows, then prompt+rejected rows.
-2. One policy forward over all 2B rows gives per-sequence completion log-probs (:mod:`logprobs`).
+2. One policy forward over all 2B rows gives per-sequence completion log-probs (:mod:`batching`).
 3. The reference scores the same rows without autograd, or its log-probs come precomputed with the
    batch (``model.reference``: separate | lora | precomputed, see :mod:`reference`).
 4. :func:`~ipo_lightning.losses.preference_loss` turns the four [B] log-prob vectors into per-pair
@@ -40,6 +40,7 @@ from ipo_lightning.reference import (
     REFERENCE_ATTRIBUTE,
     AdapterReference,
     FrozenReference,
+    ModelReference,
     ReferenceStrategy,
     ignore_missing_reference_keys,
     precomputed_logprobs,
@@ -156,7 +157,7 @@ class PreferenceModule(L.LightningModule):
         self.uses_soft_labels = True  # until setup() has seen the data: the safe choice
         self.optimizer_factory = optimizer
         self.policy: PreTrainedModel | None = None
-        self.reference: FrozenReference | AdapterReference | None = None
+        self.reference: ModelReference | None = None
         self.precompute_report: PrecomputeReport | None = None
         """What the last precompute pass did (``model.reference: precomputed``): cache hits, files."""
         self.train_metrics = PreferenceMetrics(metric_names(loss_type))
@@ -234,6 +235,7 @@ class PreferenceModule(L.LightningModule):
             dtype=hp.reference_dtype or hp.dtype,
             attn_implementation=hp.attn_implementation,
             trust_remote_code=hp.trust_remote_code,
+            batching=hp.batching,
         )
 
     # ------------------------------------------------------------------ steps

@@ -13,8 +13,9 @@ values depend on:
 
 - the reference's weights: a content hash of its ``config.json`` and ``*.safetensors`` files (a hub
   model: its id and snapshot commit);
-- how it runs: weight dtype, attention kernel, the trainer's precision (autocast), the versions of
-  torch and transformers, and the source of this module and of :mod:`ipo_lightning.logprobs`;
+- how it runs: weight dtype, attention kernel, batching mode, the trainer's precision (autocast),
+  the versions of torch and transformers, and the source of this module and of the scoring modules
+  (:mod:`ipo_lightning.batching`, :mod:`ipo_lightning.logprobs`);
 - the pairs themselves: a hash of the token ids of every pair, in order. That covers the data files
   and their content, the tokenizer and every tokenisation setting at once: whatever changes a token
   changes the key, and nothing that leaves every token unchanged forces a recompute.
@@ -23,6 +24,11 @@ So a changed reference or changed data is a different file (a miss, computed afr
 hit. A file that exists but does not hold what its name promises (the key stored inside, the number
 of pairs, the columns) is reported and recomputed. Files are written to a temporary name and renamed,
 so an interrupted pass never leaves a file that looks finished.
+
+The pass scores through the training path itself (:func:`ipo_lightning.batching.batch_scores`,
+in the run's ``model.batching`` mode), so a pair scored in the same batch as training sees gets
+exactly the value the live reference would give it; pairs batched differently differ only by float
+rounding (the width a row is padded or packed to changes the kernels' summation order).
 
 Under DDP every rank scores every ``world_size``-th pair, the shards are all-gathered, and the ranks
 with local rank 0 write the file before a barrier: every rank trains with the complete values. The
@@ -51,17 +57,20 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ipo_lightning import batching as batching_module
 from ipo_lightning import logprobs as logprobs_module
+from ipo_lightning.batching import Batching, batch_scores, check_model_batching
 from ipo_lightning.builtin import cache_root, resolve_model_path
 from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.logprobs import completion_logprobs, scoring_window
 from ipo_lightning.modeling import load_causal_lm
 from ipo_lightning.reference import REF_CHOSEN_COUNT, REF_CHOSEN_SUM, REF_REJECTED_COUNT, REF_REJECTED_SUM
 
 # Editing how log-probs are computed must invalidate every cache file (as preprocess.CODE_VERSION does).
 CODE_VERSION = hashlib.sha256(
-    b"".join(Path(module).read_bytes() for module in (__file__, logprobs_module.__file__))
+    b"".join(
+        Path(module).read_bytes() for module in (__file__, batching_module.__file__, logprobs_module.__file__)
+    )
 ).hexdigest()[:16]
 COLUMNS = (REF_CHOSEN_SUM, REF_CHOSEN_COUNT, REF_REJECTED_SUM, REF_REJECTED_COUNT)
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -78,12 +87,14 @@ class ReferenceSpec:
         dtype: weight dtype.
         attn_implementation: attention kernel passed to ``from_pretrained``.
         trust_remote_code: allow model code from the hub.
+        batching: how the pairs' rows are laid out for the reference (``model.batching``).
     """
 
     name_or_path: str
     dtype: str = "float32"
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
+    batching: Batching = "padded"
 
 
 @dataclass
@@ -150,6 +161,7 @@ def cache_key(identity: str, spec: ReferenceSpec, precision: str, data_fingerpri
         f"reference={identity}",
         f"dtype={spec.dtype}",
         f"attn={spec.attn_implementation}",
+        f"batching={spec.batching}",
         f"precision={precision}",
         f"torch={torch.__version__}",
         f"transformers={transformers.__version__}",
@@ -222,6 +234,16 @@ def save_cached(path: Path, key: str, values: Tensor, description: dict[str, str
 # ------------------------------------------------------------------ the pass
 
 
+def longest_first(dataset: datasets.Dataset, indices: Sequence[int]) -> list[int]:
+    """Positions in ``indices`` in the order :func:`score_pairs` scores them: longest row first (a
+    stable sort, so equally long pairs keep their order); its batches are consecutive runs of these."""
+    lengths = [
+        len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        for row in dataset.select_columns(list(ID_COLUMNS)).select(indices)
+    ]
+    return sorted(range(len(indices)), key=lambda position: -lengths[position])
+
+
 @torch.no_grad()
 def score_pairs(
     model: nn.Module,
@@ -231,6 +253,7 @@ def score_pairs(
     collate: Callable[[list[dict]], dict[str, Tensor]],
     batch_size: int,
     device: torch.device,
+    batching: Batching = "padded",
     chunk_size: int = 1024,
     forward_context: Callable[[], object] | None = None,
     progress: tqdm | None = None,
@@ -238,13 +261,10 @@ def score_pairs(
     """[len(indices), 4] float32: chosen sum, chosen count, rejected sum, rejected count per pair.
 
     Pairs are scored longest first (less padding per batch, and an out-of-memory error shows at the
-    first batch), then put back in the order of ``indices``.
+    first batch), then put back in the order of ``indices``. Each batch is scored as training scores
+    it (:func:`~ipo_lightning.batching.batch_scores` in mode ``batching``).
     """
-    lengths = [
-        len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
-        for row in dataset.select_columns(list(ID_COLUMNS)).select(indices)
-    ]
-    order = sorted(range(len(indices)), key=lambda position: -lengths[position])
+    order = longest_first(dataset, indices)
     out = torch.empty(len(indices), len(COLUMNS), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
@@ -255,8 +275,8 @@ def score_pairs(
         rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         context = forward_context() if forward_context is not None else torch.autocast("cpu", enabled=False)
         with context:
-            sums, _ = completion_logprobs(model, *rows, length_normalize=False, chunk_size=chunk_size)
-        counts = scoring_window(batch["input_ids"], batch["completion_mask"]).mask.sum(dim=1)
+            scores = batch_scores(model, *rows, batching=batching, chunk_size=chunk_size)
+        sums, counts = scores.sums.float(), scores.counts.float()
         half = len(positions)
         values = torch.stack([sums[:half], counts[:half], sums[half:], counts[half:]], dim=1)
         out[positions] = values.float().cpu()
@@ -341,7 +361,7 @@ def prepare_precomputed_reference(
                 if model is None:
                     model = _load_reference(spec, strategy.root_device)
                 started = time.perf_counter()
-                values = _compute(trainer, model, datamodule, label, dataset, chunk_size)
+                values = _compute(trainer, model, datamodule, label, dataset, spec.batching, chunk_size)
                 elapsed = time.perf_counter() - started
                 if trainer.local_rank == 0:  # one writer per node: also right without a shared disk
                     save_cached(path, key, values, {"reference": spec.name_or_path, "set": label})
@@ -370,6 +390,7 @@ def _load_reference(spec: ReferenceSpec, device: torch.device) -> nn.Module:
         trust_remote_code=spec.trust_remote_code,
     )
     model.requires_grad_(False)
+    check_model_batching(model, spec.batching)
     return model.eval().to(device)  # eval: every dropout off during the pass
 
 
@@ -379,6 +400,7 @@ def _compute(
     datamodule: object,
     label: str,
     dataset: datasets.Dataset,
+    batching: Batching,
     chunk_size: int,
 ) -> Tensor:
     """Score this rank's shard with a progress bar (rank 0) and gather all shards."""
@@ -396,11 +418,12 @@ def _compute(
             model,
             dataset,
             indices,
-            # The plain padded layout on purpose, whatever the training batches look like: the values
-            # are per pair, and this keeps the pass independent of how training packs its rows.
+            # The collator's plain rows: the values are per pair, so the reference columns of an
+            # earlier pass must not reach it; `batching` then lays them out as training does.
             collate=PairwiseCollator(pad_token_id=datamodule.tokenizer.pad_token_id),
             batch_size=datamodule.val_batch_size,
             device=trainer.strategy.root_device,
+            batching=batching,
             chunk_size=chunk_size,
             forward_context=trainer.precision_plugin.forward_context,
             progress=progress,

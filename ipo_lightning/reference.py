@@ -10,8 +10,8 @@
   log-prob sums and token counts (:mod:`ipo_lightning.precompute`), which the collator puts in the
   batch and :func:`precomputed_logprobs` reads back.
 
-Both model-backed strategies expose ``sequence_logprobs(...)`` for the loss and ``model`` (a module
-callable like a causal LM) for the divergence monitor.
+Both model-backed strategies (:class:`ModelReference`) expose ``sequence_logprobs(...)`` for the loss,
+scored like the policy, and ``model`` (a module callable like a causal LM) for the divergence monitor.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from ipo_lightning.batching import Batching, batch_scores
+from ipo_lightning.batching import Batching, batch_scores, sequence_logps
 from ipo_lightning.errors import ConfigError
 
 REFERENCE_ATTRIBUTE = "reference"
 ReferenceStrategy = Literal["separate", "lora", "precomputed"]
+REFERENCE_STRATEGIES: tuple[str, ...] = get_args(ReferenceStrategy)
 # Batch keys of precomputed reference log-probs, one value per pair (see PairwiseCollator).
 REF_CHOSEN_SUM, REF_CHOSEN_COUNT = "ref_chosen_logp_sum", "ref_chosen_token_count"
 REF_REJECTED_SUM, REF_REJECTED_COUNT = "ref_rejected_logp_sum", "ref_rejected_token_count"
@@ -43,8 +44,9 @@ def resolve_reference_strategy(reference: str | None, uses_lora: bool) -> Refere
             would hold the base weights twice for no gain: its reference is its own base).
     """
     resolved = reference or ("lora" if uses_lora else "separate")
-    if resolved not in ("separate", "lora", "precomputed"):
-        raise ConfigError(f"model.reference must be separate, lora or precomputed, got {resolved!r}")
+    if resolved not in REFERENCE_STRATEGIES:
+        choices = ", ".join(REFERENCE_STRATEGIES)
+        raise ConfigError(f"model.reference must be one of {choices}, got {resolved!r}")
     if resolved == "separate" and uses_lora:
         raise ConfigError(
             "model.reference=separate with model.lora set: a LoRA policy's reference is its own base "
@@ -53,7 +55,32 @@ def resolve_reference_strategy(reference: str | None, uses_lora: bool) -> Refere
     return resolved
 
 
-class FrozenReference(nn.Module):
+class ModelReference:
+    """What both model-backed references share: :attr:`model`, called like a causal LM, and the
+    completion scoring of the training path (:func:`ipo_lightning.batching.batch_scores`) on it."""
+
+    model: nn.Module
+    """The reference as a causal LM (the divergence monitor runs it too)."""
+
+    @torch.no_grad()
+    def sequence_logprobs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        completion_mask: Tensor,
+        *,
+        length_normalize: bool,
+        chunk_size: int,
+        batching: Batching = "padded",
+    ) -> Tensor:
+        """Per-sequence completion log-probs under the reference (no autograd graph), laid out as the
+        policy's forward (``batching``, see :mod:`ipo_lightning.batching`)."""
+        rows = (input_ids, attention_mask, completion_mask)
+        scores = batch_scores(self.model, *rows, batching=batching, chunk_size=chunk_size)
+        return scores.sequence_logps(length_normalize)
+
+
+class FrozenReference(nn.Module, ModelReference):
     """Wraps a causal LM so that it stays frozen by construction.
 
     - ``train(True)`` is ignored (Lightning calls ``model.train()`` on the whole LightningModule at
@@ -81,24 +108,6 @@ class FrozenReference(nn.Module):
     ) -> Any:
         """Contribute nothing to checkpoints (see class docstring)."""
         return destination if destination is not None else OrderedDict()
-
-    @torch.no_grad()
-    def sequence_logprobs(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        completion_mask: Tensor,
-        *,
-        length_normalize: bool,
-        chunk_size: int,
-        batching: Batching = "padded",
-    ) -> Tensor:
-        """Per-sequence completion log-probs under the reference (no autograd graph).
-
-        ``batching`` lays the rows out as the policy's forward does (see :mod:`ipo_lightning.batching`).
-        """
-        rows = (input_ids, attention_mask, completion_mask)
-        return _sequence_logprobs(self.model, rows, length_normalize, chunk_size, batching)
 
 
 class _AdaptersOff(nn.Module):
@@ -152,7 +161,7 @@ def _adapters_off(policy: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-class AdapterReference:
+class AdapterReference(ModelReference):
     """The reference of a LoRA policy: the same base weights with the adapters switched off.
 
     A plain object rather than an ``nn.Module``, so it adds no parameters, no state-dict keys and no
@@ -161,34 +170,6 @@ class AdapterReference:
 
     def __init__(self, policy: nn.Module) -> None:
         self.model = _AdaptersOff(policy)
-
-    def sequence_logprobs(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        completion_mask: Tensor,
-        *,
-        length_normalize: bool,
-        chunk_size: int,
-        batching: Batching = "padded",
-    ) -> Tensor:
-        """Per-sequence completion log-probs under the base model (no autograd graph), laid out as
-        the policy's forward (``batching``, see :mod:`ipo_lightning.batching`)."""
-        rows = (input_ids, attention_mask, completion_mask)
-        return _sequence_logprobs(self.model, rows, length_normalize, chunk_size, batching)
-
-
-@torch.no_grad()
-def _sequence_logprobs(
-    model: nn.Module,
-    rows: tuple[Tensor, Tensor, Tensor],
-    length_normalize: bool,
-    chunk_size: int,
-    batching: Batching,
-) -> Tensor:
-    """The reference scoring both model-backed strategies share."""
-    scores = batch_scores(model, *rows, batching=batching, chunk_size=chunk_size)
-    return scores.sequence_logps(length_normalize)
 
 
 def precomputed_logprobs(batch: dict[str, Tensor], *, length_normalize: bool) -> Tensor:
@@ -204,10 +185,8 @@ def precomputed_logprobs(batch: dict[str, Tensor], *, length_normalize: bool) ->
             f"({', '.join(missing)}); the data must come from a PreferenceDataModule set up by the Trainer"
         )
     sums = torch.cat([batch[REF_CHOSEN_SUM], batch[REF_REJECTED_SUM]])
-    if not length_normalize:
-        return sums
-    counts = torch.cat([batch[REF_CHOSEN_COUNT], batch[REF_REJECTED_COUNT]]).to(sums.dtype)
-    return sums / counts.clamp(min=1.0)  # the same division as logprobs.reduce_sequence_logprobs
+    counts = torch.cat([batch[REF_CHOSEN_COUNT], batch[REF_REJECTED_COUNT]])
+    return sequence_logps(sums, counts, length_normalize=length_normalize)
 
 
 def ignore_missing_reference_keys(module: nn.Module, incompatible_keys: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -11,6 +11,7 @@ from transformers import get_scheduler
 from ipo_lightning.errors import ConfigError
 
 LRSchedule = Literal["cosine", "linear", "constant"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 
 
 def check_schedule_options(*, warmup_ratio: float, min_lr_ratio: float) -> None:
@@ -48,4 +49,4 @@ def build_scheduler(
         return get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     if schedule == "constant":
         return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
-    raise ConfigError(f"model.lr_schedule must be cosine, linear or constant, got {schedule!r}")
+    raise ConfigError(f"model.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")

@@ -27,8 +27,9 @@ def check_logprobs() -> dict:
     """Chunked vs plain log-softmax on CUDA, and bf16 autocast vs float32 on a real (tiny) model."""
     from transformers import AutoModelForCausalLM
 
+    from ipo_lightning.batching import batch_scores
     from ipo_lightning.builtin import resolve_model_path
-    from ipo_lightning.logprobs import completion_logprobs, token_logprobs
+    from ipo_lightning.logprobs import token_logprobs
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(4, 300, 5003, device="cuda", generator=generator, requires_grad=True)
@@ -48,9 +49,9 @@ def check_logprobs() -> dict:
     completion = torch.zeros_like(ids, dtype=torch.bool)
     completion[:, 20:] = True
     with torch.no_grad():
-        fp32, _ = completion_logprobs(model, ids, attention, completion, length_normalize=True)
+        fp32 = batch_scores(model, ids, attention, completion).sequence_logps(length_normalize=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            bf16, _ = completion_logprobs(model, ids, attention, completion, length_normalize=True)
+            bf16 = batch_scores(model, ids, attention, completion).sequence_logps(length_normalize=True)
     bf16_error = (fp32 - bf16).abs().max().item()
     ok = value_error < 1e-4 and grad_error < 1e-5 and bf16_error < 0.05
     return {

@@ -12,8 +12,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
+from ipo_lightning.callbacks.kl_budget import KLBudget
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.divergence.token_kl import token_divergence
+from ipo_lightning.errors import ConfigError
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import polite_pairs, write_jsonl
 
@@ -152,42 +154,55 @@ def test_monitor_fires_at_optimizer_steps_and_measures_exactly(tmp_path: Path, t
     )
 
 
-def _fit_with_budget(
-    tmp_path: Path, tiny_model_dir: Path, on_exceed: str
-) -> tuple[L.Trainer, DivergenceMonitor]:
+def _fit_with_budget(tmp_path: Path, tiny_model_dir: Path, on_exceed: str) -> tuple[L.Trainer, KLBudget]:
     module, datamodule = _setup(tmp_path, tiny_model_dir)
-    monitor = DivergenceMonitor(
-        every_n_steps=2, num_pairs=4, sample_prompts=0, max_kl=1e-6, on_exceed=on_exceed
-    )
+    monitor = DivergenceMonitor(every_n_steps=2, num_pairs=4, sample_prompts=0)
+    budget = KLBudget(max_kl=1e-6, on_exceed=on_exceed)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=8,
         logger=False,
-        callbacks=[monitor],
+        callbacks=[monitor, budget],
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
     )
     trainer.fit(module, datamodule=datamodule)
-    return trainer, monitor
+    return trainer, budget
 
 
 def test_kl_budget_stops_the_run_and_leaves_a_loadable_checkpoint(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     with pytest.warns(UserWarning, match=r"divergence/kl = .* exceeds the KL budget .* at optimizer step 2"):
-        trainer, monitor = _fit_with_budget(tmp_path, tiny_model_dir, "stop")
+        trainer, budget = _fit_with_budget(tmp_path, tiny_model_dir, "stop")
     assert trainer.global_step == 2  # stopped at the first measurement over budget, not at max_steps
-    assert monitor.budget_checkpoint is not None and monitor.budget_checkpoint.name == "kl_budget_step2.ckpt"
-    restored = PreferenceModule.load_from_checkpoint(monitor.budget_checkpoint)
+    assert budget.checkpoint is not None and budget.checkpoint.name == "kl_budget_step2.ckpt"
+    restored = PreferenceModule.load_from_checkpoint(budget.checkpoint)
     for key, value in trainer.lightning_module.policy.state_dict().items():
         assert torch.equal(restored.policy.state_dict()[key], value)
 
 
 def test_kl_budget_warn_keeps_training(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with pytest.warns(UserWarning, match="exceeds the KL budget"):
-        trainer, monitor = _fit_with_budget(tmp_path, tiny_model_dir, "warn")
-    assert trainer.global_step == 8 and monitor.budget_checkpoint is None
+    with pytest.warns(UserWarning, match="exceeds the KL budget") as caught:
+        trainer, budget = _fit_with_budget(tmp_path, tiny_model_dir, "warn")
+    assert trainer.global_step == 8 and budget.checkpoint is None
+    # One warning per measurement over budget (steps 2, 4, 6, 8; step 0 has KL 0), none in between.
+    steps = [str(w.message).rsplit(" ", 1)[-1] for w in caught if "exceeds the KL budget" in str(w.message)]
+    assert steps == ["2", "4", "6", "8"]
+
+
+@pytest.mark.parametrize("monitor_first", [None, False], ids=["no-monitor", "budget-before-monitor"])
+def test_kl_budget_without_a_monitor_before_it_is_refused(
+    tmp_path: Path, tiny_model_dir: Path, monitor_first: bool | None
+) -> None:
+    module, datamodule = _setup(tmp_path, tiny_model_dir)
+    budget = KLBudget(max_kl=0.1)
+    callbacks = [budget] if monitor_first is None else [budget, DivergenceMonitor(sample_prompts=0)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=callbacks)
+    message = "only the divergence monitor logs" if monitor_first is None else "must come after"
+    with pytest.raises(ConfigError, match=message):
+        trainer.fit(module, datamodule=datamodule)
 
 
 def _tiny_lm(seed: int, scale: float):
@@ -219,7 +234,7 @@ def _exact_sequence_kl(policy, reference, prompt: torch.Tensor, max_new_tokens: 
 
 
 def test_sampled_sequence_kl_is_honest_against_enumeration() -> None:
-    from ipo_lightning.divergence.token_kl import sampled_sequence_kl
+    from ipo_lightning.divergence.sampling import sampled_sequence_kl
 
     policy, reference = _tiny_lm(seed=0, scale=30.0), _tiny_lm(seed=1, scale=30.0)
     prompt = torch.tensor([1, 2])

@@ -1,4 +1,5 @@
-"""Completion log-probs against a naive full-vocabulary log_softmax on a tiny model."""
+"""Completion log-probs (the padded layout of the training path) against a naive full-vocabulary
+log_softmax on a tiny model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ipo_lightning.logprobs import completion_logprobs, reduce_sequence_logprobs, token_logprobs
+from ipo_lightning.batching import batch_scores, sequence_logps
+from ipo_lightning.logprobs import token_logprobs
 
 PAD = 0
 
@@ -53,9 +55,8 @@ def test_sequence_logprobs_match_naive(
 ) -> None:
     input_ids, attention, completion, spans = _batch(model.config.vocab_size)
     with torch.no_grad():
-        got, _ = completion_logprobs(
-            model, input_ids, attention, completion, length_normalize=length_normalize, chunk_size=chunk_size
-        )
+        scores = batch_scores(model, input_ids, attention, completion, chunk_size=chunk_size)
+        got = scores.sequence_logps(length_normalize)
         naive = _naive(model, input_ids, attention, spans)
     expected = [sum(r) / (len(r) if length_normalize else 1) for r in naive]
     assert got.dtype == torch.float32
@@ -66,14 +67,13 @@ def test_padding_does_not_change_logprobs(model: torch.nn.Module) -> None:
     input_ids, attention, completion, _ = _batch(model.config.vocab_size)
     wider = torch.nn.functional.pad(input_ids, (0, 9), value=PAD)
     with torch.no_grad():
-        narrow, _ = completion_logprobs(model, input_ids, attention, completion, length_normalize=False)
-        wide, _ = completion_logprobs(
+        narrow = batch_scores(model, input_ids, attention, completion).sums
+        wide = batch_scores(
             model,
             wider,
             torch.nn.functional.pad(attention, (0, 9)),
             torch.nn.functional.pad(completion, (0, 9)),
-            length_normalize=False,
-        )
+        ).sums
     assert torch.allclose(narrow, wide, atol=1e-5)
 
 
@@ -94,9 +94,7 @@ def test_chunked_gradient_matches_log_softmax() -> None:
 
 def test_model_gradients_match_naive(model: torch.nn.Module) -> None:
     input_ids, attention, completion, spans = _batch(model.config.vocab_size)
-    ours, _ = completion_logprobs(
-        model, input_ids, attention, completion, length_normalize=True, chunk_size=5
-    )
+    ours = batch_scores(model, input_ids, attention, completion, chunk_size=5).sequence_logps(True)
     ours.sum().backward()
     ours_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -109,8 +107,7 @@ def test_model_gradients_match_naive(model: torch.nn.Module) -> None:
     model.zero_grad()
 
 
-def test_reduce_sum_and_mean() -> None:
-    token = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
-    mask = torch.tensor([[False, True, True], [True, False, False]])
-    assert reduce_sequence_logprobs(token, mask, length_normalize=False).tolist() == [-5.0, -4.0]
-    assert reduce_sequence_logprobs(token, mask, length_normalize=True).tolist() == [-2.5, -4.0]
+def test_sequence_logps_sum_and_mean() -> None:
+    sums, counts = torch.tensor([-5.0, -4.0, 0.0]), torch.tensor([2, 1, 0])
+    assert sequence_logps(sums, counts, length_normalize=False).tolist() == [-5.0, -4.0, 0.0]
+    assert sequence_logps(sums, counts, length_normalize=True).tolist() == [-2.5, -4.0, 0.0]

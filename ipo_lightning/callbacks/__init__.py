@@ -2,5 +2,6 @@
 
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
 from ipo_lightning.callbacks.export import HFExport
+from ipo_lightning.callbacks.kl_budget import KLBudget
 
-__all__ = ["DivergenceMonitor", "HFExport"]
+__all__ = ["DivergenceMonitor", "HFExport", "KLBudget"]

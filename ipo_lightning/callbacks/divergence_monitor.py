@@ -26,18 +26,18 @@ writes the samples file, and the loggers write on rank 0 only.
 Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
 not thinned out by ``log_every_n_steps``.
 
-KL budget: with ``max_kl`` set, a measurement whose ``divergence/kl`` exceeds it either warns
-(``on_exceed: warn``) or stops training (``stop``): a checkpoint ``kl_budget_step<N>.ckpt`` is saved
-in the run's checkpoint folder first, and the message names the metric, its value, the budget and
-the step.
+What is measured and how is :mod:`ipo_lightning.divergence.measure` (a pure function of the two
+models and the data); this callback picks the data once, schedules the measurements, gathers the
+processes' shares, logs and writes the samples. Each measurement also lands in
+``trainer.callback_metrics`` (with ``divergence/step``, the step it was taken at), where the KL
+budget (:class:`~ipo_lightning.callbacks.kl_budget.KLBudget`) watches ``divergence/kl``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -48,17 +48,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ipo_lightning.data.retention import read_texts, text_batches
-from ipo_lightning.divergence.token_kl import (
-    SequenceSample,
-    TokenDivergence,
-    estimate_sequence_kl,
-    sample_completions,
-    token_divergence,
-)
+from ipo_lightning.divergence.measure import HeldOut, MeasureOptions, Share, measure_share, merge_shares
+from ipo_lightning.divergence.sampling import SequenceSample
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.logprobs import reduce_sequence_logprobs, scoring_window, token_logprobs, window_logits
 
 PREFIX = "divergence/"
+STEP_KEY = PREFIX + "step"
+"""``trainer.callback_metrics`` key of the optimizer step of the latest measurement (not logged)."""
 
 
 class DivergenceMonitor(Callback):
@@ -75,8 +71,6 @@ class DivergenceMonitor(Callback):
         max_new_tokens: longest sampled completion.
         samples_file: JSONL file in the run folder that collects the samples of every measurement
             (step, prompt, policy and reference completion, log-ratio); empty: none.
-        max_kl: KL budget in nats per completion token on ``divergence/kl``; null: no budget.
-        on_exceed: when the budget is exceeded: ``warn``, or ``stop`` (checkpoint, then stop training).
         retention_file: plain-text retention set (``.txt``, one text per line, or ``.jsonl`` with a
             ``text`` field) scored for ``divergence/retention/text``; null: none.
         retention_texts: texts of ``retention_file`` used (the first N), cut to ``data.max_length``.
@@ -93,8 +87,6 @@ class DivergenceMonitor(Callback):
         sample_prompts: int = 8,
         max_new_tokens: int = 64,
         samples_file: str = "divergence_samples.jsonl",
-        max_kl: float | None = None,
-        on_exceed: Literal["warn", "stop"] = "warn",
         retention_file: str | None = None,
         retention_texts: int = 64,
     ) -> None:
@@ -104,48 +96,37 @@ class DivergenceMonitor(Callback):
                 "divergence: every_n_steps must be >= 0 and num_pairs, batch_size, chunk_size >= 1; got "
                 f"{every_n_steps}, {num_pairs}, {batch_size}, {chunk_size}"
             )
+        if sample_prompts < 0 or max_new_tokens < 1:
+            raise ConfigError(
+                f"divergence: sample_prompts must be >= 0 and max_new_tokens >= 1, got {sample_prompts}, "
+                f"{max_new_tokens}"
+            )
+        if retention_texts < 1:
+            raise ConfigError(f"divergence.retention_texts must be at least 1, got {retention_texts}")
         self.enabled = enabled
         self.every_n_steps = every_n_steps
         self.num_pairs = num_pairs
         self.batch_size = batch_size
         self.on_validation = on_validation
         self.chunk_size = chunk_size
-        if sample_prompts < 0 or max_new_tokens < 1:
-            raise ConfigError(
-                f"divergence: sample_prompts must be >= 0 and max_new_tokens >= 1, got {sample_prompts}, "
-                f"{max_new_tokens}"
-            )
         self.sample_prompts = sample_prompts
-        self.samples_file = samples_file
         self.max_new_tokens = max_new_tokens
-        if max_kl is not None and max_kl <= 0:
-            raise ConfigError(f"divergence.max_kl must be positive (or null for no budget), got {max_kl}")
-        self.max_kl = max_kl
-        self.on_exceed = on_exceed
-        if retention_texts < 1:
-            raise ConfigError(f"divergence.retention_texts must be at least 1, got {retention_texts}")
+        self.samples_file = samples_file
         self.retention_file = retention_file
         self.retention_texts = retention_texts
-        self.budget_checkpoint: Path | None = None
-        self._text_batches: list[dict[str, Tensor]] | None = None
-        self._batches: list[dict[str, Tensor]] | None = None
-        self._prompts: list[Tensor] = []
+        self._held_out: HeldOut | None = None
         self.last_samples: list[dict[str, Any]] = []
         """Rows of the latest samples table: prompt, policy and reference completion, log-ratio."""
         self._last_step: int | None = None
-        self._no_reference = False
+        self.no_reference = False
+        """Set at fit start: the run holds no reference model (precomputed), so nothing is measured."""
 
     # ------------------------------------------------------------------ when
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._no_reference = getattr(pl_module, "reference", None) is None
-        if self.enabled and self._no_reference:
+        self.no_reference = getattr(pl_module, "reference", None) is None
+        if self.enabled and self.no_reference:
             # model.reference=precomputed: only per-sequence log-probs exist, not the full distribution.
-            if self.max_kl is not None:
-                raise ConfigError(
-                    "divergence.max_kl needs a reference model, and model.reference=precomputed has none "
-                    "during training; use model.reference separate or lora, or unset divergence.max_kl"
-                )
             rank_zero_warn(
                 "divergence: no reference model in memory (model.reference=precomputed), so the KL "
                 "cannot be measured; divergence/* is not logged (set divergence.enabled false to hide this)"
@@ -166,20 +147,26 @@ class DivergenceMonitor(Callback):
         if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
             self._measure_and_log(trainer, pl_module)
 
+    @property
+    def measuring(self) -> bool:
+        """Whether this run measures at all (enabled, and a reference model is in memory)."""
+        return self.enabled and not self.no_reference
+
     # ------------------------------------------------------------------ what
 
     def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Once per optimizer step: a validation right after a scheduled measurement sees the same weights.
         step = trainer.global_step
-        if not self.enabled or self._no_reference or step == self._last_step:
+        if not self.measuring or step == self._last_step:
             return
         self._last_step = step
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        published = {name: torch.tensor(value) for name, value in metrics.items()}
+        trainer.callback_metrics.update({**published, STEP_KEY: torch.tensor(step)})
         if self.last_samples:
             self._write_samples(trainer, step)
-        self._enforce_budget(trainer, metrics[PREFIX + "kl"], step)
 
     def _write_samples(self, trainer: L.Trainer, step: int) -> None:
         """Append the samples to ``<run dir>/divergence_samples.jsonl`` and log a W&B table."""
@@ -198,208 +185,65 @@ class DivergenceMonitor(Callback):
                     key=PREFIX + "samples", columns=columns, data=[list(r.values()) for r in rows]
                 )
 
-    def _enforce_budget(self, trainer: L.Trainer, kl: float, step: int) -> None:
-        if self.max_kl is None or kl <= self.max_kl:
-            return
-        message = (
-            f"divergence/kl = {kl:.4g} nats/token exceeds the KL budget divergence.max_kl = {self.max_kl:g} "
-            f"at optimizer step {step}"
-        )
-        if self.on_exceed == "warn":
-            rank_zero_warn(message)
-            return
-        folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None
-        folder = folder or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        self.budget_checkpoint = folder / f"kl_budget_step{step}.ckpt"
-        trainer.save_checkpoint(self.budget_checkpoint)  # every rank calls it; the strategy writes once
-        trainer.should_stop = True
-        rank_zero_warn(f"{message}: stopping; checkpoint saved to {self.budget_checkpoint}")
-
-    def held_out_batches(self, trainer: L.Trainer) -> list[dict[str, Tensor]]:
-        """The fixed subset, collated once: the first ``num_pairs`` pairs of the primary val set."""
-        if self._batches is None:
+    def held_out(self, trainer: L.Trainer) -> HeldOut:
+        """The fixed data, built once: the first ``num_pairs`` pairs of the primary val set (else of
+        the training set) in batches, their first ``sample_prompts`` prompts, the retention texts."""
+        if self._held_out is None:
             datamodule = trainer.datamodule
             if not hasattr(datamodule, "collator"):
                 raise ConfigError("DivergenceMonitor needs the run's data as a PreferenceDataModule")
             names = list(getattr(datamodule, "val_set_names", []))
             dataset = datamodule.val_datasets[names[0]] if names else datamodule.train_dataset
             pairs = [dataset[i] for i in range(min(self.num_pairs, len(dataset)))]
-            self._prompts = [torch.tensor(pair["prompt_ids"]) for pair in pairs[: self.sample_prompts]]
-            self._batches = [
-                datamodule.collator(pairs[start : start + self.batch_size])
-                for start in range(0, len(pairs), self.batch_size)
-            ]
-        return self._batches
-
-    def retention_batches(self, trainer: L.Trainer) -> list[dict[str, Tensor]]:
-        """The plain-text retention set as batches, built once (empty without ``retention_file``)."""
-        if self._text_batches is None:
-            self._text_batches = []
+            texts: list[dict[str, Tensor]] = []
             if self.retention_file:
-                datamodule = trainer.datamodule
-                self._text_batches = text_batches(
+                texts = text_batches(
                     read_texts(self.retention_file, self.retention_texts),
                     datamodule.tokenizer,
                     max_length=datamodule.max_length,
                     batch_size=self.batch_size,
                 )
-        return self._text_batches
+            self._held_out = HeldOut(
+                batches=[
+                    datamodule.collator(pairs[start : start + self.batch_size])
+                    for start in range(0, len(pairs), self.batch_size)
+                ],
+                texts=texts,
+                prompts=[torch.tensor(pair["prompt_ids"]) for pair in pairs[: self.sample_prompts]],
+            )
+        return self._held_out
 
-    @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Divergence metrics of the current policy on the held-out subset (names without prefix).
 
         Under DDP each process measures its share (batches and prompts round-robin by rank) and the
         shares are gathered, so every process returns the numbers a single process would compute.
         """
-        share = self._measure_share(trainer, pl_module)
-        shares = _all_gather_objects(trainer, share)
-        totals = TokenDivergence()
-        chosen: list[float] = []
-        rejected: list[float] = []
-        retention = _TokenMean()
-        # Merged in batch order, the sums run in the same order as in one process.
-        for _, result in sorted(item for share in shares for item in share.batches.items()):
-            totals.add(result.divergence)
-            chosen += result.chosen
-            rejected += result.rejected
-            retention.add(result.chosen_delta)
-        metrics = totals.means()
-        metrics["retention/chosen"] = retention.mean()
-        text_retention = _TokenMean()
-        for _, delta in sorted(item for share in shares for item in share.texts.items()):
-            text_retention.add(delta)
-        if text_retention.tokens:
-            metrics["retention/text"] = text_retention.mean()
-        policy_samples = sorted((s for share in shares for s in share.policy_samples), key=_by_prompt)
-        if policy_samples:
-            estimate = estimate_sequence_kl(policy_samples)
-            metrics.update(
-                seq_kl=estimate.mean, seq_kl_stderr=estimate.stderr, gen_length=estimate.mean_length
-            )
-            reference_samples = sorted(
-                (s for share in shares for s in share.reference_samples), key=_by_prompt
-            )
-            self.last_samples = _sample_rows(trainer, policy_samples, reference_samples)
-        chosen_ratio = torch.tensor(chosen, dtype=torch.float64)
-        rejected_ratio = torch.tensor(rejected, dtype=torch.float64)
-        margin = chosen_ratio - rejected_ratio
-        for name, values in (("chosen", chosen_ratio), ("rejected", rejected_ratio), ("margin", margin)):
-            metrics[f"logratio/{name}_mean"] = float(values.mean())
-            metrics[f"logratio/{name}_std"] = float(values.std(unbiased=False))
-        return metrics
-
-    def _measure_share(self, trainer: L.Trainer, pl_module: L.LightningModule) -> _Share:
-        """This process's part of a measurement: every ``world_size``-th batch and prompt."""
-        policy, reference = pl_module.policy, pl_module.reference.model
-        length_normalize = pl_module.hparams.length_normalize
-        rank, world = trainer.global_rank, trainer.world_size
-        share = _Share()
-        was_training = policy.training
-        policy.eval()  # dropout off: measure the policy itself, not a noisy sample of it
-        try:
-            batches = self.held_out_batches(trainer)
-            for index in range(rank, len(batches), world):
-                batch = {key: value.to(pl_module.device) for key, value in batches[index].items()}
-                ids, attention = batch["input_ids"], batch["attention_mask"]
-                window = scoring_window(ids, batch["completion_mask"])
-                policy_logits = window_logits(policy, ids, attention, window.keep)
-                reference_logits = window_logits(reference, ids, attention, window.keep)
-                totals = token_divergence(
-                    policy_logits, reference_logits, window.mask, chunk_size=self.chunk_size
-                )
-                token_delta = self._token_delta(policy_logits, reference_logits, window.labels)
-                logratio = reduce_sequence_logprobs(
-                    token_delta, window.mask, length_normalize=length_normalize
-                )
-                half = ids.shape[0] // 2
-                share.batches[index] = _BatchResult(
-                    divergence=totals,
-                    chosen=logratio[:half].tolist(),
-                    rejected=logratio[half:].tolist(),
-                    chosen_delta=_TokenMean.of(token_delta[:half], window.mask[:half]),
-                )
-            texts = self.retention_batches(trainer)
-            for index in range(rank, len(texts), world):
-                batch = {key: value.to(pl_module.device) for key, value in texts[index].items()}
-                ids, attention = batch["input_ids"], batch["attention_mask"]
-                window = scoring_window(ids, batch["completion_mask"])
-                token_delta = self._token_delta(
-                    window_logits(policy, ids, attention, window.keep),
-                    window_logits(reference, ids, attention, window.keep),
-                    window.labels,
-                )
-                share.texts[index] = _TokenMean.of(token_delta, window.mask)
-            indices = list(range(rank, len(self._prompts), world))
-            if indices:
-                sampling = {
-                    "prompt_indices": indices,
-                    "max_new_tokens": self.max_new_tokens,
-                    "eos_token_id": _stop_tokens(policy, trainer),
-                }
-                prompts = [self._prompts[i] for i in indices]
-                share.policy_samples = sample_completions(policy, reference, prompts, **sampling)
-                # The reference's own samples, same seeds, for side-by-side reading in the samples table.
-                share.reference_samples = sample_completions(reference, policy, prompts, **sampling)
-        finally:
-            policy.train(was_training)
-        return share
-
-    def _token_delta(self, policy_logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
-        """Per-position log pi(label) - log ref(label)."""
-        return token_logprobs(policy_logits, labels, chunk_size=self.chunk_size) - token_logprobs(
-            reference_logits, labels, chunk_size=self.chunk_size
+        hparams = pl_module.hparams
+        options = MeasureOptions(
+            batching=hparams.batching,
+            length_normalize=hparams.length_normalize,
+            chunk_size=self.chunk_size,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=_stop_tokens(pl_module.policy, trainer),
         )
+        share = measure_share(
+            pl_module.policy,
+            pl_module.reference.model,
+            self.held_out(trainer),
+            options,
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+        )
+        measurement = merge_shares(_all_gather_objects(trainer, share))
+        if measurement.policy_samples:
+            self.last_samples = _sample_rows(
+                trainer, measurement.policy_samples, measurement.reference_samples
+            )
+        return measurement.metrics
 
 
-@dataclass
-class _TokenMean:
-    """A sum over tokens and the token count, for per-token means pooled across batches."""
-
-    total: float = 0.0
-    tokens: int = 0
-
-    @classmethod
-    def of(cls, values: Tensor, mask: Tensor) -> _TokenMean:
-        return cls(total=float(values[mask].double().sum()), tokens=int(mask.sum()))
-
-    def add(self, other: _TokenMean) -> None:
-        self.total += other.total
-        self.tokens += other.tokens
-
-    def mean(self) -> float:
-        return self.total / max(self.tokens, 1)
-
-
-@dataclass
-class _BatchResult:
-    """What one held-out batch contributes to a measurement."""
-
-    divergence: TokenDivergence
-    chosen: list[float]
-    """Per-pair chosen log-ratios (normalised like the loss)."""
-    rejected: list[float]
-    chosen_delta: _TokenMean
-    """log pi - log ref summed over the chosen completions' tokens (for ``retention/chosen``)."""
-
-
-@dataclass
-class _Share:
-    """One process's part of a measurement, keyed so that the parts merge in a fixed order."""
-
-    batches: dict[int, _BatchResult] = field(default_factory=dict)
-    """Held-out batch index -> its results."""
-    texts: dict[int, _TokenMean] = field(default_factory=dict)
-    """Retention-text batch index -> log pi - log ref summed over its tokens."""
-    policy_samples: list[SequenceSample] = field(default_factory=list)
-    reference_samples: list[SequenceSample] = field(default_factory=list)
-
-
-def _by_prompt(sample: SequenceSample) -> int:
-    return sample.prompt_index
-
-
-def _all_gather_objects(trainer: L.Trainer, obj: _Share) -> list[_Share]:
+def _all_gather_objects(trainer: L.Trainer, obj: Share) -> list[Share]:
     """Every process's ``obj`` (just ``[obj]`` in a single process)."""
     if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return [obj]

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data.collator import PairwiseCollator
-from ipo_lightning.data.formats import DataFormat, validate_columns
+from ipo_lightning.data.formats import DATA_FORMATS, DataFormat, validate_columns
 from ipo_lightning.data.noise import FLIPPED_COLUMN, check_label_noise, flip_labels
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
 from ipo_lightning.data.sampler import ResumableDistributedSampler
@@ -146,10 +146,8 @@ class PreferenceDataModule(L.LightningDataModule):
         for name, value in (("batch_size", self.batch_size), ("val_batch_size", self.val_batch_size)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {value}")
-        if self.format not in ("auto", "plain", "conversational", "implicit"):
-            raise ConfigError(
-                f"data.format must be auto, plain, conversational or implicit, got {self.format!r}"
-            )
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         name = self.tokenizer_name_or_path

@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ipo_lightning.errors import ConfigError, DataError
 
 DataFormat = Literal["auto", "plain", "conversational", "implicit"]
 """How records are laid out; ``auto`` detects it from the dataset's columns (:func:`detect_format`)."""
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 
 Message = dict[str, Any]
 """A chat message: at least ``role`` and ``content`` (strings); other keys are passed to the template."""
