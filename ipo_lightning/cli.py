@@ -7,7 +7,10 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
   copy of all metrics and a W&B run (offline when not logged in) into one run directory,
   ``<trainer.default_root_dir>/<run name>``, beside its checkpoints, resolved config and export;
 - ``--run.*``: the run folder's name, decided once for all processes (``version_N``, ``slurm-<job
-  id>``, or ``run.name``), and resuming from the newest checkpoint in it;
+  id>``, or ``run.name``) and reserved atomically, and resuming from the newest readable checkpoint
+  in it, ``metrics.csv`` continued (:mod:`~ipo_lightning.metrics_history`); a run folder this start
+  created is removed again when the run stops before it started (a start-up check failed);
+- checkpoints written atomically (:class:`~ipo_lightning.checkpoint_io.AtomicCheckpointIO`);
 - ``--slurm.*``: auto-requeue of SLURM jobs at a step boundary (:class:`SlurmRequeue`);
 - random states in every checkpoint (:class:`RNGStateCheckpoint`) for an exact resume;
 - ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
@@ -28,22 +31,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ipo_lightning.callbacks import DivergenceMonitor, HFExport, KLBudget
 from ipo_lightning.callbacks.slurm import SlurmRequeue
+from ipo_lightning.checkpoint_io import AtomicCheckpointIO
 from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
+from ipo_lightning.metrics_history import HistoryCSVLogger, MetricsHistory
 from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
 from ipo_lightning.reference import resolve_reference_strategy
 from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
-from ipo_lightning.run_folder import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
+from ipo_lightning.run_folder import (
+    RunFolder,
+    discard_run_folder,
+    reserve_run_folder,
+    save_wandb_run_id,
+    share_run_name,
+    wandb_run_id,
+)
 
 DEFAULT_ROOT_DIR = "runs"
 
@@ -52,8 +65,6 @@ def _quiet_expected_warnings() -> None:
     """Silence Lightning warnings that are expected here and would only alarm CLI users."""
     # The frozen reference is in eval mode on purpose (the policy is put in train mode explicitly).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    # The run folder is fresh (version_N) but config.yaml and wandb/ land in it before metrics.csv.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 USER_ERROR_EXIT_CODE = 2
@@ -107,7 +118,11 @@ class SaveAndLogConfig(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._stage = stage
 
+    started = False
+    """Set once start-up is over (every setup hook ran): from here on the run folder holds a run."""
+
     def _save_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = True
         super().setup(trainer, pl_module, self._stage)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -149,18 +164,15 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if _wandb_logged_in() else "offline"
 
 
-def build_default_loggers(
-    root_dir: str | Path, options: WandbOptions, run_name: str | None = None
-) -> list[Logger]:
-    """CSV (always) and W&B (unless disabled) loggers sharing one run folder ``root/<run name>``.
+def build_default_loggers(folder: RunFolder, options: WandbOptions) -> list[Logger]:
+    """CSV (always) and W&B (unless disabled) loggers sharing one run folder.
 
-    The name comes from :func:`~ipo_lightning.run_folder.resolve_run_name` (one decision for all
-    processes). The W&B run id is read from the folder when it holds one, so a resumed run continues
-    the same W&B run (``resume="allow"``); only rank 0 ever opens the W&B run.
+    The folder comes from :func:`~ipo_lightning.run_folder.reserve_run_folder` (one decision for all
+    processes). The CSV logger continues a resumed run's ``metrics.csv``. The W&B run id is read from
+    the folder when it holds one, so a resumed run continues the same W&B run (``resume="allow"``);
+    only rank 0 ever opens the W&B run.
     """
-    run_name = resolve_run_name(root_dir, run_name)
-    share_run_name(run_name)
-    csv_logger = CSVLogger(save_dir=str(root_dir), name="", version=run_name)
+    csv_logger = HistoryCSVLogger(save_dir=str(folder.path.parent), name="", version=folder.name)
     loggers: list[Logger] = [csv_logger]
     mode = resolve_wandb_mode(options.mode)
     if options.enabled and mode != "disabled":
@@ -250,24 +262,51 @@ class PreferenceCLI(LightningCLI):
         if not any(isinstance(callback, RNGStateCheckpoint) for callback in callbacks):
             callbacks.append(RNGStateCheckpoint())
         kwargs["callbacks"] = callbacks
-        if SLURMEnvironment.detect():
-            kwargs["plugins"] = _without_lightning_requeue(trainer_config.get("plugins"))
+        kwargs["plugins"] = _plugins(trainer_config.get("plugins"), trainer_config.get("strategy"))
         self.run_dir: Path | None = None
+        self.run_folder: RunFolder | None = None
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR
             run = self._get(self.config_init, "run")
-            loggers = build_default_loggers(root, self._get(self.config_init, "wandb"), run.name)
-            kwargs["logger"] = loggers
-            self.run_dir = Path(loggers[0].log_dir)
+            self.run_folder = reserve_run_folder(root, run.name)
+            share_run_name(self.run_folder.name)
+            kwargs["logger"] = build_default_loggers(self.run_folder, self._get(self.config_init, "wandb"))
+            callbacks.append(MetricsHistory())
+            self.run_dir = self.run_folder.path
             kwargs["default_root_dir"] = str(self.run_dir)
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except BaseException:
+            self._discard_unstarted_run_folder(None)
+            raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; a run stopped before it started leaves no run folder behind."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._discard_unstarted_run_folder(self.trainer)
+            raise
+
+    def _discard_unstarted_run_folder(self, trainer: Trainer | None) -> None:
+        """Remove the run folder this start created if start-up never completed (rank 0 only)."""
+        folder = getattr(self, "run_folder", None)
+        if folder is None or getattr(rank_zero_only, "rank", 0) != 0:
+            return
+        callbacks = trainer.callbacks if trainer is not None else []
+        if any(isinstance(callback, SaveAndLogConfig) and callback.started for callback in callbacks):
+            return
+        for logger in trainer.loggers if trainer is not None else []:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger._experiment.finish(exit_code=1)  # W&B stops writing into the folder first
+        discard_run_folder(folder)
 
     def before_fit(self) -> None:
         """Resume from the run folder's newest checkpoint (``run.resume``) unless ``ckpt_path`` is set."""
         config = self.config_init["fit"]
         run = self._get(self.config_init, "run")
         if config.get("ckpt_path") is None and run.resume and self.run_dir is not None:
-            checkpoint = find_resume_checkpoint(self.run_dir)
+            checkpoint = find_resume_checkpoint(self.run_dir, on_unreadable=_warn_unreadable)
             if checkpoint is not None:
                 current = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
                 check_same_run(self.run_dir, current)
@@ -275,10 +314,19 @@ class PreferenceCLI(LightningCLI):
                 config["ckpt_path"] = str(checkpoint)
 
 
-def _without_lightning_requeue(plugins: Any) -> list[Any]:
-    """``plugins`` with a ``SLURMEnvironment`` whose own requeue handler is off (see SlurmRequeue)."""
+@rank_zero_only
+def _warn_unreadable(path: Path, problem: str) -> None:
+    print(f"warning: checkpoint {path} is unreadable ({problem}); trying an older one", file=sys.stderr)
+
+
+def _plugins(plugins: Any, strategy: Any) -> list[Any]:
+    """``plugins`` with atomic checkpoint writes, and under SLURM a ``SLURMEnvironment`` whose own
+    requeue handler is off (see SlurmRequeue); a checkpoint IO or cluster environment given is kept."""
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
-    if not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
+    own_io = getattr(strategy, "_checkpoint_io", None) is not None  # a strategy instance may bring one
+    if not own_io and not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    if SLURMEnvironment.detect() and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 

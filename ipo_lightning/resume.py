@@ -9,6 +9,8 @@ gives bitwise the same weights as an uninterrupted run on CPU in float32 (tested
 from __future__ import annotations
 
 import random
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +68,54 @@ def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:
     )
 
 
-def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run folder, or None: requeue checkpoints and ``checkpoints/*.ckpt``.
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint file at ``path`` cannot be loaded, or None when it reads back intact.
+
+    ``torch.save`` writes a zip archive with a CRC per record: reading every record checks the whole
+    file (a truncated or overwritten one fails) without unpickling anything. A folder (a sharded or
+    DeepSpeed checkpoint) is not checked.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_record = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None if bad_record is None else f"record {bad_record} fails its CRC check"
+
+
+def find_resume_checkpoint(
+    run_dir: str | Path, on_unreadable: Callable[[Path, str], None] | None = None
+) -> Path | None:
+    """The newest readable checkpoint of a run folder (requeue ones, ``checkpoints/*.ckpt``), or None.
 
     Every checkpoint holds the full training state at the moment it was written, so the most recently
     written one is the furthest along, whichever callback wrote it (``last.ckpt``, ``best.ckpt``,
-    Lightning's ``hpc_ckpt_N.ckpt``).
+    Lightning's ``hpc_ckpt_N.ckpt``). A newer checkpoint that does not read back (see
+    :func:`checkpoint_problem`) is passed to ``on_unreadable`` with the reason and skipped.
+
+    Raises:
+        ConfigError: the folder holds checkpoints but none is readable.
     """
     run_dir = Path(run_dir)
     candidates = [*run_dir.glob(HPC_CHECKPOINT_GLOB), *run_dir.glob("checkpoints/*.ckpt")]
-    candidates = [path for path in candidates if path.exists()]  # DeepSpeed checkpoints are folders
-    if not candidates:
-        return None
-    return max(candidates, key=lambda path: path.stat().st_mtime_ns)
+    candidates = [path for path in candidates if path.exists()]  # not a dangling link
+    unreadable: list[Path] = []
+    for path in sorted(candidates, key=lambda path: path.stat().st_mtime_ns, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        unreadable.append(path)
+        if on_unreadable is not None:
+            on_unreadable(path, problem)
+    if unreadable:
+        raise ConfigError(
+            f"run folder {run_dir}: no checkpoint is readable ({', '.join(p.name for p in unreadable)}); "
+            "move them away, or set --run.resume false to start over there"
+        )
+    return None
 
 
 CONFIG_FILE = "config.yaml"

@@ -123,6 +123,13 @@ class DivergenceMonitor(Callback):
 
     # ------------------------------------------------------------------ when
 
+    def state_dict(self) -> dict[str, Any]:
+        # A resumed run then skips the measurement its checkpoint's step already has in metrics.csv.
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step")
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.no_reference = getattr(pl_module, "reference", None) is None
         if self.enabled and self.no_reference:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,8 @@ class HFExport(Callback):
     The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained``. It is written to a temporary sibling and renamed at the end, so
     an interrupted export never leaves a folder that looks finished; a fit that fails or is
-    interrupted exports nothing (``on_fit_end`` runs only after a completed fit).
+    interrupted exports nothing (``on_fit_end`` runs only after a completed fit). Its folders and files
+    get the modes the process umask gives, like every other file of the run.
 
     A LoRA policy is exported merged (adapters folded into the weights), as a plain model that loads
     without peft; with ``save_adapter`` its unmerged adapter is saved too, in ``<dirname>/adapter``
@@ -61,7 +63,8 @@ class HFExport(Callback):
                 resolve_model_path(pl_module.hparams.model_name_or_path)
             )
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.dirname}-", dir=target.parent))
+        staging = target.parent / f".{self.dirname}-{secrets.token_hex(4)}"
+        staging.mkdir()  # unlike tempfile.mkdtemp's 0700, the umask decides
         try:
             if is_lora(policy):
                 # Not gathered: LoRA is supported with DDP and one process, where weights are whole.
@@ -81,12 +84,25 @@ class HFExport(Callback):
                 "global_step": trainer.global_step,
             }
             (staging / "ipo_lightning.json").write_text(json.dumps(info, indent=2) + "\n")
+            _apply_umask(staging)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         rank_zero_info(f"Exported the trained policy to {target}")
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give ``folder``'s files and folders the modes the umask gives new ones.
+
+    Some writers (safetensors) create their file with mode 0600 whatever the umask; the export should
+    be as readable as the rest of the run folder.
+    """
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
