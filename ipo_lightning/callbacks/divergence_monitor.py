@@ -123,13 +123,6 @@ class DivergenceMonitor(Callback):
 
     # ------------------------------------------------------------------ when
 
-    def state_dict(self) -> dict[str, Any]:
-        # A resumed run then skips the measurement its checkpoint's step already has in metrics.csv.
-        return {"last_step": self._last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict.get("last_step")
-
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.no_reference = getattr(pl_module, "reference", None) is None
         if self.enabled and self.no_reference:
@@ -140,7 +133,8 @@ class DivergenceMonitor(Callback):
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._measure_and_log(trainer, pl_module)
+        if trainer.global_step == 0:  # a resumed run has its earlier measurements in its history
+            self._measure_and_log(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
