@@ -283,12 +283,22 @@ def test_fit_without_training_data_names_the_option(tmp_path: Path, tiny_model_d
         (["--data.max_length", "4096"], "data.max_length=4096 exceeds the model's context size"),
         (["--data.train.limit", "0"], "limit must be a positive number"),
         (["--model.loss_type", "hinge", "--data.train.path", "{soft}"], "soft labels (preference_prob < 1)"),
+        (["--data.train.path", "{same}"], "identical"),
         (
             ["--model.batching", "prefix_shared", "--model.attn_implementation", "flash_attention_2"],
             "model.batching=prefix_shared needs a 4D attention mask",
         ),
     ],
-    ids=["label-smoothing", "chunk-size", "model-path", "context", "limit", "soft-labels-hinge", "batching"],
+    ids=[
+        "label-smoothing",
+        "chunk-size",
+        "model-path",
+        "context",
+        "limit",
+        "soft-labels-hinge",
+        "identical-pairs",
+        "batching",
+    ],
 )
 def test_bad_settings_fail_at_start_with_one_line(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
@@ -296,18 +306,16 @@ def test_bad_settings_fail_at_start_with_one_line(
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(4))
     soft = write_jsonl(tmp_path / "soft.jsonl", [dict(r, preference_prob=0.7) for r in polite_pairs(4)])
     config = _config(tmp_path, tiny_model_dir, train)
-    args = [arg.replace("{soft}", str(soft)) for arg in args]
+    same = write_jsonl(tmp_path / "same.jsonl", [dict(r, rejected=r["chosen"]) for r in polite_pairs(4)])
+    args = [arg.replace("{soft}", str(soft)).replace("{same}", str(same)) for arg in args]
     code, err = _run_main(["fit", "--config", str(config), *args], capsys)
     assert code == 2
     message = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(message) == 1 and expected in message[0], err[-2000:]
     assert "Traceback" not in err
-    # Nothing that looks like a result: no config, checkpoint or export. (The soft-label check needs the
-    # tokenised data, so it runs after Lightning has opened the loggers' run folder.)
-    written = {path.name for path in (tmp_path / "runs").rglob("*")}
-    assert not written & {"config.yaml", "metrics.csv", "hf_model"} and not any(
-        n.endswith(".ckpt") for n in written
-    )
+    # Nothing that looks like a run, not even an empty run folder. (The soft-label and identical-pairs
+    # checks need the tokenised data, so they run after Lightning has opened the loggers' run folder.)
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
 
 def test_unknown_config_key_is_rejected(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
