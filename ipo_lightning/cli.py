@@ -115,11 +115,11 @@ class SaveAndLogConfig(SaveConfigCallback):
     no run folder behind.
     """
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._stage = stage
-
     started = False
     """Set once start-up is over (every setup hook ran): from here on the run folder holds a run."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._stage = stage
 
     def _save_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.started = True
@@ -293,9 +293,11 @@ class PreferenceCLI(LightningCLI):
         folder = getattr(self, "run_folder", None)
         if folder is None or getattr(rank_zero_only, "rank", 0) != 0:
             return
-        callbacks = trainer.callbacks if trainer is not None else []
-        if any(isinstance(callback, SaveAndLogConfig) and callback.started for callback in callbacks):
-            return
+        if trainer is not None:
+            # Without the config callback (fast_dev_run) there is no telling: the folder is kept.
+            configs = [callback for callback in trainer.callbacks if isinstance(callback, SaveAndLogConfig)]
+            if not configs or any(callback.started for callback in configs):
+                return
         for logger in trainer.loggers if trainer is not None else []:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger._experiment.finish(exit_code=1)  # W&B stops writing into the folder first

@@ -51,7 +51,7 @@ class _HistoryWriter(ExperimentWriter):
 
     def save(self) -> None:
         """Write the pending rows: the first write replaces the file with the kept history plus them."""
-        if not self.metrics:
+        if not self.metrics and (self._started or self.keep_rows is None):
             return
         if not self._started:
             header, history = self._read() if self.keep_rows else ([], [])
@@ -173,10 +173,6 @@ class MetricsHistory(Callback):
         self._trainer = trainer
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        # On disk before the checkpoint is: a kill right after it still finds every row it counts.
-        logger = self._logger()
-        if logger is not None:
-            logger.save()
         self._saved_step = trainer.global_step
 
     def _mark(self) -> None:
@@ -192,7 +188,12 @@ class MetricsHistory(Callback):
         self._mark()
 
     def state_dict(self) -> dict[str, Any]:
+        # Called only while a checkpoint is being written. Flushed first: the rows the checkpoint counts
+        # are on disk before it is (a kill right after it finds them), and a resumed run's first write
+        # (which puts the kept history back) has happened, so the count includes that history.
         logger = self._logger()
+        if logger is not None:
+            logger.save()
         step = self._trainer.global_step if self._trainer is not None else 0
         return {"global_step": step, "metrics_rows": logger.rows_logged if logger is not None else 0}
 

@@ -180,6 +180,8 @@ def test_metrics_csv_keeps_the_rows_a_resume_continues_after(tmp_path: Path) -> 
     assert resumed.experiment is not None  # opened as the trainer opens it: nothing is deleted yet
     assert len(_rows(tmp_path / "run" / "metrics.csv")[1]) == 5
     resumed.continue_history(3)  # the checkpoint was saved after 3 rows; rows 3 and 4 are logged again
+    resumed.save()  # a checkpoint before the resumed run logged anything: the count includes the history
+    assert resumed.rows_logged == 3 and len(_rows(tmp_path / "run" / "metrics.csv")[1]) == 3
     resumed.log_metrics({"train/loss": 0.25, "val/loss": 0.5}, step=3)
     resumed.save()
     resumed.log_metrics({"train/loss": 0.2}, step=4)
@@ -406,3 +408,15 @@ def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoi
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no checkpoint is readable" in errors[0] and "Traceback" not in output
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_cli_trainers_write_checkpoints_atomically() -> None:
+    """The CLI's plugins: atomic checkpoint writes unless a checkpoint IO of the user's is given."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from ipo_lightning.cli import _plugins
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, plugins=_plugins(None, "auto"))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    own = TorchCheckpointIO()
+    assert _plugins([own], "auto") == [own]
