@@ -16,7 +16,10 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
 - ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
 - ``--divergence.*``: KL to the reference on held-out pairs, every N steps and after validations;
 - ``--kl_budget.*``: warn, or checkpoint and stop, when that KL exceeds a budget;
-- user errors (bad data, bad config values) end with one line on stderr and exit code 2.
+- ``--nonfinite.*``: a non-finite loss, gradient or weight stops the run (or its step is skipped), and
+  a loss jump is warned about (:class:`NonFiniteGuard`); a stopped run exits with code 1;
+- user errors (bad data, bad config values, an option's value of the wrong type, a ``ckpt_path``
+  that is no checkpoint) end with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ipo_lightning.callbacks import DivergenceMonitor, HFExport, KLBudget
+from ipo_lightning.callbacks.nonfinite import DIVERGED_EXIT_CODE, NonFiniteGuard, TrainingDiverged
 from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.checkpoint_io import AtomicCheckpointIO
+from ipo_lightning.cli_checks import check_checkpoint_file, check_optimizer
+from ipo_lightning.cli_errors import OneLineErrorParser
 from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
@@ -207,6 +213,7 @@ class PreferenceCLI(LightningCLI):
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_class=OneLineErrorParser,
             parser_kwargs={
                 "prog": "python -m ipo_lightning",
                 "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
@@ -229,6 +236,7 @@ class PreferenceCLI(LightningCLI):
         parser.add_lightning_class_args(DivergenceMonitor, "divergence")
         parser.add_lightning_class_args(KLBudget, "kl_budget")  # after the monitor: it checks its values
         parser.add_lightning_class_args(SlurmRequeue, "slurm")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_class_arguments(WandbOptions, "wandb", fail_untyped=True, sub_configs=True)
         parser.add_class_arguments(RunOptions, "run", fail_untyped=True, sub_configs=True)
         parser.set_defaults(
@@ -240,10 +248,17 @@ class PreferenceCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Check a given ``ckpt_path`` first: Lightning reads it right away, for the hyperparameters in it."""
+        if self.config.get("subcommand"):
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         """Resolve defaults that depend on other options, so the saved config states them."""
         config = self.config.get(str(self.subcommand), self.config)
         check_strategy(config.trainer.strategy)
+        check_optimizer(config.model.get("optimizer"))
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
         config.model.reference = resolve_reference_strategy(
@@ -275,10 +290,14 @@ class PreferenceCLI(LightningCLI):
             self.run_dir = self.run_folder.path
             kwargs["default_root_dir"] = str(self.run_dir)
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except BaseException:
             self._discard_unstarted_run_folder(None)
             raise
+        # The guard's checks run before any other callback sees the step (a monitor measuring NaN
+        # weights, a checkpoint saving them); Lightning runs checkpoint callbacks last anyway.
+        trainer.callbacks.sort(key=lambda callback: not isinstance(callback, NonFiniteGuard))
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand; a run stopped before it started leaves no run folder behind."""
@@ -353,3 +372,7 @@ def main(args: list[str] | None = None) -> None:
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except TrainingDiverged as error:
+        # A failed run, not bad input: its own line and exit code 1, no traceback (it is not a bug).
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT_CODE)

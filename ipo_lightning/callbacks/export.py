@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoTokenizer
 
 from ipo_lightning.builtin import resolve_model_path
@@ -27,8 +27,9 @@ class HFExport(Callback):
     The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained``. It is written to a temporary sibling and renamed at the end, so
     an interrupted export never leaves a folder that looks finished; a fit that fails or is
-    interrupted exports nothing (``on_fit_end`` runs only after a completed fit). Its folders and files
-    get the modes the process umask gives, like every other file of the run.
+    interrupted exports nothing (``on_fit_end`` runs only after a completed fit), and neither does one
+    whose weights are not finite (a warning says so). Its folders and files get the modes the process
+    umask gives, like every other file of the run.
 
     A LoRA policy is exported merged (adapters folded into the weights), as a plain model that loads
     without peft; with ``save_adapter`` its unmerged adapter is saved too, in ``<dirname>/adapter``
@@ -55,6 +56,15 @@ class HFExport(Callback):
         # Every rank takes part: under FSDP and ZeRO-3 the weights are gathered from all of them.
         state_dict = full_policy_state_dict(trainer, pl_module)
         if not trainer.is_global_zero:
+            return
+        nonfinite = [name for name, tensor in state_dict.items() if not torch.isfinite(tensor).all()]
+        if nonfinite:
+            # A NaN model that loads like a trained one is worse than none (see NonFiniteGuard).
+            rank_zero_warn(
+                f"not exporting to {target}: {len(nonfinite)} of {len(state_dict)} weight tensors of the "
+                f"policy are not finite (nan or inf), e.g. {nonfinite[0]}"
+            )
+            self.export_dir = None
             return
         policy = _unwrapped(pl_module.policy)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None

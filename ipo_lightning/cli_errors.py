@@ -1,0 +1,66 @@
+"""Option errors of the argument parser as one line: the option, what it expects, what it got.
+
+jsonargparse explains a rejected value by every alternative of every nested type it tried: a word
+given for ``--model.optimizer.init_args.lr`` takes over a hundred lines, usage included. The parser
+here prints ``error: model.optimizer.init_args.lr expects a float, got 'abc'`` instead, and exits
+with code 2 like any option error.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+from typing import NoReturn
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+_KEY = re.compile(r'Parser key "([^"]+)"')
+_EXPECTED = re.compile(r"Expected a (<class '[\w.]+'>|typing\.Literal\[.*?\])(?:\. Got|\n|$)", re.MULTILINE)
+_GIVEN = re.compile(r"(?:Given|Got) value: (.*?)(?:\. Got value:|\n|$)", re.MULTILINE)
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+_IGNORED_TYPES = {"NoneType", "torch.Tensor"}  # the null alternative; a tensor is never typed in
+
+
+def short_parser_error(message: str) -> str:
+    """One line for jsonargparse's (possibly nested, multi-line) error ``message``.
+
+    ``<option> expects <types or choices>, got <value>`` when the message is about a rejected value;
+    other messages (an unknown option, say) are one line already, or are cut to their first line.
+    """
+    keys = _KEY.findall(message)
+    if not keys:
+        return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+    # A class-typed option (class_path + init_args) reports its argument as a nested key.
+    joiner = ".init_args." if "init_args=Namespace(" in message else "."
+    option = joiner.join(keys[:2])
+    expected: list[str] = []
+    for found in _EXPECTED.findall(message):
+        if found.startswith("typing.Literal"):
+            expected.extend(str(choice) for choice in ast.literal_eval(found[len("typing.Literal") :]))
+        elif (name := found[len("<class '") : -2]) not in _IGNORED_TYPES:
+            expected.append(_TYPE_WORDS.get(name, name))
+    expected = list(dict.fromkeys(expected))
+    literal = message.count("typing.Literal[") > 0 and all(word not in _TYPE_WORDS.values() for word in expected)
+    given = [value for value in _GIVEN.findall(message) if not value.startswith(("Namespace(", "NestedArg("))]
+    line = f"{option} expects "
+    if not expected:
+        line = f"{option} has an invalid value"
+    elif literal:
+        line += "one of " + ", ".join(expected)
+    else:
+        line += " or ".join(expected)
+    return line + (f", got {given[0]!r}" if given else "")
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Lightning's parser, printing option errors as one line (module docstring) before exiting with 2."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG", "").lower() in {"true", "yes", "on"}:
+            super().error(message, ex)  # raises: a nested parser, a caller catching it, or debugging
+        self._logger.error(message)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {short_parser_error(message)} (options: {prog} --help)\n")
+        self.exit(2)
