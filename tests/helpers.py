@@ -74,3 +74,34 @@ def quiet_trainer(root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
     }
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+class ScaleLogits(Callback):
+    """Test callback: multiply the policy's logits by ``factor`` in the given optimizer steps.
+
+    ``inf`` makes the loss and every gradient of those steps NaN, the way an overflow does; a large
+    finite factor makes the loss jump. It acts through a forward hook on the real output layer, only on
+    the processes in ``ranks`` (all when None).
+
+    Args:
+        steps: optimizer steps (``trainer.global_step`` when the step starts) to act in.
+        factor: what the logits are multiplied by.
+        ranks: global ranks to act on; None: every rank.
+    """
+
+    def __init__(self, steps: list[int], factor: float = float("inf"), ranks: list[int] | None = None) -> None:
+        self.steps = set(steps)
+        self.factor = factor
+        self.ranks = ranks
+        self._handle: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        acting = self.ranks is None or trainer.global_rank in self.ranks
+        if acting and trainer.global_step in self.steps and self._handle is None:
+            head = pl_module.policy.get_output_embeddings()
+            self._handle = head.register_forward_hook(lambda module, inputs, output: output * self.factor)
+
+    def on_train_batch_end(self, *args: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

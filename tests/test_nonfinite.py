@@ -1,0 +1,139 @@
+"""NonFiniteGuard on real training runs: stop at a non-finite step, skip up to N, warn on a loss jump."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from ipo_lightning.callbacks.nonfinite import NonFiniteGuard, TrainingDiverged
+from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.module import PreferenceModule
+from tests.helpers import ScaleLogits, polite_pairs, quiet_trainer, write_jsonl
+
+
+def _module(tiny_model_dir: Path, optimizer=None) -> PreferenceModule:
+    optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-2))
+    return PreferenceModule(str(tiny_model_dir), beta=0.5, optimizer=optimizer, lr_schedule="constant")
+
+
+def _datamodule(tmp_path: Path, tiny_model_dir: Path) -> PreferenceDataModule:
+    return PreferenceDataModule(
+        train=DataSource(path=str(write_jsonl(tmp_path / "train.jsonl", polite_pairs(32)))),
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=64,
+        max_prompt_length=32,
+        batch_size=2,
+    )
+
+
+class PolicySnapshots(Callback):
+    """The policy's weights before and after every training batch, by optimizer step."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _copy(self, pl_module: PreferenceModule) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in pl_module.policy.named_parameters()}
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        self.before[trainer.global_step] = self._copy(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after[trainer.global_step - 1] = self._copy(pl_module)
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[name], b[name]) for name in a)
+
+
+def _finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_stops_at_the_first_nonfinite_step_and_saves_nothing_after_it(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    module = _module(tiny_model_dir)
+    snapshots = PolicySnapshots()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    trainer = quiet_trainer(
+        tmp_path,
+        max_steps=5,
+        enable_checkpointing=True,
+        callbacks=[NonFiniteGuard(), ScaleLogits(steps=[2]), snapshots, checkpoints],
+    )
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 2: train/loss is nan and the gradi"):
+        trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
+    # The bad update was never applied: the weights are those after step 1, finite.
+    assert trainer.global_step == 2
+    current = {name: p.detach() for name, p in module.policy.named_parameters()}
+    assert _equal(current, snapshots.after[1]) and _finite(current)
+    # The checkpoints on disk are of steps 1 and 2 (global_step 1, 2), all finite; none after.
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    steps = {torch.load(path, weights_only=True)["global_step"] for path in saved}
+    assert steps == {1, 2}
+    for path in saved:
+        assert _finite(torch.load(path, weights_only=True)["state_dict"])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+
+
+def test_skip_mode_skips_exactly_the_bad_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
+    module = _module(tiny_model_dir)
+    snapshots = PolicySnapshots()
+    guard = NonFiniteGuard(max_skipped_steps=2)
+    trainer = quiet_trainer(tmp_path, max_steps=5, callbacks=[guard, ScaleLogits(steps=[1, 3]), snapshots])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
+    assert trainer.global_step == 5 and guard.skipped_steps == [1, 3]
+    skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(skipped) == 2 and skipped[0].startswith("non-finite step 1 skipped: train/loss is nan")
+    for step in range(5):
+        moved = not _equal(snapshots.before[step], snapshots.after[step])
+        assert moved == (step not in (1, 3)), step
+        assert _finite(snapshots.after[step])
+    # The optimizer itself skipped them: Adam counted 3 steps for every weight, not 5.
+    optimizer = trainer.optimizers[0]
+    assert {int(optimizer.state[p]["step"]) for p in module.policy.parameters()} == {3}
+
+
+def test_skip_mode_stops_after_its_budget(tmp_path: Path, tiny_model_dir: Path) -> None:
+    module = _module(tiny_model_dir)
+    trainer = quiet_trainer(
+        tmp_path, max_steps=5, callbacks=[NonFiniteGuard(max_skipped_steps=1), ScaleLogits(steps=[1, 2])]
+    )
+    with pytest.raises(TrainingDiverged, match=r"at step 2: .* after skipping 1 non-finite step\(s\) \(1\)"):
+        trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_nonfinite_weights_stop_the_run_before_they_are_saved(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # SGD with lr 1e38 on gradients above 3.4 (logits scaled up 1000x): finite loss and gradients, but
+    # the update overflows float32 weights to inf.
+    module = _module(tiny_model_dir, optimizer=lambda params: torch.optim.SGD(params, lr=1e38))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    callbacks = [NonFiniteGuard(), ScaleLogits(steps=[0], factor=1000.0), checkpoints]
+    trainer = quiet_trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=callbacks)
+    with pytest.raises(TrainingDiverged, match=r"at step 0: \d+ trained weight tensor\(s\) are not finite"):
+        trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
+    assert not all(torch.isfinite(p).all() for p in module.policy.parameters())
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_loss_jump_is_warned_about_once(tmp_path: Path, tiny_model_dir: Path) -> None:
+    module = _module(tiny_model_dir, optimizer=lambda params: torch.optim.Adam(params, lr=1e-4))
+    # Logits 1000x larger at steps 3 and 5: the loss grows by orders of magnitude, stays finite.
+    guard = NonFiniteGuard(loss_jump_factor=100.0)
+    trainer = quiet_trainer(tmp_path, max_steps=6, callbacks=[guard, ScaleLogits(steps=[3, 5], factor=1000.0)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
+    jumps = [str(w.message) for w in caught if "jumped" in str(w.message)]
+    assert len(jumps) == 1 and jumps[0].startswith("train/loss jumped at step 3: "), jumps
+    assert "nonfinite.loss_jump_factor=100" in jumps[0] and trainer.global_step == 6
