@@ -373,6 +373,8 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
     except TrainingDiverged as error:
-        # A failed run, not bad input: its own line and exit code 1, no traceback (it is not a bug).
-        print(f"error: {error}", file=sys.stderr)
+        # A failed run, not bad input: its own exit code, one line (every process stops alike, rank 0
+        # says so) and no traceback (it is not a bug).
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT_CODE)

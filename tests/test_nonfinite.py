@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ipo_lightning.callbacks.nonfinite import NonFiniteGuard, TrainingDiverged
+from ipo_lightning.cli import main
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import ScaleLogits, polite_pairs, quiet_trainer, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _module(tiny_model_dir: Path, optimizer=None) -> PreferenceModule:
@@ -137,3 +149,98 @@ def test_loss_jump_is_warned_about_once(tmp_path: Path, tiny_model_dir: Path) ->
     jumps = [str(w.message) for w in caught if "jumped" in str(w.message)]
     assert len(jumps) == 1 and jumps[0].startswith("train/loss jumped at step 3: "), jumps
     assert "nonfinite.loss_jump_factor=100" in jumps[0] and trainer.global_step == 6
+
+
+def _fit_config(tmp_path: Path, model_dir: Path, lr: float, **trainer: object) -> Path:
+    """A quickstart-like run (best/last checkpoints on val/loss, export) on the tiny model."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(tmp_path / "runs"),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 30,
+            "val_check_interval": 0.125,  # every batch (32 pairs in batches of 4)
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"monitor": "val/loss", "mode": "min", "filename": "best", "save_last": True},
+                }
+            ],
+            **trainer,
+        },
+        "model": {
+            "model_name_or_path": str(model_dir),
+            "beta": 0.5,
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}},
+            "lr_schedule": "cosine",
+            "warmup_ratio": 0.05,
+        },
+        "data": {
+            "train": {"path": str(write_jsonl(tmp_path / "train.jsonl", polite_pairs(32)))},
+            "val": {"held_out": {"path": str(write_jsonl(tmp_path / "val.jsonl", polite_pairs(4, offset=100)))}},
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "batch_size": 4,
+        },
+        "divergence": {"enabled": False},
+        "wandb": {"enabled": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_diverging_cli_run_exits_1_without_export_and_keeps_finite_checkpoints(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(_fit_config(tmp_path, tiny_model_dir, lr=1e6))])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    match = re.match(r"error: training diverged at step (\d+): (train/loss is nan|the gradients are not finite)", errors[0])
+    assert match, errors[0]
+    step = int(match.group(1))
+    run_dir = tmp_path / "runs" / "version_0"
+    assert not (run_dir / "hf_model").exists()
+    # best and last: written by the validations before the diverged step, finite.
+    saved = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert {path.name for path in saved} == {"best.ckpt", "last.ckpt"}, (errors, list(run_dir.rglob("*")))
+    for path in saved:
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["global_step"] <= step and _finite(checkpoint["state_dict"]), path
+    with (run_dir / "metrics.csv").open() as handle:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert len(losses) == step and all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.slow
+def test_ddp_every_process_stops_at_the_step_one_process_diverged(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Only rank 1's loss is NaN: both processes stop at that step (none waits forever), exit 1."""
+    config = _fit_config(tmp_path, tiny_model_dir, lr=1e-3, max_steps=4, strategy="ddp", devices=2)
+    callbacks = [{"class_path": "tests.helpers.ScaleLogits", "init_args": {"steps": [2], "ranks": [1]}}]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)]
+    command += ["--trainer.callbacks+", json.dumps(callbacks[0])]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the second rank is a child of the first
+        process.communicate()
+        pytest.fail("a DDP run with one diverged process hung")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert process.returncode == 1, err[-3000:]
+    assert errors == [
+        "error: training diverged at step 2: train/loss is nan on 1 of 2 processes and the gradients are not "
+        "finite on 2 of 2 processes; stopped before saving this step, nothing exported, checkpoints on disk "
+        "are from earlier steps. Lower the learning rate, or skip such steps with --nonfinite.max_skipped_steps N"
+    ], err[-3000:]
+    assert not (tmp_path / "runs" / "version_0" / "hf_model").exists()
