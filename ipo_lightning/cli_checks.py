@@ -50,9 +50,8 @@ def check_optimizer(optimizer: Any, option: str = "model.optimizer") -> None:
         optimizer_class([torch.nn.Parameter(torch.zeros(1))], **init_args)
     except ValueError as error:
         arg = next((arg for text, arg in _MESSAGE_ARGS.items() if text in str(error)), None)
-        where = f"{option}.init_args.{arg}" if arg in init_args else option
-        given = f"={init_args[arg]!r}" if arg in init_args else f" ({class_path})"
-        raise ConfigError(f"{where}{given}: {class_path} rejects it: {error}") from None
+        where = f"{option}.init_args.{arg}={init_args[arg]!r}" if arg in init_args else option
+        raise ConfigError(f"{where}: {class_path} rejects it: {error}") from None
 
 
 def check_checkpoint_file(path: str | Path | None) -> None:
@@ -95,8 +94,10 @@ def _load_failure(error: Exception) -> str:
     if isinstance(error, pickle.UnpicklingError):
         # Drop torch's advice to retry with weights_only=False: that would run the file's code.
         lines = [
-            line.removeprefix("Please file an issue with the following so that we can make `weights_only=True` "
-                              "compatible with your use case: WeightsUnpickler error:").strip()
+            line.removeprefix(
+                "Please file an issue with the following so that we can make `weights_only=True` "
+                "compatible with your use case: WeightsUnpickler error:"
+            ).strip()
             for line in lines[1:]
             if not line.startswith("Check the documentation")
         ]

@@ -2,7 +2,7 @@
 
 jsonargparse explains a rejected value by every alternative of every nested type it tried: a word
 given for ``--model.optimizer.init_args.lr`` takes over a hundred lines, usage included. The parser
-here prints ``error: model.optimizer.init_args.lr expects a float, got 'abc'`` instead, and exits
+here prints ``error: model.optimizer.init_args.lr expects a number, got 'abc'`` instead, and exits
 with code 2 like any option error.
 """
 
@@ -35,30 +35,31 @@ def short_parser_error(message: str) -> str:
     # A class-typed option (class_path + init_args) reports its argument as a nested key.
     joiner = ".init_args." if "init_args=Namespace(" in message else "."
     option = joiner.join(keys[:2])
-    expected: list[str] = []
+    types: list[str] = []
+    choices: list[str] = []
     for found in _EXPECTED.findall(message):
         if found.startswith("typing.Literal"):
-            expected.extend(str(choice) for choice in ast.literal_eval(found[len("typing.Literal") :]))
+            choices.extend(str(choice) for choice in ast.literal_eval(found[len("typing.Literal") :]))
         elif (name := found[len("<class '") : -2]) not in _IGNORED_TYPES:
-            expected.append(_TYPE_WORDS.get(name, name))
-    expected = list(dict.fromkeys(expected))
-    literal = message.count("typing.Literal[") > 0 and all(word not in _TYPE_WORDS.values() for word in expected)
+            types.append(_TYPE_WORDS.get(name, name))
+    expected = list(dict.fromkeys(types))
+    if choices:
+        expected.append("one of " + ", ".join(dict.fromkeys(choices)))
     given = [value for value in _GIVEN.findall(message) if not value.startswith(("Namespace(", "NestedArg("))]
-    line = f"{option} expects "
-    if not expected:
-        line = f"{option} has an invalid value"
-    elif literal:
-        line += "one of " + ", ".join(expected)
-    else:
-        line += " or ".join(expected)
+    line = f"{option} expects {' or '.join(expected)}" if expected else f"{option} has an invalid value"
     return line + (f", got {given[0]!r}" if given else "")
+
+
+def _debugging() -> bool:
+    """jsonargparse's debug mode (``JSONARGPARSE_DEBUG``): its full errors and tracebacks are wanted."""
+    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() in {"true", "yes", "on"}
 
 
 class OneLineErrorParser(LightningArgumentParser):
     """Lightning's parser, printing option errors as one line (module docstring) before exiting with 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG", "").lower() in {"true", "yes", "on"}:
+        if not self.exit_on_error or _debugging():
             super().error(message, ex)  # raises: a nested parser, a caller catching it, or debugging
         self._logger.error(message)
         prog = self.prog.replace(" [options]", "")

@@ -89,7 +89,9 @@ class ScaleLogits(Callback):
         ranks: global ranks to act on; None: every rank.
     """
 
-    def __init__(self, steps: list[int], factor: float = float("inf"), ranks: list[int] | None = None) -> None:
+    def __init__(
+        self, steps: list[int], factor: float = float("inf"), ranks: list[int] | None = None
+    ) -> None:
         self.steps = set(steps)
         self.factor = factor
         self.ranks = ranks

@@ -72,14 +72,18 @@ def test_stops_at_the_first_nonfinite_step_and_saves_nothing_after_it(
 ) -> None:
     module = _module(tiny_model_dir)
     snapshots = PolicySnapshots()
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True
+    )
     trainer = quiet_trainer(
         tmp_path,
         max_steps=5,
         enable_checkpointing=True,
         callbacks=[NonFiniteGuard(), ScaleLogits(steps=[2]), snapshots, checkpoints],
     )
-    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 2: train/loss is nan and the gradi"):
+    with pytest.raises(
+        TrainingDiverged, match=r"^training diverged at step 2: train/loss is nan and the gradi"
+    ):
         trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
     # The bad update was never applied: the weights are those after step 1, finite.
     assert trainer.global_step == 2
@@ -142,7 +146,9 @@ def test_loss_jump_is_warned_about_once(tmp_path: Path, tiny_model_dir: Path) ->
     module = _module(tiny_model_dir, optimizer=lambda params: torch.optim.Adam(params, lr=1e-4))
     # Logits 1000x larger at steps 3 and 5: the loss grows by orders of magnitude, stays finite.
     guard = NonFiniteGuard(loss_jump_factor=100.0)
-    trainer = quiet_trainer(tmp_path, max_steps=6, callbacks=[guard, ScaleLogits(steps=[3, 5], factor=1000.0)])
+    trainer = quiet_trainer(
+        tmp_path, max_steps=6, callbacks=[guard, ScaleLogits(steps=[3, 5], factor=1000.0)]
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
@@ -166,7 +172,12 @@ def _fit_config(tmp_path: Path, model_dir: Path, lr: float, **trainer: object) -
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"monitor": "val/loss", "mode": "min", "filename": "best", "save_last": True},
+                    "init_args": {
+                        "monitor": "val/loss",
+                        "mode": "min",
+                        "filename": "best",
+                        "save_last": True,
+                    },
                 }
             ],
             **trainer,
@@ -180,7 +191,9 @@ def _fit_config(tmp_path: Path, model_dir: Path, lr: float, **trainer: object) -
         },
         "data": {
             "train": {"path": str(write_jsonl(tmp_path / "train.jsonl", polite_pairs(32)))},
-            "val": {"held_out": {"path": str(write_jsonl(tmp_path / "val.jsonl", polite_pairs(4, offset=100)))}},
+            "val": {
+                "held_out": {"path": str(write_jsonl(tmp_path / "val.jsonl", polite_pairs(4, offset=100)))}
+            },
             "max_length": 64,
             "max_prompt_length": 32,
             "batch_size": 4,
@@ -203,7 +216,9 @@ def test_diverging_cli_run_exits_1_without_export_and_keeps_finite_checkpoints(
     assert exit_info.value.code == 1, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err
-    match = re.match(r"error: training diverged at step (\d+): (train/loss is nan|the gradients are not finite)", errors[0])
+    match = re.match(
+        r"error: training diverged at step (\d+): (train/loss is nan|the gradients are not finite)", errors[0]
+    )
     assert match, errors[0]
     step = int(match.group(1))
     run_dir = tmp_path / "runs" / "version_0"
@@ -220,7 +235,9 @@ def test_diverging_cli_run_exits_1_without_export_and_keeps_finite_checkpoints(
 
 
 @pytest.mark.slow
-def test_ddp_every_process_stops_at_the_step_one_process_diverged(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_ddp_every_process_stops_at_the_step_one_process_diverged(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     """Only rank 1's loss is NaN: both processes stop at that step (none waits forever), exit 1."""
     config = _fit_config(tmp_path, tiny_model_dir, lr=1e-3, max_steps=4, strategy="ddp", devices=2)
     callbacks = [{"class_path": "tests.helpers.ScaleLogits", "init_args": {"steps": [2], "ranks": [1]}}]
@@ -239,8 +256,9 @@ def test_ddp_every_process_stops_at_the_step_one_process_diverged(tmp_path: Path
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert process.returncode == 1, err[-3000:]
     assert errors == [
-        "error: training diverged at step 2: train/loss is nan on 1 of 2 processes and the gradients are not "
-        "finite on 2 of 2 processes; stopped before saving this step, nothing exported, checkpoints on disk "
-        "are from earlier steps. Lower the learning rate, or skip such steps with --nonfinite.max_skipped_steps N"
+        "error: training diverged at step 2: train/loss is nan on 1 of 2 processes and the gradients are "
+        "not finite on 2 of 2 processes; stopped before saving it, nothing exported, checkpoints on disk "
+        "are from earlier steps (lower the learning rate, or skip such steps with "
+        "--nonfinite.max_skipped_steps N)"
     ], err[-3000:]
     assert not (tmp_path / "runs" / "version_0" / "hf_model").exists()

@@ -19,7 +19,8 @@ Every process of a multi-process run takes the same decision: the flags are summ
 (one small all-reduce per step) before anyone acts, so no process waits for another that stopped.
 
 Under a grad scaler (``trainer.precision: 16-mixed``) an overflowing loss or gradient is the scaler's
-business (it skips that step and lowers its scale), so only the weights are checked there.
+business (it skips that step and lowers its scale), so only the weights are checked there, and the
+loss-jump warning is off (the loss seen is the scaled one).
 """
 
 from __future__ import annotations
@@ -100,7 +101,11 @@ class NonFiniteGuard(Callback):
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and self.max_skipped_steps > 0 and "deepspeed" in type(trainer.strategy).__name__.lower():
+        if (
+            self.enabled
+            and self.max_skipped_steps > 0
+            and "deepspeed" in type(trainer.strategy).__name__.lower()
+        ):
             raise ConfigError(
                 "nonfinite.max_skipped_steps needs the gradients, which DeepSpeed keeps to itself: use 0 "
                 "(stop at the first non-finite step) with a DeepSpeed strategy"
@@ -143,7 +148,8 @@ class NonFiniteGuard(Callback):
                 f"{self.max_skipped_steps} skipped steps, nonfinite.max_skipped_steps)"
             )
             return
-        self._check_loss_jump(step, mean_loss)
+        if not scaled:  # a scaled loss moves with the scale, not with the training
+            self._check_loss_jump(step, mean_loss)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -163,15 +169,14 @@ class NonFiniteGuard(Callback):
     # ------------------------------------------------------------------ helpers
 
     def _stop_message(self, step: int, problem: str) -> str:
-        skipped = (
-            f" after skipping {len(self.skipped_steps)} non-finite step(s) ({', '.join(map(str, self.skipped_steps))})"
-            if self.skipped_steps
-            else ""
-        )
+        skipped = ""
+        if self.skipped_steps:
+            steps = ", ".join(map(str, self.skipped_steps))
+            skipped = f" after skipping {len(self.skipped_steps)} non-finite step(s) ({steps})"
         return (
-            f"training diverged at step {step}: {problem}{skipped}; stopped before saving this step, "
-            "nothing exported, checkpoints on disk are from earlier steps. Lower the learning rate, or "
-            "skip such steps with --nonfinite.max_skipped_steps N"
+            f"training diverged at step {step}: {problem}{skipped}; stopped before saving it, nothing "
+            "exported, checkpoints on disk are from earlier steps (lower the learning rate, or skip such "
+            "steps with --nonfinite.max_skipped_steps N)"
         )
 
     def _check_loss_jump(self, step: int, loss: float) -> None:
@@ -182,10 +187,10 @@ class NonFiniteGuard(Callback):
                 if median > 0 and loss > self.loss_jump_factor * median:
                     self._jump_warned = True
                     rank_zero_warn(
-                        f"train/loss jumped at step {step}: {loss:.4g}, {loss / median:.3g} times the median "
-                        f"{median:.4g} of the previous {len(self._recent_losses)} steps (more than "
-                        f"nonfinite.loss_jump_factor={self.loss_jump_factor:g}); the learning rate may be too "
-                        "high. Warned once."
+                        f"train/loss jumped at step {step}: {loss:.4g}, {loss / median:.3g} times the "
+                        f"median {median:.4g} of the previous {len(self._recent_losses)} steps (more than "
+                        f"nonfinite.loss_jump_factor={self.loss_jump_factor:g}); the learning rate may be "
+                        "too high. Warned once."
                     )
         self._recent_losses.append(loss)
 
@@ -224,11 +229,12 @@ def _describe(loss: float, bad_loss: int, bad_grads: int, world_size: int) -> st
     def where(count: int) -> str:
         return f" on {count} of {world_size} processes" if world_size > 1 else ""
 
+    loss_text = f"train/loss is {_format(loss)}"
     if bad_loss and bad_grads:
-        return f"train/loss is {_format(loss)}{where(bad_loss)} and the gradients are not finite{where(bad_grads)}"
+        return f"{loss_text}{where(bad_loss)} and the gradients are not finite{where(bad_grads)}"
     if bad_loss:
-        return f"train/loss is {_format(loss)}{where(bad_loss)} (the gradients are finite)"
-    return f"the gradients are not finite{where(bad_grads)} (train/loss is {_format(loss)})"
+        return f"{loss_text}{where(bad_loss)} (the gradients are finite)"
+    return f"the gradients are not finite{where(bad_grads)} ({loss_text})"
 
 
 def _format(value: float) -> str:
