@@ -18,6 +18,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from ipo_lightning.callbacks.export import HFExport
 from ipo_lightning.callbacks.nonfinite import NonFiniteGuard, TrainingDiverged
 from ipo_lightning.cli import main
 from ipo_lightning.data import DataSource, PreferenceDataModule
@@ -262,3 +263,19 @@ def test_ddp_every_process_stops_at_the_step_one_process_diverged(
         "--nonfinite.max_skipped_steps N)"
     ], err[-3000:]
     assert not (tmp_path / "runs" / "version_0" / "hf_model").exists()
+
+
+def test_export_refuses_nonfinite_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """With the guard off, a step of NaN gradients makes Adam write NaN weights: nothing is exported."""
+    module = _module(tiny_model_dir)
+    export = HFExport()
+    callbacks = [NonFiniteGuard(enabled=False), ScaleLogits(steps=[0]), export]
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=callbacks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
+    assert not all(torch.isfinite(p).all() for p in module.policy.parameters())
+    refusals = [str(w.message) for w in caught if str(w.message).startswith("not exporting")]
+    assert len(refusals) == 1 and "weight tensors of the policy are not finite" in refusals[0]
+    assert not (tmp_path / "hf_model").exists() and export.export_dir is None
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".hf_model")]
