@@ -41,7 +41,8 @@ from ipo_lightning.errors import ConfigError
 DIVERGED_EXIT_CODE = 1
 """Exit code of a run stopped by the guard: a failed run, not bad input (that is 2)."""
 JUMP_MIN_HISTORY = 2
-"""Steps seen before the loss-jump check starts: a too high learning rate blows up within a few steps."""
+"""Steps seen before the loss-jump check starts (a too high learning rate blows up within a few steps);
+the median is over the steps seen so far until ``loss_jump_window`` of them have been."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,13 +53,10 @@ class NonFiniteGuard(Callback):
     """Stop training at a non-finite loss, gradient or weight, or skip up to N such steps (module docstring).
 
     Args:
-        enabled: check every optimizer step (one all-reduce of three numbers per step).
-        max_skipped_steps: non-finite steps to skip (their update is not applied) before stopping; 0: stop
-            at the first.
-        loss_jump_factor: warn once when a step's loss exceeds this many times the median of the recent
-            steps; null: never.
-        loss_jump_window: how many recent optimizer steps that median is taken over (from the third step
-            on, over the steps seen so far until there are this many).
+        enabled: check every optimizer step (under DDP: two all-reduces of a few numbers per step).
+        max_skipped_steps: non-finite steps skipped (update not applied) before the run stops; 0: none.
+        loss_jump_factor: warn once when a step's loss is this many times the recent median; null: never.
+        loss_jump_window: recent optimizer steps whose median loss a jump is measured against.
     """
 
     def __init__(
