@@ -1,7 +1,7 @@
 """Start-up checks of CLI options that would otherwise fail mid-run with a library's traceback.
 
-- ``model.optimizer``: the optimizer is built on one dummy parameter, so the optimizer's own checks
-  (a negative learning rate, betas outside [0, 1)) fail before any model is loaded;
+- ``model.optimizer``: the optimizer is built on one stand-in parameter, so the optimizer's own value
+  checks (a negative learning rate, betas outside [0, 1)) fail before any model is loaded;
 - ``ckpt_path``: the file is read the way Lightning will read it (``weights_only``: nothing in it is
   executed), so a damaged or crafted file is named in one line instead of an ``UnpicklingError``.
 """
@@ -49,9 +49,15 @@ def check_optimizer(optimizer: Any, option: str = "model.optimizer") -> None:
     try:
         optimizer_class([torch.nn.Parameter(torch.zeros(1))], **init_args)
     except ValueError as error:
+        if not str(error).startswith("Invalid "):
+            return  # not a value check (torch's all read "Invalid ..."): the real build reports it
         arg = next((arg for text, arg in _MESSAGE_ARGS.items() if text in str(error)), None)
         where = f"{option}.init_args.{arg}={init_args[arg]!r}" if arg in init_args else option
         raise ConfigError(f"{where}: {class_path} rejects it: {error}") from None
+    except Exception:
+        # A CPU stand-in parameter is not the run's (device, dtype): what fails for it alone is not
+        # a bad value, and the optimizer built for the real parameters reports any real problem.
+        return
 
 
 def check_checkpoint_file(path: str | Path | None) -> None:
