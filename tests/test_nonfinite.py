@@ -100,11 +100,13 @@ def test_stops_at_the_first_nonfinite_step_and_saves_nothing_after_it(
     assert last["global_step"] == 2
 
 
-def test_skip_mode_skips_exactly_the_bad_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["one-batch", "two-micro-batches"])
+def test_skip_mode_skips_exactly_the_bad_steps(tmp_path: Path, tiny_model_dir: Path, accumulate: int) -> None:
     module = _module(tiny_model_dir)
     snapshots = PolicySnapshots()
     guard = NonFiniteGuard(max_skipped_steps=2)
-    trainer = quiet_trainer(tmp_path, max_steps=5, callbacks=[guard, ScaleLogits(steps=[1, 3]), snapshots])
+    callbacks = [guard, ScaleLogits(steps=[1, 3]), snapshots]
+    trainer = quiet_trainer(tmp_path, max_steps=5, accumulate_grad_batches=accumulate, callbacks=callbacks)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, datamodule=_datamodule(tmp_path, tiny_model_dir))
