@@ -39,7 +39,12 @@ from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
-from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
+from ipo_lightning.module import (
+    DEFAULT_LR,
+    PreferenceModule,
+    default_length_normalize,
+    resolve_model_batching,
+)
 from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
 from ipo_lightning.run_folder import resolve_run_name, save_wandb_run_id, share_run_name, wandb_run_id
 
@@ -233,6 +238,15 @@ class PreferenceCLI(LightningCLI):
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
         if config.model.reference is None:
             config.model.reference = "lora" if config.model.lora is not None else "separate"
+        model = config.model
+        model.batching = resolve_model_batching(
+            model.batching,
+            model_name_or_path=model.model_name_or_path,
+            reference_name_or_path=model.reference_name_or_path,
+            reference=model.reference,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The stock trainer, plus the default loggers, random states in checkpoints and SLURM set-up.
