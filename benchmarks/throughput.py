@@ -1,24 +1,48 @@
-"""Training throughput per batching/reference mode, against an SFT step and TRL's DPOTrainer (IPO loss).
+"""Training throughput of ipo_lightning's modes against TRL's DPOTrainer (IPO loss) and an SFT step.
 
-Every mode trains the same tiny Llama-architecture model (random init, float32, built from a config
-and a byte-level BPE tokenizer trained offline) on the same synthetic token-id pairs, in the same
-order, with AdamW: ipo_lightning modes through a real ``lightning.Trainer`` fitting
-``PreferenceModule`` (forward, backward, optimizer step and per-step metrics), TRL through its own
-``DPOTrainer.train()``. A step is timed from the trainer's batch-start hook to its batch-end hook
-(the collated batch in hand, the optimizer step done); the first ``--warmup`` steps are dropped.
+Every mode trains the same tiny Llama-architecture model (random init, float32, sdpa, built from a
+config and a byte-level BPE tokenizer trained offline) on the same text pairs (a JSONL file of
+``prompt``/``chosen``/``rejected`` strings), 8 pairs per step, AdamW, each run in a fresh process
+that is the only benchmark process alive, and each framework runs the way its users run it:
 
-Each mode runs in its own fresh worker process (so ``peak_rss_mb``, the process's peak resident
-memory, is per mode; it includes the Python imports, which are larger for TRL). The workers of a
-round start together, load and precompute, then run in lockstep: step k of every mode, one at a time,
-on the same batch, before any step k+1 (:class:`StepGate`), so load from other processes hits every
-mode alike. Ratios (``vs_<base>``) are medians over rounds and steps of step-time ratios on the same
-batch; ``cpu_vs_<base>`` the same with process CPU seconds. Output: one JSON line per mode and round
-(``"kind": "run"``), then one per mode (``"kind": "summary"``) with median ``pairs_per_s``,
-``tokens_per_s`` (real tokens of the 2B prompt+completion sequences, the same count in every mode),
-``peak_rss_mb`` and the ratios.
+- ipo_lightning: ``python -m ipo_lightning fit --config run.yaml``, the data module tokenising the
+  JSONL file itself, with the CLI's defaults (CSV and W&B loggers, W&B set to offline so nothing
+  leaves the machine; checkpoint and export at the end; ``model.batching`` its default ``auto``
+  unless the mode names a layout). Added: a timing callback in ``trainer.callbacks``. Changed: the
+  divergence monitor is off (it measures before the first step and every 500 steps, so never inside
+  the timed loop, but its step-0 sampling would make these short runs several times longer).
+- TRL: ``DPOTrainer(model=<model folder>, args=DPOConfig(loss_type=["ipo"], ...),
+  train_dataset=load_dataset("json", ...))``: its own tokenisation, its own reference (created
+  from the model folder; none kept with ``precompute_ref_log_probs``), its own data loader and
+  shuffling, its defaults for everything else (optimizer ``adamw_torch_fused``, logging). Changed
+  from its defaults, for fairness only: ``bf16=False`` (float32 as every mode here; TRL would
+  autocast to bfloat16 where the hardware supports it), ``gradient_checkpointing=False`` (TRL's
+  default recomputes activations; no other mode does), ``per_device_train_batch_size`` and
+  ``learning_rate`` (the workload's), ``max_steps``, ``beta``, ``lr_scheduler_type="constant"`` (as
+  the ipo_lightning runs; the schedule costs nothing), ``save_strategy="no"`` and a temporary
+  ``output_dir``, and the timing callback.
+- ``sft``: the floor: the policy's step alone (mean completion-token NLL of the same padded rows,
+  no reference, no preference loss) through a plain ``lightning.Trainer`` without loggers, on the
+  same data module.
 
-    python benchmarks/throughput.py                                  # every mode, default workload
-    python benchmarks/throughput.py --modes padded,prefix_shared,trl_ipo --repeats 3 --steps 10
+Every process gets the same ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (``--threads``) and fresh,
+empty dataset/model caches (so the precompute passes run every time). A run is timed from the end
+of its ``--warmup``-th optimizer step to the end of its last one: the loop as it runs, data loading,
+collation, forward, backward, optimizer step and logging included; ``pairs_per_cpu_s`` uses the
+process's CPU seconds over the same span (all its threads), which load from other processes on a
+shared machine changes less than wall time. ``peak_rss_mb`` is the process's peak resident memory
+(the whole run: imports, tokenisation, precompute pass and training).
+
+Rounds run every mode once, one after the other (round-robin, the order rotating from round to
+round), so a mode's rounds are spread over the measurement. Output: one JSON line per run
+(``"kind": "run"``), then one per mode (``"kind": "summary"``) with medians over rounds and, for
+each baseline ``<base>`` measured beside it, ``vs_<base>`` (median over rounds of the pairs/s ratio
+to the same round's baseline run), ``cpu_vs_<base>`` (the same with pairs per CPU second) and
+``rss_vs_<base>``.
+
+    python benchmarks/throughput.py --repeats 2 --steps 20          # every mode
+    python benchmarks/throughput.py --modes default,trl_ipo --repeats 3
+    python benchmarks/throughput.py --summarize out.jsonl            # summaries of an earlier output
 
 Modes are a registry (:data:`MODES`): add one with :func:`register`.
 """
@@ -31,18 +55,17 @@ import hashlib
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -61,7 +84,6 @@ class Workload:
     threads: int = 2
     warmup: int = 2
     steps: int = 8
-    attn: str = "sdpa"
     beta: float = 0.1
     seed: int = 0
 
@@ -69,8 +91,13 @@ class Workload:
         """A short hash of what the prepared model and pairs depend on (the cache folder's name)."""
         data = {k: getattr(self, k) for k in ("hidden", "layers", "heads", "vocab", "prompt_max")}
         data.update(completion_max=self.completion_max, jitter=self.jitter, seed=self.seed)
-        data.update(pairs=self.batch_size * (self.warmup + self.steps))
+        data.update(pairs=self.num_pairs, format="text")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def num_pairs(self) -> int:
+        """Pairs of one run: one epoch of ``warmup + steps`` full batches."""
+        return self.batch_size * (self.warmup + self.steps)
 
 
 # ------------------------------------------------------------------------------- model and data
@@ -86,13 +113,18 @@ def _corpus(seed: int, sentences: int = 20000) -> list[str]:
 
 
 def prepare(work: Workload, root: Path) -> Path:
-    """Save the model, tokenizer and pairs (token ids) under ``root/<key>`` once; return that folder."""
+    """Save the model, tokenizer and text pairs under ``root/<key>`` once; return that folder.
+
+    ``pairs.jsonl`` holds the pairs as text; ``lengths.json`` their token counts as ipo_lightning
+    tokenises them (prompt, chosen + EOS, rejected + EOS): prompts of ``(1 - jitter) * prompt_max``
+    to ``prompt_max`` tokens, completions likewise with ``completion_max``.
+    """
     from transformers import AutoTokenizer
 
     from ipo_lightning.tiny import save_tiny_model
 
     folder = root / work.key()
-    if (folder / "pairs.json").exists():
+    if (folder / "lengths.json").exists():
         return folder
     corpus = _corpus(work.seed)
     save_tiny_model(
@@ -107,81 +139,70 @@ def prepare(work: Workload, root: Path) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     rng = random.Random(work.seed + 1)
-    stream = [tid for text in corpus[:4000] for tid in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    words = " ".join(corpus[:4000]).split()
 
-    def take(longest: int, eos: bool) -> list[int]:
-        # Lengths uniform in [(1 - jitter) * longest, longest]; completions end with EOS, as in training.
-        length = rng.randint(max(1, round(longest * (1 - work.jitter))), longest)
-        start = rng.randrange(len(stream) - length)
-        ids = stream[start : start + length]
-        return ids[:-1] + [tokenizer.eos_token_id] if eos else ids
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text(longest: int, lead: str, eos: bool) -> str:
+        # Whole words until the text has the drawn number of tokens (one less for a completion's EOS).
+        target = rng.randint(max(1, round(longest * (1 - work.jitter))), longest) - int(eos)
+        start = rng.randrange(len(words) - 4 * longest)
+        out = lead + words[start]
+        for word in words[start + 1 :]:
+            longer = f"{out} {word}"
+            if len(encode(longer)) > target:
+                break
+            out = longer
+        return out
 
     pairs = [
         {
-            "prompt_ids": take(work.prompt_max, eos=False),
-            "chosen_ids": take(work.completion_max, eos=True),
-            "rejected_ids": take(work.completion_max, eos=True),
+            "prompt": text(work.prompt_max, "", eos=False),
+            "chosen": text(work.completion_max, " ", eos=True),
+            "rejected": text(work.completion_max, " ", eos=True),
         }
-        for _ in range(work.batch_size * (work.warmup + work.steps))
+        for _ in range(work.num_pairs)
     ]
-    (folder / "pairs.json").write_text(json.dumps(pairs))
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    lengths = [
+        [len(encode(p["prompt"])), len(encode(p["chosen"])) + 1, len(encode(p["rejected"])) + 1]
+        for p in pairs
+    ]
+    (folder / "lengths.json").write_text(json.dumps(lengths))
     return folder
 
 
-def _load_pairs(folder: Path) -> list[dict[str, Any]]:
-    return json.loads((folder / "pairs.json").read_text())
-
-
-def _real_tokens(pairs: list[dict[str, Any]]) -> int:
+def real_tokens(lengths: list[list[int]]) -> int:
     """Tokens of the 2B prompt+completion sequences of these pairs (no padding, prompt counted twice)."""
-    return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    return sum(2 * prompt + chosen + rejected for prompt, chosen, rejected in lengths)
 
 
 # ------------------------------------------------------------------------------------ the modes
 
 
-class StepGate:
-    """Times each training step of this process and, in lockstep, runs it only when the driver says so.
+@dataclass(frozen=True)
+class Run:
+    """Where one run keeps its files: its scratch folder and the clock's output."""
 
-    Lockstep: before a step the worker prints ``@@ready`` and waits for a line on stdin; after it,
-    it prints ``@@done``; after its last step it waits once more, so no worker tears down while
-    another is being timed. The driver thus runs one step of one mode at a time, every mode's step
-    k on the same batch, interleaved step by step: load from other processes hits all modes alike.
-    """
+    folder: Path
+    """The prepared workload (model, tokenizer, pairs)."""
+    scratch: Path
+    """An empty folder of this run only (caches, run folders, configs)."""
 
-    def __init__(self, lockstep: bool = False, total_steps: int = 0) -> None:
-        self.lockstep = lockstep
-        self.total_steps = total_steps
-        self.seconds: list[tuple[float, float]] = []
-        self.start = (0.0, 0.0)
-
-    def begin(self) -> None:
-        """Called by the trainer's batch-start hook (the collated batch in hand)."""
-        if self.lockstep:
-            print("@@ready", flush=True)
-            sys.stdin.readline()
-        self.start = (time.perf_counter(), time.process_time())
-
-    def end(self) -> None:
-        """Called by the trainer's batch-end hook (the optimizer step done)."""
-        self.seconds.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
-        if self.lockstep:
-            print("@@done", flush=True)
-            if len(self.seconds) == self.total_steps:
-                sys.stdin.readline()
-
-
-GATE = StepGate()
-"""This process's step gate (one training run per worker process)."""
+    @property
+    def clock(self) -> Path:
+        """The JSON file the step clock writes at the end of training."""
+        return self.scratch / "clock.json"
 
 
 @dataclass(frozen=True)
 class Mode:
-    """A way of training: ``run(work, folder)`` trains and returns ``(wall, cpu)`` seconds per timed step."""
+    """A way of training: ``command(work, run)`` is the command line of one run, in a fresh process."""
 
     name: str
     description: str
-    run: Callable[[Workload, Path], list[tuple[float, float]]]
+    command: Callable[[Workload, Run], list[str]]
     needs: str | None = None
     """An optional package the mode needs; the mode is skipped when it is missing."""
 
@@ -190,205 +211,87 @@ MODES: dict[str, Mode] = {}
 
 
 def register(mode: Mode) -> Mode:
-    """Add ``mode`` to the registry (the lead adds ``lora`` and reference strategies this way)."""
+    """Add ``mode`` to the registry."""
     MODES[mode.name] = mode
     return mode
 
 
-def _lightning_steps(
-    work: Workload, folder: Path, *, batching: str, precompute: bool = False, sft: bool = False
-) -> list[tuple[float, float]]:
-    """Fit ``PreferenceModule`` (or the SFT stand-in) with a real Trainer; seconds per timed step."""
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader
-
-    from ipo_lightning.batching import batch_scores
-    from ipo_lightning.data.collator import PairwiseCollator
-    from ipo_lightning.module import PreferenceModule
-
-    class SFTModule(PreferenceModule):
-        """The policy's step alone on the same chosen+rejected tokens: the limit with a cached reference."""
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            scores = batch_scores(self.policy, *rows, batching=self.hparams.batching)
-            return -scores.token_logps.mean()
-
-        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-            pass  # no preference metrics to log
-
-    class InBatchReferenceModule(PreferenceModule):
-        """``model.reference: precomputed`` on data that already carries the reference values.
-
-        The product's precompute pass needs a PreferenceDataModule (text data); the benchmark's data
-        is token ids, so the same sums and counts are computed below and the pass is skipped.
-        Training steps are the product's own.
-        """
-
-        def setup(self, stage: str) -> None:
-            self.uses_soft_labels = False
-
-    class StepTimer(L.Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            GATE.begin()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            GATE.end()
-
-    pairs = _load_pairs(folder)
-    model_dir = str(folder / "model")
-    module_class = SFTModule if sft else (InBatchReferenceModule if precompute else PreferenceModule)
-    module = module_class(
-        model_dir,
-        loss_type="ipo",
-        beta=work.beta,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=work.lr),
-        lr_schedule="constant",
-        warmup_steps=0,
-        attn_implementation=work.attn,
-        batching=batching,
-        reference="precomputed" if precompute else None,
-    )
-    pad_id = int(module.model_config.pad_token_id)
-    collate = PairwiseCollator(pad_token_id=pad_id)
-    if precompute:
-        # Reference sums and token counts computed once before training, carried in the batch under
-        # the keys the product's precompute pass writes; the reference model is freed before training.
-        from ipo_lightning.modeling import load_causal_lm
-        from ipo_lightning.reference import PRECOMPUTED_KEYS
-
-        reference = load_causal_lm(model_dir, attn_implementation=work.attn)
-        for start in range(0, len(pairs), work.batch_size):
-            chunk = pairs[start : start + work.batch_size]
-            batch = collate(chunk)
-            rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            with torch.no_grad():
-                scores = batch_scores(reference, *rows, batching=batching)
-            chosen_sum, chosen_count, rejected_sum, rejected_count = PRECOMPUTED_KEYS
-            for i, pair in enumerate(chunk):
-                pair[chosen_sum], pair[chosen_count] = float(scores.sums[i]), float(scores.counts[i])
-                j = len(chunk) + i
-                pair[rejected_sum], pair[rejected_count] = float(scores.sums[j]), float(scores.counts[j])
-        del reference
-    timer = StepTimer()  # times the steps through GATE
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=work.warmup + work.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    loader = DataLoader(pairs, batch_size=work.batch_size, shuffle=False, collate_fn=collate)
-    trainer.fit(module, train_dataloaders=loader)
-    return GATE.seconds[work.warmup :]
+def cli_config(work: Workload, run: Run, *, batching: str | None, precomputed: bool) -> dict[str, Any]:
+    """The ``fit`` config of an ipo_lightning run: the workload's settings, the CLI's defaults otherwise."""
+    model: dict[str, Any] = {
+        "model_name_or_path": str(run.folder / "model"),
+        "loss_type": "ipo",
+        "beta": work.beta,
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": work.lr}},
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+    }
+    if batching is not None:
+        model["batching"] = batching
+    if precomputed:
+        model["reference"] = "precomputed"
+    clock = {"class_path": "step_clock.LightningStepClock", "init_args": {"out": str(run.clock)}}
+    return {
+        "seed_everything": work.seed,
+        "trainer": {
+            "default_root_dir": str(run.scratch / "runs"),
+            "max_steps": work.warmup + work.steps,
+            "callbacks": [clock],
+        },
+        "model": model,
+        "data": {
+            "train": {"path": str(run.folder / "pairs.jsonl")},
+            "batch_size": work.batch_size,
+            "cache_dir": str(run.scratch / "cache"),
+            "seed": work.seed,
+        },
+        "wandb": {"mode": "offline"},
+        # On by default; it measures before the first step and every 500 steps, outside the timed
+        # loop, but its step-0 sampling would dominate the length of these short runs.
+        "divergence": {"enabled": False},
+    }
 
 
-def _trl_steps(work: Workload, folder: Path, *, precompute: bool) -> list[tuple[float, float]]:
-    """TRL ``DPOTrainer(loss_type="ipo")`` on the same token ids, order and optimizer."""
-    import torch
-    from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def _cli_command(work: Workload, run: Run, *, batching: str | None, precomputed: bool = False) -> list[str]:
+    import yaml
 
-    class SameDataTrainer(DPOTrainer):
-        def _prepare_dataset(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
-            return dataset  # already the token ids every mode trains on (completions end with EOS)
-
-        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)  # the same batches, in the same order
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            GATE.begin()
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            GATE.end()
-
-    model_dir = folder / "model"
-
-    def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation=work.attn
-        )
-
-    # An explicit frozen reference: without one TRL reloads the model by name from the hub. With its
-    # precompute option TRL scores the data with the initial policy and keeps no reference.
-    reference = None if precompute else load().eval().requires_grad_(False)
-    timer = StepTimer()  # times the steps through GATE
-    with tempfile.TemporaryDirectory() as output_dir:
-        config = DPOConfig(
-            output_dir=output_dir,
-            loss_type=["ipo"],
-            beta=work.beta,
-            per_device_train_batch_size=work.batch_size,
-            learning_rate=work.lr,
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            max_steps=work.warmup + work.steps,
-            precompute_ref_log_probs=precompute,
-            # TRL's config defaults to bf16 autocast and gradient checkpointing; the workload is float32
-            # without checkpointing, as in every other mode.
-            bf16=False,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            save_strategy="no",
-            report_to=[],
-            logging_steps=10**6,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=work.seed,
-        )
-        trainer = SameDataTrainer(
-            model=load(),
-            ref_model=reference,
-            args=config,
-            train_dataset=Dataset.from_list(_load_pairs(folder)),
-            processing_class=AutoTokenizer.from_pretrained(model_dir),
-            callbacks=[timer],
-        )
-        trainer.train()
-    return GATE.seconds[work.warmup :]
+    config = run.scratch / "run.yaml"
+    config.write_text(yaml.safe_dump(cli_config(work, run, batching=batching, precomputed=precomputed)))
+    return [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)]
 
 
-for _batching in ("padded", "padding_free", "prefix_shared"):
+def _worker_command(mode: str, work: Workload, run: Run) -> list[str]:
+    flags = [f"--{f.name.replace('_', '-')}={getattr(work, f.name)}" for f in dataclasses.fields(Workload)]
+    return [sys.executable, __file__, "--worker", mode, "--scratch", str(run.scratch), *flags]
+
+
+for _name, _batching, _precomputed, _description in (
+    ("default", None, False, "ipo_lightning fit, defaults (model.batching auto), frozen reference"),
+    ("padded", "padded", False, "ipo_lightning fit, model.batching padded"),
+    ("padding_free", "padding_free", False, "ipo_lightning fit, model.batching padding_free"),
+    ("prefix_shared", "prefix_shared", False, "ipo_lightning fit, model.batching prefix_shared"),
+    ("precomputed", None, True, "ipo_lightning fit, model.reference precomputed (batching auto)"),
+    ("precomputed_padded", "padded", True, "ipo_lightning fit, model.reference precomputed, padded"),
+):
     register(
         Mode(
-            _batching,
-            f"PreferenceModule, frozen reference, model.batching={_batching}",
-            lambda work, folder, b=_batching: _lightning_steps(work, folder, batching=b),
+            _name,
+            _description,
+            lambda work, run, b=_batching, p=_precomputed: _cli_command(work, run, batching=b, precomputed=p),
         )
     )
 register(
     Mode(
         "sft",
-        "SFT step on the same rows (padded), no reference",
-        lambda w, f: _lightning_steps(w, f, batching="padded", sft=True),
-    )
-)
-register(
-    Mode(
-        "precomputed",
-        "PreferenceModule, padded, model.reference=precomputed (values in the batch)",
-        lambda w, f: _lightning_steps(w, f, batching="padded", precompute=True),
-    )
-)
-register(
-    Mode(
-        "precomputed_prefix_shared",
-        "PreferenceModule, prefix_shared, model.reference=precomputed (values in the batch)",
-        lambda w, f: _lightning_steps(w, f, batching="prefix_shared", precompute=True),
+        "SFT step (completion NLL) on the same padded rows: plain Trainer, no reference, no loggers",
+        lambda work, run: _worker_command("sft", work, run),
     )
 )
 register(
     Mode(
         "trl_ipo",
-        "TRL DPOTrainer(loss_type=ipo), frozen ref_model",
-        lambda w, f: _trl_steps(w, f, precompute=False),
+        "TRL DPOTrainer(loss_type=ipo), its defaults (reference created from the model folder)",
+        lambda work, run: _worker_command("trl_ipo", work, run),
         needs="trl",
     )
 )
@@ -396,87 +299,174 @@ register(
     Mode(
         "trl_ipo_precompute",
         "TRL DPOTrainer(loss_type=ipo), precompute_ref_log_probs=True",
-        lambda w, f: _trl_steps(w, f, precompute=True),
+        lambda work, run: _worker_command("trl_ipo_precompute", work, run),
         needs="trl",
     )
 )
+DEFAULT_MODES = ("sft", "default", "padded", "padding_free", "precomputed", "trl_ipo", "trl_ipo_precompute")
+"""What a plain run measures (``prefix_shared`` is what ``default`` resolves to with sdpa)."""
+BASELINES = ("sft", "padded", "trl_ipo", "trl_ipo_precompute")
+
+
+# ----------------------------------------------------------------------------- in-script workers
+
+
+def _trl_worker(work: Workload, run: Run, *, precompute: bool) -> None:
+    """TRL's DPOTrainer as its users run it (see the module docstring for every changed default)."""
+    from datasets import load_dataset
+    from step_clock import TrainerStepClock
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        output_dir=str(run.scratch / "trl_output"),
+        loss_type=["ipo"],
+        beta=work.beta,
+        per_device_train_batch_size=work.batch_size,
+        learning_rate=work.lr,
+        lr_scheduler_type="constant",
+        max_steps=work.warmup + work.steps,
+        precompute_ref_log_probs=precompute,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=work.seed,
+    )
+    trainer = DPOTrainer(
+        model=str(run.folder / "model"),
+        args=config,
+        train_dataset=load_dataset("json", data_files=str(run.folder / "pairs.jsonl"), split="train"),
+        callbacks=[TrainerStepClock(str(run.clock))],
+    )
+    dtypes = {str(p.dtype) for p in trainer.model.parameters()}
+    if dtypes != {"torch.float32"}:
+        sys.exit(f"TRL's policy is {dtypes}, not float32")
+    trainer.train()
+
+
+def _sft_worker(work: Workload, run: Run) -> None:
+    """The policy's step alone on ipo_lightning's padded rows of the same data (no reference)."""
+    import lightning as L
+    import torch
+    from step_clock import LightningStepClock
+
+    from ipo_lightning.batching import batch_scores
+    from ipo_lightning.data import DataSource, PreferenceDataModule
+    from ipo_lightning.module import PreferenceModule
+
+    class SFTModule(PreferenceModule):
+        """Mean completion-token NLL of the chosen and rejected rows: a step without reference or loss."""
+
+        def setup(self, stage: str) -> None:
+            pass  # no reference, no soft-label check
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            return -batch_scores(self.policy, *rows, batching="padded").token_logps.mean()
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            pass  # no preference metrics
+
+    L.seed_everything(work.seed)
+    model_dir = str(run.folder / "model")
+    module = SFTModule(
+        model_dir,
+        reference="precomputed",  # no reference model is loaded (setup, which would score, is skipped)
+        optimizer=lambda params: torch.optim.AdamW(params, lr=work.lr),
+        lr_schedule="constant",
+        warmup_steps=0,
+        batching="padded",
+    )
+    data = PreferenceDataModule(
+        train=DataSource(path=str(run.folder / "pairs.jsonl")),
+        tokenizer_name_or_path=model_dir,
+        batch_size=work.batch_size,
+        cache_dir=str(run.scratch / "cache"),
+        seed=work.seed,
+    )
+    trainer = L.Trainer(
+        max_steps=work.warmup + work.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LightningStepClock(str(run.clock))],
+    )
+    trainer.fit(module, datamodule=data)
+
+
+WORKERS: dict[str, Callable[[Workload, Run], None]] = {
+    "sft": _sft_worker,
+    "trl_ipo": lambda work, run: _trl_worker(work, run, precompute=False),
+    "trl_ipo_precompute": lambda work, run: _trl_worker(work, run, precompute=True),
+}
 
 
 # ------------------------------------------------------------------------------------ driver
 
 
-def _worker(mode: str, work: Workload, folder: Path, *, lockstep: bool) -> dict[str, Any]:
-    """Run one mode in this (fresh) process and return its numbers."""
-    import torch
+def run_environment(work: Workload, scratch: Path) -> dict[str, str]:
+    """The environment of every run: the same threads, this repository and the step clock importable,
+    caches inside the run's scratch folder, W&B offline."""
+    env = dict(os.environ)
+    path = [str(REPO), str(BENCHMARKS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env.update(
+        PYTHONPATH=os.pathsep.join(path),
+        OMP_NUM_THREADS=str(work.threads),
+        MKL_NUM_THREADS=str(work.threads),
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_CACHE=str(scratch / "hf_datasets"),
+        IPO_LIGHTNING_CACHE=str(scratch / "ipo_lightning"),
+        WANDB_DIR=str(scratch / "wandb"),
+    )
+    return env
 
-    global GATE
-    GATE = StepGate(lockstep=lockstep, total_steps=work.warmup + work.steps)
-    torch.set_num_threads(work.threads)
-    torch.manual_seed(work.seed)
-    seconds = MODES[mode].run(work, folder)
-    pairs = _load_pairs(folder)
-    timed = pairs[work.batch_size * work.warmup :]
-    wall = sum(w for w, _ in seconds)
-    cpu = sum(c for _, c in seconds)
+
+def summarize_run(
+    mode: str, work: Workload, lengths: list[list[int]], clock: dict[str, Any]
+) -> dict[str, Any]:
+    """One run's numbers from its clock marks: from the last warm-up step's end to the last step's."""
+    marks = clock["marks"]
+    if len(marks) != work.warmup + work.steps:
+        raise ValueError(f"{mode}: {len(marks)} steps ran, expected {work.warmup + work.steps}")
+    timed = marks[work.warmup - 1 :]  # the last warm-up step's end, then the end of every timed step
+    wall, cpu = timed[-1][0] - timed[0][0], timed[-1][1] - timed[0][1]
+    pairs = work.steps * work.batch_size
+    # Both frameworks shuffle the pairs, so the token count is the workload's mean per pair.
+    tokens = real_tokens(lengths) * pairs / len(lengths)
     return {
         "mode": mode,
-        "pairs_per_s": len(timed) / wall,
-        "tokens_per_s": _real_tokens(timed) / wall,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-        "steps": len(seconds),
-        # CPU seconds of this process (all its threads): what other processes' load changes least.
-        "pairs_per_cpu_s": len(timed) / cpu,
-        "step_wall_s": [round(w, 4) for w, _ in seconds],
-        "step_cpu_s": [round(c, 4) for _, c in seconds],
+        "pairs_per_s": pairs / wall,
+        "tokens_per_s": tokens / wall,
+        "pairs_per_cpu_s": pairs / cpu,
+        "peak_rss_mb": clock["peak_rss_mb"],
+        "steps": work.steps,
+        "step_wall_s": [
+            round(after[0] - before[0], 4) for before, after in zip(timed, timed[1:], strict=False)
+        ],
     }
 
 
-def _lockstep_round(modes: list[str], work: Workload, cache: Path) -> list[dict[str, Any]]:
-    """Start one worker per mode, then run step k of every mode in turn (see :class:`StepGate`)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS=str(work.threads), TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
-    flags = [f"--{f.name.replace('_', '-')}={getattr(work, f.name)}" for f in dataclasses.fields(Workload)]
-    logs = {mode: tempfile.TemporaryFile(mode="w+") for mode in modes}
-    procs = {
-        mode: subprocess.Popen(
-            [sys.executable, __file__, "--worker", mode, "--lockstep", "--cache", str(cache), *flags],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=logs[mode],
-            text=True,
+def _run_once(mode: str, work: Workload, folder: Path) -> dict[str, Any]:
+    """Run ``mode`` once in a fresh process (nothing else of the benchmark alive) and read its clock."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{mode}-") as scratch_dir:
+        run = Run(folder=folder, scratch=Path(scratch_dir))
+        command = MODES[mode].command(work, run)
+        result = subprocess.run(
+            command, env=run_environment(work, run.scratch), cwd=run.scratch, capture_output=True, text=True
         )
-        for mode in modes
-    }
+        if result.returncode != 0 or not run.clock.exists():
+            sys.exit(f"mode {mode} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        out = summarize_run(
+            mode, work, json.loads((folder / "lengths.json").read_text()), json.loads(run.clock.read_text())
+        )
+        saved = list((run.scratch / "runs").glob("*/config.yaml"))
+        if saved:  # what the run recorded it used (auto resolved)
+            import yaml
 
-    def expect(mode: str, tag: str) -> str:
-        for line in procs[mode].stdout:  # other output (TRL prints its metrics) is skipped
-            if line.startswith(tag):
-                return line[len(tag) :].strip()
-        logs[mode].seek(0)
-        for other in procs.values():
-            other.kill()
-        sys.exit(f"mode {mode} failed:\n{logs[mode].read()[-4000:]}")
-
-    def go(mode: str) -> None:
-        procs[mode].stdin.write("go\n")
-        procs[mode].stdin.flush()
-
-    for mode in modes:  # every worker has loaded its model (and precomputed what it precomputes)
-        expect(mode, "@@ready")
-    for step in range(work.warmup + work.steps):
-        shift = step % len(modes)  # who goes first rotates
-        for mode in modes[shift:] + modes[:shift]:
-            if step:
-                expect(mode, "@@ready")
-            go(mode)
-            expect(mode, "@@done")
-    results = []
-    for mode in modes:  # only now may the workers tear down
-        go(mode)
-        results.append(json.loads(expect(mode, "@@result ")))
-        procs[mode].wait()
-    return results
+            out["batching"] = yaml.safe_load(saved[0].read_text())["model"]["batching"]
+        return out
 
 
 def _available(mode: str) -> bool:
@@ -489,48 +479,59 @@ def _available(mode: str) -> bool:
 
 
 def _summaries(runs: list[dict[str, Any]], modes: list[str], repeats: int) -> list[dict[str, Any]]:
-    """Per mode: medians over rounds, and ratios against baselines run beside it.
+    """Per mode: medians over rounds, and ratios against the baselines of the same rounds.
 
-    ``vs_<base>`` is the median over rounds and timed steps of ``base step time / mode step time``
-    for the same batch, run back to back (pairs/s ratio); ``cpu_vs_<base>`` the same with the
-    processes' CPU seconds; ``rss_vs_<base>`` the median ratio of peak RSS.
+    ``vs_<base>`` is the median over rounds of ``mode pairs/s / base pairs/s`` (both runs of that
+    round); ``cpu_vs_<base>`` the same with pairs per CPU second; ``rss_vs_<base>`` the median ratio
+    of peak RSS.
     """
     by_round = {(r["mode"], r["round"]): r for r in runs}
     out = []
     for mode in modes:
         mine = [by_round[(mode, k)] for k in range(repeats) if (mode, k) in by_round]
-        summary: dict[str, Any] = {"kind": "summary", "mode": mode, "description": MODES[mode].description}
+        if not mine:
+            continue
+        summary: dict[str, Any] = {"kind": "summary", "mode": mode}
+        if mode in MODES:
+            summary["description"] = MODES[mode].description
         for key in ("pairs_per_s", "tokens_per_s", "pairs_per_cpu_s", "peak_rss_mb"):
             summary[key] = round(statistics.median(r[key] for r in mine), 2)
         summary["steps"] = sum(r["steps"] for r in mine)
-        for base in ("sft", "padded", "trl_ipo", "trl_ipo_precompute"):
+        summary["rounds"] = len(mine)
+        for base in BASELINES:
             rounds = [k for k in range(repeats) if (mode, k) in by_round and (base, k) in by_round]
-            if base not in modes or not rounds:
+            if not rounds:
                 continue
-            for prefix, key in (("vs", "step_wall_s"), ("cpu_vs", "step_cpu_s")):
-                ratios = [
-                    theirs / mine
-                    for k in rounds
-                    for mine, theirs in zip(by_round[(mode, k)][key], by_round[(base, k)][key], strict=True)
-                ]
+            for prefix, key in (
+                ("vs", "pairs_per_s"),
+                ("cpu_vs", "pairs_per_cpu_s"),
+                ("rss_vs", "peak_rss_mb"),
+            ):
+                ratios = [by_round[(mode, k)][key] / by_round[(base, k)][key] for k in rounds]
                 summary[f"{prefix}_{base}"] = round(statistics.median(ratios), 3)
-            rss = [by_round[(mode, k)]["peak_rss_mb"] / by_round[(base, k)]["peak_rss_mb"] for k in rounds]
-            summary[f"rss_vs_{base}"] = round(statistics.median(rss), 3)
         out.append(summary)
     return out
 
 
+def round_order(modes: list[str], round_index: int) -> list[str]:
+    """The modes of round ``round_index``: every mode once, the first one rotating from round to round."""
+    shift = round_index % len(modes)
+    return modes[shift:] + modes[:shift]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse flags, prepare the workload once, run the modes round-robin in subprocesses, print JSON."""
+    """Parse flags, prepare the workload once, run the modes round-robin in fresh processes, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for field in dataclasses.fields(Workload):
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(field.default), default=field.default)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds, each with fresh worker processes")
+    parser.add_argument(
+        "--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from {', '.join(MODES)}"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="rounds, each running every mode once")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ipo_lightning_bench")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--summarize", type=Path, help="print summaries of the run lines of an earlier output"
     )
@@ -543,11 +544,14 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(summary))
         return
     work = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
+    if work.warmup < 1 or work.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (timing starts at the end of a warm-up step)")
     folder = prepare(work, args.cache)
     if args.worker:
-        print(
-            "@@result " + json.dumps(_worker(args.worker, work, folder, lockstep=args.lockstep)), flush=True
-        )
+        import torch
+
+        torch.manual_seed(work.seed)
+        WORKERS[args.worker](work, Run(folder=folder, scratch=args.scratch))
         return
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -561,7 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     modes = [m for m in modes if m not in skipped]
     runs = []
     for round_index in range(args.repeats):
-        for result in _lockstep_round(modes, work, args.cache):
+        for mode in round_order(modes, round_index):
+            result = _run_once(mode, work, folder)
             result.update(kind="run", round=round_index)
             runs.append(result)
             print(

@@ -18,6 +18,12 @@ rows). :func:`build_layout` rearranges them, per step, into what the model actua
   pair instead of twice. The rejected completion's first token is predicted by the prompt's last
   position, the same position that predicts the chosen completion's first token.
 
+``auto`` (the default of ``model.batching``) is resolved once at start-up by
+:func:`resolve_batching` to the fastest of these the models and their attention kernel support:
+``prefix_shared`` with sdpa/eager (or transformers' default kernel, one of the two),
+``padding_free`` with flash-attention, ``padded`` otherwise and for a model whose forward takes no
+``position_ids``.
+
 Every layout says where each completion token's log-prob sits in the model's output. The one forward
 of every completion score is :func:`layout_logits`: it asks the model for logits only where a
 completion token is predicted (``logits_to_keep``: an int window for padded rows, per-row position
@@ -33,11 +39,12 @@ references), the precompute pass (:mod:`ipo_lightning.precompute`) and the diver
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ipo_lightning.errors import ConfigError
@@ -45,6 +52,9 @@ from ipo_lightning.logprobs import token_logprobs
 
 Batching = Literal["padded", "padding_free", "prefix_shared"]
 BATCHING_CHOICES: tuple[str, ...] = get_args(Batching)
+BatchingOption = Literal["auto", "padded", "padding_free", "prefix_shared"]
+"""What ``model.batching`` accepts: a layout, or ``auto`` (see :func:`resolve_batching`)."""
+BATCHING_OPTIONS: tuple[str, ...] = get_args(BatchingOption)
 # prefix_shared needs a dense 4D mask: flash_attention_2 takes none, and flex_attention wants a
 # BlockMask (a 4D tensor through it crashed the process) and has no CPU backward in torch 2.13.
 PREFIX_SHARED_ATTENTION = ("sdpa", "eager")
@@ -111,8 +121,8 @@ def sequence_logps(sums: Tensor, counts: Tensor, *, length_normalize: bool) -> T
 # ---------------------------------------------------------------------------------------- checks
 
 
-def _forward_parameters(model: nn.Module) -> set[str]:
-    """Named parameters of the model's forward, looking through a PEFT wrapper (``**kwargs`` only)."""
+def _forward_parameters(model: nn.Module | type[nn.Module]) -> set[str]:
+    """Named parameters of a model's (or model class's) forward, looking through a PEFT wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return set(inspect.signature(inner.forward).parameters)
@@ -122,8 +132,8 @@ def _forward_parameters(model: nn.Module) -> set[str]:
 
 def check_batching_option(batching: str, attn_implementation: str | None) -> None:
     """Start-up check of ``model.batching`` against ``model.attn_implementation`` (one ConfigError)."""
-    if batching not in BATCHING_CHOICES:
-        raise ConfigError(f"model.batching must be one of {', '.join(BATCHING_CHOICES)}, got {batching!r}")
+    if batching not in BATCHING_OPTIONS:
+        raise ConfigError(f"model.batching must be one of {', '.join(BATCHING_OPTIONS)}, got {batching!r}")
     if batching == "prefix_shared" and attn_implementation is not None:
         if attn_implementation not in PREFIX_SHARED_ATTENTION:
             raise ConfigError(
@@ -148,6 +158,54 @@ def check_model_batching(model: nn.Module, batching: str) -> None:
         )
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     check_batching_option(batching, attn)
+
+
+@dataclass(frozen=True)
+class BatchingTarget:
+    """A model that will run the training layout: what :func:`resolve_batching` needs to know of it."""
+
+    name: str
+    """How the log line names it (its path or hub id)."""
+    model_class: type[nn.Module] | None
+    """Its class; None when its config does not say which class it is."""
+    attention: str | None
+    """Its attention kernel; None: transformers' default for the class (sdpa, else eager)."""
+
+
+def _supported_layouts(target: BatchingTarget) -> tuple[tuple[Batching, ...], str]:
+    """The layouts a model can run, best first, and why it cannot run the others."""
+    if target.model_class is None:
+        return ("padded",), "its config names no causal-LM class whose forward could be checked"
+    if "position_ids" not in _forward_parameters(target.model_class):
+        return ("padded",), f"{target.model_class.__name__}.forward takes no position_ids"
+    attention = target.attention
+    if attention is None or attention in PREFIX_SHARED_ATTENTION:
+        kernel = "transformers' default attention (sdpa or eager)" if attention is None else attention
+        return ("prefix_shared", "padding_free", "padded"), f"{kernel} takes the 4D prefix-sharing mask"
+    if attention in SINGLE_ROW_ATTENTION:
+        return ("padding_free", "padded"), f"{attention} takes no 4D mask, but packs rows without padding"
+    return ("padded",), f"attention {attention!r} is not known to run packed or prefix-shared rows exactly"
+
+
+def resolve_batching(batching: str, targets: Sequence[BatchingTarget]) -> Batching:
+    """The layout ``model.batching`` stands for: itself, or for ``auto`` the best one all ``targets`` run.
+
+    ``auto`` prefers ``prefix_shared`` (sdpa/eager: the prompt runs once per pair), then
+    ``padding_free`` (flash-attention: no padding), then ``padded`` (any model). Every candidate gives
+    the same log-probs, so the choice is one of speed only. It is logged as one INFO line naming
+    the deciding model and why. ``targets`` are the models that run the layout during training (the
+    policy, and a separately loaded reference).
+    """
+    if batching != "auto":
+        return batching  # type: ignore[return-value]  # checked by check_batching_option
+    supported = [(target, *_supported_layouts(target)) for target in targets]
+    for layout in ("prefix_shared", "padding_free", "padded"):
+        if all(layout in layouts for _, layouts, _ in supported):
+            break
+    # The deciding model: the first whose best layout is the one chosen (the most limited one).
+    target, _, reason = next(item for item in supported if item[1][0] == layout)
+    rank_zero_info(f"model.batching=auto: {layout} for {target.name} ({reason})")
+    return layout  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------- layouts

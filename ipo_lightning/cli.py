@@ -52,7 +52,12 @@ from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
 from ipo_lightning.errors import UserInputError
 from ipo_lightning.metrics_history import HistoryCSVLogger, MetricsHistory
-from ipo_lightning.module import DEFAULT_LR, PreferenceModule, default_length_normalize
+from ipo_lightning.module import (
+    DEFAULT_LR,
+    PreferenceModule,
+    default_length_normalize,
+    resolve_model_batching,
+)
 from ipo_lightning.reference import resolve_reference_strategy
 from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
 from ipo_lightning.run_folder import (
@@ -261,8 +266,15 @@ class PreferenceCLI(LightningCLI):
         check_optimizer(config.model.get("optimizer"))
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
-        config.model.reference = resolve_reference_strategy(
-            config.model.reference, uses_lora=config.model.lora is not None
+        model = config.model
+        model.reference = resolve_reference_strategy(model.reference, uses_lora=model.lora is not None)
+        model.batching = resolve_model_batching(
+            model.batching,
+            model_name_or_path=model.model_name_or_path,
+            reference_name_or_path=model.reference_name_or_path,
+            reference=model.reference,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.errors import ConfigError
@@ -36,6 +37,32 @@ def load_model_config(name_or_path: str, *, trust_remote_code: bool = False) -> 
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
+
+
+def causal_lm_class(
+    config: PretrainedConfig, *, trust_remote_code: bool = False
+) -> type[PreTrainedModel] | None:
+    """The class ``AutoModelForCausalLM.from_pretrained`` builds for ``config`` (no weights read), or None.
+
+    Remote code (``auto_map``) is only looked at with ``trust_remote_code``, as when loading; its module
+    is fetched and imported just as loading would.
+    """
+    class_ref = (getattr(config, "auto_map", None) or {}).get(AutoModelForCausalLM.__name__)
+    if class_ref is not None and trust_remote_code:
+        try:
+            return get_class_from_dynamic_module(class_ref, config._name_or_path)
+        except (OSError, ValueError, ImportError):
+            return None
+    mapping = AutoModelForCausalLM._model_mapping  # the registry from_pretrained itself reads
+    if type(config) not in mapping:
+        return None
+    classes = mapping[type(config)]
+    if not isinstance(classes, (list, tuple)):
+        return classes
+    # Several classes for one config: from_pretrained picks by config.architectures, else the first.
+    by_name = {model_class.__name__: model_class for model_class in classes}
+    named = [by_name[name] for name in getattr(config, "architectures", None) or [] if name in by_name]
+    return named[0] if named else classes[0]
 
 
 def check_context_size(config: PretrainedConfig, max_length: int | None) -> None:

@@ -23,7 +23,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from ipo_lightning.batching import Batching, batch_scores, check_batching_option, check_model_batching
+from ipo_lightning.batching import (
+    Batching,
+    BatchingOption,
+    BatchingTarget,
+    batch_scores,
+    check_batching_option,
+    check_model_batching,
+    resolve_batching,
+)
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.losses import LossType, check_loss_options, preference_loss, soft_labels_supported
@@ -31,6 +39,7 @@ from ipo_lightning.metrics import PreferenceMetrics, batch_values, metric_names
 from ipo_lightning.modeling import (
     AttnImplementation,
     DType,
+    causal_lm_class,
     check_context_size,
     load_causal_lm,
     load_model_config,
@@ -54,6 +63,40 @@ DEFAULT_LR = 1e-6
 def default_length_normalize(loss_type: str) -> bool:
     """IPO averages log-probs over completion tokens (as TRL and LLaMA-Factory do); DPO-family sums."""
     return loss_type == "ipo"
+
+
+def resolve_model_batching(
+    batching: BatchingOption,
+    *,
+    model_name_or_path: str,
+    reference_name_or_path: str | None,
+    reference: ReferenceStrategy,
+    attn_implementation: str | None,
+    trust_remote_code: bool = False,
+) -> Batching:
+    """``model.batching`` with ``auto`` resolved from the model configs (no weights read).
+
+    The models that run the training layout are the policy and, with ``reference: separate`` and
+    another path, the reference (a LoRA reference is the policy's base; a precomputed one does not
+    run during training). See :func:`~ipo_lightning.batching.resolve_batching`.
+    """
+    if batching != "auto":
+        return batching
+    paths = [model_name_or_path]
+    if reference == "separate" and reference_name_or_path not in (None, model_name_or_path):
+        paths.append(reference_name_or_path)
+    targets = []
+    for path in paths:
+        config = load_model_config(path, trust_remote_code=trust_remote_code)
+        targets.append(
+            BatchingTarget(
+                name=path,
+                model_class=causal_lm_class(config, trust_remote_code=trust_remote_code),
+                # from_pretrained's kernel: the option, else the config's own, else transformers' default.
+                attention=attn_implementation or getattr(config, "_attn_implementation", None),
+            )
+        )
+    return resolve_batching(batching, targets)
 
 
 class PreferenceModule(L.LightningModule):
@@ -90,6 +133,9 @@ class PreferenceModule(L.LightningModule):
         batching: how the pairs' rows run through policy and reference: ``padded`` rows,
             ``padding_free`` (packed rows, positions restarting per sequence) or ``prefix_shared`` (one
             row per pair, the prompt run once; sdpa/eager only). Same log-probs (see batching.py).
+            ``auto`` (default) resolves at start-up to the fastest the models support (prefix_shared
+            with sdpa/eager, padding_free with flash-attention, else padded); the resolved value is
+            logged and saved in the hyperparameters.
     """
 
     def __init__(
@@ -114,7 +160,7 @@ class PreferenceModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         max_length: int | None = None,
         logprob_chunk_size: int = 1024,
-        batching: Batching = "padded",
+        batching: BatchingOption = "auto",
     ) -> None:
         super().__init__()
         # Every option is checked here, at start-up, so a bad value never surfaces mid-training.
@@ -144,6 +190,15 @@ class PreferenceModule(L.LightningModule):
         # Fail fast on a wrong model path or a too long max_length: only the config is read here.
         self.model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
         check_context_size(self.model_config, max_length)
+        # Resolved before save_hyperparameters, so the run records the layout it used.
+        batching = resolve_model_batching(
+            batching,
+            model_name_or_path=model_name_or_path,
+            reference_name_or_path=reference_name_or_path,
+            reference=reference,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
         if length_normalize is None:
             # Resolved before save_hyperparameters so logged configs state the choice explicitly.
             length_normalize = default_length_normalize(loss_type)

@@ -62,6 +62,7 @@ from ipo_lightning import logprobs as logprobs_module
 from ipo_lightning.batching import Batching, batch_scores, check_model_batching
 from ipo_lightning.builtin import cache_root, resolve_model_path
 from ipo_lightning.data.collator import PairwiseCollator
+from ipo_lightning.data.datamodule import PreferenceDataModule
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.modeling import load_causal_lm
 from ipo_lightning.reference import REF_CHOSEN_COUNT, REF_CHOSEN_SUM, REF_REJECTED_COUNT, REF_REJECTED_SUM
@@ -297,31 +298,6 @@ def _gather_shards(trainer: L.Trainer, shard: Tensor, num_pairs: int) -> Tensor:
     return gathered.permute(1, 0, 2).reshape(-1, shard.shape[1])[:num_pairs]
 
 
-def _attach(dataset: datasets.Dataset, values: Tensor) -> datasets.Dataset:
-    """``dataset`` with the four reference columns (any older ones replaced)."""
-    stale = [name for name in COLUMNS if name in dataset.column_names]
-    if stale:
-        dataset = dataset.remove_columns(stale)
-    for index, name in enumerate(COLUMNS):
-        dataset = dataset.add_column(name, values[:, index].tolist())
-    return dataset
-
-
-def _stage_sets(datamodule: object, stage: str) -> list[tuple[str, datasets.Dataset, Callable]]:
-    """(label, dataset, setter) of every built set the stage evaluates or trains on."""
-    sets: list[tuple[str, datasets.Dataset, Callable]] = []
-    if stage == "fit" and datamodule.train_dataset is not None:
-        sets.append(("train", datamodule.train_dataset, lambda d: setattr(datamodule, "train_dataset", d)))
-    store_names = {"fit": "val_datasets", "validate": "val_datasets", "test": "test_datasets"}
-    store = getattr(datamodule, store_names.get(stage, "val_datasets"))
-    prefix = "test" if stage == "test" else "val"
-    for name, dataset in list(store.items()):
-        sets.append(
-            (f"{prefix}/{name}", dataset, lambda d, name=name, store=store: store.__setitem__(name, d))
-        )
-    return sets
-
-
 def prepare_precomputed_reference(
     trainer: L.Trainer, spec: ReferenceSpec, stage: str, *, chunk_size: int = 1024
 ) -> PrecomputeReport:
@@ -333,13 +309,13 @@ def prepare_precomputed_reference(
         ConfigError: the trainer's data module is not a PreferenceDataModule.
     """
     datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None or not hasattr(datamodule, "val_datasets") or not hasattr(datamodule, "collator"):
+    if not isinstance(datamodule, PreferenceDataModule):
         raise ConfigError(
             "model.reference=precomputed needs the data as a PreferenceDataModule (passed to the Trainer), "
             "whose sets it scores once before training"
         )
     report = PrecomputeReport()
-    sets = _stage_sets(datamodule, stage)
+    sets = datamodule.stage_sets(stage)
     if not sets:
         return report
     identity = reference_identity(spec.name_or_path)
@@ -348,7 +324,7 @@ def prepare_precomputed_reference(
     strategy = trainer.strategy
     model: nn.Module | None = None
     try:
-        for label, dataset, store in sets:
+        for label, dataset in sets.items():
             key = cache_key(identity, spec, precision, pairs_fingerprint(dataset))
             path = folder / f"{key}.safetensors"
             report.files[label] = path
@@ -372,7 +348,7 @@ def prepare_precomputed_reference(
                     f"({len(dataset) / max(elapsed, 1e-9):.1f} pairs/s, {trainer.world_size} process(es)), "
                     f"cached in {path}"
                 )
-            store(_attach(dataset, values))
+            datamodule.attach_columns(label, {name: values[:, i].tolist() for i, name in enumerate(COLUMNS)})
     finally:
         # The point of precomputing: training holds the policy only.
         del model

@@ -10,10 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from ipo_lightning.batching import (
     BATCHING_CHOICES,
+    BatchingTarget,
     batch_scores,
     build_layout,
     check_batching_option,
     check_model_batching,
+    resolve_batching,
 )
 from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.errors import ConfigError
@@ -144,7 +146,7 @@ def test_prefix_shared_with_an_unsuitable_attention_is_one_config_error(attn: st
 
 
 def test_unknown_batching_is_a_config_error() -> None:
-    expected = "model.batching must be one of padded, padding_free, prefix_shared, got 'packed'"
+    expected = "model.batching must be one of auto, padded, padding_free, prefix_shared, got 'packed'"
     with pytest.raises(ConfigError, match=expected):
         check_batching_option("packed", "sdpa")
 
@@ -162,3 +164,36 @@ def test_model_without_position_ids_is_a_config_error(batching: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         check_model_batching(_NoPositions(), batching)
     check_model_batching(_NoPositions(), "padded")
+
+
+# ------------------------------------------------------------------ auto
+
+
+@pytest.mark.parametrize(
+    ("attention", "expected"),
+    [
+        ("sdpa", "prefix_shared"),
+        ("eager", "prefix_shared"),
+        (None, "prefix_shared"),  # transformers' default kernel: sdpa, else eager
+        ("flash_attention_2", "padding_free"),
+        ("flash_attention_3", "padding_free"),
+        ("flex_attention", "padded"),
+    ],
+)
+def test_auto_resolves_to_the_fastest_layout_of_the_attention(attention: str | None, expected: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    target = BatchingTarget(name="llama", model_class=LlamaForCausalLM, attention=attention)
+    assert resolve_batching("auto", [target]) == expected
+    # An explicit choice is kept as it is (its own checks reject what does not fit).
+    assert resolve_batching("padded", [target]) == "padded"
+
+
+def test_auto_takes_the_best_layout_every_model_runs() -> None:
+    from transformers import LlamaForCausalLM
+
+    sdpa = BatchingTarget(name="policy", model_class=LlamaForCausalLM, attention="sdpa")
+    flash = BatchingTarget(name="reference", model_class=LlamaForCausalLM, attention="flash_attention_2")
+    assert resolve_batching("auto", [sdpa, flash]) == "padding_free"
+    unknown = BatchingTarget(name="reference", model_class=None, attention="sdpa")
+    assert resolve_batching("auto", [sdpa, unknown]) == "padded"

@@ -9,8 +9,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-from ipo_lightning.data.collator import PairwiseCollator
+import yaml
+from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,55 +27,103 @@ def bench() -> ModuleType:
         sys.modules.pop(spec.name, None)
 
 
-def test_registry_holds_the_issue_modes(bench) -> None:
-    assert {"sft", "padded", "padding_free", "prefix_shared", "trl_ipo", "trl_ipo_precompute"} <= set(
-        bench.MODES
-    )
-    assert bench.MODES["trl_ipo"].needs == "trl" and bench.MODES["padded"].needs is None
+def test_registry_holds_every_mode_and_the_default_list(bench) -> None:
+    expected = {"sft", "default", "padded", "padding_free", "prefix_shared", "precomputed"}
+    assert expected | {"trl_ipo", "trl_ipo_precompute"} <= set(bench.MODES)
+    assert set(bench.DEFAULT_MODES) <= set(bench.MODES) and set(bench.BASELINES) <= set(bench.DEFAULT_MODES)
+    assert bench.MODES["trl_ipo"].needs == "trl" and bench.MODES["default"].needs is None
 
 
-def test_workload_pairs_have_the_requested_lengths(bench, tmp_path: Path) -> None:
+def test_workload_pairs_are_text_of_the_requested_token_lengths(bench, tmp_path: Path) -> None:
     work = bench.Workload(hidden=32, layers=1, heads=2, vocab=600, prompt_max=12, completion_max=20, steps=1)
     folder = bench.prepare(work, tmp_path)
     config = json.loads((folder / "model" / "config.json").read_text())
-    pairs = json.loads((folder / "pairs.json").read_text())
     assert config["vocab_size"] == 600 and config["hidden_size"] == 32
-    assert len(pairs) == work.batch_size * (work.warmup + work.steps)
-    eos = config["eos_token_id"]
-    for pair in pairs:
-        assert 9 <= len(pair["prompt_ids"]) <= 12  # 25% jitter below the maximum
-        for key in ("chosen_ids", "rejected_ids"):
-            assert 15 <= len(pair[key]) <= 20 and pair[key][-1] == eos
+    pairs = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    lengths = json.loads((folder / "lengths.json").read_text())
+    assert len(pairs) == len(lengths) == work.batch_size * (work.warmup + work.steps)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    for pair, (prompt, chosen, rejected) in zip(pairs, lengths, strict=True):
+        encoded = [len(tokenizer(pair[k], add_special_tokens=False)["input_ids"]) for k in pair]
+        assert encoded == [prompt, chosen - 1, rejected - 1]  # completions: + EOS, as ipo_lightning adds it
+        # At most prompt_max / completion_max tokens; a whole word more can overshoot the lower bound.
+        assert 1 <= prompt <= 12 and 2 <= chosen <= 20 and 2 <= rejected <= 20
+        assert pair["chosen"].startswith(" ") and pair["rejected"].startswith(" ")
+    assert sum(prompt >= 9 for prompt, _, _ in lengths) >= len(lengths) // 2  # mostly within the jitter
+    assert bench.real_tokens(lengths[:2]) == sum(2 * p + c + r for p, c, r in lengths[:2])
     assert bench.prepare(work, tmp_path) == folder  # cached by the workload's key
-    # tokens_per_s counts the 2B sequences' real tokens: what the padded batch's attention mask holds.
-    batch = PairwiseCollator(pad_token_id=0)(pairs[:3])
-    assert bench._real_tokens(pairs[:3]) == int(batch["attention_mask"].sum())
 
 
-def test_summary_ratios_are_medians_of_step_by_step_ratios(bench) -> None:
-    # Two rounds of two timed steps; padded's step k runs beside sft's step k on the same batch.
-    sft_steps = [[1.0, 2.0], [4.0, 1.0]]
-    padded_steps = [[2.0, 2.0], [2.0, 4.0]]  # step-time ratios sft/padded: 0.5, 1.0, 2.0, 0.25
-    runs = []
-    for round_index in range(2):
-        for mode, steps in (("sft", sft_steps[round_index]), ("padded", padded_steps[round_index])):
-            wall = sum(steps)
-            runs.append(
-                {
-                    "mode": mode,
-                    "round": round_index,
-                    "pairs_per_s": 16 / wall,
-                    "tokens_per_s": 1600 / wall,
-                    "pairs_per_cpu_s": 8 / wall,
-                    "peak_rss_mb": 100.0 * wall,
-                    "steps": 2,
-                    "step_wall_s": steps,
-                    "step_cpu_s": [2 * t for t in steps],
-                }
-            )
-    summary = {s["mode"]: s for s in bench._summaries(runs, ["sft", "padded"], repeats=2)}
-    assert summary["padded"]["vs_sft"] == 0.75  # median of 0.25, 0.5, 1.0, 2.0
-    assert summary["padded"]["cpu_vs_sft"] == 0.75
-    assert summary["sft"]["vs_sft"] == 1.0 and summary["padded"]["steps"] == 4
-    assert summary["padded"]["pairs_per_s"] == round((16 / 4 + 16 / 6) / 2, 2)  # median over rounds
-    assert summary["padded"]["rss_vs_sft"] == round((4 / 3 + 6 / 5) / 2, 3)
+def test_cli_config_is_a_valid_fit_config(
+    bench, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ipo_lightning.cli import main
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as run_environment's PYTHONPATH does
+
+    work = bench.Workload(steps=5)
+    run = bench.Run(folder=tmp_path / "work", scratch=tmp_path / "scratch")
+    for batching, precomputed in ((None, False), ("padded", True)):
+        config = bench.cli_config(work, run, batching=batching, precomputed=precomputed)
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(path), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["batching"] == (batching or "auto")  # the default, unless a mode names one
+        assert printed["model"]["reference"] == ("precomputed" if precomputed else None)
+        assert printed["trainer"]["max_steps"] == 7 and printed["data"]["batch_size"] == 8
+        (clock,) = printed["trainer"]["callbacks"]
+        assert clock["class_path"] == "step_clock.LightningStepClock"
+        assert clock["init_args"]["out"] == str(run.clock)
+
+
+def test_a_run_is_timed_from_the_last_warm_up_step(bench) -> None:
+    work = bench.Workload(batch_size=4, warmup=2, steps=3)
+    lengths = [[10, 20, 30]] * 20  # 70 tokens per pair
+    marks = [[1.0, 10.0], [2.0, 11.0], [4.0, 13.0], [5.0, 15.0], [8.0, 17.0]]  # (wall, cpu) step ends
+    out = bench.summarize_run("m", work, lengths, {"marks": marks, "peak_rss_mb": 123.0})
+    assert out["pairs_per_s"] == 12 / (8.0 - 2.0) and out["pairs_per_cpu_s"] == 12 / (17.0 - 11.0)
+    assert out["tokens_per_s"] == 12 * 70 / 6.0 and out["peak_rss_mb"] == 123.0
+    assert out["step_wall_s"] == [2.0, 1.0, 3.0] and out["steps"] == 3
+    with pytest.raises(ValueError, match="m: 4 steps ran, expected 5"):
+        bench.summarize_run("m", work, lengths, {"marks": marks[:4], "peak_rss_mb": 1.0})
+
+
+def test_summary_ratios_are_medians_of_same_round_ratios(bench) -> None:
+    # Three rounds; padded against sft in each: pairs/s ratios 0.5, 2.0, 0.8 -> median 0.8.
+    speeds = {"sft": [4.0, 2.0, 5.0], "padded": [2.0, 4.0, 4.0]}
+    runs = [
+        {
+            "mode": mode,
+            "round": k,
+            "pairs_per_s": speed,
+            "tokens_per_s": 100 * speed,
+            "pairs_per_cpu_s": speed / 2,
+            "peak_rss_mb": 1000.0 + 100 * k + (50 if mode == "padded" else 0),
+            "steps": 5,
+        }
+        for mode, by_round in speeds.items()
+        for k, speed in enumerate(by_round)
+    ]
+    summary = {s["mode"]: s for s in bench._summaries(runs, ["sft", "padded"], repeats=3)}
+    assert summary["padded"]["vs_sft"] == 0.8 and summary["padded"]["cpu_vs_sft"] == 0.8
+    assert summary["padded"]["rss_vs_sft"] == round(
+        1150 / 1100, 3
+    )  # median of 1050/1000, 1150/1100, 1250/1200
+    assert summary["padded"]["pairs_per_s"] == 4.0 and summary["padded"]["steps"] == 15
+    assert summary["sft"]["vs_sft"] == 1.0 and "vs_trl_ipo" not in summary["padded"]
+    # A round a mode did not finish is left out of its ratios.
+    partial = [r for r in runs if (r["mode"], r["round"]) != ("padded", 2)]
+    assert bench._summaries(partial, ["sft", "padded"], repeats=3)[1]["vs_sft"] == round((0.5 + 2.0) / 2, 3)
+
+
+def test_rounds_run_every_mode_once_in_rotating_order(bench) -> None:
+    modes = ["a", "b", "c"]
+    assert [bench.round_order(modes, k) for k in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]

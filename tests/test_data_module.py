@@ -521,3 +521,40 @@ def test_unloadable_hub_id_names_the_dataset_and_split(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"^someorg/no-such-dataset \(split dev\): not a local file"):
         load_source(DataSource("someorg/no-such-dataset", split="dev"), cache_dir=str(tmp_path))
+
+
+def test_attach_columns_adds_per_pair_values_that_reach_the_batches(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from ipo_lightning.reference import PRECOMPUTED_KEYS
+
+    train = write_jsonl(tmp_path / "train.jsonl", plain_records(3))
+    val = write_jsonl(tmp_path / "val.jsonl", plain_records(2))
+    module = make_module(
+        tiny_model_dir,
+        tmp_path,
+        train=DataSource(str(train)),
+        val={"ood": DataSource(str(val))},
+        batch_size=3,
+    )
+    module.setup("fit")
+    assert list(module.stage_sets("fit")) == ["train", "val/ood"]
+    assert list(module.stage_sets("validate")) == ["val/ood"] and module.stage_sets("test") == {}
+    module.attach_columns("train", {"ref_chosen_logp_sum": [1.0, 2.0, 3.0]})
+    module.attach_columns("train", {"ref_chosen_logp_sum": [4.0, 5.0, 6.0]})  # replaced, not duplicated
+    assert module.train_dataset["ref_chosen_logp_sum"] == [4.0, 5.0, 6.0]
+    # The collator passes the reference columns once all four are there.
+    module.attach_columns(
+        "val/ood", {key: [float(i), float(i + 10)] for i, key in enumerate(PRECOMPUTED_KEYS)}
+    )
+    (batch,) = module.val_dataloader()[0]
+    assert [batch[key].tolist() for key in PRECOMPUTED_KEYS] == [
+        [0.0, 10.0],
+        [1.0, 11.0],
+        [2.0, 12.0],
+        [3.0, 13.0],
+    ]
+    with pytest.raises(KeyError, match="no built data set 'test/x'; built: train, val/ood"):
+        module.attach_columns("test/x", {"ref_chosen_logp_sum": [1.0]})
+    with pytest.raises(ValueError, match="train: column 'c' has 2 values for 3 pairs"):
+        module.attach_columns("train", {"c": [1.0, 2.0]})

@@ -105,13 +105,18 @@ def test_separate_lora_and_precomputed_give_the_same_loss(
 ) -> None:
     # Policy = base + low-rank update; reference = base. The LoRA module holds exactly that; the other
     # two hold the merged policy as plain weights and the base as their reference.
-    lora = _lora_module_with_random_adapters(tiny_model_dir, length_normalize=length_normalize)
+    # Padded rows throughout, as the precompute pass and the plain computation below run them: this
+    # compares the strategies (the layouts are compared with each other in test_batching*.py).
+    lora = _lora_module_with_random_adapters(
+        tiny_model_dir, length_normalize=length_normalize, batching="padded"
+    )
     policy_dir = tmp_path / "merged_policy"
     merged_copy(lora.policy).save_pretrained(policy_dir)
     common = {
         "reference_name_or_path": str(tiny_model_dir),
         "beta": BETA,
         "length_normalize": length_normalize,
+        "batching": "padded",
     }
     separate = PreferenceModule(str(policy_dir), reference="separate", **common)
     separate.configure_model()
@@ -140,7 +145,12 @@ def test_separate_lora_and_precomputed_give_the_same_loss(
 
     # LoRA policy with a precomputed reference (the base): the same adapters, the cached values.
     lora_precomputed = PreferenceModule(
-        str(tiny_model_dir), lora=LORA, reference="precomputed", beta=BETA, length_normalize=length_normalize
+        str(tiny_model_dir),
+        lora=LORA,
+        reference="precomputed",
+        beta=BETA,
+        length_normalize=length_normalize,
+        batching="padded",
     )
     lora_precomputed.configure_model()
     lora_precomputed.policy.load_state_dict(lora.policy.state_dict())

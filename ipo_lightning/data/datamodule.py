@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -193,6 +193,56 @@ class PreferenceDataModule(L.LightningDataModule):
         built += [(f"val/{name}", dataset) for name, dataset in self.val_datasets.items()]
         built += [(f"test/{name}", dataset) for name, dataset in self.test_datasets.items()]
         return [name for name, dataset in built if len(dataset) and _min_preference_prob(dataset) < 1.0]
+
+    def stage_sets(self, stage: str) -> dict[str, datasets.Dataset]:
+        """The built sets ``stage`` runs on, by label, in loader order.
+
+        ``fit``: ``train`` and ``val/<name>``; ``validate``: ``val/<name>``; ``test``: ``test/<name>``.
+        Sets not built yet (see ``setup``) are left out. The labels are those :meth:`attach_columns`
+        takes.
+        """
+        sets = {"train": self.train_dataset} if stage == "fit" and self.train_dataset is not None else {}
+        prefix, store = ("test", self.test_datasets) if stage == "test" else ("val", self.val_datasets)
+        sets.update({f"{prefix}/{name}": dataset for name, dataset in store.items()})
+        return sets
+
+    def attach_columns(self, label: str, columns: Mapping[str, Sequence[float]]) -> None:
+        """Give the built set ``label`` (see :meth:`stage_sets`) extra per-pair columns.
+
+        Each column holds one value per pair, in the set's row order; a column of the same name is
+        replaced. The collator passes the columns it knows into every batch: this is how a
+        precomputed reference's log-probs (``model.reference: precomputed``) travel with the pairs.
+
+        Raises:
+            KeyError: no built set has this label.
+            ValueError: a column's length is not the set's number of pairs.
+        """
+        kind, _, name = label.partition("/")
+        if label == "train" and self.train_dataset is not None:
+            dataset = self.train_dataset
+        elif kind in ("val", "test") and name in (store := getattr(self, f"{kind}_datasets")):
+            dataset = store[name]
+        else:
+            raise KeyError(f"no built data set {label!r}; built: {', '.join(self._built_labels()) or 'none'}")
+        for column, values in columns.items():
+            if len(values) != len(dataset):
+                raise ValueError(
+                    f"{label}: column {column!r} has {len(values)} values for {len(dataset)} pairs"
+                )
+        stale = [column for column in columns if column in dataset.column_names]
+        if stale:
+            dataset = dataset.remove_columns(stale)
+        for column, values in columns.items():
+            dataset = dataset.add_column(column, list(values))
+        if label == "train":
+            self.train_dataset = dataset
+        else:
+            store[name] = dataset
+
+    def _built_labels(self) -> list[str]:
+        labels = ["train"] if self.train_dataset is not None else []
+        labels += [f"val/{name}" for name in self.val_datasets]
+        return labels + [f"test/{name}" for name in self.test_datasets]
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
