@@ -1,15 +1,28 @@
-"""Small builders shared by tests: preference files and pairs with an obvious, learnable preference."""
+"""Builders shared by tests: preference pairs with an obvious, learnable preference, fit configs, and
+the environment and command line of a child ``python -m ipo_lightning`` process."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
+import yaml
 from lightning.pytorch.callbacks import Callback
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: configs/, scripts/ and benchmarks/ are read from here, and children import it."""
+# Set by launchers (torchrun, SLURM, Lightning's DDP); a child inheriting them would join another job.
+_LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 GOOD = ["thank you", "here is a clear answer", "please", "happy to help"]
 BAD = ["no", "figure it out yourself", "stupid question", "go away"]
@@ -107,3 +120,104 @@ class ScaleLogits(Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment of a child ``python -m ipo_lightning`` run: this checkout importable, W&B offline,
+    one thread, caches under ``tmp_path``, and no launcher variables inherited from the test process.
+    """
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SLURM_", "TORCHELASTIC_", "PL_")) and key not in _LAUNCH_VARS
+    }
+    # An earlier in-process W&B run leaves its service's address here; a child would share that
+    # service, which still counts the first launch's run as active ("run ID ... is in use").
+    env.pop("WANDB_SERVICE", None)
+    env.update(
+        WANDB_MODE="offline",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        HF_DATASETS_CACHE=str(tmp_path / "hf_cache"),
+        WANDB_DIR=str(tmp_path / "wandb"),
+    )
+    env.update(extra)
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    """``python -m ipo_lightning ARGS`` with this interpreter, as a user runs it."""
+    return [sys.executable, "-m", "ipo_lightning", *args]
+
+
+def run_cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m ipo_lightning ARGS`` to the end in :func:`subprocess_env`, output captured.
+
+    The child leads its own process group, so on timeout the whole group dies (DDP's second rank is
+    a child of the first) and the test fails instead of hanging.
+    """
+    command = cli_command(*args)
+    process = subprocess.Popen(
+        command,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{' '.join(args)} did not finish within {timeout} s")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in: mappings key by key, everything else replaced."""
+    result = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def fit_config(
+    tmp_path: Path, model_dir: Path, train: Path, val: Mapping[str, Path] | None = None, **sections: Any
+) -> dict[str, Any]:
+    """A small CPU fit config of the tiny model on ``train`` (and named ``val`` sets), seed 0, runs
+    under ``tmp_path/runs``; each keyword is a config section merged over these defaults."""
+    data: dict[str, Any] = {"train": {"path": str(train)}, "max_length": 64, "max_prompt_length": 32}
+    if val:
+        data["val"] = {name: {"path": str(path)} for name, path in val.items()}
+    base = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(tmp_path / "runs"),
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+        },
+        "model": {"model_name_or_path": str(model_dir)},
+        "data": data,
+    }
+    return merged(base, sections)
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run the CLI in this process as ``python -m ipo_lightning ARGS``: its exit code and stderr."""
+    from ipo_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code or 0), capsys.readouterr().err
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    """Write ``config`` as YAML to ``path`` and return ``path``."""
+    path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
+    return path

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

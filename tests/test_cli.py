@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,66 +14,39 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipo_lightning.cli import main
 from ipo_lightning.metrics import metric_names
-from tests.helpers import polite_pairs, write_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, fit_config, polite_pairs, run_cli, run_main, write_config, write_jsonl
 
 
-def _config(tmp_path: Path, model_dir: Path, train: Path, **data_overrides) -> Path:
+def _config(tmp_path: Path, model_dir: Path, train: Path, **data_overrides: object) -> Path:
+    """Six steps of IPO with two named val sets and two test sets, validating every 3 steps."""
     val_a = write_jsonl(tmp_path / "val_a.jsonl", polite_pairs(6, offset=100))
     val_b = write_jsonl(tmp_path / "val_b.jsonl", polite_pairs(4, offset=200))
-    data = {
-        "train": {"path": str(train)},
-        "val": {"in_dist": {"path": str(val_a)}, "ood": {"path": str(val_b)}},
-        "test": {"held_out": {"path": str(val_a)}, "shifted": {"path": str(val_b)}},
-        "max_length": 64,
-        "max_prompt_length": 32,
-        "batch_size": 4,
-    }
-    data.update(data_overrides)
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(tmp_path / "runs"),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 6,
-            "val_check_interval": 3,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-        },
-        "model": {
-            "model_name_or_path": str(model_dir),
+    config = fit_config(
+        tmp_path,
+        model_dir,
+        train,
+        {"in_dist": val_a, "ood": val_b},
+        trainer={"max_steps": 6, "val_check_interval": 3},
+        model={
             "loss_type": "ipo",
             "beta": 0.5,
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
         },
-        "data": data,
-        "divergence": {"sample_prompts": 2, "max_new_tokens": 8},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _fit_subprocess(tmp_path: Path, config: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m ipo_lightning fit --config CONFIG`` as a user runs it, W&B offline."""
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_cache")
-    return subprocess.run(
-        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        data={
+            "test": {"held_out": {"path": str(val_a)}, "shifted": {"path": str(val_b)}},
+            "batch_size": 4,
+            **data_overrides,
+        },
+        divergence={"sample_prompts": 2, "max_new_tokens": 8},
     )
+    return write_config(tmp_path / "config.yaml", config)
 
 
 @pytest.mark.slow
 def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, tiny_model_dir: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
     config = _config(tmp_path, tiny_model_dir, train)
-    result = _fit_subprocess(tmp_path, config)
+    result = run_cli(tmp_path, "fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "version_0"
 
@@ -148,19 +118,13 @@ def test_bad_data_exits_with_one_line_and_no_traceback(tmp_path: Path, tiny_mode
     lines[3] = '{"prompt": "hi", "chosen": "ok",'  # truncated record on line 4
     train.write_text("\n".join(lines) + "\n")
     config = _config(tmp_path, tiny_model_dir, train)
-    result = _fit_subprocess(tmp_path, config)
+    result = run_cli(tmp_path, "fit", "--config", str(config))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "train.jsonl:4" in error_lines[0]
     # Nothing was written: not even an empty run folder.
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-
-
-def _run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return int(exit_info.value.code), capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -183,7 +147,7 @@ def test_bad_records_name_file_record_and_field(
     # The bad record comes after three good ones.
     expected = [part.replace("record 0", "record 3") for part in expected]
     config = _config(tmp_path, tiny_model_dir, train, **overrides)
-    code, err = _run_main(["fit", "--config", str(config), "--trainer.logger", "false"], capsys)
+    code, err = run_main(["fit", "--config", str(config), "--trainer.logger", "false"], capsys)
     assert code == 2
     message = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(message) == 1
@@ -230,7 +194,7 @@ def test_bad_data_bytes_and_turns_name_file_line_and_field(
         bad_at = data.index(b"lovely", start) + 3
         train.write_bytes(data[:bad_at] + b"\xe9" + data[bad_at + 1 :])
     config = _config(tmp_path, model_dir, train)
-    code, err = _run_main(["fit", "--config", str(config), "--trainer.logger", "false"], capsys)
+    code, err = run_main(["fit", "--config", str(config), "--trainer.logger", "false"], capsys)
     assert code == 2 and "Traceback" not in err
     message = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(message) == 1, err[-2000:]
@@ -261,7 +225,7 @@ def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture[str])
 def test_fit_without_training_data_names_the_option(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(3))
     config = _config(tmp_path, tiny_model_dir, train)
-    code, err = _run_main(
+    code, err = run_main(
         ["fit", "--config", str(config), "--data.train", "null", "--trainer.logger", "false"], capsys
     )
     assert code == 2
@@ -308,7 +272,7 @@ def test_bad_settings_fail_at_start_with_one_line(
     config = _config(tmp_path, tiny_model_dir, train)
     same = write_jsonl(tmp_path / "same.jsonl", [dict(r, rejected=r["chosen"]) for r in polite_pairs(4)])
     args = [arg.replace("{soft}", str(soft)).replace("{same}", str(same)) for arg in args]
-    code, err = _run_main(["fit", "--config", str(config), *args], capsys)
+    code, err = run_main(["fit", "--config", str(config), *args], capsys)
     assert code == 2
     message = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(message) == 1 and expected in message[0], err[-2000:]
@@ -321,6 +285,6 @@ def test_bad_settings_fail_at_start_with_one_line(
 def test_unknown_config_key_is_rejected(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(3))
     config = _config(tmp_path, tiny_model_dir, train)
-    code, err = _run_main(["fit", "--config", str(config), "--model.betta", "0.2"], capsys)
+    code, err = run_main(["fit", "--config", str(config), "--model.betta", "0.2"], capsys)
     assert code == 2
     assert "betta" in err and "Traceback" not in err

@@ -5,11 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,9 +30,16 @@ from ipo_lightning.analysis.report import recommend, summarize, write_report
 from ipo_lightning.analysis.run_logs import load_run
 from ipo_lightning.cli import main
 from ipo_lightning.errors import ConfigError
-from tests.helpers import polite_pairs, write_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import (
+    REPO,
+    cli_command,
+    fit_config,
+    polite_pairs,
+    run_cli,
+    subprocess_env,
+    write_config,
+    write_jsonl,
+)
 
 
 def _last_logged(metrics_csv: Path, column: str) -> float:
@@ -48,34 +53,20 @@ def _fit_config(tmp_path: Path, model_dir: Path) -> Path:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
     val_a = write_jsonl(tmp_path / "val_a.jsonl", polite_pairs(6, offset=100))
     val_b = write_jsonl(tmp_path / "val_b.jsonl", polite_pairs(4, offset=200))
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 4,
-            "val_check_interval": 2,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_checkpointing": False,
-        },
-        "model": {
-            "model_name_or_path": str(model_dir),
-            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
-        },
-        "data": {
-            "train": {"path": str(train)},
-            "val": {"in_dist": {"path": str(val_a)}, "ood": {"path": str(val_b)}},
-            "max_length": 64,
-            "max_prompt_length": 32,
-            "batch_size": 4,
-        },
-        "divergence": {"every_n_steps": 2, "sample_prompts": 0},
-        "export": {"enabled": False},
-        "wandb": {"enabled": False},
-    }
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    config = fit_config(
+        tmp_path,
+        model_dir,
+        train,
+        {"in_dist": val_a, "ood": val_b},
+        trainer={"max_steps": 4, "val_check_interval": 2, "enable_checkpointing": False},
+        model={"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}},
+        data={"batch_size": 4},
+        divergence={"every_n_steps": 2, "sample_prompts": 0},
+        export={"enabled": False},
+        wandb={"enabled": False},
+    )
+    del config["trainer"]["default_root_dir"]  # compare gives every member its own
+    return write_config(tmp_path / "fit.yaml", config)
 
 
 @pytest.mark.slow
@@ -320,14 +311,7 @@ def test_compare_checks_every_member_before_training(tmp_path: Path, tiny_model_
         "members": {"good": {"model.beta": 0.5}, "typo": {"model.betta": 0.5}},
     }
     spec_file.write_text(yaml.safe_dump(spec))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "ipo_lightning", "compare", "--config", str(spec_file)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = run_cli(tmp_path, "compare", "--config", str(spec_file))
     assert result.returncode == 2
     assert "error: compare member 'typo'" in result.stderr and "betta" in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing trained
@@ -408,17 +392,17 @@ def test_judge_refuses_a_reward_model_with_only_pickled_weights(
 
 
 @pytest.mark.slow
-def test_sweep_file_parameters_are_fit_options() -> None:
+def test_sweep_file_parameters_are_fit_options(tmp_path: Path) -> None:
     sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "quickstart-beta.yaml").read_text())
     assert sweep["command"][-1] == "${args}"
     point = [f"--{name}={spec['values'][0]}" for name, spec in sweep["parameters"].items()]  # W&B's form
     fixed = [part for part in sweep["command"][2:-1] if part not in ("-m", "ipo_lightning")]
     result = subprocess.run(
-        [sys.executable, "-m", "ipo_lightning", *fixed, *point, "--print_config"],
+        cli_command(*fixed, *point, "--print_config"),
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=subprocess_env(tmp_path),
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -11,24 +11,28 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
 from ipo_lightning.run_folder import WANDB_ID_FILE
-from tests.helpers import polite_pairs, write_jsonl
+from tests.helpers import (
+    REPO,
+    cli_command,
+    fit_config,
+    polite_pairs,
+    subprocess_env,
+    write_config,
+    write_jsonl,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 PAIRS, GLOBAL_BATCH, MAX_STEPS = 16, 4, 8  # 4 optimizer steps per epoch, 2 epochs
 DEADLINE_S = 240
-LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
 def _free_port() -> int:
@@ -37,67 +41,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("SLURM_", "TORCHELASTIC_", "PL_")) and key not in LAUNCH_VARS
-    }
-    # An earlier in-process W&B run leaves its service's address here; a child would share that
-    # service, which still counts the first launch's run as active ("run ID ... is in use").
-    env.pop("WANDB_SERVICE", None)
-    env.update(
-        WANDB_MODE="offline",
-        PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="1",
-        HF_DATASETS_CACHE=str(tmp_path / "hf_cache"),
-        WANDB_DIR=str(tmp_path / "wandb"),
-    )
-    env.update(extra)
-    return env
-
-
 def _config(tmp_path: Path, model_dir: Path, *, per_rank_batch: int, wandb: bool = False, pace: bool = False):
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(PAIRS))
     callbacks = []
     if pace:
         marker = str(tmp_path / "steps.txt")
         callbacks.append({"class_path": "tests.helpers.StepPacer", "init_args": {"marker": marker}})
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(tmp_path / "runs"),
-            "accelerator": "cpu",
+    config = fit_config(
+        tmp_path,
+        model_dir,
+        train,
+        trainer={
             "max_steps": MAX_STEPS,
             "max_epochs": 2,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
             "enable_model_summary": False,
             "callbacks": callbacks,
         },
-        "model": {
-            "model_name_or_path": str(model_dir),
+        model={
             "beta": 0.5,
             # Plain SGD: Adam's normalisation would blow float noise in near-zero gradients up to lr.
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
             "warmup_ratio": 0.0,
         },
-        "data": {
-            "train": {"path": str(train)},
-            "max_length": 48,
-            "max_prompt_length": 24,
-            "batch_size": per_rank_batch,
-        },
-        "divergence": {"enabled": False},
-        "wandb": {"enabled": wandb},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+        data={"max_length": 48, "max_prompt_length": 24, "batch_size": per_rank_batch},
+        divergence={"enabled": False},
+        wandb={"enabled": wandb},
+    )
+    del config["trainer"]["devices"]  # each test says how many processes
+    return write_config(tmp_path / "config.yaml", config)
 
 
 def _command(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config), *args]
+    return cli_command("fit", "--config", str(config), *args)
 
 
 class Processes:
@@ -170,7 +145,8 @@ def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
     config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH)
     tracker = Processes()
     try:
-        _run(tracker, _command(config, "--trainer.devices", "1"), _env(tmp_path), tmp_path / "log.txt")
+        command = _command(config, "--trainer.devices", "1")
+        _run(tracker, command, subprocess_env(tmp_path), tmp_path / "log.txt")
     finally:
         tracker.close()
     return tmp_path / "runs" / "version_0"
@@ -183,7 +159,7 @@ def test_ddp_two_processes_match_one_process(
     """2 ranks x batch 2 through the CLI = 1 process x batch 4: loss per step and final weights."""
     config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
     args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    _run(processes, _command(config, *args), _env(tmp_path), tmp_path / "log.txt")
+    _run(processes, _command(config, *args), subprocess_env(tmp_path), tmp_path / "log.txt")
     runs = sorted((tmp_path / "runs").iterdir())
     assert [run.name for run in runs] == ["version_0"]  # one folder for both ranks: no version race
     run_dir = runs[0]
@@ -208,7 +184,7 @@ def test_fsdp_two_processes_match_one_process(
     config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
     fsdp = str(REPO / "configs" / "strategy" / "fsdp.yaml")
     args = ["--config", fsdp, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
-    _run(processes, _command(config, *args), _env(tmp_path), tmp_path / "log.txt")
+    _run(processes, _command(config, *args), subprocess_env(tmp_path), tmp_path / "log.txt")
     run_dir = tmp_path / "runs" / "version_0"
     # The checkpoint holds the full policy in one file (gathered), and no reference.
     (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")
@@ -234,14 +210,14 @@ def test_ddp_bad_record_stops_every_rank_with_one_line(
         handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
     args = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
     log = tmp_path / "log.txt"
-    process = processes.start(_command(config, *args), _env(tmp_path), log)
+    process = processes.start(_command(config, *args), subprocess_env(tmp_path), log)
     assert processes.wait(process, log, time.monotonic() + DEADLINE_S) == 2
     errors = {line for line in log.read_text().splitlines() if line.startswith("error:")}
     assert len(errors) == 1 and "record 16" in errors.pop() and "Traceback" not in log.read_text()
 
 
 def _slurm_env(tmp_path: Path, rank: int, port: int, fake_bin: Path) -> dict[str, str]:
-    return _env(
+    return subprocess_env(
         tmp_path,
         SLURM_NTASKS="2",
         SLURM_PROCID=str(rank),
@@ -332,7 +308,7 @@ def test_sbatch_script_launches_one_task_per_gpu_with_requeue(tmp_path: Path) ->
     (fake_bin / "scontrol").write_text("#!/bin/sh\necho node7\n")  # `scontrol show hostnames`
     for tool in fake_bin.iterdir():
         tool.chmod(0o755)
-    env = _env(
+    env = subprocess_env(
         tmp_path,
         PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
         SLURM_JOB_ID="777",

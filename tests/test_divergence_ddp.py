@@ -4,38 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import polite_pairs, write_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 300
+from tests.helpers import polite_pairs, run_cli, write_config, write_jsonl
 
 
 def _run_fit(tmp_path: Path, config: Path, *extra: str) -> None:
-    """``python -m ipo_lightning fit``, bounded in time; the whole process group dies on timeout."""
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_cache")
-    command = [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config), *extra]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # DDP's second rank is a child of the first
-        process.communicate()
-        pytest.fail(f"fit did not finish within {TIMEOUT_S} s: {' '.join(extra)}")
-    assert process.returncode == 0, output[-3000:]
+    result = run_cli(tmp_path, "fit", "--config", str(config), *extra)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
 
 def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -73,8 +53,7 @@ def test_ddp_shards_the_measurement_and_logs_what_one_process_logs(
         },
         "export": {"enabled": False},
     }
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_config(tmp_path / "config.yaml", config)
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     _run_fit(tmp_path, config_path, "--trainer.default_root_dir", str(single), "--trainer.devices", "1")
     _run_fit(

@@ -5,17 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ipo_lightning.callbacks.export import HFExport
@@ -23,9 +18,15 @@ from ipo_lightning.callbacks.nonfinite import NonFiniteGuard, TrainingDiverged
 from ipo_lightning.cli import main
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.module import PreferenceModule
-from tests.helpers import ScaleLogits, polite_pairs, quiet_trainer, write_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import (
+    ScaleLogits,
+    fit_config,
+    polite_pairs,
+    quiet_trainer,
+    run_cli,
+    write_config,
+    write_jsonl,
+)
 
 
 def _module(tiny_model_dir: Path, optimizer=None) -> PreferenceModule:
@@ -162,51 +163,34 @@ def test_loss_jump_is_warned_about_once(tmp_path: Path, tiny_model_dir: Path) ->
 
 def _fit_config(tmp_path: Path, model_dir: Path, lr: float, **trainer: object) -> Path:
     """A quickstart-like run (best/last checkpoints on val/loss, export) on the tiny model."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(tmp_path / "runs"),
-            "accelerator": "cpu",
-            "devices": 1,
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(32))
+    val = write_jsonl(tmp_path / "val.jsonl", polite_pairs(4, offset=100))
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"monitor": "val/loss", "mode": "min", "filename": "best", "save_last": True},
+    }
+    config = fit_config(
+        tmp_path,
+        model_dir,
+        train,
+        {"held_out": val},
+        trainer={
             "max_steps": 30,
             "val_check_interval": 0.125,  # every batch (32 pairs in batches of 4)
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "monitor": "val/loss",
-                        "mode": "min",
-                        "filename": "best",
-                        "save_last": True,
-                    },
-                }
-            ],
+            "callbacks": [checkpoint],
             **trainer,
         },
-        "model": {
-            "model_name_or_path": str(model_dir),
+        model={
             "beta": 0.5,
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}},
             "lr_schedule": "cosine",
             "warmup_ratio": 0.05,
         },
-        "data": {
-            "train": {"path": str(write_jsonl(tmp_path / "train.jsonl", polite_pairs(32)))},
-            "val": {
-                "held_out": {"path": str(write_jsonl(tmp_path / "val.jsonl", polite_pairs(4, offset=100)))}
-            },
-            "max_length": 64,
-            "max_prompt_length": 32,
-            "batch_size": 4,
-        },
-        "divergence": {"enabled": False},
-        "wandb": {"enabled": False},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+        data={"batch_size": 4},
+        divergence={"enabled": False},
+        wandb={"enabled": False},
+    )
+    return write_config(tmp_path / "config.yaml", config)
 
 
 @pytest.mark.slow
@@ -244,20 +228,12 @@ def test_ddp_every_process_stops_at_the_step_one_process_diverged(
     """Only rank 1's loss is NaN: both processes stop at that step (none waits forever), exit 1."""
     config = _fit_config(tmp_path, tiny_model_dir, lr=1e-3, max_steps=4, strategy="ddp", devices=2)
     callbacks = [{"class_path": "tests.helpers.ScaleLogits", "init_args": {"steps": [2], "ranks": [1]}}]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)]
-    command += ["--trainer.callbacks+", json.dumps(callbacks[0])]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    result = run_cli(
+        tmp_path, "fit", "--config", str(config), "--trainer.callbacks+", json.dumps(callbacks[0])
     )
-    try:
-        _, err = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the second rank is a child of the first
-        process.communicate()
-        pytest.fail("a DDP run with one diverged process hung")
+    err = result.stderr  # a hang fails the test in run_cli
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert process.returncode == 1, err[-3000:]
+    assert result.returncode == 1, err[-3000:]
     assert errors == [
         "error: training diverged at step 2: train/loss is nan on 1 of 2 processes and the gradients are "
         "not finite on 2 of 2 processes; stopped before saving it, nothing exported, checkpoints on disk "

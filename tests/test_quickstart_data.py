@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "make_quickstart_data.py"
-SHIPPED = ROOT / "ipo_lightning" / "quickstart"
+from tests.helpers import REPO
+
+SCRIPT = REPO / "scripts" / "make_quickstart_data.py"
+SHIPPED = REPO / "ipo_lightning" / "quickstart"
 SPLITS = ("train", "val", "ood")
 KEYS = ["prompt", "chosen", "rejected"]
 
@@ -45,9 +46,9 @@ def test_generator_is_deterministic(generated: Path, tmp_path: Path) -> None:
 def test_shipped_files_match_generator(generated: Path) -> None:
     for split in SPLITS:
         shipped = SHIPPED / f"{split}.jsonl"
-        assert shipped.is_file(), f"missing {shipped}; run python {SCRIPT.relative_to(ROOT)}"
+        assert shipped.is_file(), f"missing {shipped}; run python {SCRIPT.relative_to(REPO)}"
         assert shipped.read_bytes() == (generated / f"{split}.jsonl").read_bytes(), (
-            f"{shipped.name} is out of date; rerun python {SCRIPT.relative_to(ROOT)}"
+            f"{shipped.name} is out of date; rerun python {SCRIPT.relative_to(REPO)}"
         )
 
 

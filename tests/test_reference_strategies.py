@@ -23,7 +23,7 @@ from ipo_lightning.module import PreferenceModule
 from ipo_lightning.precompute import longest_first
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import polite_pairs, quiet_trainer, write_jsonl
+from tests.helpers import polite_pairs, quiet_trainer, run_cli, write_config, write_jsonl
 
 LORA = LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
 BETA = 0.5
@@ -446,12 +446,6 @@ def test_precomputed_cache_is_reused_and_rebuilt_when_data_or_reference_change(
 @pytest.mark.slow
 def test_precomputed_under_ddp_writes_the_complete_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Two gloo processes through the CLI: each scores half, and the file holds every pair's values."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(9))  # odd: the shards differ in size
     val = write_jsonl(tmp_path / "val.jsonl", polite_pairs(5, offset=40))
     cache = tmp_path / "cache"
@@ -480,15 +474,8 @@ def test_precomputed_under_ddp_writes_the_complete_cache(tmp_path: Path, tiny_mo
         "wandb": {"enabled": False},
         "export": {"enabled": False},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(tmp_path / "config.yaml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    config_path = write_config(tmp_path / "config.yaml", config)
+    result = run_cli(tmp_path, "fit", "--config", str(config_path), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pairs/s, 2 process(es)" in result.stderr + result.stdout
     assert "no reference model in memory" in result.stderr  # the divergence monitor says why it is off

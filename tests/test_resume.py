@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +28,8 @@ from ipo_lightning.module import PreferenceModule
 from ipo_lightning.resume import RNGStateCheckpoint, checkpoint_problem, find_resume_checkpoint
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import polite_pairs, write_jsonl
+from tests.helpers import cli_command, polite_pairs, subprocess_env, write_config, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 PAIRS, BATCH, EPOCHS = 12, 4, 2  # 3 batches per epoch, 6 optimizer steps
 
 
@@ -316,17 +314,13 @@ def _cli_config(tmp_path: Path, model_dir: Path, root: Path) -> Path:
         "run": {"name": "run"},
     }
     root.mkdir(parents=True)
-    path = root.parent / f"{root.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(root.parent / f"{root.name}.yaml", config)
 
 
 def _fit_cli(config: Path, tmp_path: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_cache")
     return subprocess.Popen(
-        [sys.executable, "-m", "ipo_lightning", "fit", "--config", str(config)],
-        env=env,
+        cli_command("fit", "--config", str(config)),
+        env=subprocess_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -19,9 +19,8 @@ from ipo_lightning.cli import main
 from ipo_lightning.distributed import PreferenceFSDPStrategy
 from ipo_lightning.module import PreferenceModule
 from ipo_lightning.reference import FrozenReference
-from tests.helpers import polite_pairs, write_jsonl
+from tests.helpers import REPO, fit_config, polite_pairs, run_main, write_config, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 STRATEGY_CONFIGS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
 EXPECTED_CLASS = {
     "ddp.yaml": "lightning.pytorch.strategies.DDPStrategy",
@@ -55,22 +54,10 @@ def test_strategy_config_composes_with_training_configs(
     assert printed["model"]["model_name_or_path"] == trained["model"]["model_name_or_path"]
 
 
-def _run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return int(exit_info.value.code), capsys.readouterr().err
-
-
 def _tiny_config(tmp_path: Path, model_dir: Path) -> Path:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(4))
-    config = {
-        "trainer": {"default_root_dir": str(tmp_path / "runs"), "logger": False},
-        "model": {"model_name_or_path": str(model_dir)},
-        "data": {"train": {"path": str(train)}, "max_length": 48, "max_prompt_length": 24},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    config = fit_config(tmp_path, model_dir, train, trainer={"logger": False})
+    return write_config(tmp_path / "config.yaml", config)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +71,7 @@ def _tiny_config(tmp_path: Path, model_dir: Path) -> Path:
 def test_strategies_that_break_the_reference_are_refused_by_name(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
 ) -> None:
-    code, err = _run_main(["fit", "--config", str(_tiny_config(tmp_path, tiny_model_dir)), *args], capsys)
+    code, err = run_main(["fit", "--config", str(_tiny_config(tmp_path, tiny_model_dir)), *args], capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err
@@ -96,7 +83,7 @@ def test_deepspeed_config_without_deepspeed_is_one_clear_error(
 ) -> None:
     config = _tiny_config(tmp_path, tiny_model_dir)
     zero3 = str(REPO / "configs" / "strategy" / "deepspeed_zero3.yaml")
-    code, err = _run_main(["fit", "--config", str(config), "--config", zero3], capsys)
+    code, err = run_main(["fit", "--config", str(config), "--config", zero3], capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "needs the deepspeed package" in lines[0] and "trainer.strategy" in lines[0]
