@@ -281,21 +281,25 @@ def test_a_failed_report_leaves_the_previous_report_whole(tmp_path: Path) -> Non
     assert first == report_dir / "report.md" and "| b |" in first.read_text()
     before = {path.name: path.read_bytes() for path in report_dir.iterdir()}
 
-    # A newer run of b whose KL is infinite: summary.json cannot hold it, after report.md is written.
-    time.sleep(0.01)
-    _member_run(spec, "b", math.inf)
-    with pytest.raises(ValueError, match="not JSON compliant"):
-        write_compare_report(spec)
-    assert {path.name: path.read_bytes() for path in report_dir.iterdir()} == before
-    assert sorted(path.name for path in report_dir.parent.iterdir()) == ["a", "b", "report"]
-
-    # A writer that fails on a first report: no report folder at all.
-    fresh = tmp_path / "fresh"
-
     def half_then_fail(folder: Path) -> Path:
         (folder / "report.md").write_text("half")
         raise OSError("disk full")
 
+    # A writer that fails half-way over an existing report: the previous one stays whole.
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomically(report_dir, half_then_fail)
+    assert {path.name: path.read_bytes() for path in report_dir.iterdir()} == before
+    assert sorted(path.name for path in report_dir.parent.iterdir()) == ["a", "b", "report"]
+
+    # A newer run of b whose KL is infinite: summary.json (strict JSON) holds null, report.md inf.
+    time.sleep(0.01)
+    _member_run(spec, "b", math.inf)
+    write_compare_report(spec)
+    runs = {run["name"]: run for run in json.loads((report_dir / "summary.json").read_text())["runs"]}
+    assert runs["b"]["kl"] is None and "inf" in (report_dir / "report.md").read_text()
+
+    # A writer that fails on a first report: no report folder at all.
+    fresh = tmp_path / "fresh"
     with pytest.raises(OSError, match="disk full"):
         write_folder_atomically(fresh, half_then_fail)
     assert list(tmp_path.iterdir()) == [tmp_path / "runs"]

@@ -245,8 +245,10 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
 
 
 def _json_safe(value: Any) -> Any:
-    """NaN (never logged) as null, so summary.json is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
+    """NaN (never logged) and infinities (a diverged run's KL, say) as null: summary.json is strict JSON.
+
+    report.md keeps the values as they are (``nan``, ``inf``)."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {key: _json_safe(item) for key, item in value.items()}
