@@ -86,17 +86,29 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
-def gold_model_path(recipe: ReferenceRecipe | None = None) -> Path:
-    """The folder of the gold reference built with ``recipe`` (default: the shipped recipe).
+def gold_model_folder(recipe: ReferenceRecipe | None = None) -> Path:
+    """Where the gold reference of ``recipe`` (default: the shipped recipe) lives in the cache.
 
-    Built on first use (about two minutes on two CPU cores); the folder name holds a hash of the
-    recipe, so another recipe (e.g. a quicker one in tests) gets its own folder.
+    The folder name holds a hash of the recipe, so another recipe (e.g. a quicker one in tests)
+    gets its own folder.
+    """
+    from ipo_lightning.gold_reference import ReferenceRecipe
+
+    recipe = recipe or ReferenceRecipe()
+    key = json.dumps({"version": GOLD_MODEL_VERSION, **recipe.as_dict()}, sort_keys=True)
+    return cache_root() / f"gold-v{GOLD_MODEL_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def gold_model_path(recipe: ReferenceRecipe | None = None) -> Path:
+    """The folder of the gold reference built with ``recipe``, built on first use.
+
+    The build (SFT of a tiny Llama, :func:`ipo_lightning.gold_reference.train_reference`) takes a
+    few minutes on two CPU cores and happens once per cache folder.
     """
     from ipo_lightning.gold_reference import ReferenceRecipe, train_reference
 
     recipe = recipe or ReferenceRecipe()
-    key = json.dumps({"version": GOLD_MODEL_VERSION, **recipe.as_dict()}, sort_keys=True)
-    target = cache_root() / f"gold-v{GOLD_MODEL_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    target = gold_model_folder(recipe)
     if not (target / "config.json").is_file():
         _build_model_folder(target, lambda staging: train_reference(staging, recipe))
     return target
