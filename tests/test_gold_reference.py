@@ -1,7 +1,7 @@
 """The gold reference and the pairs sampled from it: fluent enough to score well, with head-room.
 
-These tests build a reference with :data:`QUICK_RECIPE` (fewer SFT steps than the shipped recipe,
-about a minute on two cores) once per session; the shipped ``builtin:gold`` is the same code run
+These tests build a reference with :data:`QUICK_RECIPE` (half the SFT steps of the shipped recipe,
+one to two minutes on two cores) once per session; the shipped ``builtin:gold`` is the same code run
 longer, and scores higher (see the gold-task docs for its numbers).
 """
 
@@ -21,7 +21,7 @@ from ipo_lightning.gold_eval import sampled_rewards
 from ipo_lightning.gold_reference import ReferenceRecipe
 from ipo_lightning.tiny import build_tiny_llama
 
-QUICK_RECIPE = ReferenceRecipe(steps=200, demonstrations=6400)
+QUICK_RECIPE = ReferenceRecipe(steps=300)
 
 pytestmark = pytest.mark.slow
 
