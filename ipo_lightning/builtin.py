@@ -102,8 +102,8 @@ def gold_model_folder(recipe: ReferenceRecipe | None = None) -> Path:
 def gold_model_path(recipe: ReferenceRecipe | None = None) -> Path:
     """The folder of the gold reference built with ``recipe``, built on first use.
 
-    The build (SFT of a tiny Llama, :func:`ipo_lightning.gold_reference.train_reference`) takes a
-    few minutes on two CPU cores and happens once per cache folder.
+    The build (SFT of a tiny Llama, :func:`ipo_lightning.gold_reference.train_reference`) takes
+    about a minute and a half on a CPU and happens once per cache folder.
     """
     from ipo_lightning.gold_reference import ReferenceRecipe, train_reference
 

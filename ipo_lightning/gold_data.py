@@ -44,8 +44,6 @@ DEFAULT_TEMPERATURE = {"train": 0.5, "val": 0.0, "ood": 0.0}
 MAX_NEW_TOKENS = 80
 """Longest sampled completion in tokens; demonstrations need at most about 60."""
 
-SAMPLE_BATCH = 256
-
 
 @dataclass(frozen=True)
 class GoldSetSpec:
@@ -129,6 +127,7 @@ def build_pairs(model_dir: str | Path, spec: GoldSetSpec) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ipo_lightning.generation import sample_completions
+    from ipo_lightning.tiny import one_thread
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -137,7 +136,7 @@ def build_pairs(model_dir: str | Path, spec: GoldSetSpec) -> list[dict]:
     seed = spec.seed * 1000 + SPLITS.index(spec.split) * 100
     candidates: list[tuple[str, str, str, float, float]] = []
     position = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), one_thread():
         while len(candidates) < spec.pairs:
             # About a fifth of the pairs are ties: draw a quarter more than still needed.
             count = math.ceil(1.25 * (spec.pairs - len(candidates))) + 8

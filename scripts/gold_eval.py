@@ -25,6 +25,7 @@ from ipo_lightning.errors import UserInputError
 from ipo_lightning.gold import MAX_REWARD
 from ipo_lightning.gold_eval import compare
 from ipo_lightning.modeling import load_causal_lm
+from ipo_lightning.tiny import one_thread
 
 
 def _reference_of(run_dir: Path) -> str:
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"gold reward (max {MAX_REWARD}), {args.k} samples x {args.prompts} prompts per split")
     print(f"{'split':<6}{'policy':>9}{'reference':>11}{'win rate':>10}  95% CI")
     for split in ("val", "ood"):
-        result = compare(policy, reference, tokenizer, split, prompts=args.prompts, k=args.k, seed=args.seed)
+        with one_thread():
+            result = compare(
+                policy, reference, tokenizer, split, prompts=args.prompts, k=args.k, seed=args.seed
+            )
         results[split] = result.as_dict()
         print(
             f"{split:<6}{result.policy_reward:>9.3f}{result.reference_reward:>11.3f}"

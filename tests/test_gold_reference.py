@@ -1,7 +1,7 @@
 """The gold reference and the pairs sampled from it: fluent enough to score well, with head-room.
 
 These tests build a reference with :data:`QUICK_RECIPE` (half the SFT steps of the shipped recipe,
-one to two minutes on two cores) once per session; the shipped ``builtin:gold`` is the same code run
+under a minute on one core) once per session; the shipped ``builtin:gold`` is the same code run
 longer, and scores higher (see the gold-task docs for its numbers).
 """
 
