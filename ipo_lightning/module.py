@@ -103,7 +103,8 @@ class PreferenceModule(L.LightningModule):
     """Preference fine-tuning of a Hugging Face causal LM (IPO, DPO, conservative DPO, hinge).
 
     Args:
-        model_name_or_path: policy to train: a hub id, a local folder, or ``builtin:quickstart``.
+        model_name_or_path: policy to train: a hub id, a local folder, ``builtin:quickstart`` or
+            ``builtin:gold``.
         reference_name_or_path: frozen reference model; default: the same weights as the policy.
         reference: how the reference is held: ``separate`` (a frozen copy), ``lora`` (the LoRA
             policy's base with adapters off; no second copy) or ``precomputed`` (log-probs computed

@@ -7,7 +7,8 @@ and loaded back by path exactly as a hub model would be.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,3 +131,18 @@ def save_tiny_model(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on a single CPU thread inside the block, then restore the thread count.
+
+    The matrices of a tiny model are too small to split across threads: one thread is as fast on an
+    idle machine and many times faster on a busy one, and results do not depend on the core count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

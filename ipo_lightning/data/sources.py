@@ -27,7 +27,8 @@ class DataSource:
 
     Args:
         path: A local .jsonl/.json/.parquet file, a local folder (a datasets ``save_to_disk`` folder or
-            a folder of data files), ``builtin:quickstart/<split>``, or a Hugging Face hub dataset id.
+            a folder of data files), ``builtin:quickstart/<split>``, ``builtin:gold/<split>[?knobs]``, or
+            a Hugging Face hub dataset id.
         split: Split to read from a folder or hub dataset (ignored for a single file).
         subset: Hub dataset configuration (subset) name, if the dataset has several.
         limit: Keep only the first N records (None keeps all).
