@@ -7,10 +7,10 @@
   (``$IPO_LIGHTNING_CACHE``, default ``~/.cache/ipo_lightning``) and then loaded from there with
   ``from_pretrained``, exactly like a hub model. No weights are stored in git.
 - ``builtin:gold`` is a model: the reference of the gold-reward task, a tiny Llama trained by SFT
-  on the task's demonstrations (:mod:`ipo_lightning.gold_reference`), built on first use into the
+  on the task's demonstrations (:mod:`ipo_lightning.gold.reference`), built on first use into the
   cache folder the same way.
 - ``builtin:gold/<split>[?knobs]`` is a data source: preference pairs sampled from ``builtin:gold``
-  and labelled by the gold reward (:mod:`ipo_lightning.gold_data`), built on first use into the
+  and labelled by the gold reward (:mod:`ipo_lightning.gold.pairs`), built on first use into the
   cache folder.
 """
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from ipo_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ipo_lightning.gold_reference import ReferenceRecipe
+    from ipo_lightning.gold.reference import ReferenceRecipe
 
 PREFIX = "builtin:"
 QUICKSTART_DIR = Path(__file__).parent / "quickstart"
@@ -92,7 +92,7 @@ def gold_model_folder(recipe: ReferenceRecipe | None = None) -> Path:
     The folder name holds a hash of the recipe, so another recipe (e.g. a quicker one in tests)
     gets its own folder.
     """
-    from ipo_lightning.gold_reference import ReferenceRecipe
+    from ipo_lightning.gold.reference import ReferenceRecipe
 
     recipe = recipe or ReferenceRecipe()
     key = json.dumps({"version": GOLD_MODEL_VERSION, **recipe.as_dict()}, sort_keys=True)
@@ -102,10 +102,10 @@ def gold_model_folder(recipe: ReferenceRecipe | None = None) -> Path:
 def gold_model_path(recipe: ReferenceRecipe | None = None) -> Path:
     """The folder of the gold reference built with ``recipe``, built on first use.
 
-    The build (SFT of a tiny Llama, :func:`ipo_lightning.gold_reference.train_reference`) takes
+    The build (SFT of a tiny Llama, :func:`ipo_lightning.gold.reference.train_reference`) takes
     about a minute and a half on a CPU and happens once per cache folder.
     """
-    from ipo_lightning.gold_reference import ReferenceRecipe, train_reference
+    from ipo_lightning.gold.reference import ReferenceRecipe, train_reference
 
     recipe = recipe or ReferenceRecipe()
     target = gold_model_folder(recipe)
@@ -119,7 +119,7 @@ def gold_data_path(name: str, recipe: ReferenceRecipe | None = None) -> Path:
 
     The name is validated before anything is built; the set and the reference are built on first use.
     """
-    from ipo_lightning.gold_data import DATA_VERSION, parse_spec, write_pairs
+    from ipo_lightning.gold.pairs import DATA_VERSION, parse_spec, write_pairs
 
     spec = parse_spec(name)
     model_dir = gold_model_path(recipe)

@@ -76,14 +76,15 @@ def resolve_model_batching(
 ) -> Batching:
     """``model.batching`` with ``auto`` resolved from the model configs (no weights read).
 
-    The models that run the training layout are the policy and, with ``reference: separate`` and
-    another path, the reference (a LoRA reference is the policy's base; a precomputed one does not
-    run during training). See :func:`~ipo_lightning.batching.resolve_batching`.
+    The models that run the layout are the policy and, with ``reference: separate`` or
+    ``precomputed`` and another path, the reference (a LoRA reference is the policy's base; a
+    precomputed one runs the layout in its one pass before training). See
+    :func:`~ipo_lightning.batching.resolve_batching`.
     """
     if batching != "auto":
         return batching
     paths = [model_name_or_path]
-    if reference == "separate" and reference_name_or_path not in (None, model_name_or_path):
+    if reference in ("separate", "precomputed") and reference_name_or_path not in (None, model_name_or_path):
         paths.append(reference_name_or_path)
     targets = []
     for path in paths:

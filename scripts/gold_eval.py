@@ -22,8 +22,8 @@ from transformers import AutoTokenizer
 from ipo_lightning.analysis.run_logs import load_run
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.errors import UserInputError
-from ipo_lightning.gold import MAX_REWARD
-from ipo_lightning.gold_eval import compare
+from ipo_lightning.gold.evaluate import compare
+from ipo_lightning.gold.reward import MAX_REWARD
 from ipo_lightning.modeling import load_causal_lm
 from ipo_lightning.tiny import one_thread
 

@@ -189,7 +189,7 @@ def test_auto_falls_back_to_padded_for_a_model_without_position_ids(
         explicit.configure_model()
 
 
-def test_auto_falls_back_for_a_separate_reference_but_not_a_precomputed_one(
+def test_auto_falls_back_for_a_separate_or_precomputed_reference_without_positions(
     tiny_model_dir: Path, no_positions_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     options = {"reference_name_or_path": str(no_positions_dir)}
@@ -201,13 +201,14 @@ def test_auto_falls_back_for_a_separate_reference_but_not_a_precomputed_one(
         f"model.batching=auto: padded for {no_positions_dir} (NoPositionsLM.forward takes no position_ids)"
     ]
     caplog.clear()
-    # A precomputed reference never runs the training layout: only the policy decides.
+    # A precomputed reference runs the layout in its one pass before training: it decides too.
     precomputed, lines = _auto_log_lines(
         caplog, lambda: PreferenceModule(str(tiny_model_dir), reference="precomputed", **options)
     )
-    assert precomputed.hparams.batching == "prefix_shared"
+    assert precomputed.hparams.batching == "padded"
+    assert precomputed.reference_spec().batching == "padded"
     assert lines == [
-        f"model.batching=auto: prefix_shared for {tiny_model_dir} (sdpa takes the 4D prefix-sharing mask)"
+        f"model.batching=auto: padded for {no_positions_dir} (NoPositionsLM.forward takes no position_ids)"
     ]
 
 

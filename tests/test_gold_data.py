@@ -9,8 +9,8 @@ import pytest
 
 from ipo_lightning.builtin import resolve_data_path, resolve_model_path
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.gold_data import GoldSetSpec, bradley_terry_labels, flip_probability, parse_spec
-from ipo_lightning.gold_language import NAMES, TOPICS, split_requests
+from ipo_lightning.gold.language import NAMES, TOPICS, split_requests
+from ipo_lightning.gold.pairs import GoldSetSpec, bradley_terry_labels, flip_probability, parse_spec
 
 
 def test_spec_defaults_and_knobs() -> None:

@@ -15,10 +15,10 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipo_lightning.builtin import gold_data_path, gold_model_folder, gold_model_path
-from ipo_lightning.gold import MAX_REWARD, gold_reward
-from ipo_lightning.gold_data import build_pairs, parse_spec
-from ipo_lightning.gold_eval import sampled_rewards
-from ipo_lightning.gold_reference import ReferenceRecipe
+from ipo_lightning.gold.evaluate import sampled_rewards
+from ipo_lightning.gold.pairs import build_pairs, parse_spec
+from ipo_lightning.gold.reference import ReferenceRecipe
+from ipo_lightning.gold.reward import MAX_REWARD, gold_reward
 from ipo_lightning.tiny import build_tiny_llama
 
 QUICK_RECIPE = ReferenceRecipe(steps=300)

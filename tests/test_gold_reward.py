@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from ipo_lightning.gold import MAX_REWARD, gold_reward
-from ipo_lightning.gold_language import demonstration, split_requests
+from ipo_lightning.gold.language import demonstration, split_requests
+from ipo_lightning.gold.reward import MAX_REWARD, gold_reward
 
 PROMPT = "Invite Nora to the picnic. Mention the lemonade.\n"
 # Every part present: greeting 1 + topic 1 + item 1 + two polite phrases 1 + sign-off 0.5 + 26 words 0.5.

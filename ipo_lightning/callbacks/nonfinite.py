@@ -16,7 +16,8 @@ export; the checkpoints already on disk are from earlier, finite steps. The CLI 
 one line and exits with :data:`DIVERGED_EXIT_CODE`.
 
 Every process of a multi-process run takes the same decision: the flags are summed across processes
-(one small all-reduce per step) before anyone acts, so no process waits for another that stopped.
+(two small all-reduces per step, before the update and after it) before anyone acts, so no process
+waits for another that stopped.
 
 Under a grad scaler (``trainer.precision: 16-mixed``) an overflowing loss or gradient is the scaler's
 business (it skips that step and lowers its scale), so only the weights are checked there, and the
@@ -33,6 +34,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -99,11 +101,7 @@ class NonFiniteGuard(Callback):
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (
-            self.enabled
-            and self.max_skipped_steps > 0
-            and "deepspeed" in type(trainer.strategy).__name__.lower()
-        ):
+        if self.enabled and self.max_skipped_steps > 0 and _is_deepspeed(trainer):
             raise ConfigError(
                 "nonfinite.max_skipped_steps needs the gradients, which DeepSpeed keeps to itself: use 0 "
                 "(stop at the first non-finite step) with a DeepSpeed strategy"
@@ -210,15 +208,27 @@ def _local(tensor: Tensor) -> Tensor:
 
 
 def _count_nonfinite(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """How many of ``tensors`` hold a NaN or an infinity (a tensor on ``device``; no host sync)."""
-    flags = [torch.isfinite(_local(t)).all().to(device) for t in tensors if _local(t).numel()]
-    if not flags:
+    """How many of ``tensors`` hold a NaN or an infinity (a tensor on ``device``; no host sync).
+
+    A tensor is finite when its minimum and maximum are: ``aminmax`` propagates NaN and is one pass
+    without a temporary (``isfinite(t).all()`` writes a bool copy of every tensor, 10x slower on a CPU).
+    """
+    extremes = [torch.stack(torch.aminmax(_local(t))).to(device) for t in tensors if _local(t).numel()]
+    if not extremes:
         return torch.zeros((), dtype=torch.long, device=device)
-    return (~torch.stack(flags)).sum()
+    return (~torch.isfinite(torch.stack(extremes)).all(dim=1)).sum()
 
 
 def _has_grad_scaler(trainer: L.Trainer) -> bool:
-    return getattr(trainer.precision_plugin, "scaler", None) is not None
+    """Whether a loss scaler skips overflowing steps itself: torch's grad scaler (``16-mixed``), or
+    DeepSpeed's own in 16-bit precision (its precision plugin then has no ``scaler``)."""
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        return True
+    return _is_deepspeed(trainer) and str(trainer.precision).startswith("16")
+
+
+def _is_deepspeed(trainer: L.Trainer) -> bool:
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
 def _describe(loss: float, bad_loss: int, bad_grads: int, world_size: int) -> str:

@@ -95,7 +95,7 @@ SENDERS = ["Sam", "Alex", "Jo"]
 SIGN_OFFS = ["Best wishes, {sender}.", "See you soon, {sender}.", "Kind regards, {sender}."]
 
 # How often each part is in a demonstration: the reference learns these rates, which leaves
-# head-room for preference tuning (see ipo_lightning.gold for what each part is worth).
+# head-room for preference tuning (see ipo_lightning.gold.reward for what each part is worth).
 P_NAMED_GREETING = 0.6
 P_ANONYMOUS_GREETING = 0.2
 P_TOPIC_SENTENCE = 0.75

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.gold import gold_reward
-from ipo_lightning.gold_language import split_requests
+from ipo_lightning.gold.language import split_requests
+from ipo_lightning.gold.reward import gold_reward
 
 DATA_VERSION = 1
 SPLITS = ("train", "val", "ood")

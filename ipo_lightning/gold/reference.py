@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ipo_lightning.gold_language import SEED, corpus, demonstrations
+from ipo_lightning.gold.language import SEED, corpus, demonstrations
 from ipo_lightning.tiny import build_tiny_llama, build_tokenizer, one_thread
 
 IGNORE_INDEX = -100

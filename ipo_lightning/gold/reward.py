@@ -1,14 +1,14 @@
 """The gold reward of the ``builtin:gold`` task: a known, exact score for any generated note.
 
 Pure Python and deterministic, so preference tuning can be judged on what the policy *generates*,
-not only on held-out pairs. The task language is described in :mod:`ipo_lightning.gold_language`.
+not only on held-out pairs. The task language is described in :mod:`ipo_lightning.gold.language`.
 """
 
 from __future__ import annotations
 
 import re
 
-from ipo_lightning.gold_language import NAMES, TOPICS
+from ipo_lightning.gold.language import NAMES, TOPICS
 
 GREETING_POINTS = 1.0
 TOPIC_POINTS = 1.0

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 from ipo_lightning.analysis.judge import win_rate
 from ipo_lightning.generation import sample_completions
-from ipo_lightning.gold import gold_reward
-from ipo_lightning.gold_data import MAX_NEW_TOKENS
-from ipo_lightning.gold_language import split_requests
+from ipo_lightning.gold.language import split_requests
+from ipo_lightning.gold.pairs import MAX_NEW_TOKENS
+from ipo_lightning.gold.reward import gold_reward
 
 
 @dataclass
