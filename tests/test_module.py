@@ -161,3 +161,19 @@ def test_train_metrics_cover_every_micro_batch_of_an_optimizer_step(
     assert float(logged[0]["train/logratio/margin"]) == pytest.approx(
         float(values["logratio/margin"].mean()), rel=1e-5, abs=1e-6
     )
+
+
+def test_the_default_optimizer_is_fused_adamw_for_plain_parameters(tiny_model_dir: Path) -> None:
+    """Without ``model.optimizer``: AdamW(lr=1e-6, weight_decay=0) with the fused kernel on a CPU."""
+    from ipo_lightning.module import DEFAULT_LR, default_optimizer
+
+    module = PreferenceModule(str(tiny_model_dir))
+    module.configure_model()
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    optimizer = default_optimizer(params)
+    group = optimizer.param_groups[0]
+    assert group["fused"] is True and group["lr"] == DEFAULT_LR and group["weight_decay"] == 0.0
+    # A parameter that is not a plain nn.Parameter (a sharded or flat one) keeps the loop version.
+    flat = torch.nn.Parameter(torch.zeros(3))
+    flat.ds_id = 0  # how DeepSpeed marks its partitioned parameters
+    assert not default_optimizer([flat]).param_groups[0]["fused"]
