@@ -508,11 +508,6 @@ def layout_logits(model: nn.Module, layout: RowLayout) -> KeptLogits:
     return KeptLogits(kept, layout)
 
 
-def score_layout(model: nn.Module, layout: RowLayout, *, chunk_size: int = 1024) -> SequenceScores:
-    """Run ``model`` once on ``layout`` and return its completion log-probs (see :class:`SequenceScores`)."""
-    return layout_logits(model, layout).scores(chunk_size=chunk_size)
-
-
 def model_attention(model: nn.Module) -> str | None:
     """The attention kernel a loaded model runs (``config._attn_implementation``)."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None)

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
 from ipo_lightning.callbacks.kl_budget import KLBudget
 from ipo_lightning.data import DataSource, PreferenceDataModule
-from ipo_lightning.divergence.token_kl import token_divergence
+from ipo_lightning.divergence.token_kl import TokenDivergence, chunked_token_divergence
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import polite_pairs, write_jsonl
@@ -32,19 +32,32 @@ def _naive_sums(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mas
     return kl, reverse, entropy
 
 
+def _chunked(
+    policy: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, chunk_size: int
+) -> TokenDivergence:
+    """The masked positions in chunks, as KeptLogits.scored_chunks feeds them."""
+    flat_policy = policy.reshape(-1, policy.shape[-1])[mask.reshape(-1)]
+    flat_reference = reference.reshape(-1, reference.shape[-1])[mask.reshape(-1)]
+    starts = range(0, flat_policy.shape[0], chunk_size)
+    return chunked_token_divergence(
+        (flat_policy[start : start + chunk_size], flat_reference[start : start + chunk_size])
+        for start in starts
+    )
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 1024])
 def test_token_divergence_matches_naive_sums(chunk_size: int) -> None:
     generator = torch.Generator().manual_seed(0)
     policy = torch.randn(3, 7, 13, generator=generator)
     reference = torch.randn(3, 7, 13, generator=generator)
     mask = torch.rand(3, 7, generator=generator) > 0.4
-    got = token_divergence(policy, reference, mask, chunk_size=chunk_size)
+    got = _chunked(policy, reference, mask, chunk_size)
     kl, reverse, entropy = _naive_sums(policy, reference, mask)
     assert got.tokens == int(mask.sum())
     assert got.kl == pytest.approx(kl, rel=1e-5)
     assert got.kl_reverse == pytest.approx(reverse, rel=1e-5)
     assert got.entropy == pytest.approx(entropy, rel=1e-5)
-    same = token_divergence(policy, policy.clone(), mask, chunk_size=chunk_size)
+    same = _chunked(policy, policy.clone(), mask, chunk_size)
     assert same.kl == 0.0 and same.kl_reverse == 0.0
 
 

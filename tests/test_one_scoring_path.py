@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from ipo_lightning import batching
-from ipo_lightning.batching import KeptLogits, RowLayout, score_layout
+from ipo_lightning.batching import KeptLogits, RowLayout
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.divergence.measure import HeldOut, MeasureOptions, measure_share
 from ipo_lightning.module import PreferenceModule
@@ -103,7 +103,7 @@ def test_training_precompute_and_divergence_share_one_scoring_function(
         stored = torch.tensor([val_set[i]["ref_chosen_logp_sum"] for i in positions])
         stored_rejected = torch.tensor([val_set[i]["ref_rejected_logp_sum"] for i in positions])
         assert torch.equal(stored, sums[:half]) and torch.equal(stored_rejected, sums[half:])
-        assert torch.equal(score_layout(live.reference.model, layout).sums, sums)
+        assert torch.equal(batching.layout_logits(live.reference.model, layout).scores().sums, sums)
 
     # A training step: policy and reference, both through the wrapper.
     batch = datamodule.collator([val_set[i] for i in range(4)])

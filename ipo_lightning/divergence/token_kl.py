@@ -12,7 +12,7 @@ The sums run in float32 over chunks of positions, so no float32 [rows, length, v
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,36 +50,6 @@ class TokenDivergence:
         """Per-token means (0 when nothing was scored)."""
         count = max(self.tokens, 1)
         return {"kl": self.kl / count, "kl_reverse": self.kl_reverse / count, "entropy": self.entropy / count}
-
-
-@torch.no_grad()
-def token_divergence(
-    policy_logits: Tensor, reference_logits: Tensor, mask: Tensor, *, chunk_size: int = 1024
-) -> TokenDivergence:
-    """Sum KL(pi||ref), KL(ref||pi) and H(pi) over the positions where ``mask`` is True.
-
-    Args:
-        policy_logits: [N, T, V] policy logits; position t predicts token t + 1.
-        reference_logits: [N, T, V] reference logits for the same rows.
-        mask: [N, T] bool, True at the positions to score (those predicting a completion token).
-        chunk_size: positions per float32 chunk.
-    """
-    vocab = policy_logits.shape[-1]
-    flat_policy = policy_logits.reshape(-1, vocab)
-    flat_reference = reference_logits.reshape(-1, vocab)
-    flat_mask = mask.reshape(-1)
-
-    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
-        # Select inside the chunk, so at most one chunk of positions is ever copied.
-        for start in range(0, flat_mask.numel(), chunk_size):
-            keep = flat_mask[start : start + chunk_size]
-            if bool(keep.any()):
-                yield (
-                    flat_policy[start : start + chunk_size][keep],
-                    flat_reference[start : start + chunk_size][keep],
-                )
-
-    return chunked_token_divergence(chunks())
 
 
 def chunked_token_divergence(chunks: Iterable[tuple[Tensor, Tensor]]) -> TokenDivergence:
