@@ -48,6 +48,17 @@ def _step_by_step(
     return generated
 
 
+def _inverse_cdf(generator: torch.Generator):
+    """A token picker: one uniform u from ``generator``, the first token whose cumulative softmax passes u."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(1, generator=generator, dtype=torch.float64)
+        probs = torch.softmax(logits.double(), -1)
+        return torch.searchsorted(probs.cumsum(-1), u * probs.sum(), right=True)[0]
+
+    return pick
+
+
 def test_samples_do_not_depend_on_batch_size_or_batch_company(
     model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]]
 ) -> None:
@@ -86,13 +97,7 @@ def test_each_sample_is_the_inverse_cdf_draw_of_its_own_generator_at_temperature
     for index, prompt in enumerate(prompt_ids):
         for sample in range(2):
             generator = torch.Generator().manual_seed(row_seed(3, index, sample))
-
-            def pick(logits: torch.Tensor) -> torch.Tensor:
-                u = torch.rand(1, generator=generator, dtype=torch.float64)
-                probs = torch.softmax(logits.double(), -1)
-                return torch.searchsorted(probs.cumsum(-1), u * probs.sum(), right=True)[0]
-
-            expected = _step_by_step(model, prompt, 8, pick, {tiny_tokenizer.eos_token_id})
+            expected = _step_by_step(model, prompt, 8, _inverse_cdf(generator), {tiny_tokenizer.eos_token_id})
             assert drawn[index][sample].token_ids == expected
 
 
