@@ -13,6 +13,7 @@ carries a hash of the source of this module and the modules it calls (``CODE_VER
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,14 @@ from ipo_lightning.data.tokenize import PairTokenizer
 from ipo_lightning.errors import DataError
 
 DROP_COLUMN = "drop_reason"
+PROMPT_COLUMN = "prompt_json"
+"""The normalised prompt as JSON (a string, or a list of chat messages), for generation and rewards."""
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 FEATURES = datasets.Features(
     {
         **{name: datasets.List(datasets.Value("int32")) for name in ID_COLUMNS},
         "preference_prob": datasets.Value("float32"),
+        PROMPT_COLUMN: datasets.Value("string"),
         DROP_COLUMN: datasets.Value("string"),
     }
 )
@@ -77,12 +81,14 @@ class RecordProcessor:
                 for name in ID_COLUMNS:
                     out[name].append([])
                 out["preference_prob"].append(1.0)
+                out[PROMPT_COLUMN].append("")
                 out[DROP_COLUMN].append(result.reason)
             else:
                 out["prompt_ids"].append(result.prompt_ids)
                 out["chosen_ids"].append(result.chosen_ids)
                 out["rejected_ids"].append(result.rejected_ids)
                 out["preference_prob"].append(result.preference_prob)
+                out[PROMPT_COLUMN].append(json.dumps(example.prompt, ensure_ascii=False))
                 out[DROP_COLUMN].append("")
         return out
 
@@ -122,7 +128,8 @@ def tokenize_source(
     """Normalise and tokenise every record of ``loaded``; one output row per record, cached by fingerprint.
 
     Returns:
-        A dataset with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``preference_prob`` and
+        A dataset with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``preference_prob``,
+        ``prompt_json`` (the normalised prompt, untruncated, as JSON; "" for dropped pairs) and
         ``drop_reason`` ("" for kept pairs, else why the pair gives no training signal).
 
     Raises:

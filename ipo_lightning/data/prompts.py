@@ -1,0 +1,78 @@
+"""Held-out prompts of a built data set, in the forms generation and rewards need.
+
+Generation continues the prompt's token ids exactly as training tokenises them (``prompt_ids``, cut to
+the last ``max_prompt_length`` tokens); a reward reads the prompt as text, and a reward model with a
+chat template reads it as messages. Every built set keeps its normalised prompt (the ``prompt_json``
+column), so all three forms come from the same record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ipo_lightning.data.preprocess import PROMPT_COLUMN
+from ipo_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ipo_lightning.data.datamodule import PreferenceDataModule
+
+
+@dataclass(frozen=True)
+class HeldOutPrompt:
+    """One distinct prompt of a data set.
+
+    Attributes:
+        text: The plain prompt text, or for chat data the prompt messages rendered by the policy
+            tokenizer's chat template with the generation prompt added (the untruncated prompt).
+        ids: The prompt's token ids exactly as training tokenises them (``prompt_ids``).
+        messages: Chat data: the prompt messages; plain data: None.
+    """
+
+    text: str
+    ids: list[int]
+    messages: list[dict[str, Any]] | None
+
+
+def held_out_prompts(datamodule: PreferenceDataModule, set_name: str, limit: int) -> list[HeldOutPrompt]:
+    """The first ``limit`` distinct prompts of a built set, in record order (kept pairs only).
+
+    Args:
+        datamodule: A data module whose set ``set_name`` is built (``setup`` has run).
+        set_name: A validation set name (``val_set_names``) or ``train``.
+        limit: Most prompts returned; a set with fewer distinct prompts gives all of them.
+
+    Raises:
+        ConfigError: no built set has this name.
+        ValueError: ``limit`` is below 1.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if set_name == "train" and datamodule.train_dataset is not None:
+        dataset = datamodule.train_dataset
+    elif set_name in datamodule.val_datasets:
+        dataset = datamodule.val_datasets[set_name]
+    else:
+        built = (["train"] if datamodule.train_dataset is not None else []) + list(datamodule.val_datasets)
+        raise ConfigError(
+            f"no built data set {set_name!r} to draw prompts from; built: {', '.join(built) or 'none'}"
+        )
+    tokenizer = datamodule.tokenizer
+    assert tokenizer is not None  # a built set was tokenised with it
+    prompts: list[HeldOutPrompt] = []
+    seen: set[str] = set()
+    for row in dataset.select_columns(["prompt_ids", PROMPT_COLUMN]):
+        raw = row[PROMPT_COLUMN]
+        if raw in seen:
+            continue
+        seen.add(raw)
+        prompt = json.loads(raw)
+        if isinstance(prompt, str):
+            prompts.append(HeldOutPrompt(prompt, list(row["prompt_ids"]), None))
+        else:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            prompts.append(HeldOutPrompt(text, list(row["prompt_ids"]), prompt))
+        if len(prompts) == limit:
+            break
+    return prompts
