@@ -36,7 +36,8 @@ from ipo_lightning.errors import ConfigError
 from ipo_lightning.gold.language import split_requests
 from ipo_lightning.gold.reward import gold_reward
 
-DATA_VERSION = 1
+DATA_VERSION = 2
+"""Part of the cache folder name: bumped whenever the drawn samples change (2: per-row generators)."""
 SPLITS = ("train", "val", "ood")
 PAIRS_RANGE = (50, 10000)
 DEFAULT_PAIRS = {"train": 2000, "val": 200, "ood": 200}
