@@ -223,7 +223,7 @@ class PreferenceCLI(LightningCLI):
                 "prog": "python -m ipo_lightning",
                 "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
                 "compare (several methods, one budget), report (Markdown + plots from run folders), "
-                "judge (reward-model win rate); see `python -m ipo_lightning report --help`.",
+                "judge (win rate under a reward); see `python -m ipo_lightning report --help`.",
             },
         )
 

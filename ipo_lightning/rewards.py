@@ -242,9 +242,10 @@ class RewardModelScorer:
     Texts are built by :func:`reward_model_inputs`, sorted by length and run in batches of
     ``batch_size``, padded on the tokenizer's ``padding_side`` with an attention mask. Position ids
     count real tokens only (when the model takes them), so left padding does not shift positions and a
-    batched score equals the score of the text alone up to float rounding. The model locates each
-    row's last real token from ``config.pad_token_id`` (set from the tokenizer when the checkpoint has
-    none).
+    batched score equals the score of the text alone up to float rounding. The model pools as it was
+    built to: a decoder (Llama, GPT-2, ...) scores each row's last real token, which transformers finds
+    from ``config.pad_token_id`` (set from the tokenizer when the checkpoint has none); an encoder
+    (BERT, DeBERTa) scores its first token, so its tokenizer pads on the right.
 
     Args:
         model: The reward model, in eval mode, on its device.
