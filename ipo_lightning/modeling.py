@@ -120,10 +120,10 @@ def disable_dropout(model: torch.nn.Module) -> list[str]:
     """Set every dropout probability of a transformers model to 0; returns what was changed.
 
     Zeroing ``torch.nn.Dropout`` modules (all TRL's ``disable_dropout_in_model`` does) is not enough:
-    Llama, Qwen2 and Mistral attention keep ``attention_dropout`` as a float attribute and Gemma reads
-    it from the config at every forward. So three places are set to 0: dropout modules' ``p``, float
-    attributes of modules named like a dropout, and the model config's (and sub-configs') dropout
-    fields, which an export then saves as trained.
+    Llama, Qwen2, Mistral and Gemma attention keep ``attention_dropout`` as a float attribute, and Falcon,
+    GPT-Neo and Persimmon read it from the config at every forward. So three places are set to 0:
+    dropout modules' ``p``, float attributes of modules named like a dropout, and the model config's
+    (and sub-configs') dropout fields, which an export then saves as trained.
     """
     changed: list[str] = []
     for module_name, module in model.named_modules():

@@ -66,8 +66,13 @@ def default_length_normalize(loss_type: str) -> bool:
     return loss_type == "ipo"
 
 
-IPO_DEFAULT_BETA = 0.5
-"""IPO's default beta: its fixed point h* = 1/(2 beta) is then 1 nat per completion token (see README)."""
+IPO_DEFAULT_BETA = 1.0
+"""IPO's default beta: the fixed point h* = 1/(2 beta) is then 0.5 nats per completion token.
+
+Measured on the gold task (IPO, 2 epochs): beta 1.0 reached the gold reward and held-out accuracy of
+beta 0.5 at under a third of its KL to the reference, while beta 0.1 drifted to a KL of 6 nats per token
+and lost most of the reference's gold reward (the README has the numbers).
+"""
 DPO_DEFAULT_BETA = 0.1
 """The DPO family's default beta, the DPO paper's and TRL's."""
 
@@ -130,8 +135,8 @@ class PreferenceModule(L.LightningModule):
         lora: train LoRA adapters instead of all weights (peft); null: full fine-tuning.
         loss_type: ``ipo`` (regress the margin to 1/(2 beta)), ``dpo`` or ``hinge``.
         beta: pull towards the reference; IPO's target log-ratio margin is 1/(2 beta). Default (null):
-            0.5 for ipo (a target of 1 nat per token with length-normalised log-probs), 0.1 for dpo and
-            hinge; the resolved value is logged.
+            1.0 for ipo (a target of 0.5 nats per token with length-normalised log-probs), 0.1 for dpo
+            and hinge; the resolved value is logged.
         label_smoothing: conservative DPO: assumed probability that a label is flipped (dpo only).
         length_normalize: average log-probs over completion tokens instead of summing them; default
             (null) resolves to true for ipo and false for dpo/hinge, and the resolved value is logged.

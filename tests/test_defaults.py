@@ -17,8 +17,8 @@ from ipo_lightning.module import DPO_DEFAULT_BETA, IPO_DEFAULT_BETA, PreferenceM
 from tests.helpers import fit_config, polite_pairs, write_config, write_jsonl
 
 
-def test_default_beta_puts_the_ipo_target_at_one_nat_per_token() -> None:
-    assert 1 / (2 * default_beta("ipo")) == 1.0
+def test_default_beta_puts_the_ipo_target_at_half_a_nat_per_token() -> None:
+    assert 1 / (2 * default_beta("ipo")) == 0.5
     assert default_beta("dpo") == default_beta("hinge") == 0.1
 
 
@@ -40,7 +40,7 @@ def test_module_resolves_beta_before_saving_hyperparameters(
 
 @pytest.mark.parametrize(
     ("model_options", "expected"),
-    [({"loss_type": "ipo"}, 0.5), ({"loss_type": "dpo"}, 0.1), ({"loss_type": "ipo", "beta": 0.1}, 0.1)],
+    [({"loss_type": "ipo"}, 1.0), ({"loss_type": "dpo"}, 0.1), ({"loss_type": "ipo", "beta": 0.1}, 0.1)],
     ids=["ipo-default", "dpo-default", "ipo-explicit"],
 )
 def test_cli_writes_the_resolved_beta_into_config_hparams_and_export(
