@@ -80,6 +80,19 @@ CHAT_LAYOUTS = {
 }
 
 
+HUB_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: test
+    path: data/test-*
+---
+# A preference dataset
+"""
+
+
 def _save_every_way(records: list[dict[str, Any]], held_out: list[dict[str, Any]], root: Path) -> dict:
     """The same records as a hub download (``data/{split}-*.parquet``/jsonl), and saved with datasets."""
     root.mkdir(parents=True)
@@ -87,6 +100,7 @@ def _save_every_way(records: list[dict[str, Any]], held_out: list[dict[str, Any]
     (root / "hub_parquet" / "data").mkdir(parents=True)
     train.to_parquet(str(root / "hub_parquet" / "data" / "train-00000-of-00001.parquet"))
     test.to_parquet(str(root / "hub_parquet" / "data" / "test-00000-of-00001.parquet"))
+    (root / "hub_parquet" / "README.md").write_text(HUB_CARD)  # a hub download's dataset card
     (root / "hub_jsonl" / "data").mkdir(parents=True)
     write_jsonl(root / "hub_jsonl" / "data" / "train-00000-of-00001.jsonl", records)
     write_jsonl(root / "hub_jsonl" / "data" / "test-00000-of-00001.jsonl", held_out)
