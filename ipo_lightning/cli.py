@@ -55,6 +55,7 @@ from ipo_lightning.metrics_history import HistoryCSVLogger, MetricsHistory
 from ipo_lightning.module import (
     DEFAULT_LR,
     PreferenceModule,
+    default_beta,
     default_length_normalize,
     resolve_model_batching,
 )
@@ -266,6 +267,8 @@ class PreferenceCLI(LightningCLI):
         check_optimizer(config.model.get("optimizer"))
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
+        if config.model.beta is None:
+            config.model.beta = default_beta(config.model.loss_type)
         model = config.model
         model.reference = resolve_reference_strategy(model.reference, uses_lora=model.lora is not None)
         model.batching = resolve_model_batching(
