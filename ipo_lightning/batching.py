@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.logprobs import token_logprobs
+from ipo_lightning.packing_safety import packing_unsafe_reason
 
 Batching = Literal["padded", "padding_free", "prefix_shared"]
 BATCHING_CHOICES: tuple[str, ...] = get_args(Batching)
@@ -143,14 +144,41 @@ def check_batching_option(batching: str, attn_implementation: str | None) -> Non
             )
 
 
+def check_packing_safe(batching: str, name: str, config: object) -> None:
+    """Refuse ``padding_free`` / ``prefix_shared`` for a model whose layers would mix packed sequences.
+
+    Args:
+        batching: the (resolved) ``model.batching``.
+        name: how the message names the model (its path or class).
+        config: its ``PretrainedConfig`` (see :func:`~ipo_lightning.packing_safety.packing_unsafe_reason`).
+
+    Raises:
+        ConfigError: naming ``model.batching``, the model and the layer kind found.
+    """
+    if batching == "padded" or config is None:
+        return
+    reason = packing_unsafe_reason(config)
+    if reason is not None:
+        raise _packing_error(batching, name, reason)
+
+
+def _packing_error(batching: str, name: str, reason: str) -> ConfigError:
+    return ConfigError(
+        f"model.batching={batching}: {name} cannot run packed rows: {reason}; use model.batching padded "
+        "(auto picks it for this model)"
+    )
+
+
 def check_model_batching(model: nn.Module, batching: str) -> None:
-    """Check a loaded model can run ``batching`` (its forward takes ``position_ids``, its attention fits).
+    """Check a loaded model can run ``batching`` (its forward takes ``position_ids``, its attention fits,
+    its layers keep packed sequences apart).
 
     Raises:
         ConfigError: naming ``model.batching`` and what the model lacks.
     """
     if batching == "padded":
         return
+    check_packing_safe(batching, type(model).__name__, getattr(model, "config", None))
     if "position_ids" not in _forward_parameters(model):
         raise ConfigError(
             f"model.batching={batching}: {type(model).__name__}.forward takes no position_ids, which "
@@ -170,10 +198,14 @@ class BatchingTarget:
     """Its class; None when its config does not say which class it is."""
     attention: str | None
     """Its attention kernel; None: transformers' default for the class (sdpa, else eager)."""
+    packing_unsafe: str | None = None
+    """Why its layers would mix packed sequences (:func:`packing_unsafe_reason`); None: they do not."""
 
 
 def _supported_layouts(target: BatchingTarget) -> tuple[tuple[Batching, ...], str]:
     """The layouts a model can run, best first, and why it cannot run the others."""
+    if target.packing_unsafe is not None:
+        return ("padded",), f"it cannot run packed rows: {target.packing_unsafe}"
     if target.model_class is None:
         return ("padded",), "its config names no causal-LM class whose forward could be checked"
     if "position_ids" not in _forward_parameters(target.model_class):
@@ -195,8 +227,16 @@ def resolve_batching(batching: str, targets: Sequence[BatchingTarget]) -> Batchi
     the same log-probs, so the choice is one of speed only. It is logged as one INFO line naming
     the deciding model and why. ``targets`` are the models that run the layout during training (the
     policy, and a separately loaded reference).
+
+    Raises:
+        ConfigError: an explicit ``padding_free`` or ``prefix_shared`` for a target whose layers would
+            mix packed sequences (:attr:`BatchingTarget.packing_unsafe`).
     """
     if batching != "auto":
+        if batching != "padded":
+            for target in targets:
+                if target.packing_unsafe is not None:
+                    raise _packing_error(batching, target.name, target.packing_unsafe)
         return batching  # type: ignore[return-value]  # checked by check_batching_option
     supported = [(target, *_supported_layouts(target)) for target in targets]
     for layout in ("prefix_shared", "padding_free", "padded"):
