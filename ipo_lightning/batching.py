@@ -12,8 +12,8 @@ rows). :func:`build_layout` rearranges them, per step, into what the model actua
   kernel's cost grows with each sequence's own length), and the forward also gets the sequence
   boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``) exactly as transformers'
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` builds them, so the kernel never
-  attends across two sequences. With sdpa/eager a mask over one row of all tokens costs attention quadratic in
-  the *total* length, so sequences are packed first-fit-decreasing into rows no wider than the
+  attends across two sequences. With sdpa/eager a mask over one row of all tokens costs attention
+  quadratic in the *total* length, so sequences are packed first-fit-decreasing into rows no wider than the
   longest sequence: never more attention work than the padded batch, and less padding. Models whose
   layers mix tokens outside attention (linear attention, state-space, convolution) would carry state
   across packed sequences: :mod:`ipo_lightning.packing_safety` refuses them this layout and the next.

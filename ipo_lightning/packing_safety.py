@@ -27,8 +27,8 @@ _ACCEPTED_LAYER_TYPES = SAFE_LAYER_TYPES | TOKENWISE_LAYER_TYPES
 LAYER_KIND_NAMES = {
     "linear_attention": "linear-attention / state-space",
     "conv": "short-convolution",
-    "hybrid": "parallel attention + state-space",
-    "hybrid_sliding": "parallel sliding attention + state-space",
+    "hybrid": "attention combined with state-space or convolution",
+    "hybrid_sliding": "sliding attention combined with state-space or convolution",
     "recurrent": "recurrent",
     "mamba": "Mamba state-space",
 }

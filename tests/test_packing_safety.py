@@ -65,7 +65,10 @@ UNSAFE = {
     "jamba": (lambda: JambaConfig(**TINY, attn_layer_period=2, attn_layer_offset=1), LINEAR),
     "mamba": (lambda: MambaConfig(**TINY), LINEAR),
     "mamba2": (lambda: Mamba2Config(**TINY, num_heads=4, head_dim=16), LINEAR),
-    "falcon_h1": (lambda: FalconH1Config(**TINY), "'hybrid' (parallel attention + state-space layers)"),
+    "falcon_h1": (
+        lambda: FalconH1Config(**TINY),
+        "'hybrid' (attention combined with state-space or convolution layers)",
+    ),
     # Its older layer names ("mamba", "attention") are read into the layer_types convention.
     "granitemoehybrid": (
         lambda: GraniteMoeHybridConfig(**TINY, mamba_n_heads=4, layer_types=["mamba", "attention"]),
