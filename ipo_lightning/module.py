@@ -45,6 +45,7 @@ from ipo_lightning.modeling import (
     load_causal_lm,
     load_model_config,
 )
+from ipo_lightning.packing_safety import packing_unsafe_reason
 from ipo_lightning.precompute import PrecomputeReport, ReferenceSpec, prepare_precomputed_reference
 from ipo_lightning.reference import (
     REFERENCE_ATTRIBUTE,
@@ -99,10 +100,11 @@ def resolve_model_batching(
 
     The models that run the layout are the policy and, with ``reference: separate`` or
     ``precomputed`` and another path, the reference (a LoRA reference is the policy's base; a
-    precomputed one runs the layout in its one pass before training). See
+    precomputed one runs the layout in its one pass before training). An explicit ``padding_free``
+    or ``prefix_shared`` is refused here for a model whose layers would mix packed sequences. See
     :func:`~ipo_lightning.batching.resolve_batching`.
     """
-    if batching != "auto":
+    if batching == "padded":
         return batching
     paths = [model_name_or_path]
     if reference in ("separate", "precomputed") and reference_name_or_path not in (None, model_name_or_path):
@@ -116,6 +118,7 @@ def resolve_model_batching(
                 model_class=causal_lm_class(config, trust_remote_code=trust_remote_code),
                 # from_pretrained's kernel: the option, else the config's own, else transformers' default.
                 attention=attn_implementation or getattr(config, "_attn_implementation", None),
+                packing_unsafe=packing_unsafe_reason(config),
             )
         )
     return resolve_batching(batching, targets)
