@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,11 @@ def test_train_size_beyond_the_pairs_there_are_is_one_config_error(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", _numbered_pairs(40))
-    with pytest.raises(ConfigError, match=rf"data.train_size 31 is more than the 30 training pairs of {train}"):
+    expected = f"data.train_size 31 is more than the 30 training pairs of {train}"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         _train_set(tmp_path, tiny_model_dir, train, limit=30, train_size=31)
     assert len(_train_set(tmp_path, tiny_model_dir, train, limit=30, train_size=30)) == 30
-    with pytest.raises(ConfigError, match=r"data.train_size must be a positive number of pairs or null, got 0"):
+    with pytest.raises(
+        ConfigError, match=r"data.train_size must be a positive number of pairs or null, got 0$"
+    ):
         _train_set(tmp_path, tiny_model_dir, train, train_size=0)
