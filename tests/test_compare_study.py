@@ -184,7 +184,7 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
         "trainer.enable_checkpointing": False,
         "trainer.callbacks": [],
         "divergence.sample_prompts": 0,
-        "divergence.max_pairs": 16,
+        "divergence.num_pairs": 16,
         "export.enabled": False,
         "wandb.enabled": False,
     }
@@ -219,6 +219,10 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
     groups = {(g["label"], g["pairs"]): g for g in summary["by_pairs"]}
     assert sorted(pairs for _, pairs in groups) == [32, 64]
     for (_, pairs), group in groups.items():
-        accuracies = [r["mean_accuracy"] for r in summary["runs"] if r["train_size"] == pairs]
+        accuracies = [
+            sum(r["accuracy"].values()) / len(r["accuracy"])
+            for r in summary["runs"]
+            if r["train_size"] == pairs
+        ]
         assert group["seeds"] == [0, 1] and group["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
     assert (report.parent / "metric_vs_pairs.png").is_file()

@@ -169,6 +169,9 @@ def plot_errorbar_lines(
                 label=label,
             )
         axis.set_xscale("log")
+        sizes = sorted({point[0] for points in series.values() for point in points})
+        axis.set_xticks(sizes, [f"{size:g}" for size in sizes])  # the sizes themselves, not decades
+        axis.minorticks_off()
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)

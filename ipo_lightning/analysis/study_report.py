@@ -201,7 +201,7 @@ def frontier_section(runs: Mapping[str, RunMetrics], out_dir: Path) -> tuple[lis
                 xs, ys = curves[metric].setdefault(point.run, ([], []))
                 xs.append(point.seq_kl)
                 ys.append(value)
-    panels = [(REWARD, "gold reward of the samples")] + (
+    panels = [(REWARD, "reward of the policy's samples")] + (
         [(WIN_RATE, "win rate vs reference")] if with_win else []
     )
     plot_xy_lines(
