@@ -226,3 +226,19 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
         ]
         assert group["seeds"] == [0, 1] and group["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
     assert (report.parent / "metric_vs_pairs.png").is_file()
+
+
+def test_shipped_gold_data_size_study_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root, where users run it
+    spec = load_spec("configs/compare/gold-data-size.yaml")
+    runs = list(spec.runs)
+    assert len(runs) == 24 and runs[0] == "ipo-n250-noise0-seed0" and runs[-1] == "dpo-n4000-noise0.2-seed1"
+    command = spec.fit_command("dpo-n1000-noise0.2-seed1")
+    given = dict(zip(command[4::2], command[5::2], strict=False))
+    assert given["--data.train.path"] == "builtin:gold/train?pairs=10000&temperature=0"
+    assert (given["--model.loss_type"], given["--model.beta"]) == ("dpo", "0.1")
+    assert (given["--data.train_size"], given["--data.label_noise"], given["--data.seed"]) == (
+        "1000",
+        "0.2",
+        "1",
+    )
