@@ -5,12 +5,15 @@ it different (loss type, beta, label noise...). Members run one after another wi
 ``fit``, into ``<runs_dir>/<name>/<member>/version_N``; then ``report`` writes the comparison. Every
 member is checked (``fit --print_config``) before the first one trains, so a typo fails in seconds.
 ``--print_commands`` prints the fit commands instead, e.g. to submit them as separate SLURM jobs.
+A ``study:`` runs every member at every point of declared axes (data size, label noise, seed
+replicates; :mod:`~ipo_lightning.analysis.study`), as runs ``<member>-n250-noise0.2-seed1``.
 
 Seed, training data and step budget are the same for every member by construction: a member may
-not override them (``FIXED_OPTIONS``), so the members see the same pairs in the same order. That is
-checked twice: on the compare file (dotted keys, keys nested under a parent such as ``trainer:``,
-and the keys of a member's own ``config:`` file), and on every member's resolved config (``fit
---print_config``), which no way of setting an option gets around. The report is written into a
+not override them (``FIXED_OPTIONS``), so the members see the same pairs in the same order; only a
+study's axes change the options they set, and then for every member alike. That is checked twice:
+on the compare file (dotted keys, keys nested under a parent such as ``trainer:``, and the keys of
+a member's own ``config:`` file), and on every member's resolved config (``fit --print_config``),
+which no way of setting an option gets around. The report is written into a
 temporary folder and renamed into place only once complete.
 """
 
@@ -32,6 +35,7 @@ from typing import Any
 import yaml
 
 from ipo_lightning.analysis.report import write_report
+from ipo_lightning.analysis.study import PlannedRun, axis_options, check_study, plan_runs
 from ipo_lightning.errors import ConfigError, UserInputError
 
 FIXED_OPTIONS = (
@@ -40,6 +44,7 @@ FIXED_OPTIONS = (
     "data.train",
     "data.val",
     "data.val_fraction",
+    "data.train_size",
     "data.batch_size",
     "trainer.max_steps",
     "trainer.max_epochs",
@@ -51,7 +56,7 @@ FIXED_OPTIONS = (
 PER_MEMBER_OPTIONS = ("trainer.default_root_dir",)
 """Fixed options that ``fit_command`` itself sets to each member's own folder."""
 
-FILE_KEYS = {"name", "fit_config", "runs_dir", "options", "members", "report_dir"}
+FILE_KEYS = {"name", "fit_config", "runs_dir", "options", "members", "study", "report_dir"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A comparison or member name: one folder name, so its runs stay inside ``runs_dir``."""
 DEFAULT_REPORT_FOLDER = "report"
@@ -68,6 +73,8 @@ class CompareSpec:
         runs_dir: parent folder of the runs.
         options: options every member gets (after ``fit_config``, before its own).
         report_dir: where the report goes; default ``<runs_dir>/<name>/report``.
+        study: axis -> values (see :mod:`~ipo_lightning.analysis.study`); every member runs at every
+            point. Empty: each member is one run.
     """
 
     name: str
@@ -76,19 +83,30 @@ class CompareSpec:
     runs_dir: Path = Path("runs/compare")
     options: dict[str, Any] = field(default_factory=dict)
     report_dir: Path | None = None
+    study: dict[str, list[Any]] = field(default_factory=dict)
 
-    def member_dir(self, member: str) -> Path:
-        """Root folder of ``member``'s runs."""
-        return self.runs_dir / self.name / member
+    @property
+    def runs(self) -> dict[str, PlannedRun]:
+        """Run name -> run, in running order: each member, at each point of the study."""
+        return {run.name: run for run in plan_runs(self.members, self.study)}
 
-    def fit_command(self, member: str) -> list[str]:
-        """The ``python -m ipo_lightning fit`` command line of ``member``."""
+    def member_dir(self, run: str) -> Path:
+        """Root folder of the run ``run``'s folders (``version_N``); without a study a run is a member."""
+        return self.runs_dir / self.name / run
+
+    def fit_command(self, run: str) -> list[str]:
+        """The ``python -m ipo_lightning fit`` command line of the run ``run``.
+
+        The study point's options come after the member's, so nothing a member sets can override them.
+        """
+        planned = self.runs[run]
         command = [sys.executable, "-m", "ipo_lightning", "fit"]
         for config in self.fit_config:
             command += ["--config", str(config)]
-        for key, value in {**self.options, **self.members[member]}.items():
+        options = {**self.options, **self.members[planned.member], **planned.axis_options()}
+        for key, value in options.items():
             command += [f"--{key}", _cli_value(value)]
-        return command + ["--trainer.default_root_dir", str(self.member_dir(member))]
+        return command + ["--trainer.default_root_dir", str(self.member_dir(run))]
 
 
 def _cli_value(value: Any) -> str:
@@ -116,19 +134,29 @@ def load_spec(path: str | Path) -> CompareSpec:
     if not isinstance(members, dict) or not all(isinstance(o, dict | None) for o in members.values()):
         raise ConfigError(f"{path}: 'members' maps each member name to its options")
     check_name(path, "comparison", raw["name"])
+    study = check_study(path, raw.get("study"))
+    by_axis = axis_options(study)
+    for key, via in _set_options(raw.get("options") or {}):
+        if (axis := _axis_of(key, by_axis)) is not None:
+            raise ConfigError(f"{path}: options set {key!r}{via}, which the study axis {axis!r} sets per run")
     for member, options in members.items():
         check_name(path, "member", str(member) if isinstance(member, int) else member)
-        if member == DEFAULT_REPORT_FOLDER and not raw.get("report_dir"):
-            raise ConfigError(
-                f"{path}: member {member!r} would share its folder with the report; rename it or set "
-                "report_dir"
-            )
         for key, via in _set_options(options or {}):
+            if (axis := _axis_of(key, by_axis)) is not None:
+                raise ConfigError(
+                    f"{path}: member {member!r} sets {key!r}{via}, which the study axis {axis!r} sets per run"
+                )
             if _fixed_option(key) is not None:
                 raise ConfigError(
                     f"{path}: member {member!r} sets {key!r}{via}, which all members must share (same "
                     "seed, data and budget); set it in fit_config or options"
                 )
+    for run in plan_runs({str(member): None for member in members}, study):
+        if run.name == DEFAULT_REPORT_FOLDER and not raw.get("report_dir"):
+            raise ConfigError(
+                f"{path}: member {run.name!r} would share its folder with the report; rename it or set "
+                "report_dir"
+            )
     configs = raw["fit_config"] if isinstance(raw["fit_config"], list) else [raw["fit_config"]]
     for config in configs:
         if not Path(config).is_file():
@@ -141,6 +169,7 @@ def load_spec(path: str | Path) -> CompareSpec:
         runs_dir=Path(raw.get("runs_dir", "runs/compare")),
         options=dict(raw.get("options") or {}),
         report_dir=Path(report_dir) if report_dir else None,
+        study=study,
     )
 
 
@@ -155,10 +184,17 @@ def check_name(path: Path, what: str, name: object) -> None:
 
 def _fixed_option(key: str) -> str | None:
     """The fixed option that setting ``key`` changes (``key`` is it, below it or above it), if any."""
-    for fixed in FIXED_OPTIONS:
-        if key == fixed or key.startswith(fixed + ".") or fixed.startswith(key + "."):
-            return fixed
-    return None
+    return next((fixed for fixed in FIXED_OPTIONS if _overlaps(key, fixed)), None)
+
+
+def _axis_of(key: str, by_axis: Mapping[str, str]) -> str | None:
+    """The study axis whose options setting ``key`` changes, if any."""
+    return next((axis for option, axis in by_axis.items() if _overlaps(key, option)), None)
+
+
+def _overlaps(key: str, option: str) -> bool:
+    """Setting ``key`` changes ``option``: it is the option, below it or above it."""
+    return key == option or key.startswith(option + ".") or option.startswith(key + ".")
 
 
 def _set_options(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
@@ -184,16 +220,22 @@ def _set_options(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 def check_members(spec: CompareSpec) -> None:
     """Parse every member's full config (``fit --print_config``) before anything trains.
 
-    Then compare the resolved fixed options across members, whatever set them.
+    Then compare the resolved fixed options across members, whatever set them. With a study each
+    member is parsed at the study's first point, where all members share the axis values: its other
+    runs differ from it only in the axis options, which come last on their command lines (nothing
+    the member sets overrides them) and whose values ``load_spec`` checked.
 
     Raises:
         ConfigError: a member's options do not parse, or resolve a fixed option to another value than
             the first member's; the message names the member and the option.
     """
     resolved: dict[str, dict[str, Any]] = {}
-    for member in spec.members:
+    first_runs = {}
+    for run in spec.runs.values():
+        first_runs.setdefault(run.member, run)
+    for member, run in first_runs.items():
         result = subprocess.run(
-            [*spec.fit_command(member), "--print_config"], capture_output=True, text=True, check=False
+            [*spec.fit_command(run.name), "--print_config"], capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -246,20 +288,31 @@ def latest_run(folder: Path) -> Path:
     return max(runs, key=lambda child: (child / "metrics.csv").stat().st_mtime)
 
 
+def plan_summary(spec: CompareSpec) -> str:
+    """One line: how many runs, how they come about, and their names in running order."""
+    shape = " x ".join(
+        [f"{len(spec.members)} members", *(f"{len(values)} {axis}" for axis, values in spec.study.items())]
+    )
+    names = list(spec.runs)
+    return f"compare {spec.name}: {len(names)} runs ({shape}): {', '.join(names)}"
+
+
 def run_compare(spec: CompareSpec) -> Path:
-    """Check, then fit every member in turn, then write the report; returns the report path."""
+    """Check, then fit every run in turn, then write the report; returns the report path."""
+    print(plan_summary(spec), flush=True)
     check_members(spec)
-    for index, member in enumerate(spec.members, start=1):
-        print(f"compare {spec.name}: member {index}/{len(spec.members)}: {member}", flush=True)
-        result = subprocess.run(spec.fit_command(member), check=False)
+    runs = list(spec.runs)
+    for index, run in enumerate(runs, start=1):
+        print(f"compare {spec.name}: run {index}/{len(runs)}: {run}", flush=True)
+        result = subprocess.run(spec.fit_command(run), check=False)
         if result.returncode != 0:
-            raise UserInputError(f"compare member {member!r}: fit failed (exit code {result.returncode})")
+            raise UserInputError(f"compare run {run!r}: fit failed (exit code {result.returncode})")
     return write_compare_report(spec)
 
 
 def write_compare_report(spec: CompareSpec) -> Path:
-    """Write the report of the members' newest runs; returns the path of ``report.md``."""
-    runs = [latest_run(spec.member_dir(member)) for member in spec.members]
+    """Write the report of every run's newest run folder; returns the path of ``report.md``."""
+    runs = [latest_run(spec.member_dir(run)) for run in spec.runs]
     report_dir = spec.report_dir or spec.runs_dir / spec.name / DEFAULT_REPORT_FOLDER
     return write_folder_atomically(
         report_dir, lambda folder: write_report(runs, folder, title=f"Comparison: {spec.name}")
@@ -305,13 +358,12 @@ def main(args: list[str] | None = None) -> None:
         description="Train several methods on the same data, seed and budget, then write a report.",
     )
     parser.add_argument("--config", required=True, type=Path, help="compare file (see configs/compare/)")
-    parser.add_argument(
-        "--print_commands", action="store_true", help="print each member's fit command and exit"
-    )
+    parser.add_argument("--print_commands", action="store_true", help="print each run's fit command and exit")
     options = parser.parse_args(args)
     spec = load_spec(options.config)
     if options.print_commands:
-        for member in spec.members:
-            print(shlex.join(spec.fit_command(member)))
+        print(plan_summary(spec), file=sys.stderr)  # stdout stays one command per line
+        for run in spec.runs:
+            print(shlex.join(spec.fit_command(run)))
         return
     print(f"wrote {run_compare(spec)}")

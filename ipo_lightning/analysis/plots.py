@@ -98,3 +98,87 @@ def scatter_runs(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
+
+
+def plot_xy_lines(
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    ylabels: Sequence[str],
+    path: str | Path,
+    *,
+    xlabel: str,
+    title: str | None = None,
+) -> Path:
+    """One panel per metric, each with one line per run through its (x, y) points, written to ``path``.
+
+    Args:
+        panels: panel title (a metric name) -> run label -> (xs, ys) in drawing order (e.g. by step).
+        ylabels: y-axis label per panel, in the order of ``panels``.
+        path: output file; its folder is created.
+        xlabel: x-axis label, shared by the panels.
+        title: figure title.
+    """
+    figure = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axis, (metric, lines), ylabel in zip(axes, panels.items(), ylabels, strict=True):
+        for label, (xs, ys) in lines.items():
+            axis.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=label)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.set_title(metric, fontsize=10)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_errorbar_lines(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float, float, float]]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    title: str | None = None,
+) -> Path:
+    """One panel per metric, one line per series through (x, mean) with bars from low to high (PNG).
+
+    Args:
+        panels: y-axis label -> series label -> ``(x, mean, low, high)`` points, x increasing; a point
+            with low == high gets no bar. The x axis is logarithmic (data sizes grow by factors).
+        path: output file; its folder is created.
+        xlabel: x-axis label, shared by the panels.
+        title: figure title.
+    """
+    figure = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axis, (ylabel, series) in zip(axes, panels.items(), strict=True):
+        for label, points in series.items():
+            xs, means, lows, highs = (list(values) for values in zip(*points, strict=True))
+            below = [mean - low for mean, low in zip(means, lows, strict=True)]
+            above = [high - mean for mean, high in zip(means, highs, strict=True)]
+            axis.errorbar(
+                xs,
+                means,
+                yerr=[below, above],
+                marker="o",
+                markersize=4,
+                capsize=3,
+                linewidth=1.3,
+                label=label,
+            )
+        axis.set_xscale("log")
+        sizes = sorted({point[0] for points in series.values() for point in points})
+        axis.set_xticks(sizes, [f"{size:g}" for size in sizes])  # the sizes themselves, not decades
+        axis.minorticks_off()
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path

@@ -7,7 +7,11 @@ so it needs no W&B account and works on copied run folders. It writes ``DIR/repo
 - ``kl_vs_step.png``: ``divergence/kl`` over optimizer steps, one line per run;
 - ``accuracy_vs_kl.png``: final held-out accuracy against final KL, the trade-off frontier;
 - ``accuracy_id_vs_ood.png``: accuracy on the first (in-distribution) val set against the second
-  (out-of-distribution), when the runs have two or more val sets.
+  (out-of-distribution), when the runs have two or more val sets;
+- with a generation evaluation (``gen/`` metrics) or a data-size study (``data.train_size``), the
+  sections of :mod:`~ipo_lightning.analysis.study_report`: the reward-KL frontier, metrics against
+  the number of pairs over seed replicates, and degeneration over training; the table then also
+  has the final ``gen/`` values, the number of pairs and the seed.
 
 Recommendation rule: among the runs trained on clean labels (``data.label_noise`` 0; all runs if
 none is), the highest mean held-out accuracy over all val sets; runs within ``TIE_ACCURACY`` of the
@@ -21,12 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ipo_lightning.analysis.plots import plot_metrics_over_steps, scatter_runs
 from ipo_lightning.analysis.run_logs import RunMetrics, load_run
+from ipo_lightning.analysis.study_report import (
+    degeneration_section,
+    final_gen_metrics,
+    frontier_section,
+    pairs_section,
+)
 from ipo_lightning.errors import UserInputError
 
 TIE_ACCURACY = 0.01
@@ -54,6 +64,12 @@ class RunSummary:
     retention_text: float
     win_rate: float | None = None
     """Reward-model win rate against the reference, from ``judge.json`` when present."""
+    train_size: int | None = None
+    """``data.train_size``: the number of training pairs of a data-size study (None: all)."""
+    seed: int | None = None
+    """``seed_everything``."""
+    gen: dict[str, float] = field(default_factory=dict)
+    """``gen/<name>`` -> last logged value, for the generation metrics the run logged."""
 
     @property
     def mean_accuracy(self) -> float:
@@ -96,6 +112,9 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
         retention_chosen=run.last("divergence/retention/chosen"),
         retention_text=run.last("divergence/retention/text"),
         win_rate=win_rate,
+        train_size=run.setting("data.train_size"),
+        seed=run.setting("seed_everything"),
+        gen=final_gen_metrics(run),
     )
 
 
@@ -132,14 +151,14 @@ class NoiseCost:
 
 
 def noise_costs(summaries: list[RunSummary]) -> list[NoiseCost]:
-    """Pair every noisy run with the clean run of the same loss, beta and normalisation."""
+    """Pair every noisy run with the clean run of the same loss, beta, normalisation, size and seed."""
+
+    def key(s: RunSummary) -> tuple:
+        return (s.loss_type, s.beta, s.length_normalize, s.train_size, s.seed)
+
     costs = []
     for noisy in (s for s in summaries if s.label_noise > 0):
-        key = (noisy.loss_type, noisy.beta, noisy.length_normalize)
-        clean = next(
-            (s for s in summaries if s.label_noise == 0 and (s.loss_type, s.beta, s.length_normalize) == key),
-            None,
-        )
+        clean = next((s for s in summaries if s.label_noise == 0 and key(s) == key(noisy)), None)
         if clean is not None:
             change = {
                 name: noisy.accuracy[name] - clean.accuracy.get(name, math.nan) for name in noisy.accuracy
@@ -162,6 +181,31 @@ def run_names(run_dirs: list[Path]) -> list[str]:
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+GEN_COLUMNS = (
+    ("reward", "gen reward"),
+    ("win_rate", "gen win rate"),
+    ("length", "gen length"),
+    ("eos_rate", "EOS rate"),
+    ("distinct_2", "distinct-2"),
+    ("repetition", "repetition"),
+)
+"""Final-table columns of the primary set's ``gen/`` metrics (each shown when a run logged it)."""
+GEN_NOTE = (
+    " The gen columns are the last generation evaluation on the primary held-out set: the reward of "
+    "the policy's samples, their win rate against the reference's samples (95% interval in brackets), "
+    "their mean length in tokens, the share that ended with EOS, distinct bigrams over all bigrams, and "
+    "`gen/repetition`."
+)
+
+
+def _gen_cell(gen: dict[str, float], name: str) -> str:
+    """A gen column's cell; the win rate with its confidence interval when that was logged."""
+    cell = _number(gen.get(name, math.nan))
+    if name == "win_rate" and "win_rate_ci_low" in gen and "win_rate_ci_high" in gen:
+        cell += f" [{gen['win_rate_ci_low']:.3f}, {gen['win_rate_ci_high']:.3f}]"
+    return cell
 
 
 def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method comparison") -> Path:
@@ -199,17 +243,25 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         images.append("accuracy_id_vs_ood.png")
 
     choice, reason = recommend(summaries)
-    header = ["run", "loss", "beta", "norm", "label noise", "steps"]
+    with_size = any(s.train_size is not None for s in summaries)
+    with_seed = len({s.seed for s in summaries}) > 1
+    header = ["run", "loss", "beta", "norm", "label noise"]
+    header += (["pairs"] if with_size else []) + (["seed"] if with_seed else []) + ["steps"]
     header += [f"acc {name}" for name in sets] + ["margin", "KL/token", "retention chosen", "retention text"]
     with_judge = any(s.win_rate is not None for s in summaries)
     header += ["RM win rate"] if with_judge else []
+    gen_columns = [(name, label) for name, label in GEN_COLUMNS if any(name in s.gen for s in summaries)]
+    header += [label for _, label in gen_columns]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for s in summaries:
         norm = {True: "mean", False: "sum"}.get(s.length_normalize, "?")
-        cells = [s.name, s.loss_type, _number(s.beta, 2), norm, _number(s.label_noise, 2), str(s.steps)]
+        cells = [s.name, s.loss_type, _number(s.beta, 2), norm, _number(s.label_noise, 2)]
+        cells += [str(s.train_size) if s.train_size is not None else "all"] if with_size else []
+        cells += ([str(s.seed)] if with_seed else []) + [str(s.steps)]
         cells += [_number(s.accuracy.get(name, math.nan)) for name in sets]
         cells += [_number(s.margin), _number(s.kl, 4), _number(s.retention_chosen), _number(s.retention_text)]
         cells += [_number(s.win_rate)] if with_judge else []
+        cells += [_gen_cell(s.gen, name) for name, _ in gen_columns]
         lines.append("| " + " | ".join(cells) + " |")
     candidates = "runs with clean labels" if any(s.label_noise > 0 for s in summaries) else "runs"
     lines += [
@@ -229,10 +281,16 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         "Accuracy is the implicit-reward preference accuracy on each val set at the end of training; "
         "margin is the primary val set's log-ratio margin h in the loss's own normalisation; KL/token is "
         "the exact `divergence/kl` on the held-out subset; retention is the per-token change in "
-        "log-likelihood, policy minus reference (negative: capability lost).",
+        "log-likelihood, policy minus reference (negative: capability lost)."
+        + (GEN_NOTE if gen_columns else ""),
         "",
     ]
     lines += [f"![{Path(image).stem}]({image})" for image in images]
+    frontier, frontier_points = frontier_section(runs, out_dir)
+    by_pairs, pairs_points = pairs_section(runs, {s.name: s.mean_accuracy for s in summaries}, out_dir)
+    degeneration = degeneration_section(runs, out_dir, title)
+    if frontier or by_pairs or degeneration:
+        lines += ["", *frontier, *by_pairs, *degeneration]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     summary = {
@@ -240,6 +298,10 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         "runs": [_json_safe(asdict(s)) for s in summaries],
         "noise_costs": [_json_safe(asdict(cost)) for cost in costs],
     }
+    if frontier_points:
+        summary["frontier"] = [_json_safe(asdict(point)) for point in frontier_points]
+    if pairs_points:
+        summary["by_pairs"] = [_json_safe(asdict(point)) for point in pairs_points]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return report
 

@@ -39,6 +39,10 @@ class RunMetrics:
                 values.append(float(value))
         return steps, values
 
+    def by_step(self, name: str) -> dict[int, float]:
+        """Step -> value of metric ``name``; a step logged more than once keeps its last value."""
+        return dict(zip(*self.series(name), strict=True))
+
     def last(self, name: str) -> float:
         """The last logged value of ``name`` (NaN if it was never logged)."""
         _, values = self.series(name)

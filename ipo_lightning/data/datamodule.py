@@ -23,6 +23,7 @@ from ipo_lightning.data.noise import FLIPPED_COLUMN, check_label_noise, flip_lab
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
 from ipo_lightning.data.sampler import ResumableDistributedSampler
 from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source
+from ipo_lightning.data.subset import check_train_size, subset_rows
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
 from ipo_lightning.errors import ConfigError, DataError, UserInputError
 
@@ -56,8 +57,12 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: Processes for tokenising large sets; None: one.
         cache_dir: datasets cache folder; None: datasets' default (HF_DATASETS_CACHE).
         seed: Seed of the held-out split, the training shuffle and the label noise.
-        label_noise: Fraction of training pairs (after drops, val_fraction excluded) whose chosen and
-            rejected are swapped, drawn from ``seed``: a robustness test on your own data. 0: none.
+        train_size: Train on this many pairs: the first N of the kept training pairs (after the source's
+            limit, the val_fraction split and dropped pairs) in one fixed shuffle that no seed changes,
+            so a smaller set is a subset of every larger one (a data-size study). None: all pairs.
+        label_noise: Fraction of training pairs (after drops and train_size, val_fraction excluded)
+            whose chosen and rejected are swapped, drawn from ``seed``: a robustness test on your own
+            data. 0: none.
         trust_remote_code: Allow custom tokenizer code from the tokenizer's repository.
     """
 
@@ -78,6 +83,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
+        train_size: int | None = None,
         label_noise: float = 0.0,
         trust_remote_code: bool = False,
     ) -> None:
@@ -98,6 +104,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 "batch_size": batch_size,
                 "val_batch_size": val_batch_size,
                 "seed": seed,
+                "train_size": train_size,
                 "label_noise": label_noise,
             }
         )
@@ -116,6 +123,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.cache_dir = cache_dir
         self.seed = seed
+        self.train_size = train_size
         self.label_noise = label_noise
         self.trust_remote_code = trust_remote_code
         self._check_config()
@@ -133,6 +141,7 @@ class PreferenceDataModule(L.LightningDataModule):
         for source in [self.train, *self.val.values(), *self.test.values()]:
             if source is not None:
                 check_source(source)  # load_source checks again; here it fails before any loading
+        check_train_size(self.train_size)
         check_label_noise(self.label_noise)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -323,6 +332,12 @@ class PreferenceDataModule(L.LightningDataModule):
             self.val_datasets[HELD_OUT_NAME] = self._finish(HELD_OUT_NAME, tokenized.select(held_out_rows))
             tokenized = tokenized.select(train_rows)
         train_dataset = self._finish("train", tokenized)
+        if self.train_size is not None:
+            # Size before noise: a noisy set of N pairs flips round(noise * N) of exactly these pairs.
+            train_dataset = train_dataset.select(
+                subset_rows(len(train_dataset), self.train_size, source=self.train.path)
+            )
+            rank_zero_info(f"train: kept {self.train_size} pairs (data.train_size)")
         if self.label_noise > 0:
             train_dataset = flip_labels(train_dataset, self.label_noise, self.seed)
             flipped = sum(train_dataset[FLIPPED_COLUMN])
