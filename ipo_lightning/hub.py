@@ -69,11 +69,11 @@ def check_hub_access(repo_id: str, token: str | None = None, endpoint: str | Non
             "rejected the token (HF_TOKEN or `hf auth login`)" if status == 401 else f"answered {status}"
         )
         raise ConfigError(f"{OPTION}={repo_id}: {api.endpoint} {problem}") from None
-    except Exception as error:  # noqa: BLE001 - the HTTP client's connection errors differ by version
+    except Exception as error:  # the HTTP client's connection errors differ by version
         raise ConfigError(
             f"{OPTION}={repo_id}: cannot reach {api.endpoint} ({type(error).__name__}: {error})"
         ) from None
-    role = (identity.get("auth") or {}).get("accessToken", {}).get("role")
+    role = ((identity.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise ConfigError(f"{OPTION}={repo_id}: the Hugging Face token is read-only; use a write token")
 
@@ -102,7 +102,7 @@ def push_export(plan: PushPlan, api: HfApi | None = None) -> str:
         commit = api.upload_folder(
             repo_id=plan.repo_id, folder_path=str(plan.folder), commit_message=plan.commit_message
         )
-    except Exception as error:  # noqa: BLE001 - one line for any failure; the export stays on disk
+    except Exception as error:  # one line for any failure; the export stays on disk
         raise HubPushError(
             f"{OPTION}={plan.repo_id}: upload failed ({type(error).__name__}: {error}); the export is in "
             f"{plan.folder}; retry with `hf upload {plan.repo_id} {plan.folder} .`"

@@ -22,7 +22,7 @@ from ipo_lightning.callbacks import DivergenceMonitor, HFExport
 from ipo_lightning.cli import main
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.hub import check_hub_access, check_repo_id, push_plan
+from ipo_lightning.hub import HubPushError, check_hub_access, check_repo_id, push_export, push_plan
 from ipo_lightning.model_card import CONFIG_FILENAME, build_model_card
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import (
@@ -279,3 +279,16 @@ def test_python_api_card_holds_the_rows_still_pending_at_fit_end(
     assert all(math.isclose(table[name][0], last[name][0], rel_tol=5e-4, abs_tol=1e-12) for name in table)
     assert f"`{train}`: 8 training pairs" in card.text and "Trained through the Python API" in card.text
     assert not (tmp_path / "run" / "hf_model" / CONFIG_FILENAME).exists()
+
+
+def test_a_failed_upload_is_one_line_that_says_how_to_retry(tmp_path: Path) -> None:
+    # HF_HUB_OFFLINE (conftest) makes the hub client refuse the first request, as a dropped network would.
+    plan = push_plan(tmp_path / "hf_model", "me/m", private=False, global_step=3)
+    with pytest.raises(HubPushError) as failure:
+        push_export(plan)
+    message = str(failure.value)
+    assert message.startswith("export.push_to_hub=me/m: upload failed (OfflineModeIsEnabled: ")
+    assert message.endswith(
+        f"the export is in {tmp_path / 'hf_model'}; retry with `hf upload me/m {plan.folder} .`"
+    )
+    assert "\n" not in message
