@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoTokenizer
 
+from ipo_lightning.analysis.run_logs import RunMetrics
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.distributed import full_policy_state_dict
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.hub import check_hub_access, push_export, push_plan
 from ipo_lightning.lora import is_lora, merged_copy
+from ipo_lightning.model_card import CARD_FILENAME, CONFIG_FILENAME, build_model_card
 
 ADAPTER_DIRNAME = "adapter"
+RUN_CONFIG_FILENAME = "config.yaml"
+"""The resolved config the CLI saves in the run folder (``SaveConfigCallback``'s default name)."""
 
 
 class HFExport(Callback):
@@ -35,23 +46,58 @@ class HFExport(Callback):
     without peft; with ``save_adapter`` its unmerged adapter is saved too, in ``<dirname>/adapter``
     (load it with ``peft.PeftModel.from_pretrained(base_model, that_folder)``).
 
+    The folder holds a model card (``README.md``, :mod:`ipo_lightning.model_card`) written from the
+    run's ``config.yaml`` and ``metrics.csv`` (flushed first), and a copy of that config
+    (``ipo_lightning_config.yaml``). After the rename, rank 0 logs the folder as a W&B model artifact
+    when a W&B logger is attached, then uploads it to the hub with ``push_to_hub``; the hub's access
+    is checked when the fit starts (``setup``), so a missing token fails before training.
+
     Args:
         enabled: export at the end of ``fit``.
         dirname: folder name inside the run directory (``trainer.log_dir``).
         save_adapter: LoRA policies: also save the unmerged adapter in ``<dirname>/adapter``.
+        push_to_hub: hub repo id (``user/name``) to upload the export to at the end of a successful
+            fit; needs a token (``hf auth login`` or HF_TOKEN), checked at start-up.
+        private: create the hub repo private (an existing repo keeps its visibility).
+        wandb_artifact: with a W&B logger, log the export as a W&B artifact of type ``model``, named
+            ``<dirname>-<W&B run id>``. The artifact refers to the export's files where they are (no
+            copy), so an offline run uploads them on ``wandb sync`` as long as they are still there.
     """
 
-    def __init__(self, enabled: bool = True, dirname: str = "hf_model", save_adapter: bool = False) -> None:
+    def __init__(
+        self,
+        enabled: bool = True,
+        dirname: str = "hf_model",
+        save_adapter: bool = False,
+        push_to_hub: str | None = None,
+        private: bool = False,
+        wandb_artifact: bool = True,
+    ) -> None:
         super().__init__()
         self.enabled = enabled
         self.dirname = dirname
         self.save_adapter = save_adapter
+        self.push_to_hub = push_to_hub
+        self.private = private
+        self.wandb_artifact = wandb_artifact
         self.export_dir: Path | None = None
+        self.pushed_url: str | None = None
+        """The hub commit of the last push (None: nothing pushed)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before a fit that pushes: check the repo id, the token and that the hub answers."""
+        if stage != "fit" or not self.push_to_hub:
+            return
+        if not self.enabled:
+            raise ConfigError(f"export.push_to_hub={self.push_to_hub} needs export.enabled true")
+        # Every rank checks (one request each), so all of them stop alike instead of waiting on rank 0.
+        check_hub_access(self.push_to_hub)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        target = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        target = run_dir / self.dirname
         self.export_dir = target
         # Every rank takes part: under FSDP and ZeRO-3 the weights are gathered from all of them.
         state_dict = full_policy_state_dict(trainer, pl_module)
@@ -88,12 +134,14 @@ class HFExport(Callback):
                 "base_model": pl_module.hparams.model_name_or_path,
                 "loss_type": pl_module.hparams.loss_type,
                 "beta": pl_module.hparams.beta,
+                "label_smoothing": pl_module.hparams.get("label_smoothing", 0.0),
                 "length_normalize": pl_module.hparams.length_normalize,
                 "reference": pl_module.hparams.get("reference"),
                 "lora": pl_module.hparams.get("lora"),
                 "global_step": trainer.global_step,
             }
             (staging / "ipo_lightning.json").write_text(json.dumps(info, indent=2) + "\n")
+            self._write_card(staging, trainer, pl_module, run_dir)
             _apply_umask(staging)
             if target.exists():
                 shutil.rmtree(target)
@@ -101,6 +149,69 @@ class HFExport(Callback):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         rank_zero_info(f"Exported the trained policy to {target}")
+        if self.wandb_artifact:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    _log_wandb_artifact(logger, target, self.dirname, info)
+        if self.push_to_hub:
+            plan = push_plan(target, self.push_to_hub, self.private, trainer.global_step)
+            self.pushed_url = push_export(plan)
+            rank_zero_info(f"Pushed the export to the hub: {self.pushed_url}")
+
+    def _write_card(
+        self, folder: Path, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: Path
+    ) -> None:
+        """Write the model card (and the run's config, when there is one) into ``folder``."""
+        config_file = run_dir / RUN_CONFIG_FILENAME
+        datamodule = trainer.datamodule
+        if config_file.is_file():
+            config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+            shutil.copyfile(config_file, folder / CONFIG_FILENAME)
+        else:  # the Python API: the same settings, as the module and data module hold them
+            config = {
+                "model": dict(pl_module.hparams),
+                "data": dict(datamodule.hparams) if datamodule else {},
+            }
+        train_dataset = getattr(datamodule, "train_dataset", None)
+        card = build_model_card(
+            RunMetrics(run_dir=run_dir, rows=_flushed_metrics(trainer), config=config),
+            global_step=trainer.global_step,
+            train_pairs=len(train_dataset) if train_dataset is not None else None,
+            reproducible=config_file.is_file(),
+            title=self.push_to_hub or f"{run_dir.name}/{self.dirname}",
+        )
+        card.save(folder / CARD_FILENAME)
+
+
+def _flushed_metrics(trainer: L.Trainer) -> list[dict[str, Any]]:
+    """The rows of the first CSV logger's ``metrics.csv``, pending rows written first ([] without one).
+
+    ``on_fit_end`` runs before the loggers' ``finalize`` (which would flush them), so the last
+    validation's rows may still be in memory here.
+    """
+    logger = next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
+    if logger is None:
+        return []
+    logger.save()
+    path = Path(logger.experiment.metrics_file_path)
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _log_wandb_artifact(logger: WandbLogger, folder: Path, dirname: str, info: dict[str, Any]) -> None:
+    """Log ``folder`` to ``logger``'s run as a ``model`` artifact named ``<dirname>-<run id>``."""
+    import wandb
+
+    run = logger.experiment
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{dirname}-{run.id}")
+    artifact = wandb.Artifact(name, type="model", metadata=info)
+    # "immutable": W&B refers to the export's own files instead of copying them into its staging
+    # folder (a second copy of the weights); an offline run's record names them by absolute path.
+    artifact.add_dir(str(folder.resolve()), policy="immutable")
+    run.log_artifact(artifact, aliases=["latest", f"step-{info['global_step']}"])
+    rank_zero_info(f"Logged the export as W&B artifact {name}")
 
 
 def _apply_umask(folder: Path) -> None:

@@ -1,0 +1,245 @@
+"""The model card (``README.md``) of a Hugging Face export, written from the run's own files.
+
+Everything in the card comes from the run folder: the resolved config (``config.yaml``: model, loss and
+data settings) and ``metrics.csv`` (the last held-out values), plus the number of training pairs the
+data module kept. The card is a :class:`huggingface_hub.ModelCard`: YAML front matter that the hub
+reads (``library_name``, ``base_model``, ``tags``, ``datasets``) and a Markdown body for people.
+
+``base_model`` and ``datasets`` hold hub ids only: a built-in model or a local folder or file is not
+something the hub can link to, so those are named in the body instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ipo_lightning.analysis.run_logs import RunMetrics
+from ipo_lightning.builtin import is_builtin
+
+CARD_FILENAME = "README.md"
+CONFIG_FILENAME = "ipo_lightning_config.yaml"
+"""The run's resolved config, copied into the export so the card's command reproduces the run."""
+CARD_METRIC_PREFIXES = ("val/",)
+CARD_EXTRA_METRICS = ("divergence/kl", "gen/reward", "gen/win_rate")
+"""Besides every ``val/`` metric: the drift from the reference and, when logged, generation scores."""
+
+BUILTIN_MODELS = {
+    "builtin:quickstart": "a tiny Llama (hidden size 64, 2 layers, 262K parameters) with random weights "
+    "from a fixed seed and a byte-level BPE tokenizer trained on the quickstart texts, built by "
+    "ipo-lightning (`ipo_lightning/builtin.py`); not a hub model",
+    "builtin:gold": "the reference of ipo-lightning's gold-reward task: a tiny Llama trained by SFT on "
+    "the task's demonstrations (`ipo_lightning/gold/reference.py`); not a hub model",
+}
+
+LOSS_DESCRIPTIONS = {
+    "ipo": (
+        "IPO (Identity Preference Optimization, Azar et al. 2023)",
+        "(h - (2p - 1)/(2 beta))^2",
+        "the margin h is regressed to the target (2p - 1)/(2 beta), 1/(2 beta) for a hard label (p = 1)",
+    ),
+    "dpo": (
+        "DPO (Direct Preference Optimization, Rafailov et al. 2023)",
+        "-(1 - e) logsigmoid(beta h) - e logsigmoid(-beta h)",
+        "e is the label smoothing (conservative DPO) or 1 - p for a soft label",
+    ),
+    "hinge": (
+        "hinge loss (SLiC, Zhao et al. 2023)",
+        "relu(1 - beta h)",
+        "pairs with beta h >= 1 add nothing",
+    ),
+}
+MARGIN_DEFINITION = (
+    "h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)], with y_w the chosen and y_l "
+    "the rejected completion, pi the policy and ref the frozen reference; p is a pair's preference "
+    "probability (1 unless the data gives `preference_prob`)"
+)
+REFERENCE_DESCRIPTIONS = {
+    "separate": "a separate frozen copy of the starting model",
+    "lora": "the starting model itself (the LoRA policy with its adapters switched off)",
+    "precomputed": "the starting model's log-probs, computed once before training",
+}
+
+
+@dataclass(frozen=True)
+class CardMetric:
+    """The last logged value of one metric and the step it was logged at."""
+
+    name: str
+    value: float
+    step: int
+
+
+def model_kind(name_or_path: str) -> str:
+    """``builtin``, ``local`` (an existing folder or file) or ``hub`` (anything else: a hub id)."""
+    if is_builtin(name_or_path):
+        return "builtin"
+    return "local" if Path(name_or_path).expanduser().exists() else "hub"
+
+
+def last_metrics(run: RunMetrics) -> list[CardMetric]:
+    """The last value of every ``val/`` metric and of :data:`CARD_EXTRA_METRICS`, by name."""
+    names = sorted({name for row in run.rows for name in row})
+    chosen = [name for name in names if name.startswith(CARD_METRIC_PREFIXES) or name in CARD_EXTRA_METRICS]
+    metrics = []
+    for name in chosen:
+        steps, values = run.series(name)
+        if values:
+            metrics.append(CardMetric(name, values[-1], steps[-1]))
+    return metrics
+
+
+def _format(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.4g}"
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    """A data source as the body names it: ``path`` plus the split and limit where they matter."""
+    path = str(source.get("path"))
+    details = []
+    if model_kind(path) == "hub":
+        details.append(f"split {source.get('split', 'train')}")
+        if source.get("subset"):
+            details.append(f"subset {source['subset']}")
+    if source.get("limit") is not None:
+        details.append(f"first {source['limit']} records")
+    return f"`{path}`" + (f" ({', '.join(details)})" if details else "")
+
+
+def build_model_card(
+    run: RunMetrics, *, global_step: int, train_pairs: int | None, reproducible: bool, title: str
+) -> ModelCard:
+    """The card of an export trained with ``run.config`` (resolved config) that logged ``run.rows``.
+
+    Args:
+        run: the run's resolved config (``model`` and ``data`` sections) and its ``metrics.csv`` rows.
+        global_step: optimizer steps the exported policy was trained for.
+        train_pairs: training pairs the data module kept (after drops and the held-out split), if known.
+        reproducible: the export holds the resolved config as :data:`CONFIG_FILENAME` (a CLI run), so
+            the card can give the command that runs the same settings again.
+        title: the card's heading (the hub repo id, or the export folder's name).
+    """
+    model = run.setting("model", {}) or {}
+    data = run.setting("data", {}) or {}
+    loss_type = str(model.get("loss_type", "ipo"))
+    beta = float(model.get("beta", 0.1))
+    base = str(model.get("model_name_or_path"))
+    kind = model_kind(base)
+    train = data.get("train") or {}
+    train_path = str(train.get("path")) if train else None
+    datasets = [train_path] if train_path and model_kind(train_path) == "hub" else None
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model=base if kind == "hub" else None,
+        datasets=datasets,
+        tags=["ipo-lightning", loss_type, "preference-optimization"],
+    )
+    name, formula, note = LOSS_DESCRIPTIONS[loss_type]
+    if kind == "builtin":
+        base_text = f"`{base}`: {BUILTIN_MODELS.get(base, 'a model built by ipo-lightning')}"
+    elif kind == "local":
+        base_text = f"a local model folder, `{base}` (not a hub model)"
+    else:
+        base_text = f"[`{base}`](https://huggingface.co/{base})"
+    length_normalize = bool(model.get("length_normalize"))
+    lines = [
+        f"# {title}",
+        "",
+        f"A causal language model fine-tuned on preference pairs with {name} by ipo-lightning, "
+        f"starting from {base_text}.",
+        "",
+        "## Training method",
+        "",
+        f"- **Loss** (`loss_type: {loss_type}`), per pair: `{formula}`; {note}. Here {MARGIN_DEFINITION}.",
+        f"- **beta**: {beta:g}"
+        + (f" (target margin 1/(2 beta) = {1 / (2 * beta):g})" if loss_type == "ipo" else ""),
+    ]
+    if loss_type == "dpo":
+        lines.append(f"- **Label smoothing** e: {float(model.get('label_smoothing', 0.0)):g}")
+    lines.append(
+        "- **Length normalisation**: "
+        + (
+            "on: log pi(y|x) is the mean over the completion's tokens (so the margin is in nats per token)"
+            if length_normalize
+            else "off: log pi(y|x) is the sum over the completion's tokens"
+        )
+    )
+    reference = str(model.get("reference") or "separate")
+    lines.append(
+        f"- **Reference** (`reference: {reference}`): {REFERENCE_DESCRIPTIONS.get(reference, reference)}"
+    )
+    lora = model.get("lora")
+    if lora:
+        lines.append(
+            f"- **LoRA**: rank {lora.get('rank')}, alpha {lora.get('alpha')}, target modules "
+            f"{lora.get('target_modules') or 'peft default'}; merged into the weights of this export"
+        )
+    lines.append(f"- **Optimizer steps**: {global_step}")
+
+    lines += ["", "## Data", ""]
+    if train_path:
+        pairs = f": {train_pairs} training pairs" if train_pairs is not None else ""
+        lines.append(f"- **Training set** {_source_text(train)}{pairs}")
+    noise = float(data.get("label_noise", 0.0) or 0.0)
+    lines.append(
+        f"- **Label noise**: {noise:g}"
+        + (
+            " (this fraction of training pairs had chosen and rejected swapped on purpose)"
+            if noise
+            else " (none)"
+        )
+    )
+    for set_name, source in (data.get("val") or {}).items():
+        lines.append(f"- **Validation set** `{set_name}`: {_source_text(source)}")
+    if data.get("val_fraction"):
+        lines.append(f"- **Validation set** `held_out`: {data['val_fraction']:g} of the training records")
+
+    metrics = last_metrics(run)
+    lines += ["", "## Results", ""]
+    if metrics:
+        lines += [
+            "Last logged values (`metrics.csv` of the run; `val/...` on the held-out sets, `divergence/kl` "
+            "is KL(policy || reference) per completion token on held-out pairs):",
+            "",
+            "| metric | value | step |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [f"| `{metric.name}` | {_format(metric.value)} | {metric.step} |" for metric in metrics]
+    else:
+        lines.append("No held-out metrics were logged.")
+
+    lines += ["", "## Reproduce", ""]
+    if reproducible:
+        lines += [
+            f"`{CONFIG_FILENAME}` in this folder is the run's resolved config (every option, defaults "
+            "filled in; local data paths in it must exist where you run it). The same settings run with:",
+            "",
+            "```bash",
+            f"python -m ipo_lightning fit --config {CONFIG_FILENAME}",
+            "```",
+        ]
+    else:
+        lines.append(
+            "Trained through the Python API (`Trainer.fit`), not the command line: no config to rerun."
+        )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")',
+        "```",
+        "",
+        "`ipo_lightning.json` states the loss, beta, length normalisation and step of this export.",
+    ]
+    # Built as text rather than from a jinja template: the body's braces and pipes stay literal.
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
