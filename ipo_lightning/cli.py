@@ -224,7 +224,8 @@ class PreferenceCLI(LightningCLI):
                 "prog": "python -m ipo_lightning",
                 "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
                 "compare (several methods, one budget), report (Markdown + plots from run folders), "
-                "judge (reward-model win rate); see `python -m ipo_lightning report --help`.",
+                "judge (reward-model win rate), evaluate (reward of a run's samples); see "
+                "`python -m ipo_lightning report --help`.",
             },
         )
 
@@ -368,9 +369,9 @@ def _plugins(plugins: Any, strategy: Any) -> list[Any]:
 
 def _tools() -> dict[str, Callable[[list[str]], None]]:
     """Subcommands beside Lightning's: they read runs or launch fits, so they are not Trainer methods."""
-    from ipo_lightning.analysis import compare, judge, report
+    from ipo_lightning.analysis import compare, evaluate, judge, report
 
-    return {"compare": compare.main, "report": report.main, "judge": judge.main}
+    return {"compare": compare.main, "report": report.main, "judge": judge.main, "evaluate": evaluate.main}
 
 
 def main(args: list[str] | None = None) -> None:
