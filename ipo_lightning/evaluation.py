@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ipo_lightning.data.prompts import HeldOutPrompt
-from ipo_lightning.generation import Completion, generate_completions
+from ipo_lightning.generation import Completion, generate_completions, generate_with_greedy
 from ipo_lightning.generation_metrics import set_metrics
 from ipo_lightning.rewards import RewardFunction
 
@@ -133,29 +133,22 @@ def judge_prompts(
     if not prompts:
         return []
     ids = [prompt.ids for prompt in prompts]
-    samples = generate_completions(
-        model,
-        tokenizer,
-        ids,
-        k=options.samples_per_prompt,
-        seed=options.seed,
-        max_new_tokens=options.max_new_tokens,
-        batch_size=options.batch_size,
-        prompt_indices=indices,
-    )
-    rewards = _score(reward, prompts, samples)
+    sampling = {
+        "seed": options.seed,
+        "max_new_tokens": options.max_new_tokens,
+        "batch_size": options.batch_size,
+        "prompt_indices": indices,
+    }
+    k = options.samples_per_prompt
     greedy_rows: list[list[Completion]] = [[] for _ in prompts]
     greedy_rewards: list[list[float]] = [[] for _ in prompts]
     if options.greedy if greedy is None else greedy:
-        greedy_rows = generate_completions(
-            model,
-            tokenizer,
-            ids,
-            greedy=True,
-            max_new_tokens=options.max_new_tokens,
-            batch_size=options.batch_size,
-        )
+        samples, greedy_completions = generate_with_greedy(model, tokenizer, ids, k=k, **sampling)
+        greedy_rows = [[completion] for completion in greedy_completions]
         greedy_rewards = _score(reward, prompts, greedy_rows)
+    else:
+        samples = generate_completions(model, tokenizer, ids, k=k, **sampling)
+    rewards = _score(reward, prompts, samples)
     return [
         PromptResult(
             index=index,
