@@ -62,6 +62,11 @@ def test_evaluate_on_the_finished_run_repeats_the_last_measurement(
     assert record["metrics"]["gen/ood/reward"] == pytest.approx(sum(policy) / len(policy))
     assert record["metrics"]["gen/reward"] == record["sets"]["in_dist"]["reward"]
 
+    # The policy of the last checkpoint (saved after the last validation) is the export's.
+    (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")
+    main(["evaluate", str(run_dir), "--checkpoint", str(checkpoint)])
+    assert [json.loads(line) for line in (run_dir / "generation_eval_samples.jsonl").open()] == after
+
     # Options override the run's: another seed draws other samples, and one set only.
     main(["evaluate", str(run_dir), "--seed", "1", "--sets", "ood", "--no-greedy"])
     other = json.loads((run_dir / "generation_eval.json").read_text())

@@ -1,6 +1,7 @@
 """``python -m ipo_lightning evaluate RUN_DIR``: the generation evaluation of a finished run's policy.
 
-Loads the exported policy (``RUN_DIR/hf_model``, or ``--model``), the run's reference and its
+Loads the exported policy (``RUN_DIR/hf_model``, or ``--model`` a model folder, or ``--checkpoint``
+the policy of a Lightning checkpoint of a full-weight run), the run's reference and its
 held-out sets from ``RUN_DIR/config.yaml``, and judges the policy's samples with the reward exactly as
 the ``--generation.*`` evaluation does during training (:mod:`ipo_lightning.evaluation`, the same
 metrics and seeds). Options not given default to the run's ``generation.*`` settings. Writes
@@ -22,6 +23,7 @@ import torch
 
 from ipo_lightning.analysis.run_logs import RunMetrics, load_run
 from ipo_lightning.builtin import resolve_model_path
+from ipo_lightning.cli_checks import check_checkpoint_file
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.data.prompts import held_out_prompts
 from ipo_lightning.errors import ConfigError, UserInputError
@@ -57,6 +59,30 @@ def _data_module(run: RunMetrics, tokenizer: str) -> PreferenceDataModule:
     )
 
 
+def _policy_from_checkpoint(checkpoint: Path, run: RunMetrics, trust: bool) -> torch.nn.Module:
+    """The policy weights of a Lightning checkpoint of the run, in the run's model architecture."""
+    if run.setting("model.lora"):
+        raise ConfigError(
+            f"--checkpoint {checkpoint}: a LoRA run's checkpoint; evaluate its hf_model/ export"
+        )
+    check_checkpoint_file(checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {
+        key.removeprefix("policy."): value for key, value in state.items() if key.startswith("policy.")
+    }
+    model = load_causal_lm(run.setting("model.model_name_or_path"), trust_remote_code=trust)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied output embeddings are saved once; anything else missing means another architecture.
+    missing = [key for key in missing if key not in (getattr(model, "_tied_weights_keys", None) or {})]
+    if missing or unexpected:
+        name = run.setting("model.model_name_or_path")
+        raise ConfigError(
+            f"--checkpoint {checkpoint}: its policy weights do not fit {name!r} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    return model
+
+
 def _write_atomically(path: Path, text: str) -> None:
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
@@ -72,6 +98,7 @@ def evaluate_run(
     run_dir: Path,
     *,
     model: str | None = None,
+    checkpoint: Path | None = None,
     reward: str | None = None,
     prompts: int | None = None,
     k: int | None = None,
@@ -81,7 +108,8 @@ def evaluate_run(
     seed: int | None = None,
     sets: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Judge the run's policy (or ``model``) against its reference; write and return the result record.
+    """Judge the run's policy (``model``, ``checkpoint``, else the export) against its reference; write
+    and return the result record.
 
     Every ``None`` argument takes the run's ``generation.*`` value, else the callback's default.
 
@@ -110,8 +138,8 @@ def evaluate_run(
     count = pick(prompts, "prompts", 64)
     if count < 1 or options.samples_per_prompt < 1 or options.max_new_tokens < 1 or options.batch_size < 1:
         raise ConfigError("--prompts, --k, --max_new_tokens and --batch_size must be at least 1")
-    policy_path = model or str(run_dir / "hf_model")
-    if not Path(resolve_model_path(policy_path)).is_dir():
+    policy_path = str(checkpoint) if checkpoint else model or str(run_dir / "hf_model")
+    if checkpoint is None and not Path(resolve_model_path(policy_path)).is_dir():
         raise ConfigError(
             f"{policy_path}: no such model folder (hf_model/ is written at the end of fit; or pass --model)"
         )
@@ -137,7 +165,10 @@ def evaluate_run(
         for name, items in held_out.items()
     }
     del reference  # one model in memory at a time
-    policy = load_causal_lm(policy_path, trust_remote_code=trust).to(device)
+    if checkpoint is not None:
+        policy = _policy_from_checkpoint(checkpoint, run, trust).to(device)
+    else:
+        policy = load_causal_lm(policy_path, trust_remote_code=trust).to(device)
     for name, items in held_out.items():
         mine = judge_prompts(policy, tokenizer, items, range(len(items)), scorer, options)
         results[name] = set_result(name, step, mine, judged[name])
@@ -179,6 +210,9 @@ def main(args: list[str] | None = None) -> None:
     )
     parser.add_argument("run_dir", type=Path, help="a fit run folder (runs/<name>/version_N)")
     parser.add_argument("--model", help="judge this model folder instead of RUN_DIR/hf_model")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="judge the policy of this Lightning checkpoint of the run"
+    )
     parser.add_argument("--reward", help="reward spec (default: the run's generation.reward)")
     parser.add_argument("--prompts", type=int, help="held-out prompts per set (default: the run's, else 64)")
     parser.add_argument("--k", type=int, help="samples per prompt (default: the run's, else 4)")
@@ -195,6 +229,7 @@ def main(args: list[str] | None = None) -> None:
     record = evaluate_run(
         options.run_dir,
         model=options.model,
+        checkpoint=options.checkpoint,
         reward=options.reward,
         prompts=options.prompts,
         k=options.k,
