@@ -8,15 +8,22 @@ rows). :func:`build_layout` rearranges them, per step, into what the model actua
   each sequence and no attention mask, so no compute is spent on padding. transformers 5.x derives a
   block-diagonal causal mask from the restarting positions, but only with ``use_cache=False`` (with a
   cache, packed sequences silently attend to each other); the forward here always passes it. With
-  ``flash_attention_2`` everything goes into one row (the varlen kernel cost grows with each
-  sequence's length). With sdpa/eager a mask over one row of all tokens costs attention quadratic in
-  the *total* length, so sequences are packed first-fit-decreasing into rows no wider than the
-  longest sequence: never more attention work than the padded batch, and less padding.
+  ``flash_attention_2``/``_3`` everything goes into one row, in the collator's order (the varlen
+  kernel's cost grows with each sequence's own length), and the forward also gets the sequence
+  boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``) exactly as transformers'
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` builds them, so the kernel never
+  attends across two sequences. With sdpa/eager a mask over one row of all tokens costs attention
+  quadratic in the *total* length, so sequences are packed first-fit-decreasing into rows no wider than the
+  longest sequence: never more attention work than the padded batch, and less padding. Models whose
+  layers mix tokens outside attention (linear attention, state-space, convolution) would carry state
+  across packed sequences: :mod:`ipo_lightning.packing_safety` refuses them this layout and the next.
 - ``prefix_shared``: one row per pair, ``[prompt, chosen, rejected]``; the rejected tokens see the
   prompt but not the chosen tokens, and their positions restart after the prompt, through a 4D mask
   (bool for sdpa; additive float for eager, which mishandles bool masks). The prompt runs once per
   pair instead of twice. The rejected completion's first token is predicted by the prompt's last
-  position, the same position that predicts the chosen completion's first token.
+  position, the same position that predicts the chosen completion's first token. flash-attention
+  takes no 4D mask (and its varlen boundaries cannot hide the chosen tokens, which sit between the
+  prompt and the rejected ones), so ``prefix_shared`` with it is refused at start-up.
 
 ``auto`` (the default of ``model.batching``) is resolved once at start-up by
 :func:`resolve_batching` to the fastest of these the models and their attention kernel support:
@@ -49,6 +56,7 @@ from torch import Tensor, nn
 
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.logprobs import token_logprobs
+from ipo_lightning.packing_safety import packing_unsafe_reason
 
 Batching = Literal["padded", "padding_free", "prefix_shared"]
 BATCHING_CHOICES: tuple[str, ...] = get_args(Batching)
@@ -90,6 +98,10 @@ class RowLayout:
     row_mask: Tensor | None = None
     """[R, K] bool when the rows are the sequences (padded): each row is then summed in place, a
     masked sum over the row (no scatter)."""
+    flash_kwargs: dict[str, Tensor | int] | None = None
+    """The single packed row's sequence boundaries for flash-attention's varlen kernel
+    (``cu_seq_lens_q/k``: int32 cumulative lengths, ``max_length_q/k``: the longest, an int), as
+    transformers' ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` gives them."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,16 @@ def _forward_parameters(model: nn.Module | type[nn.Module]) -> set[str]:
         return set()
 
 
+def _takes_keyword_arguments(model: nn.Module) -> bool:
+    """Whether a model's forward (through a PEFT wrapper) takes ``**kwargs``, as transformers' models do."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        parameters = inspect.signature(inner.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
+
+
 def check_batching_option(batching: str, attn_implementation: str | None) -> None:
     """Start-up check of ``model.batching`` against ``model.attn_implementation`` (one ConfigError)."""
     if batching not in BATCHING_OPTIONS:
@@ -143,14 +165,41 @@ def check_batching_option(batching: str, attn_implementation: str | None) -> Non
             )
 
 
+def check_packing_safe(batching: str, name: str, config: object) -> None:
+    """Refuse ``padding_free`` / ``prefix_shared`` for a model whose layers would mix packed sequences.
+
+    Args:
+        batching: the (resolved) ``model.batching``.
+        name: how the message names the model (its path or class).
+        config: its ``PretrainedConfig`` (see :func:`~ipo_lightning.packing_safety.packing_unsafe_reason`).
+
+    Raises:
+        ConfigError: naming ``model.batching``, the model and the layer kind found.
+    """
+    if batching == "padded" or config is None:
+        return
+    reason = packing_unsafe_reason(config)
+    if reason is not None:
+        raise _packing_error(batching, name, reason)
+
+
+def _packing_error(batching: str, name: str, reason: str) -> ConfigError:
+    return ConfigError(
+        f"model.batching={batching}: {name} cannot run packed rows: {reason}; use model.batching padded "
+        "(auto picks it for this model)"
+    )
+
+
 def check_model_batching(model: nn.Module, batching: str) -> None:
-    """Check a loaded model can run ``batching`` (its forward takes ``position_ids``, its attention fits).
+    """Check a loaded model can run ``batching`` (its forward takes ``position_ids``, its attention fits,
+    its layers keep packed sequences apart).
 
     Raises:
         ConfigError: naming ``model.batching`` and what the model lacks.
     """
     if batching == "padded":
         return
+    check_packing_safe(batching, type(model).__name__, getattr(model, "config", None))
     if "position_ids" not in _forward_parameters(model):
         raise ConfigError(
             f"model.batching={batching}: {type(model).__name__}.forward takes no position_ids, which "
@@ -170,10 +219,14 @@ class BatchingTarget:
     """Its class; None when its config does not say which class it is."""
     attention: str | None
     """Its attention kernel; None: transformers' default for the class (sdpa, else eager)."""
+    packing_unsafe: str | None = None
+    """Why its layers would mix packed sequences (:func:`packing_unsafe_reason`); None: they do not."""
 
 
 def _supported_layouts(target: BatchingTarget) -> tuple[tuple[Batching, ...], str]:
     """The layouts a model can run, best first, and why it cannot run the others."""
+    if target.packing_unsafe is not None:
+        return ("padded",), f"it cannot run packed rows: {target.packing_unsafe}"
     if target.model_class is None:
         return ("padded",), "its config names no causal-LM class whose forward could be checked"
     if "position_ids" not in _forward_parameters(target.model_class):
@@ -195,8 +248,16 @@ def resolve_batching(batching: str, targets: Sequence[BatchingTarget]) -> Batchi
     the same log-probs, so the choice is one of speed only. It is logged as one INFO line naming
     the deciding model and why. ``targets`` are the models that run the layout during training (the
     policy, and a separately loaded reference).
+
+    Raises:
+        ConfigError: an explicit ``padding_free`` or ``prefix_shared`` for a target whose layers would
+            mix packed sequences (:attr:`BatchingTarget.packing_unsafe`).
     """
     if batching != "auto":
+        if batching != "padded":
+            for target in targets:
+                if target.packing_unsafe is not None:
+                    raise _packing_error(batching, target.name, target.packing_unsafe)
         return batching  # type: ignore[return-value]  # checked by check_batching_option
     supported = [(target, *_supported_layouts(target)) for target in targets]
     for layout in ("prefix_shared", "padding_free", "padded"):
@@ -306,8 +367,10 @@ def _padding_free_layout(
 ) -> RowLayout:
     device = input_ids.device
     lengths, _ = _spans(attention_mask, completion_mask)
-    capacity = sum(lengths) if single_row else max(max(lengths), 1)
-    bins = _first_fit_decreasing(lengths, capacity)
+    if single_row:  # the sequences in the collator's order, as DataCollatorWithFlattening concatenates them
+        bins = [list(range(len(lengths)))]
+    else:
+        bins = _first_fit_decreasing(lengths, max(max(lengths), 1))
     width = max(max(sum(lengths[r] for r in rows) for rows in bins), 1)
     ids_cpu, completion_cpu = input_ids.cpu(), completion_mask.cpu()
     packed = torch.zeros((len(bins), width), dtype=torch.long)
@@ -329,6 +392,18 @@ def _padding_free_layout(
         targets = _scored_positions(completion_cpu[row], lengths[row])
         kept.add(b, offset + targets - 1, ids_cpu[row, targets], row)
     keep, labels, scored, sequence_ids = kept.finish(device)
+    flash_kwargs = None
+    if single_row:
+        # Passed explicitly, the varlen kernel gets the boundaries without inferring them from the
+        # positions in every layer (a device sync each), and never attends across two sequences.
+        boundaries = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        longest = max(lengths)
+        flash_kwargs = {
+            "cu_seq_lens_q": boundaries,
+            "cu_seq_lens_k": boundaries,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
     return RowLayout(
         input_ids=packed.to(device),
         attention_mask=None,
@@ -338,6 +413,7 @@ def _padding_free_layout(
         scored=scored,
         sequence_ids=sequence_ids,
         num_sequences=len(lengths),
+        flash_kwargs=flash_kwargs,
     )
 
 
@@ -498,6 +574,10 @@ def layout_logits(model: nn.Module, layout: RowLayout) -> KeptLogits:
     inputs = {"input_ids": layout.input_ids, "attention_mask": layout.attention_mask, "use_cache": False}
     if layout.position_ids is not None:
         inputs["position_ids"] = layout.position_ids
+    if layout.flash_kwargs is not None and _takes_keyword_arguments(model):
+        # Forwarded by transformers to every attention call (FlashAttentionKwargs); a forward without
+        # **kwargs leaves flash-attention to infer the same boundaries from the restarting positions.
+        inputs.update(layout.flash_kwargs)
     if "logits_to_keep" in _forward_parameters(model):
         return KeptLogits(model(**inputs, logits_to_keep=layout.keep).logits, layout)
     logits = model(**inputs).logits  # older models: every position, then a (copying) selection

@@ -56,6 +56,7 @@ from ipo_lightning.metrics_history import HistoryCSVLogger, MetricsHistory
 from ipo_lightning.module import (
     DEFAULT_LR,
     PreferenceModule,
+    default_beta,
     default_length_normalize,
     resolve_model_batching,
 )
@@ -224,7 +225,7 @@ class PreferenceCLI(LightningCLI):
                 "prog": "python -m ipo_lightning",
                 "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
                 "compare (several methods, one budget), report (Markdown + plots from run folders), "
-                "judge (reward-model win rate), evaluate (reward of a run's samples); see "
+                "judge (win rate under a reward), evaluate (reward of a run's samples); see "
                 "`python -m ipo_lightning report --help`.",
             },
         )
@@ -269,6 +270,8 @@ class PreferenceCLI(LightningCLI):
         check_optimizer(config.model.get("optimizer"))
         if config.model.length_normalize is None:
             config.model.length_normalize = default_length_normalize(config.model.loss_type)
+        if config.model.beta is None:
+            config.model.beta = default_beta(config.model.loss_type)
         model = config.model
         model.reference = resolve_reference_strategy(model.reference, uses_lora=model.lora is not None)
         model.batching = resolve_model_batching(

@@ -191,6 +191,40 @@ def full_policy_state_dict(
     return state if trainer.is_global_zero else None
 
 
+@contextmanager
+def full_weights_for_local_forwards(strategy: Strategy) -> Generator[None, None, None]:
+    """Inside: the LightningModule's submodules run plain forwards (and ``generate()``) with full weights,
+    on this rank alone, so ranks may run different numbers of forwards.
+
+    Under FSDP (``FullyShardedDataParallel``, as :class:`PreferenceFSDPStrategy` wraps the module) every
+    unit's full parameters are gathered once on entry, a collective that every rank must enter
+    (``summon_full_params``, read-only: nothing is written back), and every unit is swapped for the
+    module it wraps, so that no forward re-enters FSDP's own gather and reshard; both are undone on
+    exit. The cost is one unsharded copy of the policy per rank while inside. Other strategies
+    (DDP, one process, ZeRO-1/2) hold full weights already: nothing is done. ZeRO-3 is not handled.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = strategy.model if isinstance(strategy, FSDPStrategy) else None
+    if not isinstance(root, FSDP):
+        yield
+        return
+    with FSDP.summon_full_params(root, recurse=True, writeback=False):
+        units = [
+            (parent, name, child)
+            for parent in root.module.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, FSDP)
+        ]
+        for parent, name, unit in units:
+            parent._modules[name] = unit.module  # plain assignment: no nn.Module bookkeeping to undo
+        try:
+            yield
+        finally:
+            for parent, name, unit in reversed(units):
+                parent._modules[name] = unit
+
+
 _FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")
 _DEEPSPEED_PREFIX = "deepspeed"
 

@@ -98,3 +98,52 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
+
+
+DROPOUT_MODULES = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def _is_dropout_setting(name: str, value: object) -> bool:
+    """A positive dropout probability stored under a dropout name (``attention_dropout``, ``resid_pdrop``)."""
+    named = "dropout" in name.lower() or name.lower().endswith("pdrop")
+    return named and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Set every dropout probability of a transformers model to 0; returns what was changed.
+
+    Zeroing ``torch.nn.Dropout`` modules (all TRL's ``disable_dropout_in_model`` does) is not enough:
+    Llama, Qwen2, Mistral and Gemma attention keep ``attention_dropout`` as a float attribute, and Falcon,
+    GPT-Neo and Persimmon read it from the config at every forward. So three places are set to 0:
+    dropout modules' ``p``, float attributes of modules named like a dropout, and the model config's
+    (and sub-configs') dropout fields, which an export then saves as trained.
+    """
+    changed: list[str] = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, DROPOUT_MODULES) and module.p > 0:
+            module.p = 0.0
+            changed.append(f"{module_name}.p")
+        for name, value in list(vars(module).items()):
+            if _is_dropout_setting(name, value):
+                setattr(module, name, 0.0)
+                changed.append(prefix + name)
+    configs = [("config", getattr(model, "config", None))]
+    while configs:
+        label, config = configs.pop()
+        if not isinstance(config, PretrainedConfig):
+            continue
+        for name, value in list(vars(config).items()):
+            if isinstance(value, PretrainedConfig):
+                configs.append((f"{label}.{name}", value))
+            elif _is_dropout_setting(name, value):
+                setattr(config, name, 0.0)
+                changed.append(f"{label}.{name}")
+    return changed

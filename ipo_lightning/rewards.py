@@ -58,12 +58,14 @@ class RewardFunction:
     Attributes:
         name: The spec as given, e.g. ``ipo_lightning.gold:gold_reward``.
         option: Where the spec came from (e.g. ``--generation.reward``), named in every error.
+        score: The unvalidated scorer ``(prompts, completions, conversations)``; for a reward model a
+            :class:`RewardModelScorer` (its ``model``, ``tokenizer`` and ``batch_size``).
     """
 
     def __init__(self, name: str, option: str, score: ScoreFn) -> None:
         self.name = name
         self.option = option
-        self._score = score
+        self.score = score
 
     def __repr__(self) -> str:
         return f"RewardFunction({self.name!r})"
@@ -93,7 +95,7 @@ class RewardFunction:
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         if conversations is not None and len(conversations) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(conversations)} conversations")
-        return self._validated(self._score(list(prompts), list(completions), conversations), len(prompts))
+        return self._validated(self.score(list(prompts), list(completions), conversations), len(prompts))
 
     def _where(self) -> str:
         return f"{self.option} {self.name!r}"
@@ -119,13 +121,20 @@ class RewardFunction:
         return scores
 
 
-def load_reward(spec: str, *, option: str, device: torch.device | str | None = None) -> RewardFunction:
+def load_reward(
+    spec: str,
+    *,
+    option: str,
+    device: torch.device | str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> RewardFunction:
     """Load the reward named by ``spec`` (see the module docstring for the three kinds).
 
     Args:
         spec: ``module:function``, ``builtin:gold``, or a reward model's folder or hub id.
         option: Where the spec came from (``--generation.reward``), named in every error.
         device: Where a reward model runs; None: CUDA when available, else CPU. Unused by functions.
+        batch_size: Texts per reward-model forward pass. Unused by functions.
 
     Raises:
         ConfigError: one line naming ``option`` and ``spec``: the module is not found or fails to
@@ -141,7 +150,7 @@ def load_reward(spec: str, *, option: str, device: torch.device | str | None = N
         return RewardFunction(spec, option, _ignore_conversations(_load_callable(spec, option)))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return RewardFunction(spec, option, RewardModelScorer.load(spec, option, device))
+    return RewardFunction(spec, option, RewardModelScorer.load(spec, option, device, batch_size))
 
 
 def _ignore_conversations(function: Callable[..., Any]) -> ScoreFn:
@@ -175,9 +184,12 @@ def _load_callable(spec: str, option: str) -> Callable[..., Any]:
     try:
         signature.bind([], [])
     except TypeError as error:
+        bare = signature.replace(  # the parameters as written, without annotations
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
         raise ConfigError(
-            f"{where}: cannot be called as {attribute_path}(prompts, completions) with signature "
-            f"{signature}: {error}"
+            f"{where}: cannot be called as {attribute_path}(prompts, completions); it takes {bare}: {error}"
         ) from None
     return target
 
@@ -230,9 +242,10 @@ class RewardModelScorer:
     Texts are built by :func:`reward_model_inputs`, sorted by length and run in batches of
     ``batch_size``, padded on the tokenizer's ``padding_side`` with an attention mask. Position ids
     count real tokens only (when the model takes them), so left padding does not shift positions and a
-    batched score equals the score of the text alone up to float rounding. The model locates each
-    row's last real token from ``config.pad_token_id`` (set from the tokenizer when the checkpoint has
-    none).
+    batched score equals the score of the text alone up to float rounding. The model pools as it was
+    built to: a decoder (Llama, GPT-2, ...) scores each row's last real token, which transformers finds
+    from ``config.pad_token_id`` (set from the tokenizer when the checkpoint has none); an encoder
+    (BERT, DeBERTa) scores its first token, so its tokenizer pads on the right.
 
     Args:
         model: The reward model, in eval mode, on its device.

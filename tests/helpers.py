@@ -221,3 +221,37 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
     """Write ``config`` as YAML to ``path`` and return ``path``."""
     path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
     return path
+
+
+def save_tiny_reward_model(
+    folder: Path, tokenizer_dir: Path, *, num_labels: int = 1, seed: int = 0, architecture: str = "llama"
+) -> Path:
+    """Save a tiny sequence-classification model (random weights from ``seed``, ``pad_token_id`` set)
+    with the tokenizer of ``tokenizer_dir`` (the tiny BPE tokenizer, with a ChatML chat template).
+
+    ``architecture``: ``llama`` (rotary positions) or ``gpt2`` (learned absolute positions).
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    shared = {"vocab_size": len(tokenizer), "num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
+    if architecture == "gpt2":
+        model = GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=2, n_head=2, **shared))
+    else:
+        config = LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **shared
+        )
+        model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight.mul_(25.0)  # scores of order 1, so float noise and real differences are apart
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

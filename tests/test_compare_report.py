@@ -389,7 +389,7 @@ def test_judge_refuses_a_reward_model_with_only_pickled_weights(
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [
-        f"error: --reward_model {str(reward_dir)!r}: the folder holds only pickled .bin weights; the reward "
+        f"error: --reward {str(reward_dir)!r}: the folder holds only pickled .bin weights; the reward "
         "model is loaded from safetensors only (re-save it with save_pretrained, which writes .safetensors)"
     ]
     assert not (run_dir / "judge.json").exists()

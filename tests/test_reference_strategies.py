@@ -228,7 +228,8 @@ def test_lora_reference_is_the_base_with_dropout_off(tmp_path: Path, tiny_model_
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5)
     base.save_pretrained(tmp_path / "dropout_base")
     options = LoraOptions(rank=4, alpha=8.0, dropout=0.5, target_modules=["q_proj", "v_proj"])
-    module = PreferenceModule(str(tmp_path / "dropout_base"), lora=options)
+    # Dropout kept on in the policy, so the reference has something to switch off.
+    module = PreferenceModule(str(tmp_path / "dropout_base"), lora=options, disable_dropout=False)
     module.configure_model()
     module.train()
     datamodule = _datamodule(tiny_model_dir, write_jsonl(tmp_path / "t.jsonl", polite_pairs(4)))

@@ -63,6 +63,7 @@ def _fit(model_dir: Path, train: Path, root: Path, *, stop_at: int | None, ckpt_
         optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
         warmup_ratio=0.3,
         attn_implementation="eager",  # dropout inside attention, on the torch generator
+        disable_dropout=False,  # the dropout is the point: it makes the random state matter
     )
     data = PreferenceDataModule(
         train=DataSource(path=str(train)),

@@ -15,8 +15,10 @@ from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import AutoModelForCausalLM
 
+from ipo_lightning.batching import batch_scores
 from ipo_lightning.cli import main
-from ipo_lightning.distributed import PreferenceFSDPStrategy
+from ipo_lightning.data.collator import PairwiseCollator
+from ipo_lightning.distributed import PreferenceFSDPStrategy, full_weights_for_local_forwards
 from ipo_lightning.module import PreferenceModule
 from ipo_lightning.reference import FrozenReference
 from tests.helpers import REPO, fit_config, polite_pairs, run_main, write_config, write_jsonl
@@ -144,3 +146,35 @@ def test_fsdp_shards_the_policy_and_leaves_the_reference_frozen(
     assert set(policy_state) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(policy_state[name], tensor, msg=name)
+
+
+def test_full_weights_for_local_forwards_runs_the_plain_policy(
+    tiny_model_dir: Path, single_process_group: None
+) -> None:
+    """Inside the context the FSDP-wrapped policy is the plain Hugging Face model (no unit left), and
+    scores and samples as the unwrapped model does; on exit every unit is back in place."""
+    module = PreferenceModule(str(tiny_model_dir))
+    module.configure_model()
+    strategy = PreferenceFSDPStrategy()
+    strategy.parallel_devices = [torch.device("cpu")]
+    strategy.model = strategy._setup_model(module)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    features = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12]}]
+    batch = PairwiseCollator(pad_token_id=0)(features)
+    rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    prompt = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        expected = batch_scores(plain, *rows, batching="prefix_shared").token_logps
+        expected_tokens = plain.generate(prompt, max_new_tokens=4, do_sample=False)
+        with full_weights_for_local_forwards(strategy):
+            policy = module.policy
+            assert type(policy) is type(plain) and not any(isinstance(m, FSDP) for m in policy.modules())
+            assert policy.lm_head.weight.shape == plain.lm_head.weight.shape
+            policy.eval()
+            scores = batch_scores(policy, *rows, batching="prefix_shared").token_logps
+            tokens = policy.generate(prompt, max_new_tokens=4, do_sample=False)
+            policy.train()
+    torch.testing.assert_close(scores, expected)
+    assert torch.equal(tokens, expected_tokens)
+    assert isinstance(module.policy, FSDP)
+    assert all(isinstance(layer, FSDP) for layer in module.policy.module.model.layers)

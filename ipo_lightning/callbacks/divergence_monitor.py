@@ -21,7 +21,10 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
 
 Under DDP every process measures a share of the held-out batches and prompts (round-robin by rank)
 and the shares are gathered, so the logged numbers are those one process would compute; rank 0
-writes the samples file, and the loggers write on rank 0 only.
+writes the samples file, and the loggers write on rank 0 only. Under FSDP the same holds: the
+policy's full weights are gathered once per measurement (every rank holds one unsharded copy of the
+policy while it runs, see :func:`~ipo_lightning.distributed.full_weights_for_local_forwards`), so
+each process's forwards and ``generate()`` calls are its own. DeepSpeed ZeRO-3 is not supported.
 
 Metrics go straight to every logger at the exact optimizer step (``Logger.log_metrics``), so they are
 not thinned out by ``log_every_n_steps``.
@@ -48,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ipo_lightning.data.retention import read_texts, text_batches
+from ipo_lightning.distributed import full_weights_for_local_forwards
 from ipo_lightning.divergence.measure import HeldOut, MeasureOptions, Share, measure_share, merge_shares
 from ipo_lightning.divergence.sampling import SequenceSample
 from ipo_lightning.errors import ConfigError
@@ -228,14 +232,18 @@ class DivergenceMonitor(Callback):
             max_new_tokens=self.max_new_tokens,
             eos_token_id=_stop_tokens(pl_module.policy, trainer),
         )
-        share = measure_share(
-            pl_module.policy,
-            pl_module.reference.model,
-            self.held_out(trainer),
-            options,
-            rank=trainer.global_rank,
-            world=trainer.world_size,
-        )
+        held_out = self.held_out(trainer)
+        # Under FSDP the policy's weights are gathered for the whole measurement (every rank enters
+        # together here), after which each rank's forwards and samples are its own.
+        with full_weights_for_local_forwards(trainer.strategy):
+            share = measure_share(
+                pl_module.policy,
+                pl_module.reference.model,
+                held_out,
+                options,
+                rank=trainer.global_rank,
+                world=trainer.world_size,
+            )
         measurement = merge_shares(_all_gather_objects(trainer, share))
         if measurement.policy_samples:
             self.last_samples = _sample_rows(

@@ -1,0 +1,99 @@
+"""The divergence monitor under configs/strategy/fsdp.yaml: two CPU processes with a sharded policy log
+what one process without FSDP logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from ipo_lightning.tiny import save_tiny_model
+from tests.conftest import CORPUS
+from tests.helpers import REPO, polite_pairs, run_cli, write_config, write_jsonl
+
+
+def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [row for row in csv.DictReader(handle) if row.get("divergence/kl")]
+
+
+def _samples(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "divergence_samples.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.slow
+def test_fsdp_measures_what_one_process_measures(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # A reference unlike the policy: every metric is non-zero at step 0, where both runs hold the same
+    # weights. 6 pairs in batches of 2 and 3 prompts split unevenly over 2 ranks, so the ranks run
+    # different numbers of forwards and generate() calls while the policy is sharded.
+    reference_dir = save_tiny_model(
+        tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "model_name_or_path": str(tiny_model_dir),
+            "reference_name_or_path": str(reference_dir),
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+            "warmup_ratio": 0.0,
+        },
+        "data": {"train": {"path": str(train)}, "max_length": 64, "max_prompt_length": 32, "batch_size": 2},
+        "divergence": {
+            "every_n_steps": 1,
+            "num_pairs": 6,
+            "batch_size": 2,
+            "sample_prompts": 3,
+            "max_new_tokens": 4,
+        },
+        "export": {"enabled": False},
+    }
+    config_path = write_config(tmp_path / "config.yaml", config)
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    runs = {
+        single: ["--config", str(config_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1"],
+        fsdp: [
+            "--config",
+            str(config_path),
+            "--config",
+            str(REPO / "configs" / "strategy" / "fsdp.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
+            "--data.batch_size",
+            "1",
+        ],
+    }
+    for root, args in runs.items():
+        result = run_cli(tmp_path, "fit", *args, "--trainer.default_root_dir", str(root))
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+    single_rows = _divergence_rows(single / "version_0")
+    fsdp_rows = _divergence_rows(fsdp / "version_0")
+    assert [row["step"] for row in single_rows] == [row["step"] for row in fsdp_rows] == ["0", "1"]
+    names = [name for name in single_rows[0] if name.startswith("divergence/") and single_rows[0][name]]
+    assert {"divergence/kl", "divergence/seq_kl", "divergence/logratio/margin_std"} <= set(names)
+    for name in names:  # step 0: the same weights, so the same numbers
+        expected = float(single_rows[0][name])
+        assert expected != 0.0, name
+        assert float(fsdp_rows[0][name]) == pytest.approx(expected, rel=1e-5), name
+    # Step 1: after one optimizer step on the sharded policy, the measurement sees the trained weights.
+    assert float(fsdp_rows[1]["divergence/kl"]) != pytest.approx(
+        float(fsdp_rows[0]["divergence/kl"]), rel=1e-3
+    )
+    for name in ("divergence/kl", "divergence/kl_reverse", "divergence/logratio/margin_mean"):
+        assert float(fsdp_rows[1][name]) == pytest.approx(float(single_rows[1][name]), rel=1e-4), name
+    # Rank 0 wrote the samples of all three prompts, the ones one process draws.
+    assert _samples(fsdp / "version_0")[:3] == _samples(single / "version_0")[:3]

@@ -1,0 +1,118 @@
+"""judge on a chat val set: distinct prompts, batched greedy completions, the reward model's own template."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from ipo_lightning.analysis.judge import judge_run, win_rate
+from ipo_lightning.cli import main
+from ipo_lightning.gold import gold_reward
+from ipo_lightning.tiny import save_tiny_model
+from tests.conftest import CORPUS
+from tests.helpers import save_tiny_reward_model, write_jsonl
+
+USERS = [
+    "tell me about the sea",
+    "tell me about bread",
+    "write a short poem",
+    "what is the capital of France",
+]
+
+
+def _chat_run(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A run folder whose exported policy is another tiny model (same tokenizer) and a chat val set."""
+    run_dir = tmp_path / "run" / "version_0"
+    save_tiny_model(
+        run_dir / "hf_model", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
+    )
+    records = [
+        {
+            "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": user}],
+            "chosen": "thank you",
+            "rejected": "go away",
+        }
+        for user in USERS
+    ]
+    val = write_jsonl(tmp_path / "chat_val.jsonl", records + records[:1])  # one repeated prompt
+    config = {
+        "model": {"model_name_or_path": str(tiny_model_dir)},
+        "data": {"val": {"chat": {"path": str(val)}}, "max_length": 64, "max_prompt_length": 48},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "metrics.csv").write_text("step\n0\n")
+    return run_dir
+
+
+def test_the_judge_feeds_the_reward_model_its_own_chat_rendering(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    run_dir = _chat_run(tmp_path, tiny_model_dir)
+    reward_dir = save_tiny_reward_model(tmp_path / "reward", tiny_model_dir)
+    fed: list[list[int]] = []
+
+    pad = AutoTokenizer.from_pretrained(reward_dir).pad_token_id
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        # The reward model's token embedding (width 16; the policies' is 32) sees every row it scores.
+        if isinstance(module, torch.nn.Embedding) and module.embedding_dim == 16:
+            fed.extend([token for token in row if token != pad] for row in args[0].tolist())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        result = judge_run(run_dir, str(reward_dir), prompts=10, max_new_tokens=8, batch_size=3)
+    finally:
+        handle.remove()
+
+    saved = json.loads((run_dir / "judge.json").read_text())
+    samples = saved["samples"]
+    assert len(samples) == result.prompts == len(USERS)  # distinct prompts only
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    expected = {"policy": [], "reference": []}
+    for user, sample in zip(USERS, samples, strict=True):
+        conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": user}]
+        assert sample["prompt"] == tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        for side in expected:
+            messages = [*conversation, {"role": "assistant", "content": sample[side]}]
+            expected[side].append(list(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]))
+    assert sorted(fed) == sorted(expected["policy"] + expected["reference"])
+    assert [s["policy"] for s in samples] != [s["reference"] for s in samples]  # two different models
+
+    # Scores: the reward model on each rendering alone; the win rate recomputed from them.
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    with torch.no_grad():
+        for side in expected:
+            alone = [float(model(input_ids=torch.tensor([ids])).logits[0, 0]) for ids in expected[side]]
+            assert [s[f"{side}_score"] for s in samples] == pytest.approx(alone, abs=1e-5, rel=1e-5)
+    policy = [s["policy_score"] for s in samples]
+    reference = [s["reference_score"] for s in samples]
+    wins = sum(p > r for p, r in zip(policy, reference, strict=True))
+    ties = sum(p == r for p, r in zip(policy, reference, strict=True))
+    assert saved["win_rate"] == pytest.approx((wins + ties / 2) / len(samples))
+    assert saved["win_rate"] == win_rate(policy, reference).win_rate == result.win_rate
+    assert (saved["wins"], saved["ties"]) == (wins, ties)
+    assert saved["reward"] == str(reward_dir) and saved["val_set"] == "chat"
+
+
+def test_the_judge_takes_a_module_function_reward_by_the_old_option_name(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = _chat_run(tmp_path, tiny_model_dir)
+    shutil.rmtree(run_dir / "hf_model")
+    shutil.copytree(tiny_model_dir, run_dir / "hf_model")  # policy = reference: every prompt ties
+    main(["judge", str(run_dir), "--reward_model", "ipo_lightning.gold:gold_reward", "--prompts", "2"])
+    assert "win rate 0.500" in capsys.readouterr().out
+    saved = json.loads((run_dir / "judge.json").read_text())
+    samples = saved["samples"]
+    assert [s["policy_score"] for s in samples] == gold_reward(
+        [s["prompt"] for s in samples], [s["policy"] for s in samples]
+    )
+    assert saved["ties"] == saved["prompts"] == 2
