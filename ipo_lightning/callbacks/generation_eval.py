@@ -20,9 +20,11 @@ completions, so a reward that cannot be imported, called or that returns the wro
 non-finite one stops the run before training, with one line (exit code 2).
 
 Under DDP each process judges every ``world``-th prompt of each set (the per-prompt seeds make the
-samples independent of the split) and the parts are gathered; rank 0 logs and writes. Under FSDP or
-DeepSpeed ZeRO-3 (sharded weights, where ranks would run different numbers of collective forwards) the
-evaluation is off, with a warning.
+samples independent of the split) and the parts are gathered; rank 0 logs and writes. Under FSDP the
+policy's full weights are gathered once per measurement
+(:func:`~ipo_lightning.distributed.full_weights_for_local_forwards`), so each rank generates on its
+own and the numbers are one process's. Under DeepSpeed ZeRO-3 (sharded weights, where ranks would run
+different numbers of collective forwards) the evaluation is off, with a warning.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
 from ipo_lightning.data.prompts import HeldOutPrompt, held_out_prompts
+from ipo_lightning.distributed import full_weights_for_local_forwards
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.evaluation import (
     EvalOptions,
@@ -135,8 +138,8 @@ class GenerationEval(Callback):
             return
         if _sharded(trainer):
             rank_zero_warn(
-                "generation: the weights are sharded (FSDP / DeepSpeed ZeRO-3), where ranks generating "
-                "different lengths would run different numbers of collective forwards; gen/* is not logged "
+                "generation: the weights are sharded by DeepSpeed ZeRO-3, where ranks generating different "
+                "lengths would run different numbers of collective forwards; gen/* is not logged "
                 "(set generation.reward null to hide this)"
             )
             return
@@ -230,22 +233,26 @@ class GenerationEval(Callback):
         tokenizer = trainer.datamodule.tokenizer
         rank, world = trainer.global_rank, trainer.world_size
         mine = {name: share(len(prompts), rank, world) for name, prompts in self._prompts.items()}
+        reference_parts: dict[str, list[PromptResult]] = {}
+        own: dict[str, list[PromptResult]] = {}
+        # Under FSDP the policy's full weights are gathered for the whole measurement (every rank enters
+        # together here), after which each rank generates on its own, as many steps as its rows need.
+        with full_weights_for_local_forwards(trainer.strategy):
+            if not self._reference:
+                with _reference_model(pl_module) as reference:
+                    for name, indices in mine.items():
+                        prompts = [self._prompts[name][i] for i in indices]
+                        reference_parts[name] = judge_prompts(
+                            reference, tokenizer, prompts, indices, self._reward, self.options, greedy=False
+                        )
+            for name, indices in mine.items():
+                prompts = [self._prompts[name][i] for i in indices]
+                own[name] = judge_prompts(
+                    pl_module.policy, tokenizer, prompts, indices, self._reward, self.options
+                )
         if not self._reference:
-            parts: dict[str, list[PromptResult]] = {}
-            with _reference_model(pl_module) as reference:
-                for name, indices in mine.items():
-                    prompts = [self._prompts[name][i] for i in indices]
-                    parts[name] = judge_prompts(
-                        reference, tokenizer, prompts, indices, self._reward, self.options, greedy=False
-                    )
-            gathered = _all_gather(trainer, parts)
+            gathered = _all_gather(trainer, reference_parts)
             self._reference = {name: merge(part[name] for part in gathered) for name in self._prompts}
-        own = {}
-        for name, indices in mine.items():
-            prompts = [self._prompts[name][i] for i in indices]
-            own[name] = judge_prompts(
-                pl_module.policy, tokenizer, prompts, indices, self._reward, self.options
-            )
         gathered = _all_gather(trainer, own)
         step = trainer.global_step
         return {
@@ -271,10 +278,8 @@ class GenerationEval(Callback):
 
 
 def _sharded(trainer: L.Trainer) -> bool:
-    """Whether the strategy shards the weights (FSDP, DeepSpeed ZeRO stage 3)."""
+    """Whether the strategy shards the weights in a way generation cannot undo (DeepSpeed ZeRO stage 3)."""
     strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy):
-        return True
     if isinstance(strategy, DeepSpeedStrategy):
         return strategy.config.get("zero_optimization", {}).get("stage") == 3
     return False
