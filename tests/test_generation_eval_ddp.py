@@ -57,7 +57,6 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
             "every_n_steps": 1,
         },
         "export": {"enabled": False},
-        "wandb": {"enabled": False},
     }
     config_path = write_config(tmp_path / "config.yaml", config)
     runs = {
@@ -89,4 +88,8 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     assert len(samples("single")) == len(samples("ddp")) == 2 * 3 * 2  # measurements x prompts x samples
+    # The rows also went to the (offline) W&B run as the gen/samples table, from rank 0.
+    for run in runs:
+        (wandb_file,) = (tmp_path / run / "version_0" / "wandb").glob("offline-run-*/run-*.wandb")
+        assert list(wandb_file.parent.glob("files/media/table/gen/samples_*.table.json"))
     assert [r for r in samples("ddp") if r["step"] == 0] == [r for r in samples("single") if r["step"] == 0]
