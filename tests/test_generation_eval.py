@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def distinct_tokens(prompts: list[str], completions: list[str]) -> list[float]:
 def wrong_length(prompts: list[str], completions: list[str]) -> list[float]:
     """A broken reward: one value too few."""
     return [0.0] * (len(completions) - 1)
+
+
+def not_finite(prompts: list[str], completions: list[str]) -> list[float]:
+    """A broken reward: NaN scores."""
+    return [math.nan] * len(completions)
 
 
 def raises(prompts: list[str], completions: list[str]) -> list[float]:
@@ -144,7 +150,11 @@ def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
             ]
             assert float(row[prefix + "reward"]) == pytest.approx(sum(policy) / len(policy))
             assert float(row[prefix + "reference_reward"]) == pytest.approx(sum(reference) / len(reference))
-            assert float(row[prefix + "win_rate"]) == pytest.approx(sum(outcomes) / len(outcomes))
+            rate = sum(outcomes) / len(outcomes)
+            half = Z_95 * statistics.stdev(outcomes) / math.sqrt(len(outcomes))
+            assert float(row[prefix + "win_rate"]) == pytest.approx(rate)
+            assert float(row[prefix + "win_rate_ci_low"]) == pytest.approx(max(0.0, rate - half))
+            assert float(row[prefix + "win_rate_ci_high"]) == pytest.approx(min(1.0, rate + half))
             lengths = [s["policy_tokens"] for s in part]
             assert float(row[prefix + "length"]) == pytest.approx(sum(lengths) / len(lengths))
             ended = [s["policy_ended"] for s in part]
@@ -181,6 +191,7 @@ def test_zero_learning_rate_gives_ties_at_every_measurement(tmp_path: Path, tiny
     ("reward", "message"),
     [
         ("tests.test_generation_eval:wrong_length", "returned 1 values for 2 prompts"),
+        ("tests.test_generation_eval:not_finite", "value 0 is nan, not a finite number"),
         ("tests.test_generation_eval:raises", "calling it on two held-out prompts of 'a' failed: KeyError"),
         ("tests.no_such_module:reward", "no module named 'tests.no_such_module'"),
     ],
