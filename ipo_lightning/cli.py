@@ -15,6 +15,7 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
 - random states in every checkpoint (:class:`RNGStateCheckpoint`) for an exact resume;
 - ``--export.*``: the trained policy saved in Hugging Face format at the end of ``fit``;
 - ``--divergence.*``: KL to the reference on held-out pairs, every N steps and after validations;
+- ``--generation.*``: reward of the policy's samples, win rate over the reference's (:class:`GenerationEval`);
 - ``--kl_budget.*``: warn, or checkpoint and stop, when that KL exceeds a budget;
 - ``--nonfinite.*``: a non-finite loss, gradient or weight stops the run (or its step is skipped), and
   a loss jump is warned about (:class:`NonFiniteGuard`); a stopped run exits with code 1;
@@ -42,7 +43,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ipo_lightning.callbacks import DivergenceMonitor, HFExport, KLBudget
+from ipo_lightning.callbacks import DivergenceMonitor, GenerationEval, HFExport, KLBudget
 from ipo_lightning.callbacks.nonfinite import DIVERGED_EXIT_CODE, NonFiniteGuard, TrainingDiverged
 from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.checkpoint_io import AtomicCheckpointIO
@@ -224,7 +225,8 @@ class PreferenceCLI(LightningCLI):
                 "prog": "python -m ipo_lightning",
                 "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
                 "compare (several methods, one budget), report (Markdown + plots from run folders), "
-                "judge (win rate under a reward); see `python -m ipo_lightning report --help`.",
+                "judge (win rate under a reward), evaluate (reward of a run's samples); see "
+                "`python -m ipo_lightning report --help`.",
             },
         )
 
@@ -241,6 +243,7 @@ class PreferenceCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(DivergenceMonitor, "divergence")
         parser.add_lightning_class_args(KLBudget, "kl_budget")  # after the monitor: it checks its values
+        parser.add_lightning_class_args(GenerationEval, "generation")
         parser.add_lightning_class_args(SlurmRequeue, "slurm")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_class_arguments(WandbOptions, "wandb", fail_untyped=True, sub_configs=True)
@@ -369,9 +372,9 @@ def _plugins(plugins: Any, strategy: Any) -> list[Any]:
 
 def _tools() -> dict[str, Callable[[list[str]], None]]:
     """Subcommands beside Lightning's: they read runs or launch fits, so they are not Trainer methods."""
-    from ipo_lightning.analysis import compare, judge, report
+    from ipo_lightning.analysis import compare, evaluate, judge, report
 
-    return {"compare": compare.main, "report": report.main, "judge": judge.main}
+    return {"compare": compare.main, "report": report.main, "judge": judge.main, "evaluate": evaluate.main}
 
 
 def main(args: list[str] | None = None) -> None:

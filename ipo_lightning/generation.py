@@ -53,18 +53,27 @@ def row_seed(seed: int, prompt_index: int, sample: int) -> int:
 
 
 class RowSampler(LogitsProcessor):
-    """Draw each row's next token from softmax(scores) with the row's own generator.
+    """Draw each row's next token from softmax(scores) with the row's own generator (None: argmax).
 
-    Returns scores that are ``-inf`` everywhere but at the drawn token, so greedy decoding in
-    ``model.generate`` picks exactly the drawn token. One uniform number per row and step.
+    Returns scores that are ``-inf`` everywhere but at the chosen token, so greedy decoding in
+    ``model.generate`` picks exactly that token. One uniform number per sampled row and step.
     """
 
-    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+    def __init__(self, generators: Sequence[torch.Generator | None]) -> None:
         self.generators = list(generators)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        uniforms = torch.cat(
+            [
+                torch.rand(1, generator=g, dtype=torch.float64)
+                if g is not None
+                else torch.zeros(1, dtype=torch.float64)
+                for g in self.generators
+            ]
+        )
         tokens = inverse_cdf_tokens(scores, uniforms.to(scores.device))
+        greedy = torch.tensor([g is None for g in self.generators], device=scores.device)
+        tokens = torch.where(greedy, scores.argmax(dim=-1), tokens)
         mask = torch.full_like(scores, float("-inf"))
         mask.scatter_(1, tokens[:, None], 0.0)
         return mask
@@ -142,12 +151,62 @@ def generate_completions(
     Returns:
         ``completions[i][j]``: completion j of prompt i.
     """
-    if k < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(
-            f"k, max_new_tokens and batch_size must be positive, got {k}, {max_new_tokens}, {batch_size}"
-        )
     if greedy and k != 1:
         raise ValueError(f"greedy decoding gives one completion per prompt, got k={k}")
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    rows = [(i, None if greedy else j) for i in range(len(prompt_ids)) for j in range(k)]
+    flat = _generate_rows(
+        model, tokenizer, prompt_ids, rows, seed, prompt_indices, max_new_tokens, batch_size
+    )
+    return [flat[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
+
+
+@torch.no_grad()
+def generate_with_greedy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    k: int,
+    seed: int = 0,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    prompt_indices: Sequence[int] | None = None,
+) -> tuple[list[list[Completion]], list[Completion]]:
+    """:func:`generate_completions`'s ``k`` samples and greedy completion of every prompt, together.
+
+    The greedy rows share the sampled rows' batches (one ``generate`` call instead of two), and each
+    row is what :func:`generate_completions` gives it alone.
+
+    Returns:
+        ``(samples, greedy)``: ``samples[i][j]`` as in :func:`generate_completions`, ``greedy[i]``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    rows = [(i, j) for i in range(len(prompt_ids)) for j in [*range(k), None]]
+    flat = _generate_rows(
+        model, tokenizer, prompt_ids, rows, seed, prompt_indices, max_new_tokens, batch_size
+    )
+    per_prompt = [flat[i * (k + 1) : (i + 1) * (k + 1)] for i in range(len(prompt_ids))]
+    return [row[:k] for row in per_prompt], [row[k] for row in per_prompt]
+
+
+def _generate_rows(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    rows: Sequence[tuple[int, int | None]],
+    seed: int,
+    prompt_indices: Sequence[int] | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[Completion]:
+    """One completion per row ``(prompt i, sample j)``; ``j`` None is a greedy row. In row order."""
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(
+            f"max_new_tokens and batch_size must be positive, got {max_new_tokens}, {batch_size}"
+        )
     indices = list(range(len(prompt_ids))) if prompt_indices is None else [int(i) for i in prompt_indices]
     if len(indices) != len(prompt_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(indices)} prompt_indices")
@@ -165,7 +224,6 @@ def generate_completions(
         eos_token_id=stop or None,
     )
     device = next(model.parameters()).device
-    rows = [(i, j) for i in range(len(prompt_ids)) for j in range(k)]
     tokens: list[list[int]] = []
     was_training = model.training
     own_config = hf_model.generation_config
@@ -177,8 +235,11 @@ def generate_completions(
             batch = rows[start : start + batch_size]
             input_ids, attention_mask = _left_padded([prompt_ids[i] for i, _ in batch], pad_id)
             processors = LogitsProcessorList()
-            if not greedy:
-                generators = [torch.Generator().manual_seed(row_seed(seed, indices[i], j)) for i, j in batch]
+            if any(j is not None for _, j in batch):
+                generators = [
+                    None if j is None else torch.Generator().manual_seed(row_seed(seed, indices[i], j))
+                    for i, j in batch
+                ]
                 processors.append(RowSampler(generators))
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -191,11 +252,10 @@ def generate_completions(
         hf_model.generation_config = own_config
         model.train(was_training)
     stop_set = set(stop)
-    completions: list[list[Completion]] = [[] for _ in prompt_ids]
-    for (i, _), generated in zip(rows, tokens, strict=True):
+    completions = []
+    for generated in tokens:
         kept, ended = _cut(generated, stop_set)
-        text = tokenizer.decode(kept, skip_special_tokens=True)
-        completions[i].append(Completion(text=text, token_ids=kept, ended=ended))
+        completions.append(Completion(tokenizer.decode(kept, skip_special_tokens=True), kept, ended))
     return completions
 
 

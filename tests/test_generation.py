@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ipo_lightning.generation import (
     generate_completions,
+    generate_with_greedy,
     inverse_cdf_tokens,
     row_seed,
     sample_completions,
@@ -150,6 +151,16 @@ def test_greedy_is_step_by_step_argmax(
         assert completion.text == tiny_tokenizer.decode(expected, skip_special_tokens=True)
     with pytest.raises(ValueError, match="greedy decoding gives one completion per prompt"):
         generate_completions(model, tiny_tokenizer, prompt_ids, greedy=True, k=2, max_new_tokens=3)
+
+
+def test_greedy_rows_batched_with_sampled_rows_are_what_each_gives_alone(
+    model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]]
+) -> None:
+    kwargs = {"seed": 4, "max_new_tokens": 7, "prompt_indices": [5, 6, 7, 8]}
+    samples, greedy = generate_with_greedy(model, tiny_tokenizer, prompt_ids, k=2, batch_size=5, **kwargs)
+    assert samples == generate_completions(model, tiny_tokenizer, prompt_ids, k=2, **kwargs)
+    alone = generate_completions(model, tiny_tokenizer, prompt_ids, greedy=True, **kwargs)
+    assert greedy == [row[0] for row in alone]
 
 
 def test_completions_end_at_the_first_eos_which_is_kept(

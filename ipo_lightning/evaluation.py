@@ -1,0 +1,215 @@
+"""Judging what a model generates: sample held-out prompts, score the samples with a reward, compare.
+
+The one code path of the generation evaluation during training
+(:class:`~ipo_lightning.callbacks.generation_eval.GenerationEval`) and of
+``python -m ipo_lightning evaluate`` on a finished run:
+
+1. :func:`judge_prompts`: a model's ``k`` samples (and optionally its greedy completion) for some
+   prompts of a set, each scored by the reward. Sample j of the prompt with index i is drawn from a
+   generator seeded by ``(seed, i, j)`` (:func:`ipo_lightning.generation.generate_completions`), so the
+   policy's and the reference's sample j of a prompt share a seed, and processes that split the prompts
+   (:func:`share`) draw what one process would.
+2. :func:`merge`: the processes' parts in prompt order.
+3. :func:`set_result`: the metrics of the set (:mod:`ipo_lightning.generation_metrics`) and the rows of
+   the samples file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ipo_lightning.data.prompts import HeldOutPrompt
+from ipo_lightning.generation import Completion, generate_completions, generate_with_greedy
+from ipo_lightning.generation_metrics import set_metrics
+from ipo_lightning.rewards import RewardFunction
+
+SAMPLE_FIELDS = (
+    "step",
+    "set",
+    "prompt",
+    "sample",
+    "policy",
+    "reference",
+    "policy_reward",
+    "reference_reward",
+    "policy_tokens",
+    "policy_ended",
+)
+"""The fields of every row of the samples file, in order."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How each model generates.
+
+    Attributes:
+        samples_per_prompt: sampled completions per prompt (k).
+        greedy: also one greedy completion per prompt (``greedy_reward``).
+        max_new_tokens: longest completion.
+        batch_size: rows (prompt x sample) per ``generate`` call.
+        seed: base seed of the per-sample generators.
+    """
+
+    samples_per_prompt: int = 4
+    greedy: bool = True
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One model's completions of one prompt and their rewards.
+
+    Attributes:
+        index: the prompt's index in its set's prompt list.
+        prompt: the prompt text (what the reward read).
+        samples: the k sampled completions.
+        rewards: their rewards.
+        greedy: the greedy completion, when asked for.
+        greedy_reward: its reward.
+    """
+
+    index: int
+    prompt: str
+    samples: list[Completion]
+    rewards: list[float]
+    greedy: Completion | None = None
+    greedy_reward: float | None = None
+
+
+@dataclass(frozen=True)
+class SetResult:
+    """The metrics of one set (names without the ``gen/`` prefix) and its samples-file rows."""
+
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+
+
+def share(count: int, rank: int, world: int) -> list[int]:
+    """The prompt indices process ``rank`` of ``world`` judges: every ``world``-th from ``rank`` on."""
+    return list(range(rank, count, world))
+
+
+def _score(
+    reward: RewardFunction, prompts: Sequence[HeldOutPrompt], completions: Sequence[Sequence[Completion]]
+) -> list[list[float]]:
+    """Reward of every completion, in one call; ``completions[i]`` are the completions of ``prompts[i]``."""
+    flat_prompts = [prompt for prompt, row in zip(prompts, completions, strict=True) for _ in row]
+    chat = any(prompt.messages is not None for prompt in prompts)
+    scores = reward(
+        [prompt.text for prompt in flat_prompts],
+        [completion.text for row in completions for completion in row],
+        conversations=[prompt.messages or [] for prompt in flat_prompts] if chat else None,
+    )
+    rows, start = [], 0
+    for row in completions:
+        rows.append(scores[start : start + len(row)])
+        start += len(row)
+    return rows
+
+
+@torch.no_grad()
+def judge_prompts(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[HeldOutPrompt],
+    indices: Sequence[int],
+    reward: RewardFunction,
+    options: EvalOptions,
+    *,
+    greedy: bool | None = None,
+) -> list[PromptResult]:
+    """``model``'s samples (and greedy completions) of ``prompts`` (set indices ``indices``), scored.
+
+    Args:
+        greedy: override ``options.greedy`` (the reference's greedy completions are not needed).
+    """
+    if not prompts:
+        return []
+    ids = [prompt.ids for prompt in prompts]
+    sampling = {
+        "seed": options.seed,
+        "max_new_tokens": options.max_new_tokens,
+        "batch_size": options.batch_size,
+        "prompt_indices": indices,
+    }
+    k = options.samples_per_prompt
+    greedy_rows: list[list[Completion]] = [[] for _ in prompts]
+    greedy_rewards: list[list[float]] = [[] for _ in prompts]
+    if options.greedy if greedy is None else greedy:
+        samples, greedy_completions = generate_with_greedy(model, tokenizer, ids, k=k, **sampling)
+        greedy_rows = [[completion] for completion in greedy_completions]
+        greedy_rewards = _score(reward, prompts, greedy_rows)
+    else:
+        samples = generate_completions(model, tokenizer, ids, k=k, **sampling)
+    rewards = _score(reward, prompts, samples)
+    return [
+        PromptResult(
+            index=index,
+            prompt=prompt.text,
+            samples=row,
+            rewards=row_rewards,
+            greedy=greedy_row[0] if greedy_row else None,
+            greedy_reward=greedy_reward[0] if greedy_reward else None,
+        )
+        for index, prompt, row, row_rewards, greedy_row, greedy_reward in zip(
+            indices, prompts, samples, rewards, greedy_rows, greedy_rewards, strict=True
+        )
+    ]
+
+
+def merge(parts: Iterable[Sequence[PromptResult]]) -> list[PromptResult]:
+    """All processes' results of one set in prompt order."""
+    return sorted((result for part in parts for result in part), key=lambda result: result.index)
+
+
+def set_result(
+    set_name: str, step: int, policy: Sequence[PromptResult], reference: Sequence[PromptResult]
+) -> SetResult:
+    """Metrics and samples-file rows of one set (policy sample j of a prompt against reference sample j)."""
+    if [r.index for r in policy] != [r.index for r in reference]:
+        raise ValueError("policy and reference results cover different prompts")
+    policy_rewards, reference_rewards, content, lengths, ended = [], [], [], [], []
+    rows = []
+    for mine, theirs in zip(policy, reference, strict=True):
+        for sample, (completion, other) in enumerate(zip(mine.samples, theirs.samples, strict=True)):
+            policy_rewards.append(mine.rewards[sample])
+            reference_rewards.append(theirs.rewards[sample])
+            tokens = completion.token_ids[:-1] if completion.ended else completion.token_ids
+            content.append(tokens)
+            lengths.append(len(completion.token_ids))
+            ended.append(completion.ended)
+            values = (
+                step,
+                set_name,
+                mine.prompt,
+                sample,
+                completion.text,
+                other.text,
+                mine.rewards[sample],
+                theirs.rewards[sample],
+                len(completion.token_ids),
+                completion.ended,
+            )
+            rows.append(dict(zip(SAMPLE_FIELDS, values, strict=True)))
+    greedy = [r.greedy_reward for r in policy if r.greedy_reward is not None]
+    metrics = set_metrics(policy_rewards, reference_rewards, content, lengths, ended, greedy)
+    return SetResult(metrics, rows)
+
+
+def metric_names(results: dict[str, SetResult], prefix: str = "gen/") -> dict[str, float]:
+    """Logged names: each set as ``<prefix><set>/<metric>`` when there are several, and the first
+    (primary) set also as plain ``<prefix><metric>`` (as ``val/`` metrics are named)."""
+    named: dict[str, float] = {}
+    for position, (set_name, result) in enumerate(results.items()):
+        if position == 0:
+            named.update({prefix + name: value for name, value in result.metrics.items()})
+        if len(results) > 1:
+            named.update({f"{prefix}{set_name}/{name}": value for name, value in result.metrics.items()})
+    return named

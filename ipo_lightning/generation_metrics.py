@@ -1,0 +1,85 @@
+"""The metrics of a generation evaluation on one prompt set: pure functions of rewards and token ids.
+
+Names (without the ``gen/`` prefix) and definitions, for ``k`` samples of each of ``P`` prompts:
+
+- ``reward``: mean reward of all ``P * k`` policy samples; ``reference_reward``: the same for the
+  reference's samples; ``greedy_reward``: mean reward of the policy's greedy completions (one per prompt).
+- ``win_rate``: paired win rate: policy sample j of prompt i against reference sample j of prompt i
+  (drawn with the same generator seed), a win 1, a tie 1/2, a loss 0, averaged over all ``P * k`` pairs;
+  ``win_rate_ci_low``/``win_rate_ci_high``: its 95% normal-approximation interval
+  ``rate +- 1.96 * sd / sqrt(n)`` (sd of the outcomes), clipped to [0, 1]
+  (:func:`ipo_lightning.analysis.judge.win_rate`).
+- ``length``: mean number of generated tokens per sample, the EOS token included when generated.
+- ``eos_rate``: share of samples that ended with an EOS token within ``max_new_tokens``.
+- ``distinct_2``: distinct token bigrams / total token bigrams, pooled over all policy samples of the set
+  (bigrams within each sample, on token ids, the EOS token left out); 0 when no sample has two tokens.
+- ``repetition``: per sample, the share of its token trigrams that already occurred earlier in the same
+  sample (``1 - distinct / total`` trigrams, EOS left out), averaged over the samples that have at least
+  one trigram; 0 when none has.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from ipo_lightning.analysis.judge import win_rate
+
+REPETITION_N = 3
+"""The n of the n-grams whose repeats ``repetition`` counts."""
+
+
+def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    """The n-grams of ``tokens`` in order (none when there are fewer than ``n`` tokens)."""
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(samples: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Distinct n-grams / total n-grams pooled over ``samples`` (0 when there are no n-grams)."""
+    grams = [gram for tokens in samples for gram in ngrams(tokens, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(samples: Sequence[Sequence[int]], n: int = REPETITION_N) -> float:
+    """Mean over samples with n-grams of the share of a sample's n-grams seen earlier in it (0 if none)."""
+    shares = []
+    for tokens in samples:
+        grams = ngrams(tokens, n)
+        if grams:
+            shares.append(1.0 - len(set(grams)) / len(grams))
+    return statistics.fmean(shares) if shares else 0.0
+
+
+def set_metrics(
+    policy_rewards: Sequence[float],
+    reference_rewards: Sequence[float],
+    content_tokens: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    ended: Sequence[bool],
+    greedy_rewards: Sequence[float] = (),
+) -> dict[str, float]:
+    """The metrics of one set (module docstring), from per-sample values in the same (prompt, sample) order.
+
+    Args:
+        policy_rewards: reward of each policy sample.
+        reference_rewards: reward of the reference sample paired with it.
+        content_tokens: each policy sample's generated token ids without the EOS token.
+        lengths: each policy sample's generated token count, EOS included.
+        ended: whether each policy sample ended with EOS.
+        greedy_rewards: rewards of the greedy completions (empty: no ``greedy_reward``).
+    """
+    wins = win_rate(policy_rewards, reference_rewards)
+    metrics = {
+        "reward": statistics.fmean(policy_rewards),
+        "win_rate": wins.win_rate,
+        "win_rate_ci_low": wins.ci_low,
+        "win_rate_ci_high": wins.ci_high,
+        "reference_reward": statistics.fmean(reference_rewards),
+        "length": statistics.fmean(lengths),
+        "eos_rate": sum(ended) / len(ended),
+        "distinct_2": distinct_n(content_tokens, 2),
+        "repetition": repetition(content_tokens),
+    }
+    if greedy_rewards:
+        metrics["greedy_reward"] = statistics.fmean(greedy_rewards)
+    return metrics

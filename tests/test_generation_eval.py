@@ -1,0 +1,210 @@
+"""The generation evaluation: metric math against hand-computed values, logged metrics equal to a
+recomputation from the samples file, ties at step 0, and a bad reward stopping the run at start-up."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from ipo_lightning.analysis.judge import Z_95
+from ipo_lightning.callbacks import GenerationEval
+from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.generation_metrics import distinct_n, repetition, set_metrics
+from ipo_lightning.module import PreferenceModule
+from tests.helpers import polite_pairs, write_jsonl
+
+REWARD = "tests.test_generation_eval:distinct_tokens"
+
+
+def distinct_tokens(prompts: list[str], completions: list[str]) -> list[float]:
+    """A tiny reward: the number of distinct characters of the completion (ties are common)."""
+    return [float(len(set(completion))) for completion in completions]
+
+
+def wrong_length(prompts: list[str], completions: list[str]) -> list[float]:
+    """A broken reward: one value too few."""
+    return [0.0] * (len(completions) - 1)
+
+
+def not_finite(prompts: list[str], completions: list[str]) -> list[float]:
+    """A broken reward: NaN scores."""
+    return [math.nan] * len(completions)
+
+
+def raises(prompts: list[str], completions: list[str]) -> list[float]:
+    """A broken reward: its own code fails."""
+    raise KeyError("no such rubric")
+
+
+# ------------------------------------------------------------------ metric math
+
+
+def test_distinct_2_pools_bigrams_over_samples() -> None:
+    # Bigrams: (1,2) (2,1) (1,2) | (1,2) (2,3) | none -> 3 distinct of 5.
+    assert distinct_n([[1, 2, 1, 2], [1, 2, 3], [7]]) == pytest.approx(3 / 5)
+    assert distinct_n([[1], []]) == 0.0
+
+
+def test_repetition_is_the_mean_share_of_repeated_trigrams_within_a_sample() -> None:
+    # [1,2,1,2,1,2]: trigrams 121 212 121 212 -> 2 distinct of 4 -> 0.5; [1,2,3,4]: 0; [5,5]: no trigram.
+    assert repetition([[1, 2, 1, 2, 1, 2], [1, 2, 3, 4], [5, 5]]) == pytest.approx(0.25)
+    assert repetition([[5, 5]]) == 0.0
+
+
+def test_set_metrics_against_hand_computed_values() -> None:
+    policy = [3.0, 1.0, 2.0, 2.0]
+    reference = [1.0, 2.0, 2.0, 0.0]  # win, loss, tie, win -> outcomes 1, 0, 0.5, 1
+    metrics = set_metrics(
+        policy,
+        reference,
+        content_tokens=[[1, 2], [1, 2], [3], [4, 5, 4, 5, 4]],
+        lengths=[3, 2, 2, 4],
+        ended=[True, False, True, False],
+        greedy_rewards=[4.0, 1.0],
+    )
+    outcomes = [1.0, 0.0, 0.5, 1.0]
+    mean = sum(outcomes) / 4
+    sd = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / 3)
+    assert metrics["win_rate"] == pytest.approx(0.625)
+    assert metrics["win_rate_ci_low"] == pytest.approx(max(0.0, mean - Z_95 * sd / 2))
+    assert metrics["win_rate_ci_high"] == pytest.approx(min(1.0, mean + Z_95 * sd / 2))
+    assert metrics["reward"] == 2.0 and metrics["reference_reward"] == 1.25
+    assert metrics["greedy_reward"] == 2.5
+    assert metrics["length"] == 2.75 and metrics["eos_rate"] == 0.5
+    assert metrics["distinct_2"] == pytest.approx(3 / 6)  # 12 12 45 54 45 54: 3 distinct of 6
+    assert metrics["repetition"] == pytest.approx(1 / 3)  # only the last has trigrams: 454 545 454
+
+
+# ------------------------------------------------------------------ during a fit
+
+
+def _fit(tmp_path: Path, tiny_model_dir: Path, evaluation: GenerationEval, lr: float, steps: int = 4) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
+    first = write_jsonl(tmp_path / "a.jsonl", polite_pairs(8, offset=16))
+    second = write_jsonl(tmp_path / "b.jsonl", polite_pairs(8, offset=40))
+    datamodule = PreferenceDataModule(
+        train=DataSource(path=str(train)),
+        val={"a": DataSource(path=str(first)), "b": DataSource(path=str(second))},
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=64,
+        max_prompt_length=32,
+        batch_size=4,
+    )
+    module = PreferenceModule(
+        str(tiny_model_dir), optimizer=lambda params: torch.optim.Adam(params, lr=lr), lr_schedule="constant"
+    )
+    logger = CSVLogger(tmp_path / "logs", name="")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        val_check_interval=2,
+        logger=logger,
+        callbacks=[evaluation],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return Path(logger.log_dir)
+
+
+def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    evaluation = GenerationEval(
+        reward=REWARD, prompts=3, samples_per_prompt=2, max_new_tokens=6, batch_size=4, every_n_steps=3
+    )
+    run = _fit(tmp_path, tiny_model_dir, evaluation, lr=5e-2)
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("gen/reward")]
+    # Step 0, step 3 (every_n_steps), and after the validations at steps 2 and 4.
+    assert [int(r["step"]) for r in rows] == [0, 2, 3, 4]
+    samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
+    assert set(samples[0]) == {
+        "step", "set", "prompt", "sample", "policy", "reference",
+        "policy_reward", "reference_reward", "policy_tokens", "policy_ended",
+    }  # fmt: skip
+    assert len(samples) == 4 * 2 * 3 * 2  # measurements x sets x prompts x samples
+    by_key: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for sample in samples:
+        assert sample["policy_reward"] == len(set(sample["policy"]))  # the reward really read the text
+        by_key[sample["step"], sample["set"]].append(sample)
+    for row in rows:
+        step = int(row["step"])
+        for name, prefix in (("a", "gen/"), ("a", "gen/a/"), ("b", "gen/b/")):
+            part = by_key[step, name]
+            policy = [s["policy_reward"] for s in part]
+            reference = [s["reference_reward"] for s in part]
+            outcomes = [
+                1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference, strict=True)
+            ]
+            assert float(row[prefix + "reward"]) == pytest.approx(sum(policy) / len(policy))
+            assert float(row[prefix + "reference_reward"]) == pytest.approx(sum(reference) / len(reference))
+            rate = sum(outcomes) / len(outcomes)
+            half = Z_95 * statistics.stdev(outcomes) / math.sqrt(len(outcomes))
+            assert float(row[prefix + "win_rate"]) == pytest.approx(rate)
+            assert float(row[prefix + "win_rate_ci_low"]) == pytest.approx(max(0.0, rate - half))
+            assert float(row[prefix + "win_rate_ci_high"]) == pytest.approx(min(1.0, rate + half))
+            lengths = [s["policy_tokens"] for s in part]
+            assert float(row[prefix + "length"]) == pytest.approx(sum(lengths) / len(lengths))
+            ended = [s["policy_ended"] for s in part]
+            assert float(row[prefix + "eos_rate"]) == pytest.approx(sum(ended) / len(ended))
+            assert row[prefix + "greedy_reward"] != ""
+    # The reference's samples are the same at every measurement (generated once, the same seeds).
+    reference_texts = {step: [s["reference"] for s in by_key[step, "a"]] for step in (0, 2, 3, 4)}
+    assert len({tuple(texts) for texts in reference_texts.values()}) == 1
+    # Step 0: the policy is the reference and shares its seeds, so every pair is a tie.
+    first = rows[0]
+    assert float(first["gen/win_rate"]) == 0.5 and float(first["gen/b/win_rate"]) == 0.5
+    assert float(first["gen/win_rate_ci_low"]) == 0.5 == float(first["gen/win_rate_ci_high"])
+    assert all(s["policy"] == s["reference"] for s in by_key[0, "a"])
+    # Training moved the policy: its later samples differ from the reference's.
+    assert any(s["policy"] != s["reference"] for s in by_key[4, "a"])
+    assert int(evaluation.last_results["a"].rows[0]["step"]) == 4
+
+
+def test_zero_learning_rate_gives_ties_at_every_measurement(tmp_path: Path, tiny_model_dir: Path) -> None:
+    evaluation = GenerationEval(
+        reward=REWARD, prompts=2, samples_per_prompt=2, greedy=False, max_new_tokens=5, every_n_steps=0,
+        sets=["b"],
+    )  # fmt: skip
+    run = _fit(tmp_path, tiny_model_dir, evaluation, lr=0.0, steps=2)
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("gen/win_rate")]
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    assert all(float(r["gen/win_rate"]) == 0.5 for r in rows)
+    assert "gen/b/win_rate" not in rows[0] and "gen/greedy_reward" not in rows[0]  # one set: plain names only
+    samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
+    assert {s["set"] for s in samples} == {"b"}
+
+
+@pytest.mark.parametrize(
+    ("reward", "message"),
+    [
+        ("tests.test_generation_eval:wrong_length", "returned 1 values for 2 prompts"),
+        ("tests.test_generation_eval:not_finite", "value 0 is nan, not a finite number"),
+        ("tests.test_generation_eval:raises", "calling it on two held-out prompts of 'a' failed: KeyError"),
+        ("tests.no_such_module:reward", "no module named 'tests.no_such_module'"),
+    ],
+)
+def test_a_bad_reward_stops_the_fit_at_setup(
+    tmp_path: Path, tiny_model_dir: Path, reward: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match="--generation.reward") as error:
+        _fit(tmp_path, tiny_model_dir, GenerationEval(reward=reward, prompts=2), lr=1e-3)
+    assert message in str(error.value)
+    assert not list((tmp_path / "logs").rglob("metrics.csv"))  # no training step ran
+
+
+def test_unknown_set_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="generation.sets: no validation set 'c'; the run has a, b"):
+        _fit(tmp_path, tiny_model_dir, GenerationEval(reward=REWARD, sets=["c"]), lr=1e-3)

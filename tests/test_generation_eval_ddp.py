@@ -1,0 +1,95 @@
+"""The generation evaluation under DDP and FSDP (configs/strategy/fsdp.yaml): two CPU processes, each
+judging a share of the prompts, log and write what one process does."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from ipo_lightning.tiny import save_tiny_model
+from tests.conftest import CORPUS
+from tests.helpers import REPO, polite_pairs, run_cli, write_config, write_jsonl
+
+TWO_PROCESSES = {
+    "ddp": ["--trainer.strategy", "ddp"],
+    # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
+    "fsdp": ["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"), "--data.batch_size", "1"],
+}
+
+
+def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [row for row in csv.DictReader(handle) if row.get("gen/reward")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sorted(TWO_PROCESSES))
+def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
+    tmp_path: Path, tiny_model_dir: Path, strategy: str
+) -> None:
+    # A reference other than the policy: wins and losses at step 0, not only ties. Three prompts split
+    # unevenly (two and one) over two ranks.
+    reference_dir = save_tiny_model(
+        tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+        },
+        "model": {"model_name_or_path": str(tiny_model_dir), "reference_name_or_path": str(reference_dir)},
+        "data": {"train": {"path": str(train)}, "max_length": 64, "max_prompt_length": 32, "batch_size": 2},
+        "divergence": {"enabled": False},
+        "generation": {
+            "reward": "tests.test_generation_eval:distinct_tokens",
+            "prompts": 3,
+            "samples_per_prompt": 2,
+            "max_new_tokens": 6,
+            "batch_size": 4,
+            "every_n_steps": 1,
+        },
+        "export": {"enabled": False},
+    }
+    config_path = write_config(tmp_path / "config.yaml", config)
+    runs = {
+        "single": ["--trainer.devices", "1"],
+        "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
+    }
+    for name, extra in runs.items():
+        result = run_cli(
+            tmp_path,
+            "fit",
+            "--config",
+            str(config_path),
+            "--trainer.default_root_dir",
+            str(tmp_path / name),
+            *extra,
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+    single, ddp = _gen_rows(tmp_path / "single" / "version_0"), _gen_rows(tmp_path / "ddp" / "version_0")
+    assert [row["step"] for row in single] == [row["step"] for row in ddp] == ["0", "1"]
+    assert float(single[0]["gen/win_rate"]) != 0.5  # policy and reference differ
+    # Step 0 holds the same weights in both runs (after it, DDP has trained on twice the pairs).
+    # Under FSDP the policy is sharded, and ranks generate different numbers of steps on their own.
+    for name in [column for column in single[0] if column.startswith("gen/")]:
+        assert float(ddp[0][name]) == pytest.approx(float(single[0][name]), rel=1e-9), name
+
+    def samples(run: str) -> list[dict]:
+        path = tmp_path / run / "version_0" / "generation_samples.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    assert len(samples("single")) == len(samples("ddp")) == 2 * 3 * 2  # measurements x prompts x samples
+    # The rows also went to the (offline) W&B run as the gen/samples table, from rank 0.
+    for run in runs:
+        (wandb_file,) = (tmp_path / run / "version_0" / "wandb").glob("offline-run-*/run-*.wandb")
+        assert list(wandb_file.parent.glob("files/media/table/gen/samples_*.table.json"))
+    assert [r for r in samples("ddp") if r["step"] == 0] == [r for r in samples("single") if r["step"] == 0]
