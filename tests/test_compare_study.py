@@ -201,7 +201,7 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
             }
         )
     )
-    report = run_compare(load_spec(path))
+    report = run_compare(load_spec(path), jobs=2)
     names = ["ipo-n32-seed0", "ipo-n32-seed1", "ipo-n64-seed0", "ipo-n64-seed1"]
     out = capsys.readouterr().out
     assert f"compare qs: 4 runs (1 members x 2 data.train_size x 2 seed): {', '.join(names)}" in out
@@ -215,6 +215,8 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
         assert config["seed_everything"] == config["data"]["seed"] == int(seed)
         with (run_dir / "metrics.csv").open() as handle:
             assert max(int(row["step"]) for row in csv.DictReader(handle) if row["step"]) == 3
+        # Parallel fits log to their own files, not the terminal.
+        assert "max_steps=3" in (run_dir.parent / "fit.log").read_text()
     summary = json.loads((report.parent / "summary.json").read_text())
     groups = {(g["label"], g["pairs"]): g for g in summary["by_pairs"]}
     assert sorted(pairs for _, pairs in groups) == [32, 64]
@@ -226,6 +228,11 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
         ]
         assert group["seeds"] == [0, 1] and group["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
     assert (report.parent / "metric_vs_pairs.png").is_file()
+
+    # --report_only rewrites the report from the same runs, fitting nothing.
+    summary_before = (report.parent / "summary.json").read_text()
+    main(["--config", str(path), "--report_only"])
+    assert (report.parent / "summary.json").read_text() == summary_before
 
 
 def test_shipped_gold_data_size_study_loads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,3 +249,8 @@ def test_shipped_gold_data_size_study_loads(monkeypatch: pytest.MonkeyPatch) -> 
         "0.2",
         "1",
     )
+
+
+def test_compare_refuses_fewer_than_one_job(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--jobs must be at least 1, got 0"):
+        main(["--config", str(tmp_path / "missing.yaml"), "--jobs", "0"])

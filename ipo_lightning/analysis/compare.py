@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,17 +298,53 @@ def plan_summary(spec: CompareSpec) -> str:
     return f"compare {spec.name}: {len(names)} runs ({shape}): {', '.join(names)}"
 
 
-def run_compare(spec: CompareSpec) -> Path:
-    """Check, then fit every run in turn, then write the report; returns the report path."""
+def run_compare(spec: CompareSpec, jobs: int = 1) -> Path:
+    """Check, then fit every run (``jobs`` at a time), then write the report; returns the report path.
+
+    With ``jobs > 1`` each fit's output goes to ``fit.log`` in its own runs folder instead of the
+    terminal, so parallel runs do not interleave; a failed fit stops new ones from starting, waits for
+    those already running and names every failure.
+    """
     print(plan_summary(spec), flush=True)
     check_members(spec)
     runs = list(spec.runs)
-    for index, run in enumerate(runs, start=1):
-        print(f"compare {spec.name}: run {index}/{len(runs)}: {run}", flush=True)
-        result = subprocess.run(spec.fit_command(run), check=False)
-        if result.returncode != 0:
-            raise UserInputError(f"compare run {run!r}: fit failed (exit code {result.returncode})")
+    if jobs <= 1:
+        for index, run in enumerate(runs, start=1):
+            print(f"compare {spec.name}: run {index}/{len(runs)}: {run}", flush=True)
+            result = subprocess.run(spec.fit_command(run), check=False)
+            if result.returncode != 0:
+                raise UserInputError(f"compare run {run!r}: fit failed (exit code {result.returncode})")
+    else:
+        _run_parallel(spec, runs, jobs)
     return write_compare_report(spec)
+
+
+def _run_parallel(spec: CompareSpec, runs: list[str], jobs: int) -> None:
+    """Fit ``runs`` with at most ``jobs`` processes at a time (see :func:`run_compare`)."""
+    pending = list(enumerate(runs, start=1))
+    running: list[tuple[str, subprocess.Popen, Any]] = []
+    failures: list[str] = []
+    while pending or running:
+        while pending and len(running) < jobs and not failures:
+            index, run = pending.pop(0)
+            log_path = spec.member_dir(run) / "fit.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"compare {spec.name}: run {index}/{len(runs)}: {run} (output: {log_path})", flush=True)
+            log = log_path.open("w", encoding="utf-8")
+            running.append((run, subprocess.Popen(spec.fit_command(run), stdout=log, stderr=log), log))
+        if failures and not running:
+            break
+        time.sleep(0.5)
+        for entry in list(running):
+            run, process, log = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            log.close()
+            if process.returncode != 0:
+                failures.append(f"{run!r} (exit code {process.returncode}, see {log.name})")
+    if failures:
+        raise UserInputError(f"compare run(s) failed: {', '.join(failures)}")
 
 
 def write_compare_report(spec: CompareSpec) -> Path:
@@ -359,11 +396,22 @@ def main(args: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", required=True, type=Path, help="compare file (see configs/compare/)")
     parser.add_argument("--print_commands", action="store_true", help="print each run's fit command and exit")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="fits run at a time (default 1; above 1 each logs to its fit.log)"
+    )
+    parser.add_argument(
+        "--report_only", action="store_true", help="write the report from the runs already there, fit nothing"
+    )
     options = parser.parse_args(args)
+    if options.jobs < 1:
+        raise ConfigError(f"compare --jobs must be at least 1, got {options.jobs}")
     spec = load_spec(options.config)
+    if options.report_only:
+        print(f"wrote {write_compare_report(spec)}")
+        return
     if options.print_commands:
         print(plan_summary(spec), file=sys.stderr)  # stdout stays one command per line
         for run in spec.runs:
             print(shlex.join(spec.fit_command(run)))
         return
-    print(f"wrote {run_compare(spec)}")
+    print(f"wrote {run_compare(spec, options.jobs)}")
