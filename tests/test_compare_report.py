@@ -129,12 +129,18 @@ def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
         assert imread(report.parent / image).shape[0] > 100  # a real PNG, linked where it lies
 
 
-def _run_with(root: Path, name: str, accuracy: float, kl: float) -> Path:
+def _run_with(
+    root: Path, name: str, accuracy: float, kl: float, win_rate: float | None = None, label_noise: float = 0.0
+) -> Path:
     logger = CSVLogger(root / name, name="")
     logger.log_metrics({"divergence/kl": kl}, step=10)
     logger.log_metrics({"val/rewards/accuracy": accuracy}, step=10)
+    if win_rate is not None:
+        logger.log_metrics({"gen/win_rate": win_rate, "gen/reward": 1.0}, step=10)
     logger.save()
     config = {"model": {"loss_type": "ipo", "beta": 0.5, "length_normalize": True}}
+    if label_noise:
+        config["data"] = {"label_noise": label_noise}
     (Path(logger.log_dir) / "config.yaml").write_text(yaml.safe_dump(config))
     return Path(logger.log_dir)
 
@@ -152,6 +158,27 @@ def test_recommendation_prefers_less_drift_among_tied_accuracies(tmp_path: Path)
     assert choice.name == "drifty" and "highest mean held-out accuracy" in reason
     report = write_report(runs, tmp_path / "report")
     assert "accuracy_id_vs_ood.png" not in report.read_text()  # one val set: no ID-vs-OOD plot
+
+
+def test_recommendation_judges_generations_when_every_run_has_a_win_rate(tmp_path: Path) -> None:
+    # The most accurate run on pairs writes the worst samples: the win rate decides.
+    runs = [
+        _run_with(tmp_path, "accurate", 0.95, 0.30, win_rate=0.55, label_noise=0.2),
+        _run_with(tmp_path, "writer", 0.80, 0.20, win_rate=0.70, label_noise=0.2),
+        _run_with(tmp_path, "close", 0.70, 0.10, win_rate=0.695, label_noise=0.2),
+    ]
+    summaries = [summarize(d.parent.name, load_run(d)) for d in runs]
+    choice, reason = recommend(summaries[:2])
+    assert choice.name == "writer" and "highest final generation win rate (0.700)" in reason
+    choice, reason = recommend(summaries)
+    assert choice.name == "close" and "tied with writer" in reason
+    # Every run is noisy, so all of them are candidates and the report does not claim clean labels.
+    report = write_report(runs, tmp_path / "report").read_text()
+    assert "**Recommended** (of the runs): **close**" in report
+    # Without a win rate for every candidate, accuracy decides as before.
+    no_gen = _run_with(tmp_path / "plain", "plain", 0.99, 0.5)
+    choice, _ = recommend([*summaries, summarize("plain", load_run(no_gen))])
+    assert choice.name == "plain"
 
 
 def test_noisy_runs_are_paired_with_their_clean_run_and_not_recommended(tmp_path: Path) -> None:

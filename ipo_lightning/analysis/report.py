@@ -14,9 +14,11 @@ so it needs no W&B account and works on copied run folders. It writes ``DIR/repo
   has the final ``gen/`` values, the number of pairs and the seed.
 
 Recommendation rule: among the runs trained on clean labels (``data.label_noise`` 0; all runs if
-none is), the highest mean held-out accuracy over all val sets; runs within ``TIE_ACCURACY`` of the
-best count as tied and the one with the lowest KL to the reference wins, since it bought the same
-accuracy with less drift. Runs with label noise are robustness tests: the report pairs each with
+none is), the best score: the final generation win rate over the reference's samples
+(``gen/win_rate`` of the primary set) when every candidate logged one, since that judges what the
+policy writes, otherwise the mean held-out preference accuracy over all val sets. Runs within
+``TIE_SCORE`` of the best count as tied and the one with the lowest KL to the reference wins, since
+it bought the same score with less drift. Runs with label noise are robustness tests: the report pairs each with
 the clean run of the same loss, beta and normalisation and shows how much accuracy the noise cost.
 """
 
@@ -39,7 +41,7 @@ from ipo_lightning.analysis.study_report import (
 )
 from ipo_lightning.errors import UserInputError
 
-TIE_ACCURACY = 0.01
+TIE_SCORE = 0.01
 ACCURACY = "rewards/accuracy"
 
 
@@ -118,21 +120,31 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
     )
 
 
+def recommendation_candidates(summaries: list[RunSummary]) -> list[RunSummary]:
+    """The runs the recommendation chooses from: those with clean labels, or all runs if none is."""
+    return [s for s in summaries if s.label_noise == 0] or list(summaries)
+
+
 def recommend(summaries: list[RunSummary]) -> tuple[RunSummary, str]:
     """The recommended run and the reason, by the rule in the module docstring."""
-    clean = [s for s in summaries if s.label_noise == 0]
-    scored = [s for s in (clean or summaries) if not math.isnan(s.mean_accuracy)]
+    candidates = recommendation_candidates(summaries)
+    by_win_rate = all("win_rate" in s.gen for s in candidates)
+    if by_win_rate:
+        what, score = "final generation win rate", lambda s: s.gen["win_rate"]
+    else:
+        what, score = "mean held-out accuracy", lambda s: s.mean_accuracy
+    scored = [s for s in candidates if not math.isnan(score(s))]
     if not scored:
         raise UserInputError("no run logged a validation accuracy; the report needs val sets")
-    best = max(s.mean_accuracy for s in scored)
-    tied = [s for s in scored if s.mean_accuracy >= best - TIE_ACCURACY]
-    choice = min(tied, key=lambda s: (math.inf if math.isnan(s.kl) else s.kl, -s.mean_accuracy))
+    best = max(score(s) for s in scored)
+    tied = [s for s in scored if score(s) >= best - TIE_SCORE]
+    choice = min(tied, key=lambda s: (math.inf if math.isnan(s.kl) else s.kl, -score(s)))
     if len(tied) == 1:
-        reason = f"it has the highest mean held-out accuracy ({choice.mean_accuracy:.3f})"
+        reason = f"it has the highest {what} ({score(choice):.3f})"
     else:
         others = ", ".join(s.name for s in tied if s is not choice)
         reason = (
-            f"its mean held-out accuracy ({choice.mean_accuracy:.3f}) is within {TIE_ACCURACY} of the best "
+            f"its {what} ({score(choice):.3f}) is within {TIE_SCORE} of the best "
             f"({best:.3f}), tied with {others}, and it drifted least from the reference "
             f"(divergence/kl {choice.kl:.4f})"
         )
@@ -263,7 +275,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         cells += [_number(s.win_rate)] if with_judge else []
         cells += [_gen_cell(s.gen, name) for name, _ in gen_columns]
         lines.append("| " + " | ".join(cells) + " |")
-    candidates = "runs with clean labels" if any(s.label_noise > 0 for s in summaries) else "runs"
+    pool = recommendation_candidates(summaries)
+    candidates = "runs with clean labels" if len(pool) < len(summaries) else "runs"
     lines += [
         "",
         f"**Recommended** (of the {candidates}): **{choice.name}** ({choice.loss_type}, beta "
