@@ -199,7 +199,10 @@ def set_result(
             )
             rows.append(dict(zip(SAMPLE_FIELDS, values, strict=True)))
     greedy = [r.greedy_reward for r in policy if r.greedy_reward is not None]
-    metrics = set_metrics(policy_rewards, reference_rewards, content, lengths, ended, greedy)
+    k = len(policy[0].samples) if policy else 1
+    metrics = set_metrics(
+        policy_rewards, reference_rewards, content, lengths, ended, greedy, samples_per_prompt=k
+    )
     return SetResult(metrics, rows)
 
 

@@ -6,8 +6,9 @@ Names (without the ``gen/`` prefix) and definitions, for ``k`` samples of each o
   reference's samples; ``greedy_reward``: mean reward of the policy's greedy completions (one per prompt).
 - ``win_rate``: paired win rate: policy sample j of prompt i against reference sample j of prompt i
   (drawn with the same generator seed), a win 1, a tie 1/2, a loss 0, averaged over all ``P * k`` pairs;
-  ``win_rate_ci_low``/``win_rate_ci_high``: its 95% normal-approximation interval
-  ``rate +- 1.96 * sd / sqrt(n)`` (sd of the outcomes), clipped to [0, 1]
+  ``win_rate_ci_low``/``win_rate_ci_high``: its 95% normal-approximation interval with prompts as the
+  independent draws, ``rate +- 1.96 * sd / sqrt(P)`` (sd of the per-prompt mean outcomes: a prompt's
+  k outcomes are correlated), clipped to [0, 1]
   (:func:`ipo_lightning.analysis.judge.win_rate`).
 - ``length``: mean number of generated tokens per sample, the EOS token included when generated.
 - ``eos_rate``: share of samples that ended with an EOS token within ``max_new_tokens``.
@@ -57,6 +58,7 @@ def set_metrics(
     lengths: Sequence[int],
     ended: Sequence[bool],
     greedy_rewards: Sequence[float] = (),
+    samples_per_prompt: int = 1,
 ) -> dict[str, float]:
     """The metrics of one set (module docstring), from per-sample values in the same (prompt, sample) order.
 
@@ -67,8 +69,10 @@ def set_metrics(
         lengths: each policy sample's generated token count, EOS included.
         ended: whether each policy sample ended with EOS.
         greedy_rewards: rewards of the greedy completions (empty: no ``greedy_reward``).
+        samples_per_prompt: consecutive samples per prompt (k), which the win-rate interval
+            treats as one draw.
     """
-    wins = win_rate(policy_rewards, reference_rewards)
+    wins = win_rate(policy_rewards, reference_rewards, samples_per_prompt=samples_per_prompt)
     metrics = {
         "reward": statistics.fmean(policy_rewards),
         "win_rate": wins.win_rate,

@@ -71,13 +71,15 @@ def test_set_metrics_against_hand_computed_values() -> None:
         lengths=[3, 2, 2, 4],
         ended=[True, False, True, False],
         greedy_rewards=[4.0, 1.0],
+        samples_per_prompt=2,
     )
-    outcomes = [1.0, 0.0, 0.5, 1.0]
-    mean = sum(outcomes) / 4
-    sd = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / 3)
+    # Two prompts of two samples: per-prompt means 0.5 and 0.75; prompts are the independent draws.
+    prompt_means = [0.5, 0.75]
+    mean = 0.625
+    sd = math.sqrt(sum((m - mean) ** 2 for m in prompt_means) / 1)
     assert metrics["win_rate"] == pytest.approx(0.625)
-    assert metrics["win_rate_ci_low"] == pytest.approx(max(0.0, mean - Z_95 * sd / 2))
-    assert metrics["win_rate_ci_high"] == pytest.approx(min(1.0, mean + Z_95 * sd / 2))
+    assert metrics["win_rate_ci_low"] == pytest.approx(max(0.0, mean - Z_95 * sd / math.sqrt(2)))
+    assert metrics["win_rate_ci_high"] == pytest.approx(min(1.0, mean + Z_95 * sd / math.sqrt(2)))
     assert metrics["reward"] == 2.0 and metrics["reference_reward"] == 1.25
     assert metrics["greedy_reward"] == 2.5
     assert metrics["length"] == 2.75 and metrics["eos_rate"] == 0.5
@@ -151,7 +153,12 @@ def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
             assert float(row[prefix + "reward"]) == pytest.approx(sum(policy) / len(policy))
             assert float(row[prefix + "reference_reward"]) == pytest.approx(sum(reference) / len(reference))
             rate = sum(outcomes) / len(outcomes)
-            half = Z_95 * statistics.stdev(outcomes) / math.sqrt(len(outcomes))
+            # Prompts are the independent draws: the interval comes from the per-prompt means.
+            by_prompt: dict[str, list[float]] = defaultdict(list)
+            for sample, outcome in zip(part, outcomes, strict=True):
+                by_prompt[sample["prompt"]].append(outcome)
+            means = [sum(values) / len(values) for values in by_prompt.values()]
+            half = Z_95 * statistics.stdev(means) / math.sqrt(len(means))
             assert float(row[prefix + "win_rate"]) == pytest.approx(rate)
             assert float(row[prefix + "win_rate_ci_low"]) == pytest.approx(max(0.0, rate - half))
             assert float(row[prefix + "win_rate_ci_high"]) == pytest.approx(min(1.0, rate + half))

@@ -48,20 +48,37 @@ class WinRate:
     losses: int
 
 
-def win_rate(policy_scores: Sequence[float], reference_scores: Sequence[float], z: float = Z_95) -> WinRate:
-    """Win rate of ``policy_scores`` over ``reference_scores`` (paired per prompt), ties counting half."""
+def win_rate(
+    policy_scores: Sequence[float],
+    reference_scores: Sequence[float],
+    z: float = Z_95,
+    *,
+    samples_per_prompt: int = 1,
+) -> WinRate:
+    """Win rate of ``policy_scores`` over ``reference_scores`` (paired), ties counting half.
+
+    Scores come prompt-major, ``samples_per_prompt`` (k) consecutive pairs per prompt. The k
+    outcomes of one prompt are correlated (the same prompt is easy or hard for both models), so the
+    interval treats prompts, not pairs, as the independent draws: ``rate +- z * sd / sqrt(P)`` with
+    ``sd`` the standard deviation of the P per-prompt mean outcomes (with k = 1, that of the
+    outcomes), clipped to [0, 1].
+    """
     if len(policy_scores) != len(reference_scores) or not policy_scores:
         raise ValueError("need the same, non-zero number of policy and reference scores")
+    if samples_per_prompt < 1 or len(policy_scores) % samples_per_prompt:
+        raise ValueError(f"{len(policy_scores)} scores do not split into prompts of {samples_per_prompt}")
     pairs = zip(policy_scores, reference_scores, strict=True)
     outcomes = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in pairs]
     rate = statistics.fmean(outcomes)
-    spread = statistics.stdev(outcomes) if len(outcomes) > 1 else 0.0
-    half_width = z * spread / math.sqrt(len(outcomes))
+    k = samples_per_prompt
+    prompt_means = [statistics.fmean(outcomes[i : i + k]) for i in range(0, len(outcomes), k)]
+    spread = statistics.stdev(prompt_means) if len(prompt_means) > 1 else 0.0
+    half_width = z * spread / math.sqrt(len(prompt_means))
     return WinRate(
         win_rate=rate,
         ci_low=max(0.0, rate - half_width),
         ci_high=min(1.0, rate + half_width),
-        prompts=len(outcomes),
+        prompts=len(prompt_means),
         wins=outcomes.count(1.0),
         ties=outcomes.count(0.5),
         losses=outcomes.count(0.0),
