@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -322,7 +322,7 @@ def run_compare(spec: CompareSpec, jobs: int = 1) -> Path:
 def _run_parallel(spec: CompareSpec, runs: list[str], jobs: int) -> None:
     """Fit ``runs`` with at most ``jobs`` processes at a time (see :func:`run_compare`)."""
     pending = list(enumerate(runs, start=1))
-    running: list[tuple[str, subprocess.Popen, Any]] = []
+    running: list[tuple[str, subprocess.Popen[bytes], IO[str]]] = []
     failures: list[str] = []
     while pending or running:
         while pending and len(running) < jobs and not failures:

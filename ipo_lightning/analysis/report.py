@@ -18,8 +18,9 @@ none is), the best score: the final generation win rate over the reference's sam
 (``gen/win_rate`` of the primary set) when every candidate logged one, since that judges what the
 policy writes, otherwise the mean held-out preference accuracy over all val sets. Runs within
 ``TIE_SCORE`` of the best count as tied and the one with the lowest KL to the reference wins, since
-it bought the same score with less drift. Runs with label noise are robustness tests: the report pairs each with
-the clean run of the same loss, beta and normalisation and shows how much accuracy the noise cost.
+it bought the same score with less drift. Runs with label noise are robustness tests: the report
+pairs each with the clean run of the same loss, beta and normalisation and shows how much accuracy
+the noise cost.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Report sections for generation evaluations and studies, read from the runs' own files.
 
-- **Reward-KL frontier**: the gold reward (``gen/reward``) and win rate (``gen/win_rate``) against
+- **Reward-KL frontier**: the reward of the samples (``gen/reward``) and win rate (``gen/win_rate``) against
   the sampled sequence-level KL (``divergence/seq_kl``), one point per step at which both were
   measured, per run (``reward_vs_seq_kl.png`` and a table).
 - **By number of pairs**: final win rate, reward and mean held-out accuracy against
