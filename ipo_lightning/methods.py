@@ -160,6 +160,24 @@ def _preference() -> Method:
     )
 
 
+def _reward_model() -> Method:
+    from ipo_lightning.data import PreferenceDataModule
+    from ipo_lightning.reward_model import RewardModelModule, resolve_reward_model_options
+
+    return Method(
+        name="reward_model",
+        module_class=RewardModelModule,
+        datamodule_class=PreferenceDataModule,
+        description=METHODS.description("reward_model"),
+        resolve=resolve_reward_model_options,
+    )
+
+
 METHODS.register(
     "preference", "IPO / DPO / hinge on preference pairs against a frozen reference", _preference
+)
+METHODS.register(
+    "reward_model",
+    "a Bradley-Terry reward model (sequence classification, one score) on the same preference pairs",
+    _reward_model,
 )

@@ -22,7 +22,9 @@ def test_default_is_preference_and_loads_its_classes() -> None:
 
 
 def test_unknown_method_names_where_it_came_from(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--method nope: unknown method 'nope'; choose one of preference"):
+    with pytest.raises(
+        ConfigError, match=r"--method nope: unknown method 'nope'; choose one of preference, reward_model"
+    ):
         method_from_argv(["fit", "--method", "nope"])
     config = write_config(tmp_path / "c.yaml", {"method": "nope"})
     with pytest.raises(ConfigError, match=rf"{config}: method: unknown method 'nope'"):
@@ -45,7 +47,7 @@ def test_unknown_method_on_the_command_line_is_one_line_exit_2(capsys: pytest.Ca
     )
     assert code == 2
     assert err.strip().splitlines() == [
-        "error: --method nope: unknown method 'nope'; choose one of preference"
+        "error: --method nope: unknown method 'nope'; choose one of preference, reward_model"
     ]
 
 
