@@ -121,7 +121,7 @@ class RewardMetrics(nn.Module):
         values = pair_values(chosen_rewards, rejected_rewards, losses)
         for name, key in (("loss", "loss"), ("rm/accuracy", "accuracy"), ("rm/margin", "margin")):
             self.means[key].update(values[name])
-        rewards = torch.cat([chosen_rewards, rejected_rewards]).detach().double()
+        rewards = torch.cat([chosen_rewards, rejected_rewards]).detach().float()
         self.means["reward"].update(rewards)
         self.means["reward_sq"].update(rewards**2)
 

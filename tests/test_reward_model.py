@@ -5,19 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from ipo_lightning.cli import PreferenceCLI, main
 from ipo_lightning.data import PreferenceDataModule
+from ipo_lightning.data.sources import DataSource
 from ipo_lightning.errors import ConfigError, DataError
 from ipo_lightning.gold.pairs import bayes_accuracy
 from ipo_lightning.methods import METHODS, method_from_argv
+from ipo_lightning.resume import RNGStateCheckpoint, find_resume_checkpoint
 from ipo_lightning.reward_model import RewardMetrics, RewardModelModule, reward_model_loss
 from ipo_lightning.rewards import load_reward
 from tests.helpers import fit_config, polite_pairs, run_main, write_config, write_jsonl
@@ -233,3 +238,73 @@ def test_cli_fit_trains_a_separable_set_and_exports_a_loadable_reward_model(
     card = (export / "README.md").read_text()
     assert "pipeline_tag: text-classification" in card and "Bradley-Terry" in card
     assert "| `val/rm/accuracy` | 1 |" in card and "AutoModelForSequenceClassification" in card
+
+
+class _StopAtStep(Callback):
+    """End fit cleanly after optimizer step ``step`` (its checkpoint is saved at that batch's end)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _fit_reward_model(
+    model_dir: Path, train: Path, root: Path, *, stop_at: int | None, ckpt_path: Path | None
+):
+    L.seed_everything(0)
+    module = RewardModelModule(
+        str(model_dir),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
+        attn_implementation="eager",  # dropout inside attention, on the torch generator
+        disable_dropout=False,  # the dropout makes the random state matter
+    )
+    data = PreferenceDataModule(
+        train=DataSource(path=str(train)),
+        tokenizer_name_or_path=str(model_dir),
+        max_length=48,
+        max_prompt_length=24,
+        batch_size=4,
+    )
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_last=True, save_top_k=0),
+        RNGStateCheckpoint(),
+    ]
+    if stop_at is not None:
+        callbacks.append(_StopAtStep(stop_at))
+    trainer = L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def test_resume_is_bitwise_exact(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "dropout_model"))
+    config = AutoConfig.from_pretrained(model_dir)
+    config.attention_dropout = 0.3
+    config.save_pretrained(model_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(12))  # 3 steps per epoch, 6 in all
+    _, straight = _fit_reward_model(model_dir, train, tmp_path / "straight", stop_at=None, ckpt_path=None)
+    root = tmp_path / "stopped"
+    stopped_trainer, _ = _fit_reward_model(model_dir, train, root, stop_at=4, ckpt_path=None)
+    assert stopped_trainer.global_step == 4
+    checkpoint = find_resume_checkpoint(root)
+    assert checkpoint is not None
+    resumed_trainer, resumed = _fit_reward_model(model_dir, train, root, stop_at=None, ckpt_path=checkpoint)
+    assert resumed_trainer.global_step == 6
+    for (name, expected), (_, actual) in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+    start = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    assert not torch.equal(straight.model.model.embed_tokens.weight, start.model.embed_tokens.weight)
