@@ -25,7 +25,7 @@ from ipo_lightning.methods import METHODS, method_from_argv
 from ipo_lightning.resume import RNGStateCheckpoint, find_resume_checkpoint
 from ipo_lightning.reward_model import RewardMetrics, RewardModelModule, reward_model_loss
 from ipo_lightning.rewards import load_reward
-from tests.helpers import fit_config, polite_pairs, run_main, write_config, write_jsonl
+from tests.helpers import fit_config, polite_pairs, run_cli, run_main, write_config, write_jsonl
 
 
 def _log_sigmoid(x: float) -> float:
@@ -308,3 +308,18 @@ def test_resume_is_bitwise_exact(tmp_path: Path, tiny_model_dir: Path) -> None:
         assert torch.equal(expected, actual), name
     start = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     assert not torch.equal(straight.model.model.embed_tokens.weight, start.model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_ddp_fit_logs_synced_metrics_and_exports(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = _rm_config(tmp_path, tiny_model_dir)
+    config["trainer"].update({"devices": 2, "strategy": "ddp", "max_epochs": 2})
+    result = run_cli(tmp_path, "fit", "--config", str(write_config(tmp_path / "rm.yaml", config)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "version_0"
+    with (run_dir / "metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/rm/accuracy")]
+    # 48 pairs, 16 per global batch (8 on each of 2 ranks): 3 optimizer steps per epoch.
+    assert [int(row["step"]) for row in rows] == [2, 5]
+    assert float(rows[-1]["val/in_dist/rm/accuracy"]) == 1.0
+    assert AutoModelForSequenceClassification.from_pretrained(run_dir / "hf_model").config.num_labels == 1
