@@ -2,6 +2,8 @@
 
 A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to the stock CLI:
 
+- ``--method``: which LightningModule and data module it builds (:mod:`~ipo_lightning.methods`;
+  default ``preference``, IPO/DPO), with flat ``model:`` and ``data:`` sections for every method;
 - model and data share one setting for the tokenizer and the maximum length (``link_arguments``);
 - ``--wandb.*`` options and default loggers: unless ``trainer.logger`` is set, every run writes a CSV
   copy of all metrics and a W&B run (offline when not logged in) into one run directory,

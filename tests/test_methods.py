@@ -60,3 +60,12 @@ def test_print_config_states_the_method(capsys: pytest.CaptureFixture[str]) -> N
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["method"] == "preference"
     assert printed["model"]["loss_type"] == "ipo"
+
+
+def test_a_saved_config_without_method_resumes_as_preference(tmp_path: Path) -> None:
+    from ipo_lightning.resume import check_same_run
+
+    write_config(tmp_path / "config.yaml", {"model": {"loss_type": "ipo"}})
+    check_same_run(tmp_path, {"method": "preference", "model": {"loss_type": "ipo"}})
+    with pytest.raises(ConfigError, match="with method='preference', this run has method='reward_model'"):
+        check_same_run(tmp_path, {"method": "reward_model", "model": {"loss_type": "ipo"}})
