@@ -58,6 +58,17 @@ MARGIN_DEFINITION = (
     "the rejected completion, pi the policy and ref the frozen reference; p is a pair's preference "
     "probability (1 unless the data gives `preference_prob`)"
 )
+REWARD_MODEL_TAGS = ["reward-model", "bradley-terry"]
+REWARD_MODEL_LOSS = "-q logsigmoid(r_w - r_l) - (1 - q) logsigmoid(r_l - r_w) + c (r_w + r_l)^2"
+REWARD_MODEL_LOSS_NOTE = (
+    "the Bradley-Terry loss, with r_w and r_l the scores of the chosen and the rejected completion, "
+    "q = (1 - e) p + e (1 - p) for a pair's preference probability p (1 unless the data gives "
+    "`preference_prob`) and label smoothing e, and c the reward-centring coefficient (0: off)"
+)
+REWARD_MODEL_METRICS_NOTE = (
+    "`rm/accuracy` is the fraction of pairs whose chosen completion scores higher, `rm/margin` the mean "
+    "r_w - r_l, `rm/reward_mean` and `rm/reward_std` the mean and standard deviation of all scores"
+)
 REFERENCE_DESCRIPTIONS = {
     "separate": "a separate frozen copy of the starting model",
     "lora": "the starting model itself (the LoRA policy with its adapters switched off)",
@@ -110,47 +121,13 @@ def _source_text(source: dict[str, Any]) -> str:
     return f"`{path}`" + (f" ({', '.join(details)})" if details else "")
 
 
-def build_model_card(
-    run: RunMetrics, *, global_step: int, train_pairs: int | None, reproducible: bool, title: str
-) -> ModelCard:
-    """The card of an export trained with ``run.config`` (resolved config) that logged ``run.rows``.
-
-    Args:
-        run: the run's resolved config (``model`` and ``data`` sections) and its ``metrics.csv`` rows.
-        global_step: optimizer steps the exported policy was trained for.
-        train_pairs: training pairs the data module kept (after drops and the held-out split), if known.
-        reproducible: the export holds the resolved config as :data:`CONFIG_FILENAME` (a CLI run), so
-            the card can give the command that runs the same settings again.
-        title: the card's heading (the hub repo id, or the export folder's name).
-    """
-    model = run.setting("model", {}) or {}
-    data = run.setting("data", {}) or {}
+def _preference_method(model: dict[str, Any], base_text: str) -> list[str]:
+    """The card's opening line and ``Training method`` bullets for a preference (IPO/DPO) run."""
     loss_type = str(model.get("loss_type", "ipo"))
     beta = float(model.get("beta", 0.1))
-    base = str(model.get("model_name_or_path"))
-    kind = model_kind(base)
-    train = data.get("train") or {}
-    train_path = str(train.get("path")) if train else None
-    datasets = [train_path] if train_path and model_kind(train_path) == "hub" else None
-
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        base_model=base if kind == "hub" else None,
-        datasets=datasets,
-        tags=["ipo-lightning", loss_type, "preference-optimization"],
-    )
     name, formula, note = LOSS_DESCRIPTIONS[loss_type]
-    if kind == "builtin":
-        base_text = f"`{base}`: {BUILTIN_MODELS.get(base, 'a model built by ipo-lightning')}"
-    elif kind == "local":
-        base_text = f"a local model folder, `{base}` (not a hub model)"
-    else:
-        base_text = f"[`{base}`](https://huggingface.co/{base})"
     length_normalize = bool(model.get("length_normalize"))
     lines = [
-        f"# {title}",
-        "",
         f"A causal language model fine-tuned on preference pairs with {name} by ipo-lightning, "
         f"starting from {base_text}.",
         "",
@@ -180,6 +157,69 @@ def build_model_card(
             f"- **LoRA**: rank {lora.get('rank')}, alpha {lora.get('alpha')}, target modules "
             f"{lora.get('target_modules') or 'peft default'}; merged into the weights of this export"
         )
+    return lines
+
+
+def _reward_model_method(model: dict[str, Any], base_text: str) -> list[str]:
+    """The card's opening line and ``Training method`` bullets for a reward model (method reward_model)."""
+    lines = [
+        "A reward model (sequence classification with one output: the score of a prompt + completion, read "
+        f"at its last token) trained on preference pairs by ipo-lightning, starting from {base_text}.",
+        "",
+        "## Training method",
+        "",
+        f"- **Loss**, per pair: `{REWARD_MODEL_LOSS}`; {REWARD_MODEL_LOSS_NOTE}",
+        f"- **Label smoothing** e: {float(model.get('label_smoothing', 0.0) or 0.0):g}",
+    ]
+    center = model.get("center_rewards_coefficient")
+    lines.append(
+        f"- **Reward centring**: {float(center):g} (c in `c (r_w + r_l)^2`)"
+        if center
+        else "- **Reward centring**: off"
+    )
+    return lines
+
+
+def build_model_card(
+    run: RunMetrics, *, global_step: int, train_pairs: int | None, reproducible: bool, title: str
+) -> ModelCard:
+    """The card of an export trained with ``run.config`` (resolved config) that logged ``run.rows``.
+
+    Args:
+        run: the run's resolved config (``model`` and ``data`` sections) and its ``metrics.csv`` rows.
+        global_step: optimizer steps the exported policy was trained for.
+        train_pairs: training pairs the data module kept (after drops and the held-out split), if known.
+        reproducible: the export holds the resolved config as :data:`CONFIG_FILENAME` (a CLI run), so
+            the card can give the command that runs the same settings again.
+        title: the card's heading (the hub repo id, or the export folder's name).
+    """
+    model = run.setting("model", {}) or {}
+    reward_model = run.setting("method") == "reward_model"
+    data = run.setting("data", {}) or {}
+    loss_type = str(model.get("loss_type", "ipo"))
+    base = str(model.get("model_name_or_path"))
+    kind = model_kind(base)
+    train = data.get("train") or {}
+    train_path = str(train.get("path")) if train else None
+    datasets = [train_path] if train_path and model_kind(train_path) == "hub" else None
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-classification" if reward_model else "text-generation",
+        base_model=base if kind == "hub" else None,
+        datasets=datasets,
+        tags=["ipo-lightning", *REWARD_MODEL_TAGS]
+        if reward_model
+        else ["ipo-lightning", loss_type, "preference-optimization"],
+    )
+    if kind == "builtin":
+        base_text = f"`{base}`: {BUILTIN_MODELS.get(base, 'a model built by ipo-lightning')}"
+    elif kind == "local":
+        base_text = f"a local model folder, `{base}` (not a hub model)"
+    else:
+        base_text = f"[`{base}`](https://huggingface.co/{base})"
+    lines = [f"# {title}", ""]
+    lines += _reward_model_method(model, base_text) if reward_model else _preference_method(model, base_text)
     lines.append(f"- **Optimizer steps**: {global_step}")
 
     lines += ["", "## Data", ""]
@@ -204,8 +244,13 @@ def build_model_card(
     lines += ["", "## Results", ""]
     if metrics:
         lines += [
-            "Last logged values (`metrics.csv` of the run; `val/...` on the held-out sets, `divergence/kl` "
-            "is KL(policy || reference) per completion token on held-out pairs):",
+            (
+                "Last logged values (`metrics.csv` of the run; `val/...` on the held-out sets: "
+                f"{REWARD_MODEL_METRICS_NOTE}):"
+                if reward_model
+                else "Last logged values (`metrics.csv` of the run; `val/...` on the held-out sets, "
+                "`divergence/kl` is KL(policy || reference) per completion token on held-out pairs):"
+            ),
             "",
             "| metric | value | step |",
             "| --- | ---: | ---: |",
@@ -228,18 +273,32 @@ def build_model_card(
         lines.append(
             "Trained through the Python API (`Trainer.fit`), not the command line: no config to rerun."
         )
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
-        'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")',
-        "```",
-        "",
-        "`ipo_lightning.json` states the loss, beta, length normalisation and step of this export.",
-    ]
+    lines += ["", "## Use", ""]
+    lines += REWARD_MODEL_USE if reward_model else PREFERENCE_USE
     # Built as text rather than from a jinja template: the body's braces and pipes stay literal.
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+PREFERENCE_USE = [
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
+    'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")',
+    "```",
+    "",
+    "`ipo_lightning.json` states the loss, beta, length normalisation and step of this export.",
+]
+REWARD_MODEL_USE = [
+    "```python",
+    "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+    "",
+    'model = AutoModelForSequenceClassification.from_pretrained("<this folder or repo id>")',
+    'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")',
+    'score = model(**tokenizer(prompt + completion, return_tensors="pt")).logits[0, 0]',
+    "```",
+    "",
+    "As a reward in ipo-lightning: `--generation.reward <this folder>` (or "
+    '`ipo_lightning.rewards.load_reward("<this folder>", option=...)`). `ipo_lightning.json` states the '
+    "loss settings and step of this export.",
+]

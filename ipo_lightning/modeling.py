@@ -6,7 +6,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ipo_lightning.builtin import resolve_model_path
@@ -91,6 +97,33 @@ def load_causal_lm(
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
+
+
+def load_sequence_classifier(
+    name_or_path: str,
+    *,
+    num_labels: int = 1,
+    dtype: DType = "float32",
+    attn_implementation: AttnImplementation | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load ``AutoModelForSequenceClassification`` with ``num_labels`` outputs, as :func:`load_causal_lm`
+    loads a causal LM (safetensors only, ``builtin:`` names, one clear ConfigError).
+
+    A causal LM checkpoint gets a new, randomly initialised score head on top of its body.
+    """
+    path = _resolve(name_or_path)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
             dtype=getattr(torch, dtype),
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,

@@ -20,6 +20,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.methods import DEFAULT_METHOD, METHOD_OPTION
 
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
 """Lightning's name for SLURM requeue checkpoints, saved in ``trainer.default_root_dir``."""
@@ -144,6 +145,8 @@ def check_same_run(run_dir: str | Path, config: dict[str, Any]) -> None:
         return
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     current = _flatten(config)
+    for flat in (saved, current):  # a config without ``method`` is of the default method
+        flat.setdefault(METHOD_OPTION, DEFAULT_METHOD)
     for key in sorted(saved.keys() | current.keys()):
         if key in _IGNORED_KEYS or saved.get(key) == current.get(key):
             continue

@@ -36,11 +36,15 @@ class HFExport(Callback):
     """Save the policy and its tokenizer with ``save_pretrained`` into ``<run dir>/<dirname>``.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
-    ``AutoTokenizer.from_pretrained``. It is written to a temporary sibling and renamed at the end, so
-    an interrupted export never leaves a folder that looks finished; a fit that fails or is
-    interrupted exports nothing (``on_fit_end`` runs only after a completed fit), and neither does one
-    whose weights are not finite (a warning says so). Its folders and files get the modes the process
-    umask gives, like every other file of the run.
+    ``AutoTokenizer.from_pretrained``. A module whose ``export_attribute`` names another model (the
+    reward model's ``model``, an ``AutoModelForSequenceClassification``) exports that one instead, and
+    its ``export_info()`` is what ``ipo_lightning.json`` states.
+
+    The folder is written to a temporary sibling and renamed at the end, so an interrupted export never
+    leaves a folder that looks finished; a fit that fails or is interrupted exports nothing
+    (``on_fit_end`` runs only after a completed fit), and neither does one whose weights are not finite
+    (a warning says so). Its folders and files get the modes the process umask gives, like every other
+    file of the run.
 
     A LoRA policy is exported merged (adapters folded into the weights), as a plain model that loads
     without peft; with ``save_adapter`` its unmerged adapter is saved too, in ``<dirname>/adapter``
@@ -99,8 +103,10 @@ class HFExport(Callback):
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         target = run_dir / self.dirname
         self.export_dir = target
+        # A module may export another model than its policy (a reward model's classifier).
+        attribute = getattr(pl_module, "export_attribute", "policy")
         # Every rank takes part: under FSDP and ZeRO-3 the weights are gathered from all of them.
-        state_dict = full_policy_state_dict(trainer, pl_module)
+        state_dict = full_policy_state_dict(trainer, pl_module, attribute)
         if not trainer.is_global_zero:
             return
         nonfinite = [name for name, tensor in state_dict.items() if not torch.isfinite(tensor).all()]
@@ -108,11 +114,11 @@ class HFExport(Callback):
             # A NaN model that loads like a trained one is worse than none (see NonFiniteGuard).
             rank_zero_warn(
                 f"not exporting to {target}: {len(nonfinite)} of {len(state_dict)} weight tensors of the "
-                f"policy are not finite (nan or inf), e.g. {nonfinite[0]}"
+                f"{attribute} are not finite (nan or inf), e.g. {nonfinite[0]}"
             )
             self.export_dir = None
             return
-        policy = _unwrapped(pl_module.policy)
+        policy = _unwrapped(getattr(pl_module, attribute))
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -130,16 +136,7 @@ class HFExport(Callback):
             else:
                 policy.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-            info = {
-                "base_model": pl_module.hparams.model_name_or_path,
-                "loss_type": pl_module.hparams.loss_type,
-                "beta": pl_module.hparams.beta,
-                "label_smoothing": pl_module.hparams.get("label_smoothing", 0.0),
-                "length_normalize": pl_module.hparams.length_normalize,
-                "reference": pl_module.hparams.get("reference"),
-                "lora": pl_module.hparams.get("lora"),
-                "global_step": trainer.global_step,
-            }
+            info = _export_info(pl_module, trainer.global_step)
             (staging / "ipo_lightning.json").write_text(json.dumps(info, indent=2) + "\n")
             self._write_card(staging, trainer, pl_module, run_dir)
             _apply_umask(staging)
@@ -148,7 +145,7 @@ class HFExport(Callback):
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        rank_zero_info(f"Exported the trained policy to {target}")
+        rank_zero_info(f"Exported the trained {attribute} to {target}")
         if self.wandb_artifact:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
@@ -169,6 +166,7 @@ class HFExport(Callback):
             shutil.copyfile(config_file, folder / CONFIG_FILENAME)
         else:  # the Python API: the same settings, as the module and data module hold them
             config = {
+                "method": getattr(pl_module, "method_name", "preference"),
                 "model": dict(pl_module.hparams),
                 "data": dict(datamodule.hparams) if datamodule else {},
             }
@@ -181,6 +179,24 @@ class HFExport(Callback):
             title=self.push_to_hub or f"{run_dir.name}/{self.dirname}",
         )
         card.save(folder / CARD_FILENAME)
+
+
+def _export_info(pl_module: L.LightningModule, global_step: int) -> dict[str, Any]:
+    """What ``ipo_lightning.json`` states: the module's ``export_info()`` where it has one, else the
+    preference settings (loss, beta, length normalisation, reference, LoRA), and the step."""
+    if hasattr(pl_module, "export_info"):
+        return {**pl_module.export_info(), "global_step": global_step}
+    hp = pl_module.hparams
+    return {
+        "base_model": hp.model_name_or_path,
+        "loss_type": hp.loss_type,
+        "beta": hp.beta,
+        "label_smoothing": hp.get("label_smoothing", 0.0),
+        "length_normalize": hp.length_normalize,
+        "reference": hp.get("reference"),
+        "lora": hp.get("lora"),
+        "global_step": global_step,
+    }
 
 
 def _flushed_metrics(trainer: L.Trainer) -> list[dict[str, Any]]:

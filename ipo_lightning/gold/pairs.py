@@ -188,3 +188,38 @@ def write_pairs(model_dir: str | Path, spec: GoldSetSpec, folder: Path) -> Path:
         if os.path.exists(staging):
             os.unlink(staging)
     return target
+
+
+def bayes_accuracy(path: str | Path) -> float:
+    """The best held-out accuracy any scorer can expect on a pairs file with known label noise.
+
+    That is ``mean(1 - flip_prob)`` over its records: a record's ``flip_prob`` is the probability that
+    its label disagrees with the gold reward, so the gold reward itself matches a label with
+    probability ``1 - flip_prob``, and no scorer does better on average. ``path`` is a JSONL file or a
+    ``builtin:gold/<split>[?knobs]`` source (built on first use).
+
+    Raises:
+        DataError: no records, a line that is not a JSON object, or a ``flip_prob`` that is not a
+            number in [0, 1]; the message names the file and line.
+    """
+    from ipo_lightning.builtin import resolve_data_path
+    from ipo_lightning.errors import DataError
+
+    file = Path(resolve_data_path(str(path)))
+    total, count = 0.0, 0
+    with file.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{file}, line {line_number}: not a JSON object") from None
+            flip = record.get("flip_prob") if isinstance(record, dict) else None
+            if isinstance(flip, bool) or not isinstance(flip, (int, float)) or not 0.0 <= flip <= 1.0:
+                raise DataError(f"{file}, line {line_number}: field 'flip_prob': expected a number in [0, 1]")
+            total += 1.0 - float(flip)
+            count += 1
+    if count == 0:
+        raise DataError(f"{file}: no records")
+    return total / count
