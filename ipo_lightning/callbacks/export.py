@@ -132,10 +132,10 @@ class HFExport(Callback):
             tokenizer.save_pretrained(staging)
             info = {
                 "base_model": pl_module.hparams.model_name_or_path,
-                "loss_type": pl_module.hparams.loss_type,
+                "loss_type": pl_module.hparams.get("loss_type"),
                 "beta": pl_module.hparams.beta,
                 "label_smoothing": pl_module.hparams.get("label_smoothing", 0.0),
-                "length_normalize": pl_module.hparams.length_normalize,
+                "length_normalize": pl_module.hparams.get("length_normalize"),
                 "reference": pl_module.hparams.get("reference"),
                 "lora": pl_module.hparams.get("lora"),
                 "global_step": trainer.global_step,
