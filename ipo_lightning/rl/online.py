@@ -89,7 +89,7 @@ def online_loss(
         reference_logps[rows, rejected],
         loss_type=loss_type,
         beta=beta,
-        preference_prob=prob.float(),
+        preference_prob=prob,
     )
     return out, prob
 
