@@ -49,18 +49,11 @@ from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.checkpoint_io import AtomicCheckpointIO
 from ipo_lightning.cli_checks import check_checkpoint_file, check_optimizer
 from ipo_lightning.cli_errors import OneLineErrorParser
-from ipo_lightning.data import PreferenceDataModule
 from ipo_lightning.distributed import check_strategy
-from ipo_lightning.errors import UserInputError
+from ipo_lightning.errors import ConfigError, UserInputError
+from ipo_lightning.methods import DEFAULT_METHOD, METHOD_OPTION, METHODS, Method, method_from_argv
 from ipo_lightning.metrics_history import HistoryCSVLogger, MetricsHistory
-from ipo_lightning.module import (
-    DEFAULT_LR,
-    PreferenceModule,
-    default_beta,
-    default_length_normalize,
-    resolve_model_batching,
-)
-from ipo_lightning.reference import resolve_reference_strategy
+from ipo_lightning.module import DEFAULT_LR
 from ipo_lightning.resume import RNGStateCheckpoint, check_same_run, find_resume_checkpoint
 from ipo_lightning.run_folder import (
     RunFolder,
@@ -207,12 +200,21 @@ def build_default_loggers(folder: RunFolder, options: WandbOptions) -> list[Logg
 
 
 class PreferenceCLI(LightningCLI):
-    """LightningCLI for :class:`PreferenceModule` and :class:`PreferenceDataModule`."""
+    """LightningCLI for one :class:`~ipo_lightning.methods.Method`'s module and data module.
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    Args:
+        args: the command line (default: ``sys.argv[1:]``).
+        run: run the subcommand.
+        method: the method whose classes are built; default: the one ``args`` selects
+            (:func:`~ipo_lightning.methods.method_from_argv`).
+    """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, method: str | None = None) -> None:
+        argv = sys.argv[1:] if args is None else list(args)
+        self.method: Method = METHODS[method or method_from_argv(argv)]
         super().__init__(
-            PreferenceModule,
-            PreferenceDataModule,
+            self.method.module_class,
+            self.method.datamodule_class,
             args=args,
             run=run,
             # Lightning's own default is 1000 epochs, which a forgotten max_epochs turns into days.
@@ -223,7 +225,8 @@ class PreferenceCLI(LightningCLI):
             parser_class=OneLineErrorParser,
             parser_kwargs={
                 "prog": "python -m ipo_lightning",
-                "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs. Also: "
+                "description": "IPO / DPO preference fine-tuning of Hugging Face causal LMs, and a "
+                "reward-model baseline (--method). Also: "
                 "compare (several methods, one budget), report (Markdown + plots from run folders), "
                 "judge (win rate under a reward), evaluate (reward of a run's samples); see "
                 "`python -m ipo_lightning report --help`.",
@@ -236,6 +239,15 @@ class PreferenceCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Read before the parser exists (it picks the classes); declared here so it is validated,
+        # listed in --help and saved in config.yaml.
+        parser.add_argument(
+            f"--{METHOD_OPTION}",
+            type=Literal[tuple(METHODS)],  # type: ignore[valid-type]
+            default=self.method.name,
+            help="training method; the model and data options below are this method's. "
+            + "; ".join(f"{name}: {METHODS.description(name)}" for name in METHODS),
+        )
         # One tokenizer and one length budget for model and data: set them once.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("data.max_length", "model.max_length")
@@ -264,24 +276,20 @@ class PreferenceCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        """Resolve defaults that depend on other options, so the saved config states them."""
+        """Resolve defaults that depend on other options (the method's ``resolve``), so the saved
+        config states them; the parsed ``method`` must be the one the classes were chosen for."""
         config = self.config.get(str(self.subcommand), self.config)
+        parsed = config.get(METHOD_OPTION, DEFAULT_METHOD)
+        if parsed != self.method.name:
+            raise ConfigError(
+                f"method: the command line selects {self.method.name!r} (--method or a --config file's "
+                f"method:) but the parsed config says {parsed!r}; give the method with --method or as "
+                "a top-level method: key of a --config file"
+            )
         check_strategy(config.trainer.strategy)
         check_optimizer(config.model.get("optimizer"))
-        if config.model.length_normalize is None:
-            config.model.length_normalize = default_length_normalize(config.model.loss_type)
-        if config.model.beta is None:
-            config.model.beta = default_beta(config.model.loss_type)
-        model = config.model
-        model.reference = resolve_reference_strategy(model.reference, uses_lora=model.lora is not None)
-        model.batching = resolve_model_batching(
-            model.batching,
-            model_name_or_path=model.model_name_or_path,
-            reference_name_or_path=model.reference_name_or_path,
-            reference=model.reference,
-            attn_implementation=model.attn_implementation,
-            trust_remote_code=model.trust_remote_code,
-        )
+        if self.method.resolve is not None:
+            self.method.resolve(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The stock trainer, plus the default loggers, random states in checkpoints and SLURM set-up.

@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -265,6 +266,29 @@ def policy_optimizers(
         min_lr_ratio=hp["min_lr_ratio"],
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def resolve_preference_options(config: Namespace) -> None:
+    """Fill the ``model`` defaults that depend on other options, in the subcommand's parsed config.
+
+    ``length_normalize`` and ``beta`` follow ``loss_type``, ``reference`` follows ``lora``, and
+    ``batching: auto`` resolves from the model configs, so the saved ``config.yaml`` states the
+    values the run used (``method: preference``'s resolve, see :mod:`ipo_lightning.methods`).
+    """
+    model = config.model
+    if model.length_normalize is None:
+        model.length_normalize = default_length_normalize(model.loss_type)
+    if model.beta is None:
+        model.beta = default_beta(model.loss_type)
+    model.reference = resolve_reference_strategy(model.reference, uses_lora=model.lora is not None)
+    model.batching = resolve_model_batching(
+        model.batching,
+        model_name_or_path=model.model_name_or_path,
+        reference_name_or_path=model.reference_name_or_path,
+        reference=model.reference,
+        attn_implementation=model.attn_implementation,
+        trust_remote_code=model.trust_remote_code,
+    )
 
 
 class PreferenceModule(L.LightningModule):
