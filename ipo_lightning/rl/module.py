@@ -39,11 +39,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ipo_lightning.batching import BatchingOption
+from ipo_lightning.batching import Batching, BatchingOption
 from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.data.prompts import held_out_prompt
 from ipo_lightning.errors import ConfigError
@@ -51,8 +52,20 @@ from ipo_lightning.generation import generate_completions, row_seed
 from ipo_lightning.lora import LoraOptions, lora_options_dict
 from ipo_lightning.metrics import PreferenceMetrics
 from ipo_lightning.modeling import check_context_size
-from ipo_lightning.module import check_policy_options, load_policy_and_reference, policy_optimizers
-from ipo_lightning.reference import ModelReference, ReferenceStrategy, ignore_missing_reference_keys
+from ipo_lightning.module import (
+    check_policy_options,
+    default_beta,
+    default_length_normalize,
+    load_policy_and_reference,
+    policy_optimizers,
+    resolve_model_batching,
+)
+from ipo_lightning.reference import (
+    ModelReference,
+    ReferenceStrategy,
+    ignore_missing_reference_keys,
+    resolve_reference_strategy,
+)
 from ipo_lightning.rewards import RewardFunction, load_reward
 from ipo_lightning.rl.data import PROMPT_IDS, PROMPT_INDEX
 from ipo_lightning.rl.rollout import Rollout, completion_rows, score_rows
@@ -95,6 +108,37 @@ SHARED_DOC = """
         missing_eos_penalty: subtracted from the reward of a sample that did not end within
             ``max_new_tokens`` (TRL's option of the same name); null: none. ``train/reward`` is logged
             before it."""
+
+
+def on_policy_layout(batching: Batching) -> Batching:
+    """The layout sampled rows run in: ``batching`` resolved from ``auto``, with prefix_shared (which
+    ``auto`` picks for sdpa/eager, a layout of chosen/rejected pairs) as padding_free: every model that
+    runs prefix_shared runs padding_free too."""
+    return "padding_free" if batching == "prefix_shared" else batching
+
+
+def resolve_on_policy_options(config: Namespace) -> None:
+    """Fill the ``model`` defaults that depend on other options in the parsed config (the on-policy
+    methods' ``resolve``, see :mod:`ipo_lightning.methods`): the reference strategy from ``lora``, the
+    layout from ``batching: auto`` and, for online IPO/DPO, ``beta`` and ``length_normalize`` from
+    ``loss_type``, so the saved ``config.yaml`` states the values used."""
+    model = config.model
+    model.reference = resolve_reference_strategy(model.reference, uses_lora=model.lora is not None)
+    if model.batching == "auto" and model.reference != "precomputed":
+        resolved = resolve_model_batching(
+            model.batching,
+            model_name_or_path=model.model_name_or_path,
+            reference_name_or_path=model.reference_name_or_path,
+            reference=model.reference,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+        )
+        model.batching = on_policy_layout(resolved)
+    if "loss_type" in model:
+        if model.beta is None:
+            model.beta = default_beta(model.loss_type)
+        if model.length_normalize is None:
+            model.length_normalize = default_length_normalize(model.loss_type)
 
 
 class OnPolicyModule(L.LightningModule):
@@ -173,8 +217,7 @@ class OnPolicyModule(L.LightningModule):
         )
         self.model_config = resolved.model_config
         self.lora_options = resolved.lora
-        # auto may pick prefix_shared (a pair layout); every model that runs it runs padding_free too.
-        layout = "padding_free" if resolved.batching == "prefix_shared" else resolved.batching
+        layout = on_policy_layout(resolved.batching)
         # Saved explicitly (resolved values, not the caller's nulls); hparams.yaml stays safe-loadable.
         self.save_hyperparameters(
             {
