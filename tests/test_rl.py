@@ -423,3 +423,52 @@ def test_fit_logs_the_rollout_and_generation_metrics(
     first = next(row for row in rows if row.get("train/kl"))
     assert abs(float(first["train/kl"])) < 1e-5
     assert _column(rows, "gen/reward") and _column(rows, "gen/win_rate")
+
+
+def test_resume_mid_epoch_draws_what_the_uninterrupted_run_draws(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    prompts = write_jsonl(
+        tmp_path / "many.jsonl", [{"prompt": f"Human: tell me about {i}. Assistant:"} for i in range(8)]
+    )
+
+    def fit(name: str, ckpt_path: str | None = None) -> list[dict[str, str]]:
+        datamodule = PromptDataModule(
+            train=DataSource(str(prompts)),
+            tokenizer_name_or_path=str(tiny_model_dir),
+            max_length=48,
+            max_prompt_length=24,
+            batch_size=2,
+        )
+        module = RLOOModule(
+            str(tiny_model_dir),
+            REWARD,
+            max_new_tokens=6,
+            max_length=48,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+        )
+        logger = CSVLogger(str(tmp_path), name=name)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            logger=logger,
+            log_every_n_steps=1,
+            callbacks=[checkpoints],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+        return [row for row in _read_metrics(logger.log_dir) if row.get("train/loss")]
+
+    whole = fit("whole")  # 4 batches of 8 prompts: one epoch; the step-2 checkpoint is mid-epoch
+    resumed = fit("resumed", ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert [row["step"] for row in resumed] == [row["step"] for row in whole[2:]]
+    for name in ("train/loss", "train/reward", "train/kl", "train/length"):
+        assert [float(row[name]) for row in resumed] == pytest.approx(
+            [float(row[name]) for row in whole[2:]], abs=1e-6
+        )
+    assert len({row["train/reward"] for row in whole}) > 1  # different prompts and samples per step
