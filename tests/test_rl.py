@@ -4,6 +4,7 @@ modules against independent computations, the prompt data, and short in-process 
 from __future__ import annotations
 
 import csv
+import inspect
 import itertools
 import json
 import math
@@ -367,6 +368,18 @@ def test_option_errors(tiny_model_dir: Path) -> None:
         OnlineModule(str(tiny_model_dir), REWARD, label_temperature=-1.0)
     with pytest.raises(ConfigError, match="prefix_shared"):
         OnlineModule(str(tiny_model_dir), REWARD, batching="prefix_shared")
+
+
+def test_hyperparameters_are_the_resolved_arguments(tiny_model_dir: Path) -> None:
+    """hparams.yaml holds exactly the class's arguments (so a checkpoint's hyperparameters rebuild it),
+    with the loss-dependent defaults resolved."""
+    for cls in (RLOOModule, OnlineModule):
+        module = cls(str(tiny_model_dir), REWARD)
+        arguments = set(inspect.signature(cls.__init__).parameters) - {"self", "optimizer", "max_length"}
+        assert set(module.hparams) == arguments
+    assert RLOOModule(str(tiny_model_dir), REWARD).hparams.beta == 0.05
+    dpo = OnlineModule(str(tiny_model_dir), REWARD, loss_type="dpo")
+    assert (dpo.hparams.beta, dpo.hparams.length_normalize) == (0.1, False)
 
 
 # ----------------------------------------------------------------------------------- fits

@@ -145,7 +145,8 @@ class OnPolicyModule(L.LightningModule):
     """Base of the on-policy methods (module docstring); subclasses define :meth:`rollout_loss`.
 
     Subclasses pass their full option set; ``method_options`` are the method's own (resolved) options,
-    saved in the hyperparameters with the shared ones.
+    saved in the hyperparameters with the shared ones, so that the hyperparameters are exactly the
+    subclass's arguments.
     """
 
     method_metrics: tuple[str, ...] = ()
@@ -238,7 +239,6 @@ class OnPolicyModule(L.LightningModule):
                 "logprob_chunk_size": logprob_chunk_size,
                 "batching": layout,
                 "disable_dropout": disable_dropout,
-                "samples_per_prompt": samples_per_prompt,
                 "max_new_tokens": max_new_tokens,
                 "generation_batch_size": generation_batch_size,
                 "seed": seed,
@@ -246,6 +246,8 @@ class OnPolicyModule(L.LightningModule):
                 **method_options,
             }
         )
+        self.samples_per_prompt = samples_per_prompt
+        """k, samples per prompt (an option of RLOO, 2 for online IPO/DPO)."""
         self.max_length = max_length
         self.optimizer_factory = optimizer
         self.policy: PreTrainedModel | None = None
@@ -298,7 +300,7 @@ class OnPolicyModule(L.LightningModule):
         assert self.policy is not None and self.reference is not None and self.tokenizer is not None
         assert self.reward_function is not None, "no reward loaded (setup has not run)"
         hp = self.hparams
-        k = hp.samples_per_prompt
+        k = self.samples_per_prompt
         prompt_ids = batch[PROMPT_IDS]
         prompts = [
             held_out_prompt(self.tokenizer, raw, ids)

@@ -102,7 +102,7 @@ class RLOOModule(OnPolicyModule):
             )
         if beta < 0:
             raise ConfigError(f"model.beta must be >= 0, got {beta}")
-        method = {"beta": options.pop("beta")}
+        method = {"beta": options.pop("beta"), "samples_per_prompt": samples_per_prompt}
         super().__init__(**options, method_options=method)
 
     def rollout_loss(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
