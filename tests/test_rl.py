@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoTokenizer
 
@@ -26,7 +27,7 @@ from ipo_lightning.rl.data import PromptDataModule, collate_prompts
 from ipo_lightning.rl.module import OnPolicyModule
 from ipo_lightning.rl.online import OnlineModule, online_loss, online_preferences
 from ipo_lightning.rl.rloo import RLOOModule, rloo_advantages, rloo_loss
-from tests.helpers import polite_pairs, write_jsonl
+from tests.helpers import fit_config, polite_pairs, write_config, write_jsonl
 
 REWARD = "tests.reward_fixtures:length_reward"
 
@@ -485,3 +486,37 @@ def test_resume_mid_epoch_draws_what_the_uninterrupted_run_draws(
             [float(row[name]) for row in whole[2:]], abs=1e-6
         )
     assert len({row["train/reward"] for row in whole}) > 1  # different prompts and samples per step
+
+
+@pytest.mark.parametrize("method", ["rloo", "online"])
+def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``--method`` builds the on-policy classes; the run writes its config, metrics and export (the
+    divergence monitor, on by default, skips prompt data instead of failing)."""
+    prompts = _prompt_file(tmp_path)
+    config = fit_config(
+        tmp_path,
+        tiny_model_dir,
+        prompts,
+        val={"held_out": prompts},
+        trainer={"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1},
+        model={"reward": REWARD, "max_new_tokens": 6},
+        data={"batch_size": 2},
+        generation={"reward": REWARD, "prompts": 2, "samples_per_prompt": 2, "max_new_tokens": 6},
+        wandb={"enabled": False},
+    )
+    from ipo_lightning.cli import main
+
+    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", config)), "--method", method])  # no exit
+    run = tmp_path / "runs" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["method"] == method and saved["model"]["batching"] in ("padded", "padding_free")
+    if method == "online":
+        assert (saved["model"]["beta"], saved["model"]["length_normalize"]) == (1.0, True)
+    rows = _read_metrics(str(run))
+    assert (
+        len(_column(rows, "train/reward")) == 2
+        and _column(rows, "val/reward")
+        and _column(rows, "gen/reward")
+    )
+    assert not any(name.startswith("divergence/") for name in rows[0])
+    assert (run / "hf_model" / "config.json").is_file()
