@@ -41,6 +41,7 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -270,6 +271,13 @@ class OnPolicyModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer from the data, check lengths against it and load the reward."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            # Sampling runs generate() on this process's policy, which sharded weights do not allow.
+            raise ConfigError(
+                f"trainer.strategy: the on-policy methods sample with the whole policy on each process; "
+                f"{type(strategy).__name__} shards it (use one device or ddp)"
+            )
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "tokenizer"):
             raise ConfigError("an on-policy method needs its prompts from a PromptDataModule")
