@@ -27,7 +27,7 @@ from ipo_lightning.rl.data import PromptDataModule, collate_prompts
 from ipo_lightning.rl.module import OnPolicyModule
 from ipo_lightning.rl.online import OnlineModule, online_loss, online_preferences
 from ipo_lightning.rl.rloo import RLOOModule, rloo_advantages, rloo_loss
-from tests.helpers import fit_config, polite_pairs, write_config, write_jsonl
+from tests.helpers import fit_config, polite_pairs, run_main, write_config, write_jsonl
 
 REWARD = "tests.reward_fixtures:length_reward"
 
@@ -520,3 +520,17 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
     )
     assert not any(name.startswith("divergence/") for name in rows[0])
     assert (run / "hf_model" / "config.json").is_file()
+
+
+def test_kl_budget_on_prompt_data_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    prompts = _prompt_file(tmp_path)
+    model = {"reward": REWARD, "max_new_tokens": 6}
+    config = fit_config(tmp_path, tiny_model_dir, prompts, model=model, wandb={"enabled": False})
+    args = ["fit", "--config", str(write_config(tmp_path / "c.yaml", config)), "--method", "rloo"]
+    code, err = run_main([*args, "--kl_budget.max_kl", "1.0", "--trainer.max_steps", "1"], capsys)
+    assert code == 2
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("error: kl_budget.max_kl watches divergence/kl, measured on held-out preference pairs")
+    )
