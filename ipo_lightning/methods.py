@@ -181,3 +181,31 @@ METHODS.register(
     "a Bradley-Terry reward model (sequence classification, one score) on the same preference pairs",
     _reward_model,
 )
+
+
+def _on_policy(name: str) -> Method:
+    from ipo_lightning.rl.data import PromptDataModule
+    from ipo_lightning.rl.module import resolve_on_policy_options
+    from ipo_lightning.rl.online import OnlineModule
+    from ipo_lightning.rl.rloo import RLOOModule
+
+    module_class = {"rloo": RLOOModule, "online": OnlineModule}[name]
+    return Method(
+        name=name,
+        module_class=module_class,
+        datamodule_class=PromptDataModule,
+        description=METHODS.description(name),
+        resolve=resolve_on_policy_options,
+    )
+
+
+METHODS.register(
+    "rloo",
+    "RLOO on prompts: k policy samples per prompt, a reward, leave-one-out baseline, KL penalty",
+    lambda: _on_policy("rloo"),
+)
+METHODS.register(
+    "online",
+    "online IPO / DPO on prompts: two policy samples per prompt labelled by a reward",
+    lambda: _on_policy("online"),
+)

@@ -14,15 +14,18 @@ One training step, top to bottom:
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ipo_lightning.batching import (
     Batching,
@@ -49,7 +52,6 @@ from ipo_lightning.modeling import (
 from ipo_lightning.packing_safety import packing_unsafe_reason
 from ipo_lightning.precompute import PrecomputeReport, ReferenceSpec, prepare_precomputed_reference
 from ipo_lightning.reference import (
-    REFERENCE_ATTRIBUTE,
     AdapterReference,
     FrozenReference,
     ModelReference,
@@ -123,6 +125,147 @@ def resolve_model_batching(
             )
         )
     return resolve_batching(batching, targets)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """The policy options :func:`check_policy_options` resolved (what ``null`` defaults became)."""
+
+    lora: LoraOptions | None
+    reference: ReferenceStrategy
+    batching: Batching
+    model_config: PretrainedConfig
+    """The policy's config (read without weights)."""
+
+
+def check_policy_options(
+    *,
+    model_name_or_path: str,
+    reference_name_or_path: str | None,
+    reference: ReferenceStrategy | None,
+    lora: LoraOptions | dict[str, Any] | None,
+    dtype: str,
+    reference_dtype: str | None,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    max_length: int | None,
+    logprob_chunk_size: int,
+    warmup_ratio: float,
+    warmup_steps: int | None,
+    min_lr_ratio: float,
+    batching: BatchingOption,
+) -> PolicyOptions:
+    """Check, at start-up, the options of a policy trained against a frozen reference; resolve defaults.
+
+    Shared by every module that holds a policy and a reference (preference pairs, on-policy methods),
+    so a bad value never surfaces mid-training. Only the model config is read, no weights.
+
+    Raises:
+        ConfigError: an option that cannot work, named by its ``model.`` option.
+    """
+    if logprob_chunk_size <= 0:
+        raise ConfigError(f"model.logprob_chunk_size must be positive, got {logprob_chunk_size}")
+    if warmup_steps is not None and warmup_steps < 0:
+        raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+    check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+    check_batching_option(batching, attn_implementation)
+    lora = as_lora_options(lora)
+    reference = resolve_reference_strategy(reference, uses_lora=lora is not None)
+    if reference == "lora":
+        lora = lora or LoraOptions()
+        _check_lora_reference(model_name_or_path, reference_name_or_path, dtype, reference_dtype)
+    if lora is not None:
+        check_lora_options(lora)
+    if dtype != "float32":
+        rank_zero_warn(
+            f"model.dtype={dtype}: the policy's weights are {dtype}, and small optimizer updates "
+            "round away in 16-bit weights; prefer dtype float32 with trainer.precision bf16-mixed, "
+            "and model.reference_dtype for a lighter reference"
+        )
+    # Fail fast on a wrong model path or a too long max_length: only the config is read here.
+    model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
+    check_context_size(model_config, max_length)
+    # Resolved before save_hyperparameters, so the run records the layout it used.
+    batching = resolve_model_batching(
+        batching,
+        model_name_or_path=model_name_or_path,
+        reference_name_or_path=reference_name_or_path,
+        reference=reference,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    return PolicyOptions(lora=lora, reference=reference, batching=batching, model_config=model_config)
+
+
+def load_policy_and_reference(
+    hp: Mapping[str, Any], lora_options: LoraOptions | None
+) -> tuple[PreTrainedModel, ModelReference | None]:
+    """Load the policy (dropout off, LoRA applied) and its reference as ``hp["reference"]`` says.
+
+    ``hp`` holds the ``model.`` options by name (a module's ``hparams``). The reference is a
+    :class:`FrozenReference` (``separate``), an :class:`AdapterReference` (``lora``) or None
+    (``precomputed``: scored before training, no reference model in memory).
+    """
+    hp = AttributeDict(hp)
+    common = {"attn_implementation": hp.attn_implementation, "trust_remote_code": hp.trust_remote_code}
+    policy = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, **common)
+    if hp.disable_dropout:
+        # Before LoRA: model.lora.dropout is the adapters' own option and stays as set.
+        changed = disable_dropout(policy)
+        if changed:
+            rank_zero_info(
+                f"model.disable_dropout: {len(changed)} dropout setting(s) of the policy set to 0 "
+                f"(e.g. {changed[0]}); --model.disable_dropout false keeps them"
+            )
+    # from_pretrained returns eval mode and Lightning >= 2.6 keeps each module's mode at fit start.
+    policy.train()
+    if hp.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if lora_options is not None:
+        policy = apply_lora(policy, lora_options, gradient_checkpointing=hp.gradient_checkpointing)
+    # Packed and prefix-shared rows need position_ids and a fitting attention kernel.
+    check_model_batching(policy, hp.batching)
+    if hp.reference == "lora":
+        # A plain object, not a submodule: the base weights are the policy's own, held once.
+        return policy, AdapterReference(policy)
+    if hp.reference == "precomputed":
+        return policy, None
+    reference_path = hp.reference_name_or_path or hp.model_name_or_path
+    reference_dtype = hp.reference_dtype or hp.dtype
+    if reference_path == hp.model_name_or_path:
+        # Same weights: copy the freshly loaded policy rather than reading the files twice.
+        reference_model = copy.deepcopy(policy).to(getattr(torch, reference_dtype))
+    else:
+        reference_model = load_causal_lm(reference_path, dtype=reference_dtype, **common)
+        if reference_model.config.vocab_size != policy.config.vocab_size:
+            sizes = (reference_model.config.vocab_size, policy.config.vocab_size)
+            raise ConfigError(
+                f"model.reference_name_or_path {reference_path!r} has a vocabulary of {sizes[0]} "
+                f"tokens, the policy {sizes[1]}: both must share the tokenizer"
+            )
+    check_model_batching(reference_model, hp.batching)
+    return policy, FrozenReference(reference_model)
+
+
+def policy_optimizers(
+    policy: torch.nn.Module,
+    optimizer_factory: OptimizerCallable | None,
+    hp: Mapping[str, Any],
+    trainer: L.Trainer,
+) -> dict[str, Any]:
+    """``configure_optimizers``' answer: the optimizer over the policy's trainable parameters (default
+    :func:`default_optimizer`), with warm-up and decay per optimizer step (``hp``: the schedule options)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = default_optimizer(params) if optimizer_factory is None else optimizer_factory(params)
+    scheduler = build_scheduler(
+        optimizer,
+        schedule=hp["lr_schedule"],
+        total_steps=int(trainer.estimated_stepping_batches),
+        warmup_ratio=hp["warmup_ratio"],
+        warmup_steps=hp["warmup_steps"],
+        min_lr_ratio=hp["min_lr_ratio"],
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def resolve_preference_options(config: Namespace) -> None:
@@ -227,37 +370,24 @@ class PreferenceModule(L.LightningModule):
             check_loss_options(loss_type, beta, label_smoothing)
         except ValueError as error:
             raise ConfigError(f"model: {error}") from None
-        if logprob_chunk_size <= 0:
-            raise ConfigError(f"model.logprob_chunk_size must be positive, got {logprob_chunk_size}")
-        if warmup_steps is not None and warmup_steps < 0:
-            raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
-        check_batching_option(batching, attn_implementation)
-        lora = as_lora_options(lora)
-        reference = resolve_reference_strategy(reference, uses_lora=lora is not None)
-        if reference == "lora":
-            lora = lora or LoraOptions()
-            _check_lora_reference(model_name_or_path, reference_name_or_path, dtype, reference_dtype)
-        if lora is not None:
-            check_lora_options(lora)
-        if dtype != "float32":
-            rank_zero_warn(
-                f"model.dtype={dtype}: the policy's weights are {dtype}, and small optimizer updates "
-                "round away in 16-bit weights; prefer dtype float32 with trainer.precision bf16-mixed, "
-                "and model.reference_dtype for a lighter reference"
-            )
-        # Fail fast on a wrong model path or a too long max_length: only the config is read here.
-        self.model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
-        check_context_size(self.model_config, max_length)
-        # Resolved before save_hyperparameters, so the run records the layout it used.
-        batching = resolve_model_batching(
-            batching,
+        resolved = check_policy_options(
             model_name_or_path=model_name_or_path,
             reference_name_or_path=reference_name_or_path,
             reference=reference,
+            lora=lora,
+            dtype=dtype,
+            reference_dtype=reference_dtype,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
+            max_length=max_length,
+            logprob_chunk_size=logprob_chunk_size,
+            warmup_ratio=warmup_ratio,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            batching=batching,
         )
+        lora, reference, batching = resolved.lora, resolved.reference, resolved.batching
+        self.model_config = resolved.model_config
         if length_normalize is None:
             # Resolved before save_hyperparameters so logged configs state the choice explicitly.
             length_normalize = default_length_normalize(loss_type)
@@ -286,48 +416,7 @@ class PreferenceModule(L.LightningModule):
         """Load policy and reference here (not in ``__init__``) so FSDP/DeepSpeed can shard them."""
         if self.policy is not None:
             return
-        hp = self.hparams
-        common = {"attn_implementation": hp.attn_implementation, "trust_remote_code": hp.trust_remote_code}
-        self.policy = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, **common)
-        if hp.disable_dropout:
-            # Before LoRA: model.lora.dropout is the adapters' own option and stays as set.
-            changed = disable_dropout(self.policy)
-            if changed:
-                rank_zero_info(
-                    f"model.disable_dropout: {len(changed)} dropout setting(s) of the policy set to 0 "
-                    f"(e.g. {changed[0]}); --model.disable_dropout false keeps them"
-                )
-        # from_pretrained returns eval mode and Lightning >= 2.6 keeps each module's mode at fit start.
-        self.policy.train()
-        if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        if self.lora_options is not None:
-            self.policy = apply_lora(
-                self.policy, self.lora_options, gradient_checkpointing=hp.gradient_checkpointing
-            )
-        # Packed and prefix-shared rows need position_ids and a fitting attention kernel.
-        check_model_batching(self.policy, hp.batching)
-        if hp.reference == "lora":
-            # A plain object, not a submodule: the base weights are the policy's own, held once.
-            self.reference = AdapterReference(self.policy)
-            return
-        if hp.reference == "precomputed":
-            return  # scored before training by setup(); no reference model in memory
-        reference_path = hp.reference_name_or_path or hp.model_name_or_path
-        reference_dtype = hp.reference_dtype or hp.dtype
-        if reference_path == hp.model_name_or_path:
-            # Same weights: copy the freshly loaded policy rather than reading the files twice.
-            reference_model = copy.deepcopy(self.policy).to(getattr(torch, reference_dtype))
-        else:
-            reference_model = load_causal_lm(reference_path, dtype=reference_dtype, **common)
-            if reference_model.config.vocab_size != self.policy.config.vocab_size:
-                sizes = (reference_model.config.vocab_size, self.policy.config.vocab_size)
-                raise ConfigError(
-                    f"model.reference_name_or_path {reference_path!r} has a vocabulary of {sizes[0]} "
-                    f"tokens, the policy {sizes[1]}: both must share the tokenizer"
-                )
-        check_model_batching(reference_model, hp.batching)
-        setattr(self, REFERENCE_ATTRIBUTE, FrozenReference(reference_model))
+        self.policy, self.reference = load_policy_and_reference(self.hparams, self.lora_options)
 
     def setup(self, stage: str) -> None:
         """Check the data against the model and the loss once the data module has built it."""
@@ -470,21 +559,7 @@ class PreferenceModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer over the policy's trainable parameters, with warm-up and decay per step."""
-        hp = self.hparams
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer = default_optimizer(params)
-        else:
-            optimizer = self.optimizer_factory(params)
-        scheduler = build_scheduler(
-            optimizer,
-            schedule=hp.lr_schedule,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            warmup_ratio=hp.warmup_ratio,
-            warmup_steps=hp.warmup_steps,
-            min_lr_ratio=hp.min_lr_ratio,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return policy_optimizers(self.policy, self.optimizer_factory, self.hparams, self.trainer)
 
 
 def default_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:

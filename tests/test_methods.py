@@ -47,7 +47,7 @@ def test_unknown_method_on_the_command_line_is_one_line_exit_2(capsys: pytest.Ca
     )
     assert code == 2
     assert err.strip().splitlines() == [
-        "error: --method nope: unknown method 'nope'; choose one of preference, reward_model"
+        f"error: --method nope: unknown method 'nope'; choose one of {', '.join(METHODS)}"
     ]
 
 

@@ -124,6 +124,8 @@ class DivergenceMonitor(Callback):
         self._last_step: int | None = None
         self.no_reference = False
         """Set at fit start: the run holds no reference model (precomputed), so nothing is measured."""
+        self.no_pairs = False
+        """Set at fit start: the run's data holds no preference pairs (an on-policy method's prompts)."""
 
     # ------------------------------------------------------------------ when
 
@@ -134,6 +136,14 @@ class DivergenceMonitor(Callback):
             rank_zero_warn(
                 "divergence: no reference model in memory (model.reference=precomputed), so the KL "
                 "cannot be measured; divergence/* is not logged (set divergence.enabled false to hide this)"
+            )
+
+        self.no_pairs = not hasattr(trainer.datamodule, "collator")
+        if self.enabled and self.no_pairs and not self.no_reference:
+            rank_zero_warn(
+                "divergence: the run's data holds prompts, not preference pairs, so the held-out KL is not "
+                "measured (on-policy methods log train/kl of their samples; set divergence.enabled false "
+                "to hide this)"
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -155,7 +165,7 @@ class DivergenceMonitor(Callback):
     @property
     def measuring(self) -> bool:
         """Whether this run measures at all (enabled, and a reference model is in memory)."""
-        return self.enabled and not self.no_reference
+        return self.enabled and not self.no_reference and not self.no_pairs
 
     # ------------------------------------------------------------------ what
 

@@ -189,10 +189,10 @@ def _export_info(pl_module: L.LightningModule, global_step: int) -> dict[str, An
     hp = pl_module.hparams
     return {
         "base_model": hp.model_name_or_path,
-        "loss_type": hp.loss_type,
+        "loss_type": hp.get("loss_type"),  # RLOO has none
         "beta": hp.beta,
         "label_smoothing": hp.get("label_smoothing", 0.0),
-        "length_normalize": hp.length_normalize,
+        "length_normalize": hp.get("length_normalize"),
         "reference": hp.get("reference"),
         "lora": hp.get("lora"),
         "global_step": global_step,

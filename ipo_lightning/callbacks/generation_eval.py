@@ -170,13 +170,19 @@ class GenerationEval(Callback):
         tokenizer = datamodule.tokenizer
         wanted = {tuple(prompt.ids) for prompt in prompts}
         found: dict[tuple[int, ...], str] = {}
-        for row in dataset.select_columns(["prompt_ids", "chosen_ids"]):
+        # Prompt-only sets (on-policy methods) hold no completions: an empty one is probed instead.
+        rows = (
+            dataset.select_columns(["prompt_ids", "chosen_ids"])
+            if "chosen_ids" in dataset.column_names
+            else []
+        )
+        for row in rows:
             key = tuple(row["prompt_ids"])
             if key in wanted and key not in found:
                 found[key] = tokenizer.decode(row["chosen_ids"], skip_special_tokens=True)
                 if len(found) == len(wanted):
                     break
-        chosen = [found[tuple(prompt.ids)] for prompt in prompts]
+        chosen = [found.get(tuple(prompt.ids), "") for prompt in prompts]
         try:
             self._reward(
                 [prompt.text for prompt in prompts],

@@ -57,6 +57,11 @@ class KLBudget(Callback):
                 "kl_budget.max_kl needs a reference model, and model.reference=precomputed has none "
                 "during training; use model.reference separate or lora, or unset kl_budget.max_kl"
             )
+        if not hasattr(trainer.datamodule, "collator"):
+            raise ConfigError(
+                f"kl_budget.max_kl watches {MONITOR}, measured on held-out preference pairs, and this run's "
+                "data holds prompts only; unset kl_budget.max_kl (train/kl and val/kl are the samples' KL)"
+            )
         monitors = [callback for callback in trainer.callbacks if isinstance(callback, DivergenceMonitor)]
         if not any(monitor.enabled for monitor in monitors):
             raise ConfigError(

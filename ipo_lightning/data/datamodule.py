@@ -159,23 +159,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
-        name = self.tokenizer_name_or_path
-        path = resolve_model_path(name)
-        local = Path(path).expanduser()
-        if not local.exists() and path.startswith((".", "/", "~")):
-            # transformers would call it an invalid hub repo id: say what is wrong instead.
-            raise ConfigError(f"cannot load the tokenizer of {name!r}: no such folder")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
-        except (OSError, ValueError) as error:
-            reason = " ".join(str(error).split())  # transformers' messages span several lines
-            if local.is_dir() and not any((local / file).is_file() for file in TOKENIZER_FILES):
-                reason = f"the folder holds no {' or '.join(TOKENIZER_FILES)}"
-            raise ConfigError(f"cannot load the tokenizer of {name!r}: {_shorten(reason)}") from None
-        if tokenizer.pad_token is None:
-            # Padding positions come from lengths (see PairwiseCollator), so EOS as pad is harmless.
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        assert self.tokenizer_name_or_path is not None
+        return load_tokenizer(self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code)
 
     @property
     def val_set_names(self) -> list[str]:
@@ -472,3 +457,27 @@ def held_out_split(num_records: int, fraction: float, seed: int) -> tuple[list[i
     held_out = set(random.Random(seed).sample(range(num_records), size))
     train_rows = [row for row in range(num_records) if row not in held_out]
     return train_rows, sorted(held_out)
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``name`` (folder, hub id or ``builtin:`` model), EOS as pad when it has none.
+
+    Raises:
+        ConfigError: no such folder, or transformers cannot load it (its reason in one line).
+    """
+    path = resolve_model_path(name)
+    local = Path(path).expanduser()
+    if not local.exists() and path.startswith((".", "/", "~")):
+        # transformers would call it an invalid hub repo id: say what is wrong instead.
+        raise ConfigError(f"cannot load the tokenizer of {name!r}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())  # transformers' messages span several lines
+        if local.is_dir() and not any((local / file).is_file() for file in TOKENIZER_FILES):
+            reason = f"the folder holds no {' or '.join(TOKENIZER_FILES)}"
+        raise ConfigError(f"cannot load the tokenizer of {name!r}: {_shorten(reason)}") from None
+    if tokenizer.pad_token is None:
+        # Padding positions come from lengths (see PairwiseCollator), so EOS as pad is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -178,6 +178,19 @@ def normalise(
     raise ConfigError(f"unknown data format {fmt!r}; use auto, plain, conversational or implicit")
 
 
+def normalise_prompt(record: Mapping[str, Any], columns: Mapping[str, str] | None = None) -> Text:
+    """The prompt of a prompt-only record (no completions): its ``prompt`` field as a string or messages.
+
+    Raises:
+        DataError: the field is missing, neither a string nor a list of messages, or holds a malformed
+            message; the message names the field.
+    """
+    fields = _Fields(record, columns or {})
+    if isinstance(fields.raw("prompt"), list):
+        return fields.messages("prompt")
+    return fields.string("prompt", allow_empty=True)
+
+
 def split_common_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split two texts into (prompt, chosen completion, rejected completion) at a word boundary.
 

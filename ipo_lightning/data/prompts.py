@@ -9,6 +9,7 @@ column), so all three forms come from the same record.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from ipo_lightning.data.datamodule import PreferenceDataModule
 
 
@@ -67,12 +70,19 @@ def held_out_prompts(datamodule: PreferenceDataModule, set_name: str, limit: int
         if raw in seen:
             continue
         seen.add(raw)
-        prompt = json.loads(raw)
-        if isinstance(prompt, str):
-            prompts.append(HeldOutPrompt(prompt, list(row["prompt_ids"]), None))
-        else:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            prompts.append(HeldOutPrompt(text, list(row["prompt_ids"]), prompt))
+        prompts.append(held_out_prompt(tokenizer, raw, row["prompt_ids"]))
         if len(prompts) == limit:
             break
     return prompts
+
+
+def held_out_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt_json: str, ids: Sequence[int]
+) -> HeldOutPrompt:
+    """The :class:`HeldOutPrompt` of a normalised prompt (``prompt_json``, as built sets store it) and its
+    training token ids; chat prompts are rendered as text by ``tokenizer``'s chat template."""
+    prompt = json.loads(prompt_json)
+    if isinstance(prompt, str):
+        return HeldOutPrompt(prompt, list(ids), None)
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return HeldOutPrompt(text, list(ids), prompt)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from ipo_lightning.data.formats import Dropped, Message, PreferenceExample
+from ipo_lightning.data.formats import Dropped, Message, PreferenceExample, Text
 from ipo_lightning.errors import ConfigError, DataError
 
 IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
@@ -94,24 +94,54 @@ class PairTokenizer:
             prompt_ids, chosen_ids, rejected_ids = self._chat_ids(example)
         else:
             prompt_ids, chosen_ids, rejected_ids = self._plain_ids(example)
+        prompt_ids = self._cut_prompt(prompt_ids)
+        room = self.max_length - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+        if chosen_ids == rejected_ids:
+            return Dropped(IDENTICAL_AFTER_TRUNCATION)
+        return TokenisedPair(prompt_ids, chosen_ids, rejected_ids, example.preference_prob)
+
+    def prompt_ids(self, prompt: Text) -> list[int]:
+        """A prompt's token ids exactly as its training rows start: text with the tokenizer's special
+        tokens, or messages rendered by the chat template with the generation prompt; cut to the last
+        ``max_prompt_length`` tokens.
+
+        Raises:
+            DataError: as for :meth:`__call__`'s prompt (empty without BOS, too long, template errors).
+        """
+        if isinstance(prompt, list):
+            return self._cut_prompt(self._chat_prompt(prompt)[1])
+        return self._cut_prompt(self._plain_prompt(prompt))
+
+    def _cut_prompt(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's ids cut from the left to ``max_prompt_length`` (see module docstring)."""
         if not prompt_ids:
             raise DataError(
                 "field 'prompt': empty, and the tokenizer adds no BOS token, so the first completion token "
                 "would have no context to be scored against"
             )
         if self.max_prompt_length is not None:
-            prompt_ids = prompt_ids[-self.max_prompt_length :]
-        elif len(prompt_ids) >= self.max_length:
+            return prompt_ids[-self.max_prompt_length :]
+        if len(prompt_ids) >= self.max_length:
             raise DataError(
                 f"field 'prompt': the prompt has {len(prompt_ids)} tokens >= max_length {self.max_length}, "
                 "leaving no room for a completion; set max_prompt_length (e.g. "
                 f"{self.max_length // 2}) to truncate long prompts from the left, or raise max_length"
             )
-        room = self.max_length - len(prompt_ids)
-        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-        if chosen_ids == rejected_ids:
-            return Dropped(IDENTICAL_AFTER_TRUNCATION)
-        return TokenisedPair(prompt_ids, chosen_ids, rejected_ids, example.preference_prob)
+        return prompt_ids
+
+    def _plain_prompt(self, prompt: str) -> list[int]:
+        return self.encode(prompt, add_special_tokens=True)
+
+    def _chat_prompt(self, prompt: list[Message]) -> tuple[str, list[int]]:
+        """The rendered prompt (generation prompt added) and its ids."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(
+                "field 'prompt': the record holds chat messages but the tokenizer has no chat_template; "
+                "use a chat model's tokenizer or plain-text records"
+            )
+        prompt_text = self._render(prompt, add_generation_prompt=True, field="prompt")
+        return prompt_text, self.encode(prompt_text)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``."""
@@ -121,20 +151,14 @@ class PairTokenizer:
         assert isinstance(example.chosen, str) and isinstance(example.rejected, str)
         eos = [self.tokenizer.eos_token_id]
         return (
-            self.encode(str(example.prompt), add_special_tokens=True),
+            self._plain_prompt(str(example.prompt)),
             self.encode(example.chosen) + eos,
             self.encode(example.rejected) + eos,
         )
 
     def _chat_ids(self, example: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise DataError(
-                "field 'prompt': the record holds chat messages but the tokenizer has no chat_template; "
-                "use a chat model's tokenizer or plain-text records"
-            )
         assert isinstance(example.prompt, list)
-        prompt_text = self._render(example.prompt, add_generation_prompt=True, field="prompt")
-        prompt_ids = self.encode(prompt_text)
+        prompt_text, prompt_ids = self._chat_prompt(example.prompt)
         completions = []
         for field, completion in (("chosen", example.chosen), ("rejected", example.rejected)):
             assert isinstance(completion, list)

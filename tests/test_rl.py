@@ -1,0 +1,536 @@
+"""On-policy methods: the RLOO estimator and online IPO against exact bandit solutions, the rollouts of the
+modules against independent computations, the prompt data, and short in-process fits."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import itertools
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from transformers import AutoTokenizer
+
+from ipo_lightning.callbacks import GenerationEval
+from ipo_lightning.data.sources import DataSource
+from ipo_lightning.data.tokenize import PairTokenizer
+from ipo_lightning.errors import ConfigError, DataError
+from ipo_lightning.losses import preference_loss
+from ipo_lightning.rewards import load_reward
+from ipo_lightning.rl.data import PromptDataModule, collate_prompts
+from ipo_lightning.rl.module import OnPolicyModule
+from ipo_lightning.rl.online import OnlineModule, online_loss, online_preferences
+from ipo_lightning.rl.rloo import RLOOModule, rloo_advantages, rloo_loss
+from tests.helpers import fit_config, polite_pairs, run_main, write_config, write_jsonl
+
+REWARD = "tests.reward_fixtures:length_reward"
+
+# ----------------------------------------------------------------------------------- the bandit
+# One-token completions: the policy is softmax(theta) over V tokens, every quantity is enumerable.
+
+V = 4
+REF = torch.tensor([0.4, 0.1, -0.3, 0.2], dtype=torch.float64).log_softmax(-1)
+R = torch.tensor([1.0, 0.0, 0.5, -0.5], dtype=torch.float64)
+THETA = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=torch.float64)
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def test_rloo_advantages_by_hand() -> None:
+    rewards = torch.tensor([[1.0, 2.0, 4.0]])
+    kl = torch.tensor([[0.0, 2.0, -2.0]])
+    # r' = [1, 1, 5] with beta 0.5; A_i = r'_i - mean of the two others.
+    torch.testing.assert_close(rloo_advantages(rewards, kl, 0.5), torch.tensor([[-2.0, -2.0, 4.0]]))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        rloo_advantages(rewards[:, :1], kl[:, :1], 0.5)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rloo_expected_gradient_is_the_exact_gradient(k: int) -> None:
+    """Enumerating every k-tuple of samples, weighted by its probability, the mean RLOO gradient equals
+    -grad(E_pi[r] - beta KL(pi || ref)) computed by autograd on the exact objective."""
+    beta = 0.3
+    theta = THETA.clone().requires_grad_()
+    logp = theta.log_softmax(-1)
+    expected = torch.zeros(V, dtype=torch.float64)
+    for tuple_ in itertools.product(range(V), repeat=k):
+        ys = torch.tensor(tuple_)
+        weight = logp.detach()[ys].sum().exp()
+        loss, _ = rloo_loss(logp[ys][None], REF[ys][None], R[ys][None], beta)
+        (grad,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        expected += weight * grad
+    pi = logp.exp()
+    objective = (pi * R).sum() - beta * (pi * (logp - REF)).sum()
+    (exact,) = torch.autograd.grad(-objective, theta)
+    assert exact.abs().max() > 0.05  # not a trivial zero
+    torch.testing.assert_close(expected, exact, atol=1e-12, rtol=1e-10)
+
+
+def test_rloo_converges_to_the_kl_regularised_optimum() -> None:
+    """Sampled RLOO steps reach pi*(y) ∝ ref(y) exp(r(y)/beta): total variation below 0.005 after 400
+    SGD steps of 64 prompts x 4 samples (it starts at 0.29)."""
+    beta = 0.5
+    optimum = (REF + R / beta).softmax(-1)
+    theta = REF.clone().requires_grad_()
+    optimizer = torch.optim.SGD([theta], lr=0.5)
+    generator = torch.Generator().manual_seed(0)
+    assert total_variation(REF.exp(), optimum) > 0.25
+    for _ in range(400):
+        logp = theta.log_softmax(-1)
+        ys = torch.multinomial(logp.detach().exp(), 64 * 4, replacement=True, generator=generator).view(64, 4)
+        loss, _ = rloo_loss(logp[ys], REF[ys], R[ys], beta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert total_variation(theta.detach().softmax(-1), optimum) < 0.005
+
+
+# ----------------------------------------------------------------------------------- online IPO
+
+
+def test_online_labels_from_rewards() -> None:
+    rewards = torch.tensor([[3.0, 1.0], [1.0, 3.0], [2.0, 2.0]])
+    chosen, prob = online_preferences(rewards, 0.0)
+    assert chosen.tolist() == [0, 1, 0]
+    assert prob.tolist() == [1.0, 1.0, 0.5]
+    chosen, prob = online_preferences(rewards, 2.0)
+    assert chosen.tolist() == [0, 1, 0]
+    torch.testing.assert_close(prob, torch.tensor([1 / (1 + math.exp(-1.0))] * 2 + [0.5]))
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "dpo"])
+def test_online_loss_of_a_hand_computed_pair(loss_type: str) -> None:
+    policy = torch.tensor([[-1.0, -2.0]])
+    reference = torch.tensor([[-1.5, -1.0]])
+    rewards = torch.tensor([[0.0, 1.0]])  # sample 1 is chosen
+    beta, temperature = 0.5, 1.0
+    out, prob = online_loss(policy, reference, rewards, loss_type=loss_type, beta=beta, label_temperature=1.0)
+    p = 1 / (1 + math.exp(-1.0 / temperature))
+    h = (-2.0 + 1.0) - (-1.0 + 1.5)  # chosen log-ratio minus rejected log-ratio = -1.5
+    if loss_type == "ipo":
+        by_hand = (h - (2 * p - 1) / (2 * beta)) ** 2
+    else:
+        sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+        by_hand = -p * math.log(sig(beta * h)) - (1 - p) * math.log(sig(-beta * h))
+    assert float(out.losses[0]) == pytest.approx(by_hand, rel=1e-6)
+    assert float(out.margins[0]) == pytest.approx(h)
+    direct = preference_loss(
+        policy[:, 1],
+        policy[:, 0],
+        reference[:, 1],
+        reference[:, 0],
+        loss_type=loss_type,
+        beta=beta,
+        preference_prob=prob,
+    )
+    torch.testing.assert_close(out.losses, direct.losses)
+
+
+def _online_expected_loss(
+    theta: torch.Tensor, beta: float, temperature: float, loss_type: str
+) -> torch.Tensor:
+    """Population online loss: every pair (y1, y2) of one-token samples weighted by mu(y1) mu(y2),
+    mu = the current policy without gradient (the samples' distribution is not differentiated)."""
+    logp = theta.log_softmax(-1)
+    mu = logp.detach().exp()
+    pairs = torch.tensor(list(itertools.product(range(V), repeat=2)))
+    out, _ = online_loss(
+        logp[pairs], REF[pairs], R[pairs], loss_type=loss_type, beta=beta, label_temperature=temperature
+    )
+    weights = mu[pairs[:, 0]] * mu[pairs[:, 1]]
+    return (weights * out.losses).sum()
+
+
+def _online_ipo_fixed_point(beta: float, temperature: float) -> torch.Tensor:
+    """Solve log pi(y) - log ref(y) = c + tau E_{y'~pi}[g(r(y) - r(y'))], tau = 1/(2 beta), g = sign
+    (T = 0) or tanh(d / 2T) = 2 sigmoid(d/T) - 1, by damped iteration; returns log pi."""
+    tau = 1 / (2 * beta)
+    diff = R[:, None] - R[None, :]
+    g = diff.sign() if temperature == 0 else torch.tanh(diff / (2 * temperature))
+    logpi = REF.clone()
+    for _ in range(2000):
+        target = (REF + tau * (g @ logpi.exp())).log_softmax(-1)
+        logpi = (0.5 * logpi + 0.5 * target).log_softmax(-1)
+    return logpi
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_online_ipo_expected_gradient_vanishes_at_the_derived_fixed_point(temperature: float) -> None:
+    beta = 0.5
+    logpi = _online_ipo_fixed_point(beta, temperature)
+    theta = logpi.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(_online_expected_loss(theta, beta, temperature, "ipo"), theta)
+    # Soft labels pass through IPO's float32 target; hard labels leave float64 exact.
+    assert grad.abs().max() < (1e-10 if temperature == 0 else 1e-6)
+    # Elsewhere (at the reference) it does not vanish, and descent raises the best token's probability.
+    theta = REF.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(_online_expected_loss(theta, beta, temperature, "ipo"), theta)
+    assert grad.abs().max() > 1e-2
+    assert -grad[R.argmax()] > 0 and -grad[R.argmin()] < 0
+
+
+def test_online_dpo_expected_update_favours_the_higher_reward() -> None:
+    """(Online DPO's population optimum is not derived here; its expected step direction is checked.)"""
+    theta = REF.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(_online_expected_loss(theta, 0.1, 0.0, "dpo"), theta)
+    assert -grad[R.argmax()] > 0 and -grad[R.argmin()] < 0
+
+
+# ----------------------------------------------------------------------------------- prompt data
+
+
+def _prompt_file(tmp_path: Path) -> Path:
+    records = [
+        {"prompt": "Human: tell me about the sea. Assistant:"},
+        {"prompt": "Human: tell me about bread. Assistant:"},
+        {"prompt": "Human: tell me about the sea. Assistant:"},  # a repeat: kept once
+        {"prompt": "Human: what is the capital of France? Assistant:"},
+    ]
+    return write_jsonl(tmp_path / "prompts.jsonl", records)
+
+
+def _datamodule(model_dir: Path, train: Path, **kwargs: object) -> PromptDataModule:
+    options = {"max_length": 48, "max_prompt_length": 24, "batch_size": 2}
+    options.update(kwargs)
+    return PromptDataModule(
+        train=DataSource(str(train)),
+        tokenizer_name_or_path=str(model_dir),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_prompt_data_from_a_prompt_file_and_a_preference_set(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pair_tokenizer = PairTokenizer(tokenizer, 48, 6)
+    datamodule = _datamodule(tiny_model_dir, _prompt_file(tmp_path), max_prompt_length=6)
+    datamodule.setup("fit")
+    rows = datamodule.train_dataset
+    texts = [json.loads(raw) for raw in rows["prompt_json"]]
+    assert texts == [
+        "Human: tell me about the sea. Assistant:",
+        "Human: tell me about bread. Assistant:",
+        "Human: what is the capital of France? Assistant:",
+    ]
+    full = tokenizer(texts[2], add_special_tokens=True)["input_ids"]
+    assert len(full) > 6 and rows[2]["prompt_ids"] == full[-6:]  # cut from the left, as training does
+    assert rows["prompt_index"] == [0, 1, 2]
+    # A preference set gives the prompts its pairs are tokenised with.
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", polite_pairs(12))
+    datamodule = _datamodule(tiny_model_dir, pairs, max_prompt_length=6)
+    datamodule.setup("fit")
+    assert len(datamodule.train_dataset) == 6  # 6 topics
+    from ipo_lightning.data.formats import PreferenceExample
+
+    first = polite_pairs(1)[0]
+    pair = pair_tokenizer(PreferenceExample(first["prompt"], first["chosen"], first["rejected"]))
+    assert datamodule.train_dataset[0]["prompt_ids"] == pair.prompt_ids
+
+
+def test_prompt_data_chat_prompts_and_bad_records(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "user", "content": "tell me about bread"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": messages}])
+    datamodule = _datamodule(tiny_model_dir, path)
+    datamodule.setup("fit")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (
+        datamodule.train_dataset[0]["prompt_ids"]
+        == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    )
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"prompt": 3}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: record 1: field 'prompt': expected a string"):
+        _datamodule(tiny_model_dir, bad).setup("fit")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"question": "fine"}])
+    with pytest.raises(DataError, match=r"no column 'prompt'"):
+        _datamodule(tiny_model_dir, other).setup("fit")
+
+
+# ----------------------------------------------------------------------------------- module rollouts
+
+
+def _module(model_dir: Path, cls: type[OnPolicyModule] = RLOOModule, **kwargs: object) -> OnPolicyModule:
+    """A module used without a Trainer: models loaded, tokenizer and reward set by hand."""
+    options = {"max_new_tokens": 6, "max_length": 48, "samples_per_prompt": 3}
+    if cls is OnlineModule:
+        options.pop("samples_per_prompt")
+    options.update(kwargs)
+    module = cls(str(model_dir), REWARD, **options)  # type: ignore[arg-type]
+    module.configure_model()
+    module.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    module.reward_function = load_reward(REWARD, option="model.reward")
+    return module
+
+
+def _batch(model_dir: Path, tmp_path: Path) -> dict[str, object]:
+    datamodule = _datamodule(model_dir, _prompt_file(tmp_path))
+    datamodule.setup("fit")
+    return collate_prompts([datamodule.train_dataset[i] for i in range(3)])
+
+
+def _teacher_forced(
+    model: torch.nn.Module, prompt: list[int], completion: list[int]
+) -> tuple[float, list[float]]:
+    """Summed log-prob of ``completion`` after ``prompt`` and the entropy at each of its positions, from
+    one plain forward over the whole row (full logits, float64 log-softmax)."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = logits[:-1].log_softmax(-1)
+    positions = range(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    total = sum(float(logp[t, ids[0, t + 1]]) for t in positions)
+    entropy = [float(-(logp[t].exp() * logp[t]).sum()) for t in positions]
+    return total, entropy
+
+
+def test_rollout_logprobs_equal_teacher_forcing_and_are_deterministic(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    batch = _batch(tiny_model_dir, tmp_path)
+    module = _module(tiny_model_dir)
+    with torch.no_grad():  # a policy that differs from its reference
+        module.policy.lm_head.weight.add_(0.05 * torch.randn(module.policy.lm_head.weight.shape))
+    rollout = module.rollout(batch, seed=7)
+    eos = module.tokenizer.eos_token_id
+    entropies = []
+    for i, prompt in enumerate(rollout.prompts):
+        for j, completion in enumerate(rollout.completions[i]):
+            assert rollout.ended[i, j] == (completion.token_ids[-1] == eos)
+            assert rollout.lengths[i, j] == len(completion.token_ids)  # EOS counted when generated
+            policy_logp, entropy = _teacher_forced(module.policy, prompt.ids, completion.token_ids)
+            reference_logp, _ = _teacher_forced(module.reference.model, prompt.ids, completion.token_ids)
+            assert rollout.policy_logps[i, j].item() == pytest.approx(policy_logp, abs=1e-4)
+            assert float(rollout.reference_logps[i, j]) == pytest.approx(reference_logp, abs=1e-4)
+            entropies += entropy
+        assert rollout.rewards[i].tolist() == pytest.approx(
+            [len(c.text) - len(prompt.text) / 10 for c in rollout.completions[i]]
+        )
+    torch.testing.assert_close(
+        rollout.entropy.double(), torch.tensor(entropies, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    assert rollout.kl.abs().max() > 1e-3
+    assert rollout.policy_logps.requires_grad and not rollout.reference_logps.requires_grad
+
+    # The same seed draws the same samples and gives the same loss, in a fresh module too.
+    again = _module(tiny_model_dir)
+    again.policy.load_state_dict(module.policy.state_dict())
+    repeat = again.rollout(batch, seed=7)
+    assert [[c.token_ids for c in row] for row in repeat.completions] == [
+        [c.token_ids for c in row] for row in rollout.completions
+    ]
+    torch.testing.assert_close(again.rollout_loss(repeat)[0], module.rollout_loss(rollout)[0])
+    other = module.rollout(batch, seed=8)
+    assert [[c.token_ids for c in row] for row in other.completions] != [
+        [c.token_ids for c in row] for row in rollout.completions
+    ]
+
+
+def test_module_losses_are_the_estimators_of_the_rollout(tiny_model_dir: Path, tmp_path: Path) -> None:
+    batch = _batch(tiny_model_dir, tmp_path)
+    module = _module(tiny_model_dir, missing_eos_penalty=2.0, beta=0.1)
+    rollout = module.rollout(batch, seed=3)
+    penalised = rollout.rewards - 2.0 * (~rollout.ended).float()
+    torch.testing.assert_close(rollout.shaped_rewards, penalised)
+    assert (~rollout.ended).any()  # 6 new tokens of a random model rarely end: the penalty applies
+    loss, _ = module.rollout_loss(rollout)
+    expected, _ = rloo_loss(rollout.policy_logps, rollout.reference_logps, penalised, 0.1)
+    torch.testing.assert_close(loss, expected)
+
+    online = _module(tiny_model_dir, OnlineModule, loss_type="ipo", label_temperature=0.5)
+    assert online.hparams.beta == 1.0 and online.hparams.length_normalize is True
+    rollout = online.rollout(batch, seed=3)
+    loss, values = online.rollout_loss(rollout)
+    norm = rollout.lengths.float()
+    out, prob = online_loss(
+        rollout.policy_logps / norm,
+        rollout.reference_logps / norm,
+        rollout.rewards,
+        loss_type="ipo",
+        beta=1.0,
+        label_temperature=0.5,
+    )
+    torch.testing.assert_close(loss, out.losses.mean())
+    torch.testing.assert_close(values["online/preference_prob"], prob)
+
+
+def test_option_errors(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+        RLOOModule(str(tiny_model_dir), REWARD, samples_per_prompt=1)
+    with pytest.raises(ConfigError, match="precomputed cannot apply"):
+        RLOOModule(str(tiny_model_dir), REWARD, reference="precomputed")
+    with pytest.raises(ConfigError, match="label_temperature must be >= 0"):
+        OnlineModule(str(tiny_model_dir), REWARD, label_temperature=-1.0)
+    with pytest.raises(ConfigError, match="prefix_shared"):
+        OnlineModule(str(tiny_model_dir), REWARD, batching="prefix_shared")
+
+
+def test_hyperparameters_are_the_resolved_arguments(tiny_model_dir: Path) -> None:
+    """hparams.yaml holds exactly the class's arguments (so a checkpoint's hyperparameters rebuild it),
+    with the loss-dependent defaults resolved."""
+    for cls in (RLOOModule, OnlineModule):
+        module = cls(str(tiny_model_dir), REWARD)
+        arguments = set(inspect.signature(cls.__init__).parameters) - {"self", "optimizer", "max_length"}
+        assert set(module.hparams) == arguments
+    assert RLOOModule(str(tiny_model_dir), REWARD).hparams.beta == 0.05
+    dpo = OnlineModule(str(tiny_model_dir), REWARD, loss_type="dpo")
+    assert (dpo.hparams.beta, dpo.hparams.length_normalize) == (0.1, False)
+
+
+# ----------------------------------------------------------------------------------- fits
+
+
+def _read_metrics(log_dir: str) -> list[dict[str, str]]:
+    with open(Path(log_dir) / "metrics.csv", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _column(rows: list[dict[str, str]], name: str) -> list[float]:
+    return [float(row[name]) for row in rows if row.get(name)]
+
+
+@pytest.mark.parametrize("cls", [RLOOModule, OnlineModule])
+def test_fit_logs_the_rollout_and_generation_metrics(
+    cls: type[OnPolicyModule], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    prompts = _prompt_file(tmp_path)
+    datamodule = PromptDataModule(
+        train=DataSource(str(prompts)),
+        val={"first": DataSource(str(prompts)), "second": DataSource(str(prompts), limit=2)},
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=48,
+        max_prompt_length=24,
+        batch_size=2,
+    )
+    module = cls(str(tiny_model_dir), REWARD, max_new_tokens=6, max_length=48)
+    logger = CSVLogger(str(tmp_path), name="run")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=logger,
+        log_every_n_steps=1,
+        val_check_interval=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[
+            GenerationEval(reward=REWARD, prompts=2, samples_per_prompt=2, max_new_tokens=6, every_n_steps=2)
+        ],
+    )
+    trainer.fit(module, datamodule)
+    rows = _read_metrics(logger.log_dir)
+    for name in ("reward", "kl", "entropy", "length", "eos_rate", "loss"):
+        assert len(_column(rows, f"train/{name}")) == 4, name
+    for name in ("reward", "kl", "entropy", "length", "eos_rate"):
+        assert _column(rows, f"val/{name}") == _column(rows, f"val/first/{name}"), name
+        assert len(_column(rows, f"val/second/{name}")) == 2
+    assert all(0 < length <= 6 for length in _column(rows, "train/length"))
+    assert all(0 <= rate <= 1 for rate in _column(rows, "train/eos_rate"))
+    # The first step samples the initial policy, which is the reference: its sampled KL is 0.
+    first = next(row for row in rows if row.get("train/kl"))
+    assert abs(float(first["train/kl"])) < 1e-5
+    assert _column(rows, "gen/reward") and _column(rows, "gen/win_rate")
+
+
+def test_resume_mid_epoch_draws_what_the_uninterrupted_run_draws(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    prompts = write_jsonl(
+        tmp_path / "many.jsonl", [{"prompt": f"Human: tell me about {i}. Assistant:"} for i in range(8)]
+    )
+
+    def fit(name: str, ckpt_path: str | None = None) -> list[dict[str, str]]:
+        datamodule = PromptDataModule(
+            train=DataSource(str(prompts)),
+            tokenizer_name_or_path=str(tiny_model_dir),
+            max_length=48,
+            max_prompt_length=24,
+            batch_size=2,
+        )
+        module = RLOOModule(
+            str(tiny_model_dir),
+            REWARD,
+            max_new_tokens=6,
+            max_length=48,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+        )
+        logger = CSVLogger(str(tmp_path), name=name)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            logger=logger,
+            log_every_n_steps=1,
+            callbacks=[checkpoints],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+        return [row for row in _read_metrics(logger.log_dir) if row.get("train/loss")]
+
+    whole = fit("whole")  # 4 batches of 8 prompts: one epoch; the step-2 checkpoint is mid-epoch
+    resumed = fit("resumed", ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert [row["step"] for row in resumed] == [row["step"] for row in whole[2:]]
+    for name in ("train/loss", "train/reward", "train/kl", "train/length"):
+        assert [float(row[name]) for row in resumed] == pytest.approx(
+            [float(row[name]) for row in whole[2:]], abs=1e-6
+        )
+    assert len({row["train/reward"] for row in whole}) > 1  # different prompts and samples per step
+
+
+@pytest.mark.parametrize("method", ["rloo", "online"])
+def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``--method`` builds the on-policy classes; the run writes its config, metrics and export (the
+    divergence monitor, on by default, skips prompt data instead of failing)."""
+    prompts = _prompt_file(tmp_path)
+    config = fit_config(
+        tmp_path,
+        tiny_model_dir,
+        prompts,
+        val={"held_out": prompts},
+        trainer={"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1},
+        model={"reward": REWARD, "max_new_tokens": 6},
+        data={"batch_size": 2},
+        generation={"reward": REWARD, "prompts": 2, "samples_per_prompt": 2, "max_new_tokens": 6},
+        wandb={"enabled": False},
+    )
+    from ipo_lightning.cli import main
+
+    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", config)), "--method", method])  # no exit
+    run = tmp_path / "runs" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["method"] == method and saved["model"]["batching"] in ("padded", "padding_free")
+    if method == "online":
+        assert (saved["model"]["beta"], saved["model"]["length_normalize"]) == (1.0, True)
+    rows = _read_metrics(str(run))
+    assert (
+        len(_column(rows, "train/reward")) == 2
+        and _column(rows, "val/reward")
+        and _column(rows, "gen/reward")
+    )
+    assert not any(name.startswith("divergence/") for name in rows[0])
+    assert (run / "hf_model" / "config.json").is_file()
+
+
+def test_kl_budget_on_prompt_data_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    prompts = _prompt_file(tmp_path)
+    model = {"reward": REWARD, "max_new_tokens": 6}
+    config = fit_config(tmp_path, tiny_model_dir, prompts, model=model, wandb={"enabled": False})
+    args = ["fit", "--config", str(write_config(tmp_path / "c.yaml", config)), "--method", "rloo"]
+    code, err = run_main([*args, "--kl_budget.max_kl", "1.0", "--trainer.max_steps", "1"], capsys)
+    assert code == 2
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("error: kl_budget.max_kl watches divergence/kl, measured on held-out preference pairs")
+    )
