@@ -11,8 +11,9 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ipo_lightning.analysis.judge import judge_run, win_rate
+from ipo_lightning.analysis.judge import judge_run
 from ipo_lightning.cli import main
+from ipo_lightning.generation_metrics import win_rate
 from ipo_lightning.gold import gold_reward
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS

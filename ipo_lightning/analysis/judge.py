@@ -8,18 +8,16 @@ there is one. The reward (:func:`ipo_lightning.rewards.load_reward`: a reward mo
 the completion through its own chat template, otherwise the reward reads the prompt text (for chat data
 the policy template's rendering) and the completion. Per prompt the policy wins (1), ties (0.5) or loses
 (0); the win rate is the mean outcome, with a normal-approximation confidence interval
-``rate +- z * sd / sqrt(n)`` (sd of the outcomes), clipped to [0, 1]. The result, with every prompt's
-completions and scores, goes to ``RUN_DIR/judge.json``, which ``report`` shows as a column.
+(:func:`ipo_lightning.generation_metrics.win_rate`; one completion per prompt, so
+``rate +- 1.96 * sd / sqrt(n)`` with the sd of the outcomes), clipped to [0, 1]. The result, with
+every prompt's completions and scores, goes to ``RUN_DIR/judge.json``, which ``report`` shows as a column.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,60 +27,9 @@ from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.data.prompts import held_out_prompts
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.generation import generate_completions
+from ipo_lightning.generation_metrics import WinRate, win_rate
 from ipo_lightning.modeling import load_causal_lm
 from ipo_lightning.rewards import load_reward
-
-Z_95 = 1.959963984540054
-
-
-@dataclass
-class WinRate:
-    """How often the policy's completion out-scores the reference's, with a confidence interval."""
-
-    win_rate: float
-    ci_low: float
-    ci_high: float
-    prompts: int
-    wins: int
-    ties: int
-    losses: int
-
-
-def win_rate(
-    policy_scores: Sequence[float],
-    reference_scores: Sequence[float],
-    z: float = Z_95,
-    *,
-    samples_per_prompt: int = 1,
-) -> WinRate:
-    """Win rate of ``policy_scores`` over ``reference_scores`` (paired), ties counting half.
-
-    Scores come prompt-major, ``samples_per_prompt`` (k) consecutive pairs per prompt. The k
-    outcomes of one prompt are correlated (the same prompt is easy or hard for both models), so the
-    interval treats prompts, not pairs, as the independent draws: ``rate +- z * sd / sqrt(P)`` with
-    ``sd`` the standard deviation of the P per-prompt mean outcomes (with k = 1, that of the
-    outcomes), clipped to [0, 1].
-    """
-    if len(policy_scores) != len(reference_scores) or not policy_scores:
-        raise ValueError("need the same, non-zero number of policy and reference scores")
-    if samples_per_prompt < 1 or len(policy_scores) % samples_per_prompt:
-        raise ValueError(f"{len(policy_scores)} scores do not split into prompts of {samples_per_prompt}")
-    pairs = zip(policy_scores, reference_scores, strict=True)
-    outcomes = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in pairs]
-    rate = statistics.fmean(outcomes)
-    k = samples_per_prompt
-    prompt_means = [statistics.fmean(outcomes[i : i + k]) for i in range(0, len(outcomes), k)]
-    spread = statistics.stdev(prompt_means) if len(prompt_means) > 1 else 0.0
-    half_width = z * spread / math.sqrt(len(prompt_means))
-    return WinRate(
-        win_rate=rate,
-        ci_low=max(0.0, rate - half_width),
-        ci_high=min(1.0, rate + half_width),
-        prompts=len(prompt_means),
-        wins=outcomes.count(1.0),
-        ties=outcomes.count(0.5),
-        losses=outcomes.count(0.0),
-    )
 
 
 def judge_run(
