@@ -9,6 +9,7 @@ column), so all three forms come from the same record.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ def held_out_prompts(datamodule: PreferenceDataModule, set_name: str, limit: int
         limit: Most prompts returned; a set with fewer distinct prompts gives all of them.
 
     Raises:
-        ConfigError: no built set has this name.
+        ConfigError: no built set has this name, or the set has no kept pairs.
         ValueError: ``limit`` is below 1.
     """
     if limit < 1:
@@ -75,4 +76,17 @@ def held_out_prompts(datamodule: PreferenceDataModule, set_name: str, limit: int
             prompts.append(HeldOutPrompt(text, list(row["prompt_ids"]), prompt))
         if len(prompts) == limit:
             break
+    if not prompts:
+        raise ConfigError(f"data set {set_name!r} has no kept pairs to draw prompts from")
     return prompts
+
+
+def reward_conversations(prompts: Sequence[HeldOutPrompt]) -> list[list[dict[str, Any]]] | None:
+    """The prompts as chat messages for a reward when they are chat prompts, else None (plain data).
+
+    The one test of "is this chat data": every prompt has messages. A set mixing plain and chat
+    prompts goes to the reward as text only, so no prompt is read as an empty conversation.
+    """
+    if prompts and all(prompt.messages is not None for prompt in prompts):
+        return [list(prompt.messages or []) for prompt in prompts]
+    return None
