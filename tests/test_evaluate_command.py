@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipo_lightning.cli import main
+from ipo_lightning.evaluation import write_atomically
 from tests.helpers import fit_config, polite_pairs, run_cli, run_main, write_config, write_jsonl
 
 REWARD = "tests.test_generation_eval:distinct_tokens"
@@ -136,3 +137,13 @@ def test_evaluate_judges_the_prompts_the_callback_judged_without_a_val_set(
     assert after == [row for row in during if row["step"] == 2]
     first_prompts = list(dict.fromkeys(record["prompt"] for record in polite_pairs(24)))[:4]
     assert [row["prompt"] for row in after] != first_prompts  # the subset's prompts, not the file's
+
+
+def test_a_result_file_is_whole_or_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "judge.json"
+    write_atomically(target, '{"win_rate": 0.5}\n')
+    assert target.read_text() == '{"win_rate": 0.5}\n'
+    with pytest.raises(TypeError):
+        write_atomically(target, None)  # type: ignore[arg-type]  # fails after the staging file exists
+    assert target.read_text() == '{"win_rate": 0.5}\n'  # the old file, not a half-written one
+    assert [path.name for path in tmp_path.iterdir()] == ["judge.json"]  # no staging file left

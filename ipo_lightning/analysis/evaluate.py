@@ -1,10 +1,11 @@
 """``python -m ipo_lightning evaluate RUN_DIR``: the generation evaluation of a finished run's policy.
 
 Loads the exported policy (``RUN_DIR/hf_model``, or ``--model`` a model folder, or ``--checkpoint``
-the policy of a Lightning checkpoint of a full-weight run), the run's reference and its
-held-out sets from ``RUN_DIR/config.yaml``, and judges the policy's samples with the reward exactly as
-the ``--generation.*`` evaluation does during training (:mod:`ipo_lightning.evaluation`, the same
-metrics and seeds). Options not given default to the run's ``generation.*`` settings. Writes
+the policy of a Lightning checkpoint of a full-weight run) and the run's reference with the run's
+``model.*`` settings, rebuilds its held-out sets from the whole ``data`` section of
+``RUN_DIR/config.yaml`` (:mod:`ipo_lightning.analysis.run_models`), and judges the policy's samples
+with the reward exactly as the ``--generation.*`` evaluation does during training
+(:mod:`ipo_lightning.evaluation`, the same prompts, metrics and seeds). Options not given default to the run's ``generation.*`` settings. Writes
 ``RUN_DIR/generation_eval.json`` (metrics per set, options, models) and
 ``RUN_DIR/generation_eval_samples.jsonl`` (rows as in ``generation_samples.jsonl``), each atomically,
 and prints a short table.
