@@ -5,10 +5,10 @@ the policy of a Lightning checkpoint of a full-weight run) and the run's referen
 ``model.*`` settings, rebuilds its held-out sets from the whole ``data`` section of
 ``RUN_DIR/config.yaml`` (:mod:`ipo_lightning.analysis.run_models`), and judges the policy's samples
 with the reward exactly as the ``--generation.*`` evaluation does during training
-(:mod:`ipo_lightning.evaluation`, the same prompts, metrics and seeds). Options not given default to the run's ``generation.*`` settings. Writes
-``RUN_DIR/generation_eval.json`` (metrics per set, options, models) and
-``RUN_DIR/generation_eval_samples.jsonl`` (rows as in ``generation_samples.jsonl``), each atomically,
-and prints a short table.
+(:mod:`ipo_lightning.evaluation`, the same prompts, metrics and seeds). Options not given default to
+the run's ``generation.*`` settings. Writes ``RUN_DIR/generation_eval.json`` (metrics per set,
+options, models) and ``RUN_DIR/generation_eval_samples.jsonl`` (rows as in
+``generation_samples.jsonl``), each atomically, and prints a short table.
 """
 
 from __future__ import annotations
