@@ -133,11 +133,18 @@ def test_the_win_rate_interval_covers_the_true_rate_about_95_percent_of_the_time
 # ------------------------------------------------------------------ during a fit
 
 
-def _fit(tmp_path: Path, tiny_model_dir: Path, evaluation: GenerationEval, lr: float, steps: int = 4) -> Path:
+def _fit(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    evaluation: GenerationEval,
+    lr: float,
+    steps: int = 4,
+    data_class: type[PreferenceDataModule] = PreferenceDataModule,
+) -> Path:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
     first = write_jsonl(tmp_path / "a.jsonl", polite_pairs(8, offset=16))
     second = write_jsonl(tmp_path / "b.jsonl", polite_pairs(8, offset=40))
-    datamodule = PreferenceDataModule(
+    datamodule = data_class(
         train=DataSource(path=str(train)),
         val={"a": DataSource(path=str(first)), "b": DataSource(path=str(second))},
         tokenizer_name_or_path=str(tiny_model_dir),
@@ -258,3 +265,23 @@ def test_a_bad_reward_stops_the_fit_at_setup(
 def test_unknown_set_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="generation.sets: no validation set 'c'; the run has a, b"):
         _fit(tmp_path, tiny_model_dir, GenerationEval(reward=REWARD, sets=["c"]), lr=1e-3)
+
+
+class _EmptySetB(PreferenceDataModule):
+    """The test's data with val set ``b`` built but left without pairs."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.val_datasets["b"] = self.val_datasets["b"].select([])
+
+
+def test_a_set_without_prompts_is_one_config_error_naming_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="^data set 'b' has no kept pairs to draw prompts from$"):
+        _fit(
+            tmp_path,
+            tiny_model_dir,
+            GenerationEval(reward=REWARD, sets=["b"]),
+            lr=1e-3,
+            data_class=_EmptySetB,
+        )
+    assert not list((tmp_path / "logs").rglob("metrics.csv"))  # no training step ran
