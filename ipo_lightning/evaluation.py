@@ -11,22 +11,30 @@ The one code path of the generation evaluation during training
    (:func:`share`) draw what one process would.
 2. :func:`merge`: the processes' parts in prompt order.
 3. :func:`set_result`: the metrics of the set (:mod:`ipo_lightning.generation_metrics`) and the rows of
-   the samples file.
+   the samples file; or, for greedy completions only (``judge``), :func:`greedy_win_rate`.
+
+Result files are written with :func:`write_atomically`.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ipo_lightning.data.prompts import HeldOutPrompt
+from ipo_lightning.data.prompts import HeldOutPrompt, reward_conversations
 from ipo_lightning.generation import Completion, generate_completions, generate_with_greedy
-from ipo_lightning.generation_metrics import set_metrics
+from ipo_lightning.generation_metrics import WinRate, set_metrics, win_rate
 from ipo_lightning.rewards import RewardFunction
+
+DEFAULT_PROMPTS = 64
+"""Held-out prompts judged per set when none is given (the first N distinct prompts)."""
 
 SAMPLE_FIELDS = (
     "step",
@@ -45,10 +53,10 @@ SAMPLE_FIELDS = (
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How each model generates.
+    """How each model generates; the defaults are those of every command and of ``--generation.*``.
 
     Attributes:
-        samples_per_prompt: sampled completions per prompt (k).
+        samples_per_prompt: sampled completions per prompt (k); 0: none, the greedy completion only.
         greedy: also one greedy completion per prompt (``greedy_reward``).
         max_new_tokens: longest completion.
         batch_size: rows (prompt x sample) per ``generate`` call.
@@ -101,11 +109,10 @@ def _score(
 ) -> list[list[float]]:
     """Reward of every completion, in one call; ``completions[i]`` are the completions of ``prompts[i]``."""
     flat_prompts = [prompt for prompt, row in zip(prompts, completions, strict=True) for _ in row]
-    chat = any(prompt.messages is not None for prompt in prompts)
     scores = reward(
         [prompt.text for prompt in flat_prompts],
         [completion.text for row in completions for completion in row],
-        conversations=[prompt.messages or [] for prompt in flat_prompts] if chat else None,
+        conversations=reward_conversations(flat_prompts),
     )
     rows, start = [], 0
     for row in completions:
@@ -140,15 +147,22 @@ def judge_prompts(
         "prompt_indices": indices,
     }
     k = options.samples_per_prompt
+    with_greedy = options.greedy if greedy is None else greedy
+    if k == 0 and not with_greedy:
+        raise ValueError("nothing to generate: no samples and no greedy completion")
     greedy_rows: list[list[Completion]] = [[] for _ in prompts]
     greedy_rewards: list[list[float]] = [[] for _ in prompts]
-    if options.greedy if greedy is None else greedy:
+    samples: list[list[Completion]] = [[] for _ in prompts]
+    if with_greedy and k == 0:
+        greedy_rows = generate_completions(model, tokenizer, ids, k=1, greedy=True, **sampling)
+    elif with_greedy:
         samples, greedy_completions = generate_with_greedy(model, tokenizer, ids, k=k, **sampling)
         greedy_rows = [[completion] for completion in greedy_completions]
-        greedy_rewards = _score(reward, prompts, greedy_rows)
     else:
         samples = generate_completions(model, tokenizer, ids, k=k, **sampling)
-    rewards = _score(reward, prompts, samples)
+    if with_greedy:
+        greedy_rewards = _score(reward, prompts, greedy_rows)
+    rewards = _score(reward, prompts, samples) if k else [[] for _ in prompts]
     return [
         PromptResult(
             index=index,
@@ -204,6 +218,33 @@ def set_result(
         policy_rewards, reference_rewards, content, lengths, ended, greedy, samples_per_prompt=k
     )
     return SetResult(metrics, rows)
+
+
+def greedy_win_rate(policy: Sequence[PromptResult], reference: Sequence[PromptResult]) -> WinRate:
+    """Win rate of the policy's greedy completions over the reference's, one pair per prompt."""
+    if [r.index for r in policy] != [r.index for r in reference]:
+        raise ValueError("policy and reference results cover different prompts")
+    mine: list[float] = []
+    theirs: list[float] = []
+    for ours, other in zip(policy, reference, strict=True):
+        if ours.greedy_reward is None or other.greedy_reward is None:
+            raise ValueError(f"prompt {ours.index} lacks a greedy completion's reward")
+        mine.append(ours.greedy_reward)
+        theirs.append(other.greedy_reward)
+    return win_rate(mine, theirs)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so the file
+    is either the old one or the whole new one, never half-written (e.g. a command stopped mid-write)."""
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
+            out.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
 
 
 def metric_names(results: dict[str, SetResult], prefix: str = "gen/") -> dict[str, float]:

@@ -6,10 +6,11 @@ Names (without the ``gen/`` prefix) and definitions, for ``k`` samples of each o
   reference's samples; ``greedy_reward``: mean reward of the policy's greedy completions (one per prompt).
 - ``win_rate``: paired win rate: policy sample j of prompt i against reference sample j of prompt i
   (drawn with the same generator seed), a win 1, a tie 1/2, a loss 0, averaged over all ``P * k`` pairs;
-  ``win_rate_ci_low``/``win_rate_ci_high``: its 95% normal-approximation interval with prompts as the
-  independent draws, ``rate +- 1.96 * sd / sqrt(P)`` (sd of the per-prompt mean outcomes: a prompt's
-  k outcomes are correlated), clipped to [0, 1]
-  (:func:`ipo_lightning.analysis.judge.win_rate`).
+  ``win_rate_ci_low``/``win_rate_ci_high``: its 95% normal-approximation interval
+  ``rate +- 1.96 * sd(prompt means) / sqrt(P)``, clipped to [0, 1] (:func:`win_rate`). The ``k``
+  outcomes of one prompt are correlated (a prompt the policy handles well tends to win all its
+  samples), so the spread comes from the per-prompt mean outcomes, not from the ``P * k`` outcomes as if
+  they were independent (which would make the interval too narrow); with ``k = 1`` the two agree.
 - ``length``: mean number of generated tokens per sample, the EOS token included when generated.
 - ``eos_rate``: share of samples that ended with an EOS token within ``max_new_tokens``.
 - ``distinct_2``: distinct token bigrams / total token bigrams, pooled over all policy samples of the set
@@ -21,13 +22,77 @@ Names (without the ``gen/`` prefix) and definitions, for ``k`` samples of each o
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
-
-from ipo_lightning.analysis.judge import win_rate
+from dataclasses import dataclass
 
 REPETITION_N = 3
 """The n of the n-grams whose repeats ``repetition`` counts."""
+Z_95 = 1.959963984540054
+"""The standard normal quantile of a two-sided 95% interval."""
+
+
+@dataclass
+class WinRate:
+    """How often the policy's completion out-scores the reference's, with a 95% confidence interval.
+
+    Attributes:
+        win_rate: mean outcome (win 1, tie 1/2, loss 0) over all pairs.
+        ci_low: lower end of the interval, at least 0.
+        ci_high: upper end of the interval, at most 1.
+        prompts: the number of prompts (P).
+        wins: pairs the policy won.
+        ties: pairs with equal scores.
+        losses: pairs the policy lost.
+    """
+
+    win_rate: float
+    ci_low: float
+    ci_high: float
+    prompts: int
+    wins: int
+    ties: int
+    losses: int
+
+
+def win_rate(
+    policy_scores: Sequence[float],
+    reference_scores: Sequence[float],
+    *,
+    samples_per_prompt: int = 1,
+    z: float = Z_95,
+) -> WinRate:
+    """Paired win rate of ``policy_scores`` over ``reference_scores``, ties counting half.
+
+    The scores are in (prompt, sample) order: pairs ``i * k`` to ``i * k + k - 1`` are the
+    ``k = samples_per_prompt`` pairs of prompt ``i``. The interval is ``rate +- z * se`` with the
+    cluster-robust standard error ``se = sd(per-prompt mean outcomes) / sqrt(P)``, so samples of one
+    prompt are not counted as independent evidence; one prompt gives a zero-width interval.
+
+    Raises:
+        ValueError: the lists differ in length, are empty, or do not split into prompts of ``k`` pairs.
+    """
+    if len(policy_scores) != len(reference_scores) or not policy_scores:
+        raise ValueError("need the same, non-zero number of policy and reference scores")
+    k = samples_per_prompt
+    if k < 1 or len(policy_scores) % k:
+        raise ValueError(f"{len(policy_scores)} pairs do not split into prompts of {k} samples")
+    pairs = zip(policy_scores, reference_scores, strict=True)
+    outcomes = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in pairs]
+    means = [statistics.fmean(outcomes[start : start + k]) for start in range(0, len(outcomes), k)]
+    rate = statistics.fmean(outcomes)
+    spread = statistics.stdev(means) if len(means) > 1 else 0.0
+    half_width = z * spread / math.sqrt(len(means))
+    return WinRate(
+        win_rate=rate,
+        ci_low=max(0.0, rate - half_width),
+        ci_high=min(1.0, rate + half_width),
+        prompts=len(means),
+        wins=outcomes.count(1.0),
+        ties=outcomes.count(0.5),
+        losses=outcomes.count(0.0),
+    )
 
 
 def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
@@ -58,7 +123,8 @@ def set_metrics(
     lengths: Sequence[int],
     ended: Sequence[bool],
     greedy_rewards: Sequence[float] = (),
-    samples_per_prompt: int = 1,
+    *,
+    samples_per_prompt: int,
 ) -> dict[str, float]:
     """The metrics of one set (module docstring), from per-sample values in the same (prompt, sample) order.
 
@@ -69,8 +135,7 @@ def set_metrics(
         lengths: each policy sample's generated token count, EOS included.
         ended: whether each policy sample ended with EOS.
         greedy_rewards: rewards of the greedy completions (empty: no ``greedy_reward``).
-        samples_per_prompt: consecutive samples per prompt (k), which the win-rate interval
-            treats as one draw.
+        samples_per_prompt: k, the consecutive samples of each prompt (the win rate's clusters).
     """
     wins = win_rate(policy_rewards, reference_rewards, samples_per_prompt=samples_per_prompt)
     metrics = {

@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ipo_lightning.analysis.run_logs import RunMetrics
 from ipo_lightning.builtin import is_builtin
+from ipo_lightning.module import default_beta
 
 CARD_FILENAME = "README.md"
 CONFIG_FILENAME = "ipo_lightning_config.yaml"
@@ -124,7 +125,7 @@ def _source_text(source: dict[str, Any]) -> str:
 def _preference_method(model: dict[str, Any], base_text: str) -> list[str]:
     """The card's opening line and ``Training method`` bullets for a preference (IPO/DPO) run."""
     loss_type = str(model.get("loss_type", "ipo"))
-    beta = float(model.get("beta", 0.1))
+    beta = float(model["beta"]) if model.get("beta") is not None else default_beta(loss_type)
     name, formula, note = LOSS_DESCRIPTIONS[loss_type]
     length_normalize = bool(model.get("length_normalize"))
     lines = [

@@ -213,16 +213,28 @@ def reward_model_inputs(
     (``apply_chat_template(tokenize=False)``) of ``conversation + [{"role": "assistant", "content":
     completion}]``, tokenised without adding special tokens (the template writes its own, so the ids
     equal ``apply_chat_template(tokenize=True)``). Otherwise: the text ``prompt + completion`` with the
-    tokenizer's normal special tokens. Both are cut to ``max_length`` tokens (``truncation=True``, on the
-    tokenizer's ``truncation_side``).
+    tokenizer's normal special tokens.
+
+    A text longer than ``max_length`` tokens loses tokens from its start, so what is scored always ends
+    with the completion (all of it when it fits; else as much of its end as fits): the prompt's start
+    is dropped first. The tokenizer's own special tokens around a plain text (``[CLS]`` ... ``[SEP]``)
+    and the BOS token that starts a chat rendering are kept.
 
     Raises:
         RewardError: the chat template fails on a conversation (its message is kept).
     """
-    truncation = {"truncation": max_length is not None, "max_length": max_length}
     if conversations is None or not getattr(tokenizer, "chat_template", None):
         texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
-        return [list(ids) for ids in tokenizer(texts, **truncation)["input_ids"]]
+        if max_length is None:
+            return [list(ids) for ids in tokenizer(texts)["input_ids"]]
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"  # the tokenizer cuts the text and keeps its special tokens
+        try:
+            return [
+                list(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+            ]
+        finally:
+            tokenizer.truncation_side = side
     rows = []
     for index, (conversation, completion) in enumerate(zip(conversations, completions, strict=True)):
         messages = [*conversation, {"role": "assistant", "content": completion}]
@@ -232,20 +244,31 @@ def reward_model_inputs(
             raise RewardError(
                 f"the reward model's chat template fails on conversation {index}: {_one_line(error)}"
             ) from None
-        rows.append(list(tokenizer(text, add_special_tokens=False, **truncation)["input_ids"]))
+        rows.append(
+            _keep_the_end(list(tokenizer(text, add_special_tokens=False)["input_ids"]), tokenizer, max_length)
+        )
     return rows
+
+
+def _keep_the_end(ids: list[int], tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> list[int]:
+    """The last ``max_length`` tokens of a chat rendering, after its leading BOS token when it has one."""
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    head = ids[:1] if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else []
+    return head + ids[len(ids) - (max_length - len(head)) :]
 
 
 class RewardModelScorer:
     """Scores texts with a sequence-classification reward model: logit 0 at each text's last token.
 
     Texts are built by :func:`reward_model_inputs`, sorted by length and run in batches of
-    ``batch_size``, padded on the tokenizer's ``padding_side`` with an attention mask. Position ids
-    count real tokens only (when the model takes them), so left padding does not shift positions and a
-    batched score equals the score of the text alone up to float rounding. The model pools as it was
-    built to: a decoder (Llama, GPT-2, ...) scores each row's last real token, which transformers finds
-    from ``config.pad_token_id`` (set from the tokenizer when the checkpoint has none); an encoder
-    (BERT, DeBERTa) scores its first token, so its tokenizer pads on the right.
+    ``batch_size``, padded on the right with an attention mask, whatever the tokenizer's
+    ``padding_side``: every row's real tokens then sit at positions 0, 1, ... as when the text is scored
+    alone, and the model numbers positions itself (RoBERTa-style models count from ``padding_idx + 1``,
+    so position ids given from outside would shift theirs). A batched score thus equals the score of the
+    text alone up to float rounding. The model pools as it was built to: a decoder (Llama, GPT-2, ...)
+    scores each row's last real token, which transformers finds from ``config.pad_token_id`` (set from
+    the tokenizer when the checkpoint has none); an encoder (BERT, RoBERTa, DeBERTa) its first token.
 
     Args:
         model: The reward model, in eval mode, on its device.
@@ -263,7 +286,6 @@ class RewardModelScorer:
         # Tokenizers without a limit report a huge model_max_length: no cut then.
         known = [limit for limit in limits if isinstance(limit, int) and limit < 1_000_000_000]
         self.max_length = min(known) if known else None
-        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
 
     @classmethod
     def load(
@@ -296,8 +318,6 @@ class RewardModelScorer:
             chunk = order[start : start + self.batch_size]
             input_ids, attention_mask = self._pad([rows[row] for row in chunk])
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            if self._takes_position_ids:
-                inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = self.model(**inputs).logits
             for row, score in zip(chunk, logits[:, 0].float().tolist(), strict=True):
                 scores[row] = score
@@ -307,11 +327,9 @@ class RewardModelScorer:
         width = max(len(ids) for ids in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        left = self.tokenizer.padding_side == "left"
         for row, ids in enumerate(rows):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, span] = 1
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
         return input_ids, attention_mask
 
 

@@ -229,29 +229,48 @@ def save_tiny_reward_model(
     """Save a tiny sequence-classification model (random weights from ``seed``, ``pad_token_id`` set)
     with the tokenizer of ``tokenizer_dir`` (the tiny BPE tokenizer, with a ChatML chat template).
 
-    ``architecture``: ``llama`` (rotary positions) or ``gpt2`` (learned absolute positions).
+    ``architecture``: ``llama`` (rotary positions), ``gpt2`` (learned absolute positions), or the
+    encoders ``bert`` (positions from 0, first-token pooling) and ``roberta`` (positions from
+    ``padding_idx + 1``, first-token pooling).
     """
     import torch
     from transformers import (
         AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
         GPT2Config,
         GPT2ForSequenceClassification,
         LlamaConfig,
         LlamaForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     shared = {"vocab_size": len(tokenizer), "num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
+    # A wide initialisation: with the default 0.02 every text of an encoder scores about the same.
+    encoder = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    encoder["initializer_range"] = 0.5
     if architecture == "gpt2":
         model = GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=2, n_head=2, **shared))
+    elif architecture == "bert":
+        model = BertForSequenceClassification(BertConfig(**encoder, **shared))
+    elif architecture == "roberta":
+        # Positions run from padding_idx + 1, so the table needs that many extra rows.
+        positions = 256 + tokenizer.pad_token_id + 1
+        model = RobertaForSequenceClassification(
+            RobertaConfig(**encoder, max_position_embeddings=positions, **shared)
+        )
     else:
         config = LlamaConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **shared
         )
         model = LlamaForSequenceClassification(config)
     with torch.no_grad():
-        model.score.weight.mul_(25.0)  # scores of order 1, so float noise and real differences are apart
+        # Scores of order 1, so float noise and real differences are apart.
+        head = [module for module in model.modules() if isinstance(module, torch.nn.Linear)][-1]
+        head.weight.mul_(25.0)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -25,7 +25,7 @@ from ipo_lightning.analysis.compare import (
     write_compare_report,
     write_folder_atomically,
 )
-from ipo_lightning.analysis.judge import judge_run, win_rate
+from ipo_lightning.analysis.judge import judge_run
 from ipo_lightning.analysis.report import recommend, summarize, write_report
 from ipo_lightning.analysis.run_logs import load_run
 from ipo_lightning.cli import main
@@ -346,19 +346,6 @@ def test_compare_checks_every_member_before_training(tmp_path: Path, tiny_model_
     assert result.returncode == 2
     assert "error: compare member 'typo'" in result.stderr and "betta" in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing trained
-
-
-def test_win_rate_and_its_confidence_interval_by_direct_calculation() -> None:
-    policy = [3.0, 1.0, 2.0, 2.0, 5.0]
-    reference = [1.0, 2.0, 2.0, 0.0, 4.0]  # win, loss, tie, win, win
-    result = win_rate(policy, reference)
-    outcomes = [1.0, 0.0, 0.5, 1.0, 1.0]
-    mean = sum(outcomes) / 5
-    sd = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / 4)
-    assert result.win_rate == pytest.approx(0.7)
-    assert result.ci_low == pytest.approx(mean - 1.959964 * sd / math.sqrt(5), abs=1e-6)
-    assert result.ci_high == pytest.approx(min(1.0, mean + 1.959964 * sd / math.sqrt(5)), abs=1e-6)
-    assert (result.wins, result.ties, result.losses) == (3, 1, 1)
 
 
 def _judge_setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Path]:

@@ -8,7 +8,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from ipo_lightning.data import DataSource, PreferenceDataModule
-from ipo_lightning.data.prompts import held_out_prompts
+from ipo_lightning.data.prompts import HeldOutPrompt, held_out_prompts, reward_conversations
 from ipo_lightning.errors import ConfigError
 from tests.helpers import polite_pairs, write_jsonl
 
@@ -90,3 +90,19 @@ def test_train_prompts_and_an_unknown_set(tiny_model_dir: Path, tmp_path: Path) 
         ConfigError, match=r"^no built data set 'ood' to draw prompts from; built: train, held_out$"
     ):
         held_out_prompts(module, "ood", 2)
+
+
+def test_a_set_without_kept_pairs_is_one_config_error_naming_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    module = _module(tiny_model_dir, tmp_path, plain=write_jsonl(tmp_path / "plain.jsonl", polite_pairs(4)))
+    module.val_datasets["plain"] = module.val_datasets["plain"].select([])  # a built set left empty
+    with pytest.raises(ConfigError, match="^data set 'plain' has no kept pairs to draw prompts from$"):
+        held_out_prompts(module, "plain", limit=2)
+
+
+def test_reward_conversations_only_when_every_prompt_is_chat() -> None:
+    chat = HeldOutPrompt("<rendered>", [1, 2], [{"role": "user", "content": "hi"}])
+    plain = HeldOutPrompt("hi", [1, 2], None)
+    assert reward_conversations([chat, chat]) == [chat.messages, chat.messages]
+    assert reward_conversations([plain, plain]) is None
+    assert reward_conversations([chat, plain]) is None and reward_conversations([plain, chat]) is None
+    assert reward_conversations([]) is None

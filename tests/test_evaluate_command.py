@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipo_lightning.cli import main
+from ipo_lightning.evaluation import write_atomically
 from tests.helpers import fit_config, polite_pairs, run_cli, run_main, write_config, write_jsonl
 
 REWARD = "tests.test_generation_eval:distinct_tokens"
@@ -100,3 +101,49 @@ def test_a_bad_reward_stops_the_cli_at_start_up_with_one_line(tmp_path: Path, ti
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "version_0").exists()  # no run folder that looks started
+
+
+@pytest.mark.slow
+def test_evaluate_judges_the_prompts_the_callback_judged_without_a_val_set(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # No val set: the callback draws from the training set as the run kept it (train_size of 9 pairs
+    # drawn from 24, then label noise), and evaluate must rebuild that set, not the whole file.
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
+    config = fit_config(
+        tmp_path,
+        tiny_model_dir,
+        train,
+        trainer={"max_steps": 2},
+        data={"batch_size": 4, "train_size": 9, "label_noise": 0.25, "seed": 3},
+        divergence={"sample_prompts": 1, "max_new_tokens": 4},
+        generation={
+            "reward": REWARD,
+            "prompts": 4,
+            "samples_per_prompt": 1,
+            "max_new_tokens": 4,
+            "every_n_steps": 2,
+            "on_validation": False,
+        },
+        wandb={"enabled": False},
+    )
+    main(["fit", "--config", str(write_config(tmp_path / "config.yaml", config))])
+    run_dir = tmp_path / "runs" / "version_0"
+    during = [json.loads(line) for line in (run_dir / "generation_samples.jsonl").open()]
+    main(["evaluate", str(run_dir)])
+    after = [json.loads(line) for line in (run_dir / "generation_eval_samples.jsonl").open()]
+    assert {row["set"] for row in after} == {"train"}
+    assert [row["prompt"] for row in after] == [row["prompt"] for row in during if row["step"] == 2]
+    assert after == [row for row in during if row["step"] == 2]
+    first_prompts = list(dict.fromkeys(record["prompt"] for record in polite_pairs(24)))[:4]
+    assert [row["prompt"] for row in after] != first_prompts  # the subset's prompts, not the file's
+
+
+def test_a_result_file_is_whole_or_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "judge.json"
+    write_atomically(target, '{"win_rate": 0.5}\n')
+    assert target.read_text() == '{"win_rate": 0.5}\n'
+    with pytest.raises(TypeError):
+        write_atomically(target, None)  # type: ignore[arg-type]  # fails after the staging file exists
+    assert target.read_text() == '{"win_rate": 0.5}\n'  # the old file, not a half-written one
+    assert [path.name for path in tmp_path.iterdir()] == ["judge.json"]  # no staging file left

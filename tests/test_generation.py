@@ -28,6 +28,27 @@ def model(tiny_model_dir: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
 
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def either_model(
+    request: pytest.FixtureRequest, model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    """The tiny Llama (rotary positions: a uniform shift cancels) or a tiny GPT-2 (learned absolute
+    positions: left padding changes the logits unless positions count real tokens only)."""
+    if request.param == "llama":
+        return model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    config = GPT2Config(
+        vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+    gpt2 = GPT2LMHeadModel(config).eval()
+    gpt2.generation_config.update(eos_token_id=eos, pad_token_id=pad)
+    return gpt2
+
+
 @pytest.fixture(scope="module")
 def prompt_ids(tiny_tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     return [tiny_tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
@@ -61,8 +82,9 @@ def _inverse_cdf(generator: torch.Generator):
 
 
 def test_samples_do_not_depend_on_batch_size_or_batch_company(
-    model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]]
+    either_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]]
 ) -> None:
+    model = either_model
     kwargs = {"k": 3, "seed": 7, "max_new_tokens": 10}
     together = generate_completions(model, tiny_tokenizer, prompt_ids, batch_size=12, **kwargs)
     one_by_one = generate_completions(model, tiny_tokenizer, prompt_ids, batch_size=1, **kwargs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -15,11 +16,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from ipo_lightning.analysis.judge import Z_95
 from ipo_lightning.callbacks import GenerationEval
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.generation_metrics import distinct_n, repetition, set_metrics
+from ipo_lightning.generation_metrics import Z_95, distinct_n, repetition, set_metrics, win_rate
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import polite_pairs, write_jsonl
 
@@ -73,13 +73,11 @@ def test_set_metrics_against_hand_computed_values() -> None:
         greedy_rewards=[4.0, 1.0],
         samples_per_prompt=2,
     )
-    # Two prompts of two samples: per-prompt means 0.5 and 0.75; prompts are the independent draws.
-    prompt_means = [0.5, 0.75]
-    mean = 0.625
-    sd = math.sqrt(sum((m - mean) ** 2 for m in prompt_means) / 1)
+    # Two prompts of two samples: mean outcomes 0.5 and 0.75, sd 0.25 / sqrt(2), over sqrt(2) prompts.
+    half = Z_95 * 0.125
     assert metrics["win_rate"] == pytest.approx(0.625)
-    assert metrics["win_rate_ci_low"] == pytest.approx(max(0.0, mean - Z_95 * sd / math.sqrt(2)))
-    assert metrics["win_rate_ci_high"] == pytest.approx(min(1.0, mean + Z_95 * sd / math.sqrt(2)))
+    assert metrics["win_rate_ci_low"] == pytest.approx(0.625 - half)
+    assert metrics["win_rate_ci_high"] == pytest.approx(0.625 + half)
     assert metrics["reward"] == 2.0 and metrics["reference_reward"] == 1.25
     assert metrics["greedy_reward"] == 2.5
     assert metrics["length"] == 2.75 and metrics["eos_rate"] == 0.5
@@ -87,14 +85,66 @@ def test_set_metrics_against_hand_computed_values() -> None:
     assert metrics["repetition"] == pytest.approx(1 / 3)  # only the last has trigrams: 454 545 454
 
 
+def test_win_rate_and_its_confidence_interval_by_direct_calculation() -> None:
+    policy = [3.0, 1.0, 2.0, 2.0, 5.0]
+    reference = [1.0, 2.0, 2.0, 0.0, 4.0]  # win, loss, tie, win, win
+    result = win_rate(policy, reference)
+    outcomes = [1.0, 0.0, 0.5, 1.0, 1.0]
+    mean = sum(outcomes) / 5
+    sd = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / 4)
+    assert result.win_rate == pytest.approx(0.7)
+    assert result.ci_low == pytest.approx(mean - 1.959964 * sd / math.sqrt(5), abs=1e-6)
+    assert result.ci_high == pytest.approx(min(1.0, mean + 1.959964 * sd / math.sqrt(5)), abs=1e-6)
+    assert (result.wins, result.ties, result.losses, result.prompts) == (3, 1, 1, 5)
+
+
+def test_the_win_rate_interval_counts_prompts_not_samples() -> None:
+    # Three prompts whose four samples agree: as evidence, three outcomes, not twelve.
+    policy = [1.0] * 4 + [0.0] * 4 + [1.0] * 4
+    reference = [0.0] * 12
+    result = win_rate(policy, reference, samples_per_prompt=4)
+    half = Z_95 * statistics.stdev([1.0, 0.5, 1.0]) / math.sqrt(3)
+    assert result.win_rate == pytest.approx(2.5 / 3)
+    assert (result.ci_low, result.ci_high) == pytest.approx((2.5 / 3 - half, 1.0))
+    assert result.prompts == 3 and (result.wins, result.ties, result.losses) == (8, 4, 0)
+    naive = win_rate(policy, reference)  # the twelve outcomes as if independent: far narrower
+    assert naive.ci_high - naive.ci_low < 0.6 * (result.ci_high - result.ci_low)
+    with pytest.raises(ValueError, match="prompts of 5 samples"):
+        win_rate(policy, reference, samples_per_prompt=5)
+
+
+def test_the_win_rate_interval_covers_the_true_rate_about_95_percent_of_the_time() -> None:
+    # Each prompt has its own win probability (uniform in [0, 1], so the true rate is 1/2) and its k
+    # samples are drawn from it: samples of a prompt are correlated, as a policy's samples are.
+    generator = random.Random(0)
+    prompts, k, repeats = 32, 4, 1000
+    covered = {"per prompt": 0, "per sample": 0}
+    for _ in range(repeats):
+        chances = [generator.random() for _ in range(prompts)]
+        policy = [float(generator.random() < chance) for chance in chances for _ in range(k)]
+        reference = [0.5] * len(policy)  # a win when the policy scores 1, a loss when it scores 0
+        for name, clusters in (("per prompt", k), ("per sample", 1)):
+            result = win_rate(policy, reference, samples_per_prompt=clusters)
+            covered[name] += result.ci_low <= 0.5 <= result.ci_high
+    assert 0.93 <= covered["per prompt"] / repeats <= 0.97
+    assert covered["per sample"] / repeats < 0.88  # the outcomes taken as independent under-cover
+
+
 # ------------------------------------------------------------------ during a fit
 
 
-def _fit(tmp_path: Path, tiny_model_dir: Path, evaluation: GenerationEval, lr: float, steps: int = 4) -> Path:
+def _fit(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    evaluation: GenerationEval,
+    lr: float,
+    steps: int = 4,
+    data_class: type[PreferenceDataModule] = PreferenceDataModule,
+) -> Path:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
     first = write_jsonl(tmp_path / "a.jsonl", polite_pairs(8, offset=16))
     second = write_jsonl(tmp_path / "b.jsonl", polite_pairs(8, offset=40))
-    datamodule = PreferenceDataModule(
+    datamodule = data_class(
         train=DataSource(path=str(train)),
         val={"a": DataSource(path=str(first)), "b": DataSource(path=str(second))},
         tokenizer_name_or_path=str(tiny_model_dir),
@@ -153,11 +203,11 @@ def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
             assert float(row[prefix + "reward"]) == pytest.approx(sum(policy) / len(policy))
             assert float(row[prefix + "reference_reward"]) == pytest.approx(sum(reference) / len(reference))
             rate = sum(outcomes) / len(outcomes)
-            # Prompts are the independent draws: the interval comes from the per-prompt means.
             by_prompt: dict[str, list[float]] = defaultdict(list)
             for sample, outcome in zip(part, outcomes, strict=True):
                 by_prompt[sample["prompt"]].append(outcome)
-            means = [sum(values) / len(values) for values in by_prompt.values()]
+            means = [statistics.fmean(values) for values in by_prompt.values()]
+            assert [len(values) for values in by_prompt.values()] == [2, 2, 2]
             half = Z_95 * statistics.stdev(means) / math.sqrt(len(means))
             assert float(row[prefix + "win_rate"]) == pytest.approx(rate)
             assert float(row[prefix + "win_rate_ci_low"]) == pytest.approx(max(0.0, rate - half))
@@ -215,3 +265,23 @@ def test_a_bad_reward_stops_the_fit_at_setup(
 def test_unknown_set_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="generation.sets: no validation set 'c'; the run has a, b"):
         _fit(tmp_path, tiny_model_dir, GenerationEval(reward=REWARD, sets=["c"]), lr=1e-3)
+
+
+class _EmptySetB(PreferenceDataModule):
+    """The test's data with val set ``b`` built but left without pairs."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.val_datasets["b"] = self.val_datasets["b"].select([])
+
+
+def test_a_set_without_prompts_is_one_config_error_naming_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="^data set 'b' has no kept pairs to draw prompts from$"):
+        _fit(
+            tmp_path,
+            tiny_model_dir,
+            GenerationEval(reward=REWARD, sets=["b"]),
+            lr=1e-3,
+            data_class=_EmptySetB,
+        )
+    assert not list((tmp_path / "logs").rglob("metrics.csv"))  # no training step ran

@@ -11,12 +11,16 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ipo_lightning.analysis.judge import judge_run, win_rate
+from ipo_lightning.analysis.judge import judge_run
 from ipo_lightning.cli import main
+from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.data.datamodule import HELD_OUT_NAME
+from ipo_lightning.data.prompts import held_out_prompts
+from ipo_lightning.generation_metrics import win_rate
 from ipo_lightning.gold import gold_reward
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import save_tiny_reward_model, write_jsonl
+from tests.helpers import polite_pairs, save_tiny_reward_model, write_jsonl
 
 USERS = [
     "tell me about the sea",
@@ -116,3 +120,50 @@ def test_the_judge_takes_a_module_function_reward_by_the_old_option_name(
         [s["prompt"] for s in samples], [s["policy"] for s in samples]
     )
     assert saved["ties"] == saved["prompts"] == 2
+
+
+def test_the_judge_loads_both_models_in_the_runs_dtypes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run_dir = _chat_run(tmp_path, tiny_model_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"].update({"dtype": "bfloat16", "reference_dtype": "float16"})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    seen: list[torch.dtype] = []
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if isinstance(module, torch.nn.Embedding) and module.embedding_dim == 32:  # the policies' width
+            seen.append(module.weight.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        judge_run(run_dir, "ipo_lightning.gold:gold_reward", prompts=2, max_new_tokens=2)
+    finally:
+        handle.remove()
+    # The reference generates first (2 steps), then the policy: the run's reference_dtype, then dtype.
+    assert seen == [torch.float16] * 2 + [torch.bfloat16] * 2
+
+
+def test_the_judge_draws_the_val_fraction_held_out_prompts_the_run_validated_on(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    run_dir = _chat_run(tmp_path, tiny_model_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(20))
+    data = {"train": {"path": str(train)}, "val_fraction": 0.25, "seed": 5, "train_size": 6}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"] = {**data, "max_length": 64, "max_prompt_length": 48}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    judge_run(run_dir, "ipo_lightning.gold:gold_reward", prompts=10, max_new_tokens=2)
+    saved = json.loads((run_dir / "judge.json").read_text())
+
+    module = PreferenceDataModule(
+        train=DataSource(str(train)),
+        val_fraction=0.25,
+        seed=5,
+        train_size=6,
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=64,
+        max_prompt_length=48,
+    )
+    module.setup("fit")
+    expected = [prompt.text for prompt in held_out_prompts(module, HELD_OUT_NAME, 10)]
+    assert saved["val_set"] == HELD_OUT_NAME and [s["prompt"] for s in saved["samples"]] == expected
+    assert saved["prompts"] == len(expected) >= 2

@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
+import yaml
 from huggingface_hub import ModelCard
 from lightning.pytorch.loggers import CSVLogger
 
-from ipo_lightning.analysis.run_logs import RunMetrics
+from ipo_lightning.analysis.run_logs import RunMetrics, load_run
 from ipo_lightning.callbacks import DivergenceMonitor, HFExport
 from ipo_lightning.cli import main
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.hub import HubPushError, check_hub_access, check_repo_id, push_export, push_plan
 from ipo_lightning.model_card import CONFIG_FILENAME, build_model_card
-from ipo_lightning.module import PreferenceModule
+from ipo_lightning.module import DPO_DEFAULT_BETA, IPO_DEFAULT_BETA, PreferenceModule
 from tests.helpers import (
     cli_command,
     fit_config,
@@ -171,10 +172,33 @@ def test_card_says_what_a_builtin_model_is_not_where_it_is_cached(tmp_path: Path
     assert "No held-out metrics were logged." in card.text
 
 
-def test_push_plan_uploads_the_export_folder(tmp_path: Path) -> None:
-    plan = push_plan(tmp_path / "hf_model", "me/my-policy", private=True, global_step=263)
-    assert (plan.repo_id, plan.folder, plan.private) == ("me/my-policy", tmp_path / "hf_model", True)
-    assert plan.commit_message == "ipo-lightning export after 263 optimizer steps"
+def test_card_shows_the_generation_scores_metrics_csv_holds(tmp_path: Path) -> None:
+    columns = ["step", "val/loss", "gen/reward", "gen/win_rate", "gen/length", "gen/ood/reward"]
+    with (tmp_path / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerow(["0", "", "1.5", "0.5", "7", "1.25"])
+        writer.writerow(["4", "0.25", "", "", "", ""])
+        writer.writerow(["4", "", "2.5", "0.625", "9", "2.25"])
+    config = {"model": {"model_name_or_path": "builtin:quickstart"}, "data": {}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    card = build_model_card(
+        load_run(tmp_path), global_step=4, train_pairs=None, reproducible=False, title="t"
+    )
+    table = {name: (value, step) for name, value, step in TABLE_ROW.findall(card.text)}
+    # The primary set's reward and win rate; not every gen/ metric, nor the per-set copies.
+    assert table == {"val/loss": ("0.25", "4"), "gen/reward": ("2.5", "4"), "gen/win_rate": ("0.625", "4")}
+
+
+@pytest.mark.parametrize(("loss_type", "beta"), [("ipo", IPO_DEFAULT_BETA), ("dpo", DPO_DEFAULT_BETA)])
+def test_card_names_the_beta_the_run_used_when_none_was_set(
+    tmp_path: Path, loss_type: str, beta: float
+) -> None:
+    config = {"model": {"model_name_or_path": "builtin:quickstart", "loss_type": loss_type, "beta": None}}
+    run = RunMetrics(run_dir=tmp_path, rows=[], config=config)
+    card = build_model_card(run, global_step=1, train_pairs=None, reproducible=False, title="t")
+    assert f"- **beta**: {beta:g}" in card.text
+    assert PreferenceModule("builtin:quickstart", loss_type=loss_type).hparams.beta == beta
 
 
 @pytest.mark.parametrize("repo_id", ["me/a/b", "me/bad..name", "me/name.git", "-me/x"])

@@ -107,11 +107,12 @@ def _direct_scores(folder: Path, rows: list[list[int]]) -> list[float]:
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert", "roberta"])
 def test_batched_reward_model_scores_equal_scoring_each_text_alone(
     tiny_model_dir: Path, tmp_path: Path, padding_side: str, architecture: str
 ) -> None:
-    # gpt2 has absolute positions: left padding would shift them without position ids from the mask.
+    # gpt2 has absolute positions (left padding would shift them); roberta counts positions from
+    # padding_idx + 1 (position ids from the mask would shift them); bert pools its first token.
     folder = save_tiny_reward_model(tmp_path / "reward", tiny_model_dir, architecture=architecture)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": padding_side}))
@@ -124,8 +125,8 @@ def test_batched_reward_model_scores_equal_scoring_each_text_alone(
     rows = [tokenizer(p + c)["input_ids"] for p, c in zip(prompts, completions, strict=True)]
     expected = _direct_scores(folder, rows)
     # float32 noise only (measured: at most 5e-7 on scores of about 3): padded rows change the shapes
-    # of the matrix products (another summation order), not what is summed; the attention mask and
-    # position ids keep the real tokens' computation.
+    # of the matrix products (another summation order), not what is summed; the attention mask keeps
+    # the real tokens' computation.
     assert scores == pytest.approx(expected, abs=1e-5, rel=1e-5)
     assert max(expected) - min(expected) > 0.05  # the scores differ by far more than the tolerance
 
@@ -169,10 +170,41 @@ def test_a_chat_reward_model_scores_its_own_chat_template_rendering(reward_dir: 
     assert plain == [tokenizer(p + c)["input_ids"] for p, c in zip(prompts, completions, strict=True)]
 
 
-def test_reward_model_inputs_are_cut_to_max_length(reward_dir: Path) -> None:
+def test_a_long_prompt_is_cut_from_its_start_so_the_completion_is_kept(reward_dir: Path) -> None:
+    from tokenizers.processors import TemplateProcessing
+
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
-    rows = reward_model_inputs(tokenizer, ["thank you " * 50], ["please"], max_length=7)
-    assert rows == [tokenizer("thank you " * 50 + "please")["input_ids"][:7]]
+    # Special tokens around every plain text, as a BERT-style tokenizer adds them ([CLS] ... [SEP]).
+    first, last = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A <|im_end|>", special_tokens=[("<|im_start|>", first), ("<|im_end|>", last)]
+    )
+    prompt, completions = "thank you " * 50, ["please go away", "have a nice day"]
+    rows = reward_model_inputs(tokenizer, [prompt] * 2, completions, max_length=20)
+    for row, completion in zip(rows, completions, strict=True):
+        body = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        assert len(body) > 20 and row == [first, *body[-18:], last]
+        assert tokenizer.decode(row[1:-1]).endswith(completion)
+    assert rows[0] != rows[1]  # the cut no longer leaves only the shared prompt
+
+    # A chat rendering keeps its end (the completion and the template's closing tokens) and its BOS.
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    conversation = [{"role": "system", "content": "thank you " * 50}, {"role": "user", "content": "hello"}]
+    (row,) = reward_model_inputs(tokenizer, [""], ["please go away"], [conversation], max_length=20)
+    rendering = tokenizer.apply_chat_template(
+        [*conversation, {"role": "assistant", "content": "please go away"}], tokenize=True
+    )["input_ids"]
+    assert len(rendering) > 20 and row == [tokenizer.bos_token_id, *rendering[-19:]]
+    assert tokenizer.decode(row).endswith("please go away<|im_end|>\n")
+
+
+def test_reward_model_scores_of_long_prompts_depend_on_the_completion(reward_dir: Path) -> None:
+    reward = load_reward(str(reward_dir), option=OPTION, device="cpu")
+    reward.score.max_length = 8  # far shorter than the prompt
+    scores = reward(["thank you " * 50] * 2, [" please go away", " have a nice day"])
+    assert abs(scores[0] - scores[1]) > 1e-3
 
 
 def test_a_reward_model_on_the_accelerator_when_there_is_one(reward_dir: Path) -> None:

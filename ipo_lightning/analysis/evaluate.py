@@ -1,34 +1,44 @@
 """``python -m ipo_lightning evaluate RUN_DIR``: the generation evaluation of a finished run's policy.
 
 Loads the exported policy (``RUN_DIR/hf_model``, or ``--model`` a model folder, or ``--checkpoint``
-the policy of a Lightning checkpoint of a full-weight run), the run's reference and its
-held-out sets from ``RUN_DIR/config.yaml``, and judges the policy's samples with the reward exactly as
-the ``--generation.*`` evaluation does during training (:mod:`ipo_lightning.evaluation`, the same
-metrics and seeds). Options not given default to the run's ``generation.*`` settings. Writes
-``RUN_DIR/generation_eval.json`` (metrics per set, options, models) and
-``RUN_DIR/generation_eval_samples.jsonl`` (rows as in ``generation_samples.jsonl``), each atomically,
-and prints a short table.
+the policy of a Lightning checkpoint of a full-weight run) and the run's reference with the run's
+``model.*`` settings, rebuilds its held-out sets from the whole ``data`` section of
+``RUN_DIR/config.yaml`` (:mod:`ipo_lightning.analysis.run_models`), and judges the policy's samples
+with the reward exactly as the ``--generation.*`` evaluation does during training
+(:mod:`ipo_lightning.evaluation`, the same prompts, metrics and seeds). Options not given default to
+the run's ``generation.*`` settings. Writes ``RUN_DIR/generation_eval.json`` (metrics per set,
+options, models) and ``RUN_DIR/generation_eval_samples.jsonl`` (rows as in
+``generation_samples.jsonl``), each atomically, and prints a short table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ipo_lightning.analysis.run_logs import RunMetrics, load_run
+from ipo_lightning.analysis.run_models import (
+    judge_policy_and_reference,
+    load_run_model,
+    reference_path,
+    run_data_module,
+)
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.cli_checks import check_checkpoint_file
-from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.data.prompts import held_out_prompts
 from ipo_lightning.errors import ConfigError, UserInputError
-from ipo_lightning.evaluation import EvalOptions, SetResult, judge_prompts, metric_names, set_result
-from ipo_lightning.modeling import load_causal_lm
+from ipo_lightning.evaluation import (
+    DEFAULT_PROMPTS,
+    EvalOptions,
+    SetResult,
+    metric_names,
+    set_result,
+    write_atomically,
+)
 from ipo_lightning.rewards import load_reward
 
 RESULT_FILE = "generation_eval.json"
@@ -36,30 +46,7 @@ SAMPLES_FILE = "generation_eval_samples.jsonl"
 SHOWN = ("reward", "reference_reward", "win_rate", "greedy_reward", "length", "eos_rate", "distinct_2")
 
 
-def _data_module(run: RunMetrics, tokenizer: str) -> PreferenceDataModule:
-    """The run's data settings with its held-out sets only (the training set when there is no val set)."""
-    data = run.setting("data") or {}
-    val = {name: DataSource(**source) for name, source in (data.get("val") or {}).items()}
-    train = data.get("train")
-    if not val and not train:
-        raise ConfigError(
-            f"{run.run_dir}/config.yaml: data has neither val sets nor a train set to draw prompts from"
-        )
-    return PreferenceDataModule(
-        train=None if val else DataSource(**train),
-        val=val,
-        val_fraction=0.0 if val else data.get("val_fraction", 0.0),
-        tokenizer_name_or_path=tokenizer,
-        format=data.get("format", "auto"),
-        columns=data.get("columns"),
-        max_length=data.get("max_length", 512),
-        max_prompt_length=data.get("max_prompt_length", 256),
-        seed=data.get("seed", 0),
-        trust_remote_code=bool(run.setting("model.trust_remote_code", False)),
-    )
-
-
-def _policy_from_checkpoint(checkpoint: Path, run: RunMetrics, trust: bool) -> torch.nn.Module:
+def _policy_from_checkpoint(checkpoint: Path, run: RunMetrics) -> torch.nn.Module:
     """The policy weights of a Lightning checkpoint of the run, in the run's model architecture."""
     if run.setting("model.lora"):
         raise ConfigError(
@@ -70,7 +57,7 @@ def _policy_from_checkpoint(checkpoint: Path, run: RunMetrics, trust: bool) -> t
     weights = {
         key.removeprefix("policy."): value for key, value in state.items() if key.startswith("policy.")
     }
-    model = load_causal_lm(run.setting("model.model_name_or_path"), trust_remote_code=trust)
+    model = load_run_model(run, run.setting("model.model_name_or_path"))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied output embeddings are saved once; anything else missing means another architecture.
     missing = [key for key in missing if key not in (getattr(model, "_tied_weights_keys", None) or {})]
@@ -81,17 +68,6 @@ def _policy_from_checkpoint(checkpoint: Path, run: RunMetrics, trust: bool) -> t
             f"({len(missing)} missing, {len(unexpected)} unexpected)"
         )
     return model
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
 
 
 def evaluate_run(
@@ -135,7 +111,7 @@ def evaluate_run(
         batch_size=pick(batch_size, "batch_size", defaults.batch_size),
         seed=pick(seed, "seed", defaults.seed),
     )
-    count = pick(prompts, "prompts", 64)
+    count = pick(prompts, "prompts", DEFAULT_PROMPTS)
     if count < 1 or options.samples_per_prompt < 1 or options.max_new_tokens < 1 or options.batch_size < 1:
         raise ConfigError("--prompts, --k, --max_new_tokens and --batch_size must be at least 1")
     policy_path = str(checkpoint) if checkpoint else model or str(run_dir / "hf_model")
@@ -143,10 +119,7 @@ def evaluate_run(
         raise ConfigError(
             f"{policy_path}: no such model folder (hf_model/ is written at the end of fit; or pass --model)"
         )
-    model_path = run.setting("model.model_name_or_path")
-    reference_path = run.setting("model.reference_name_or_path") or model_path
-    data = _data_module(run, model_path)
-    data.setup("validate" if data.val else "fit")
+    data = run_data_module(run)
     names = list(data.val_set_names) or ["train"]
     chosen = sets or own.get("sets") or names
     for name in chosen:
@@ -154,27 +127,22 @@ def evaluate_run(
             raise ConfigError(f"--sets: no set {name!r} in the run; it has {', '.join(names)}")
     scorer = load_reward(reward_spec, option="--reward" if reward is not None else "generation.reward")
     held_out = {name: held_out_prompts(data, name, count) for name in chosen}
-    tokenizer = data.tokenizer
-    results: dict[str, SetResult] = {}
     step = max((int(row["step"]) for row in run.rows if row.get("step")), default=0)
-    trust = bool(run.setting("model.trust_remote_code", False))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    reference = load_causal_lm(reference_path, trust_remote_code=trust).to(device)
-    judged = {
-        name: judge_prompts(reference, tokenizer, items, range(len(items)), scorer, options, greedy=False)
-        for name, items in held_out.items()
+
+    def policy() -> torch.nn.Module:
+        if checkpoint is not None:
+            return _policy_from_checkpoint(checkpoint, run)
+        return load_run_model(run, policy_path)
+
+    mine, theirs = judge_policy_and_reference(
+        run, policy, data.tokenizer, held_out, scorer, options, reference_greedy=False
+    )
+    results: dict[str, SetResult] = {
+        name: set_result(name, step, mine[name], theirs[name]) for name in held_out
     }
-    del reference  # one model in memory at a time
-    if checkpoint is not None:
-        policy = _policy_from_checkpoint(checkpoint, run, trust).to(device)
-    else:
-        policy = load_causal_lm(policy_path, trust_remote_code=trust).to(device)
-    for name, items in held_out.items():
-        mine = judge_prompts(policy, tokenizer, items, range(len(items)), scorer, options)
-        results[name] = set_result(name, step, mine, judged[name])
     record = {
         "policy": policy_path,
-        "reference": reference_path,
+        "reference": reference_path(run),
         "reward": reward_spec,
         "prompts": count,
         "options": options.__dict__,
@@ -183,10 +151,10 @@ def evaluate_run(
         "metrics": metric_names(results),
     }
     rows = [row for result in results.values() for row in result.rows]
-    _write_atomically(
+    write_atomically(
         run_dir / SAMPLES_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     )
-    _write_atomically(run_dir / RESULT_FILE, json.dumps(record, indent=2) + "\n")
+    write_atomically(run_dir / RESULT_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -214,14 +182,27 @@ def main(args: list[str] | None = None) -> None:
         "--checkpoint", type=Path, help="judge the policy of this Lightning checkpoint of the run"
     )
     parser.add_argument("--reward", help="reward spec (default: the run's generation.reward)")
-    parser.add_argument("--prompts", type=int, help="held-out prompts per set (default: the run's, else 64)")
-    parser.add_argument("--k", type=int, help="samples per prompt (default: the run's, else 4)")
+    defaults = EvalOptions()
+    parser.add_argument(
+        "--prompts", type=int, help=f"held-out prompts per set (default: the run's, else {DEFAULT_PROMPTS})"
+    )
+    parser.add_argument(
+        "--k", type=int, help=f"samples per prompt (default: the run's, else {defaults.samples_per_prompt})"
+    )
     parser.add_argument(
         "--greedy", action=argparse.BooleanOptionalAction, default=None, help="also a greedy completion"
     )
-    parser.add_argument("--max_new_tokens", type=int, help="longest completion (default: the run's, else 64)")
-    parser.add_argument("--batch_size", type=int, help="rows per generate call (default: the run's, else 64)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the run's, else 0)")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        help=f"longest completion (default: the run's, else {defaults.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        help=f"rows per generate call (default: the run's, else {defaults.batch_size})",
+    )
+    parser.add_argument("--seed", type=int, help=f"sampling seed (default: the run's, else {defaults.seed})")
     parser.add_argument("--sets", nargs="+", help="held-out sets (default: the run's, else all val sets)")
     options = parser.parse_args(args)
     if not options.run_dir.is_dir():

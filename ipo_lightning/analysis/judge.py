@@ -1,97 +1,46 @@
-"""``python -m ipo_lightning judge RUN_DIR --reward SPEC``: a reward judges policy vs reference.
+"""``python -m ipo_lightning judge RUN_DIR --reward SPEC``: a reward judges policy vs reference, greedily.
 
-For the first ``--prompts`` distinct prompts of the run's primary val set
-(:func:`ipo_lightning.data.prompts.held_out_prompts`: the prompt token ids training uses), the exported
-policy (``RUN_DIR/hf_model``) and the reference each write a greedy completion, batched, on the GPU when
-there is one. The reward (:func:`ipo_lightning.rewards.load_reward`: a reward model folder or hub id,
-``module:function`` or ``builtin:gold``) scores both: a chat reward model reads the prompt messages plus
-the completion through its own chat template, otherwise the reward reads the prompt text (for chat data
-the policy template's rendering) and the completion. Per prompt the policy wins (1), ties (0.5) or loses
-(0); the win rate is the mean outcome, with a normal-approximation confidence interval
-``rate +- z * sd / sqrt(n)`` (sd of the outcomes), clipped to [0, 1]. The result, with every prompt's
-completions and scores, goes to ``RUN_DIR/judge.json``, which ``report`` shows as a column.
+The greedy-only form of the generation evaluation (:mod:`ipo_lightning.evaluation`, the path of
+``evaluate`` and of ``--generation.*`` during training): for the first ``--prompts`` distinct prompts of
+the run's primary val set (the first of ``data.val``, else the ``val_fraction`` held-out set; the
+prompts rebuilt from the run's whole ``data`` settings, :mod:`ipo_lightning.analysis.run_models`), the
+exported policy (``RUN_DIR/hf_model``) and the reference, each loaded with the run's ``model.*``
+settings, write one greedy completion per prompt, batched, on the GPU when there is one. The reward
+(:func:`ipo_lightning.rewards.load_reward`: a reward model folder or hub id, ``module:function`` or
+``builtin:gold``) scores both as it does in ``evaluate``. Per prompt the policy wins (1), ties (0.5) or
+loses (0); the win rate is the mean outcome with the normal-approximation interval of
+:func:`ipo_lightning.generation_metrics.win_rate` (one completion per prompt:
+``rate +- 1.96 * sd / sqrt(n)``, sd of the outcomes), clipped to [0, 1]. The result, with every
+prompt's completions and scores, is written atomically to ``RUN_DIR/judge.json``, which ``report``
+shows as a column.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from ipo_lightning.analysis.run_logs import load_run
-from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.analysis.run_models import judge_policy_and_reference, load_run_model, run_data_module
 from ipo_lightning.data.prompts import held_out_prompts
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.generation import generate_completions
-from ipo_lightning.modeling import load_causal_lm
+from ipo_lightning.evaluation import DEFAULT_PROMPTS, EvalOptions, greedy_win_rate, write_atomically
+from ipo_lightning.generation_metrics import WinRate
 from ipo_lightning.rewards import load_reward
 
-Z_95 = 1.959963984540054
-
-
-@dataclass
-class WinRate:
-    """How often the policy's completion out-scores the reference's, with a confidence interval."""
-
-    win_rate: float
-    ci_low: float
-    ci_high: float
-    prompts: int
-    wins: int
-    ties: int
-    losses: int
-
-
-def win_rate(
-    policy_scores: Sequence[float],
-    reference_scores: Sequence[float],
-    z: float = Z_95,
-    *,
-    samples_per_prompt: int = 1,
-) -> WinRate:
-    """Win rate of ``policy_scores`` over ``reference_scores`` (paired), ties counting half.
-
-    Scores come prompt-major, ``samples_per_prompt`` (k) consecutive pairs per prompt. The k
-    outcomes of one prompt are correlated (the same prompt is easy or hard for both models), so the
-    interval treats prompts, not pairs, as the independent draws: ``rate +- z * sd / sqrt(P)`` with
-    ``sd`` the standard deviation of the P per-prompt mean outcomes (with k = 1, that of the
-    outcomes), clipped to [0, 1].
-    """
-    if len(policy_scores) != len(reference_scores) or not policy_scores:
-        raise ValueError("need the same, non-zero number of policy and reference scores")
-    if samples_per_prompt < 1 or len(policy_scores) % samples_per_prompt:
-        raise ValueError(f"{len(policy_scores)} scores do not split into prompts of {samples_per_prompt}")
-    pairs = zip(policy_scores, reference_scores, strict=True)
-    outcomes = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in pairs]
-    rate = statistics.fmean(outcomes)
-    k = samples_per_prompt
-    prompt_means = [statistics.fmean(outcomes[i : i + k]) for i in range(0, len(outcomes), k)]
-    spread = statistics.stdev(prompt_means) if len(prompt_means) > 1 else 0.0
-    half_width = z * spread / math.sqrt(len(prompt_means))
-    return WinRate(
-        win_rate=rate,
-        ci_low=max(0.0, rate - half_width),
-        ci_high=min(1.0, rate + half_width),
-        prompts=len(prompt_means),
-        wins=outcomes.count(1.0),
-        ties=outcomes.count(0.5),
-        losses=outcomes.count(0.0),
-    )
+RESULT_FILE = "judge.json"
+_DEFAULTS = EvalOptions()
 
 
 def judge_run(
     run_dir: Path,
     reward: str,
     *,
-    prompts: int = 64,
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
+    prompts: int = DEFAULT_PROMPTS,
+    max_new_tokens: int = _DEFAULTS.max_new_tokens,
+    batch_size: int = _DEFAULTS.batch_size,
     option: str = "--reward",
 ) -> WinRate:
     """Judge the exported policy of ``run_dir`` against its reference with ``reward``; write ``judge.json``.
@@ -105,66 +54,45 @@ def judge_run(
         batch_size: Prompts per generation batch and texts per reward-model batch.
         option: How errors name the reward option.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    judge = load_reward(reward, option=option, device=device, batch_size=batch_size)
+    if prompts < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ConfigError("--prompts, --max_new_tokens and --batch_size must be at least 1")
+    scorer = load_reward(reward, option=option, batch_size=batch_size)
     run = load_run(run_dir)
     policy_dir = run_dir / "hf_model"
     if not policy_dir.is_dir():
         raise ConfigError(f"{run_dir}: no hf_model/ export to judge (it is written at the end of fit)")
-    model_path = run.setting("model.model_name_or_path")
-    reference_path = run.setting("model.reference_name_or_path") or model_path
-    val = run.setting("data.val") or {}
-    if not val:
-        raise ConfigError(f"{run_dir}: the run has no named data.val set to draw prompts from")
-    primary = next(iter(val))
-    data = PreferenceDataModule(
-        val={primary: DataSource(**val[primary])},
-        tokenizer_name_or_path=model_path,
-        format=run.setting("data.format", "auto"),
-        columns=run.setting("data.columns"),
-        max_length=run.setting("data.max_length", 512),
-        max_prompt_length=run.setting("data.max_prompt_length", 256),
-    )
-    data.setup("validate")
-    assert data.tokenizer is not None
-    held = held_out_prompts(data, primary, prompts)
-    texts = [prompt.text for prompt in held]
-    # Chat prompts go to the reward as messages too, so a chat reward model reads its own template.
-    chat = all(prompt.messages is not None for prompt in held)
-    conversations = [prompt.messages or [] for prompt in held] if chat else None
-
-    completions: dict[str, list[str]] = {}
-    scores: dict[str, list[float]] = {}
-    for name, path in (("policy", str(policy_dir)), ("reference", reference_path)):
-        model = load_causal_lm(path).to(device)
-        rows = generate_completions(
-            model,
-            data.tokenizer,
-            [prompt.ids for prompt in held],
-            greedy=True,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+    if not run.config:
+        raise ConfigError(f"{run_dir}: no config.yaml here; judge reads the run's models and data from it")
+    data = run_data_module(run)
+    if not data.val_set_names:
+        raise ConfigError(
+            f"{run_dir}: the run has no validation set (data.val or val_fraction) to draw prompts from"
         )
-        completions[name] = [row[0].text for row in rows]
-        scores[name] = judge(texts, completions[name], conversations=conversations)
-        del model
-    result = win_rate(scores["policy"], scores["reference"])
+    primary = data.val_set_names[0]
+    held = held_out_prompts(data, primary, prompts)
+    options = EvalOptions(
+        samples_per_prompt=0, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    mine, theirs = judge_policy_and_reference(
+        run,
+        lambda: load_run_model(run, str(policy_dir)),
+        data.tokenizer,
+        {primary: held},
+        scorer,
+        options,
+        reference_greedy=True,
+    )
+    policy, reference = mine[primary], theirs[primary]
+    result = greedy_win_rate(policy, reference)
     samples = [
         {
-            "prompt": text,
-            "policy": policy,
-            "reference": reference,
-            "policy_score": policy_score,
-            "reference_score": reference_score,
+            "prompt": prompt.text,
+            "policy": ours.greedy.text if ours.greedy is not None else "",
+            "reference": other.greedy.text if other.greedy is not None else "",
+            "policy_score": ours.greedy_reward,
+            "reference_score": other.greedy_reward,
         }
-        for text, policy, reference, policy_score, reference_score in zip(
-            texts,
-            completions["policy"],
-            completions["reference"],
-            scores["policy"],
-            scores["reference"],
-            strict=True,
-        )
+        for prompt, ours, other in zip(held, policy, reference, strict=True)
     ]
     record = {
         **asdict(result),
@@ -173,7 +101,7 @@ def judge_run(
         "max_new_tokens": max_new_tokens,
         "samples": samples,
     }
-    (run_dir / "judge.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_atomically(run_dir / RESULT_FILE, json.dumps(record, indent=2) + "\n")
     return result
 
 
@@ -192,10 +120,23 @@ def main(args: list[str] | None = None) -> None:
         help="the judge: a sequence-classification reward model (folder or hub id, safetensors), "
         "module:function (a callable (prompts, completions) -> scores), or builtin:gold",
     )
-    parser.add_argument("--prompts", type=int, default=64, help="distinct val prompts judged (default 64)")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="longest greedy completion")
     parser.add_argument(
-        "--batch_size", type=int, default=32, help="prompts per generation batch, texts per reward batch"
+        "--prompts",
+        type=int,
+        default=DEFAULT_PROMPTS,
+        help=f"distinct val prompts judged (default {DEFAULT_PROMPTS})",
+    )
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=_DEFAULTS.max_new_tokens,
+        help=f"longest greedy completion (default {_DEFAULTS.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=_DEFAULTS.batch_size,
+        help=f"prompts per generation batch, texts per reward batch (default {_DEFAULTS.batch_size})",
     )
     options = parser.parse_args(args)
     result = judge_run(

@@ -44,10 +44,11 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
-from ipo_lightning.data.prompts import HeldOutPrompt, held_out_prompts
+from ipo_lightning.data.prompts import HeldOutPrompt, held_out_prompts, reward_conversations
 from ipo_lightning.distributed import full_weights_for_local_forwards
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.evaluation import (
+    DEFAULT_PROMPTS,
     EvalOptions,
     PromptResult,
     SetResult,
@@ -65,6 +66,7 @@ STEP_KEY = PREFIX + "step"
 """``trainer.callback_metrics`` key of the optimizer step of the latest measurement (not logged)."""
 DEFAULT_EVERY_N_STEPS = 500
 """Steps between measurements when no divergence monitor sets the schedule."""
+_DEFAULTS = EvalOptions()
 
 
 class GenerationEval(Callback):
@@ -88,16 +90,16 @@ class GenerationEval(Callback):
     def __init__(
         self,
         reward: str | None = None,
-        prompts: int = 64,
-        samples_per_prompt: int = 4,
-        greedy: bool = True,
-        max_new_tokens: int = 64,
-        batch_size: int = 64,
+        prompts: int = DEFAULT_PROMPTS,
+        samples_per_prompt: int = _DEFAULTS.samples_per_prompt,
+        greedy: bool = _DEFAULTS.greedy,
+        max_new_tokens: int = _DEFAULTS.max_new_tokens,
+        batch_size: int = _DEFAULTS.batch_size,
         every_n_steps: int | None = None,
         on_validation: bool = True,
         sets: list[str] | None = None,
         samples_file: str = "generation_samples.jsonl",
-        seed: int = 0,
+        seed: int = _DEFAULTS.seed,
     ) -> None:
         super().__init__()
         if prompts < 1 or samples_per_prompt < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -187,7 +189,7 @@ class GenerationEval(Callback):
             self._reward(
                 [prompt.text for prompt in prompts],
                 chosen,
-                conversations=[p.messages or [] for p in prompts] if prompts[0].messages else None,
+                conversations=reward_conversations(prompts),
             )
         except RewardError:
             raise

@@ -47,7 +47,7 @@ def held_out_prompts(datamodule: PreferenceDataModule, set_name: str, limit: int
         limit: Most prompts returned; a set with fewer distinct prompts gives all of them.
 
     Raises:
-        ConfigError: no built set has this name.
+        ConfigError: no built set has this name, or the set has no kept pairs.
         ValueError: ``limit`` is below 1.
     """
     if limit < 1:
@@ -73,6 +73,8 @@ def held_out_prompts(datamodule: PreferenceDataModule, set_name: str, limit: int
         prompts.append(held_out_prompt(tokenizer, raw, row["prompt_ids"]))
         if len(prompts) == limit:
             break
+    if not prompts:
+        raise ConfigError(f"data set {set_name!r} has no kept pairs to draw prompts from")
     return prompts
 
 
@@ -86,3 +88,14 @@ def held_out_prompt(
         return HeldOutPrompt(prompt, list(ids), None)
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return HeldOutPrompt(text, list(ids), prompt)
+
+
+def reward_conversations(prompts: Sequence[HeldOutPrompt]) -> list[list[dict[str, Any]]] | None:
+    """The prompts as chat messages for a reward when they are chat prompts, else None (plain data).
+
+    The one test of "is this chat data": every prompt has messages. A set mixing plain and chat
+    prompts goes to the reward as text only, so no prompt is read as an empty conversation.
+    """
+    if prompts and all(prompt.messages is not None for prompt in prompts):
+        return [list(prompt.messages or []) for prompt in prompts]
+    return None
