@@ -10,8 +10,10 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
 - ``divergence/logratio/{chosen,rejected,margin}_{mean,std}``: the per-sequence log-ratios
   log pi(y) - log ref(y) of the held-out pairs (length-normalised like the loss) and their margin h;
 - ``divergence/seq_kl`` and ``divergence/seq_kl_stderr``: sequence-level KL(pi || ref) estimated from
-  completions sampled from the policy (temperature 1, full softmax) for the first ``sample_prompts``
-  held-out prompts, with its standard error; ``divergence/gen_length``: their mean length;
+  completions sampled from the policy (:func:`~ipo_lightning.generation.generate_completions`:
+  temperature 1, full softmax) for the first ``sample_prompts`` held-out prompts, each scored under
+  both models by teacher forcing, with its standard error; ``divergence/gen_length``: their mean
+  length (EOS included);
 - ``divergence/retention/chosen``: capability retention, the per-token change in log-likelihood
   log pi - log ref pooled over every held-out chosen token (negative: the policy predicts the
   preferred answers worse than the reference did); ``divergence/retention/text`` the same over the
@@ -230,7 +232,6 @@ class DivergenceMonitor(Callback):
             length_normalize=hparams.length_normalize,
             chunk_size=self.chunk_size,
             max_new_tokens=self.max_new_tokens,
-            eos_token_id=_stop_tokens(pl_module.policy, trainer),
         )
         held_out = self.held_out(trainer)
         # Under FSDP the policy's weights are gathered for the whole measurement (every rank enters
@@ -241,13 +242,14 @@ class DivergenceMonitor(Callback):
                 pl_module.reference.model,
                 held_out,
                 options,
+                tokenizer=trainer.datamodule.tokenizer,
                 rank=trainer.global_rank,
                 world=trainer.world_size,
             )
         measurement = merge_shares(_all_gather_objects(trainer, share))
         if measurement.policy_samples:
             self.last_samples = _sample_rows(
-                trainer, measurement.policy_samples, measurement.reference_samples
+                trainer, measurement.policy_samples, measurement.reference_completions
             )
         return measurement.metrics
 
@@ -261,18 +263,8 @@ def _all_gather_objects(trainer: L.Trainer, obj: Share) -> list[Share]:
     return gathered
 
 
-def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int] | None:
-    """The tokens that end a generation: the model's generation config, else the tokenizer's EOS."""
-    config = getattr(policy, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        eos = getattr(tokenizer, "eos_token_id", None)
-    return eos
-
-
 def _sample_rows(
-    trainer: L.Trainer, policy_samples: list[SequenceSample], reference_samples: list[SequenceSample]
+    trainer: L.Trainer, policy_samples: list[SequenceSample], reference_completions: list[Tensor]
 ) -> list[dict[str, Any]]:
     """Decoded table rows: prompt, policy completion, reference completion, policy log-ratio."""
     tokenizer = trainer.datamodule.tokenizer
@@ -280,8 +272,8 @@ def _sample_rows(
         {
             "prompt": tokenizer.decode(sample.prompt),
             "policy_completion": tokenizer.decode(sample.completion),
-            "reference_completion": tokenizer.decode(reference_sample.completion),
+            "reference_completion": tokenizer.decode(reference_completion),
             "log_ratio": sample.log_ratio,
         }
-        for sample, reference_sample in zip(policy_samples, reference_samples, strict=True)
+        for sample, reference_completion in zip(policy_samples, reference_completions, strict=True)
     ]
