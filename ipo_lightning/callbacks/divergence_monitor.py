@@ -52,6 +52,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ipo_lightning.callbacks.schedule import DEFAULT_EVERY_N_STEPS, MeasurementSchedule
 from ipo_lightning.data.retention import read_texts, text_batches
 from ipo_lightning.distributed import full_weights_for_local_forwards
 from ipo_lightning.divergence.measure import HeldOut, MeasureOptions, Share, measure_share, merge_shares
@@ -85,7 +86,7 @@ class DivergenceMonitor(Callback):
     def __init__(
         self,
         enabled: bool = True,
-        every_n_steps: int = 500,
+        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
         num_pairs: int = 64,
         batch_size: int = 8,
         on_validation: bool = True,
@@ -110,10 +111,9 @@ class DivergenceMonitor(Callback):
         if retention_texts < 1:
             raise ConfigError(f"divergence.retention_texts must be at least 1, got {retention_texts}")
         self.enabled = enabled
-        self.every_n_steps = every_n_steps
+        self.schedule = MeasurementSchedule(every_n_steps, on_validation)
         self.num_pairs = num_pairs
         self.batch_size = batch_size
-        self.on_validation = on_validation
         self.chunk_size = chunk_size
         self.sample_prompts = sample_prompts
         self.max_new_tokens = max_new_tokens
@@ -123,7 +123,6 @@ class DivergenceMonitor(Callback):
         self._held_out: HeldOut | None = None
         self.last_samples: list[dict[str, Any]] = []
         """Rows of the latest samples table: prompt, policy and reference completion, log-ratio."""
-        self._last_step: int | None = None
         self.no_reference = False
         """Set at fit start: the run holds no reference model (precomputed), so nothing is measured."""
 
@@ -138,20 +137,23 @@ class DivergenceMonitor(Callback):
                 "cannot be measured; divergence/* is not logged (set divergence.enabled false to hide this)"
             )
 
+    @property
+    def every_n_steps(self) -> int:
+        """Optimizer steps between measurements (0: only at step 0 and after validations)."""
+        return self.schedule.every_n_steps
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:  # a resumed run has its earlier measurements in its history
+        if self.schedule.at_train_start(trainer):
             self._measure_and_log(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Called per micro-batch; global_step counts optimizer steps, so this fires once per step.
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0:
+        if self.schedule.at_train_batch_end(trainer):
             self._measure_and_log(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+        if self.schedule.at_validation_end(trainer):
             self._measure_and_log(trainer, pl_module)
 
     @property
@@ -162,11 +164,9 @@ class DivergenceMonitor(Callback):
     # ------------------------------------------------------------------ what
 
     def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Once per optimizer step: a validation right after a scheduled measurement sees the same weights.
         step = trainer.global_step
-        if not self.measuring or step == self._last_step:
+        if not self.measuring:
             return
-        self._last_step = step
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
