@@ -19,7 +19,9 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
   preferred answers worse than the reference did); ``divergence/retention/text`` the same over the
   texts of ``retention_file``, a plain-text set (e.g. pre-training or instruction text);
 - a samples table (``divergence_samples.jsonl`` beside ``metrics.csv``, and ``divergence/samples`` in
-  W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio.
+  W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio. A
+  resumed run first cuts the file back to its checkpoint's step, so each step appears once
+  (:mod:`~ipo_lightning.callbacks.samples_file`).
 
 Under DDP every process measures a share of the held-out batches and prompts (round-robin by rank)
 and the shares are gathered, so the logged numbers are those one process would compute; rank 0
@@ -40,8 +42,6 @@ budget (:class:`~ipo_lightning.callbacks.kl_budget.KLBudget`) watches ``divergen
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -52,6 +52,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ipo_lightning.callbacks.samples_file import SamplesFile
 from ipo_lightning.callbacks.schedule import DEFAULT_EVERY_N_STEPS, MeasurementSchedule
 from ipo_lightning.data.retention import read_texts, text_batches
 from ipo_lightning.distributed import full_weights_for_local_forwards
@@ -117,7 +118,7 @@ class DivergenceMonitor(Callback):
         self.chunk_size = chunk_size
         self.sample_prompts = sample_prompts
         self.max_new_tokens = max_new_tokens
-        self.samples_file = samples_file
+        self.samples_file = SamplesFile(samples_file)
         self.retention_file = retention_file
         self.retention_texts = retention_texts
         self._held_out: HeldOut | None = None
@@ -143,6 +144,8 @@ class DivergenceMonitor(Callback):
         return self.schedule.every_n_steps
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.measuring:
+            self.samples_file.start(trainer)
         if self.schedule.at_train_start(trainer):
             self._measure_and_log(trainer, pl_module)
 
@@ -178,13 +181,7 @@ class DivergenceMonitor(Callback):
     def _write_samples(self, trainer: L.Trainer, step: int) -> None:
         """Append the samples to ``<run dir>/divergence_samples.jsonl`` and log a W&B table."""
         rows = [{"step": step, **row} for row in self.last_samples]
-        # trainer.log_dir is a broadcast under DDP: every process must ask for it, not just rank 0.
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero and self.samples_file:
-            path = run_dir / self.samples_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
+        self.samples_file.append(trainer, rows)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 columns = list(rows[0])

@@ -13,8 +13,9 @@ into ``trainer.callback_metrics``.
 
 The schedule is the divergence monitor's (:mod:`ipo_lightning.callbacks.schedule`: step 0, every
 ``every_n_steps`` optimizer steps, after every validation), so ``gen/`` and ``divergence/`` rows share
-steps. Every sample lands in
-``generation_samples.jsonl`` in the run folder (and a ``gen/samples`` W&B table).
+steps. Every sample lands in ``generation_samples.jsonl`` in the run folder (and a ``gen/samples`` W&B
+table); a resumed run first cuts the file back to its checkpoint's step
+(:mod:`~ipo_lightning.callbacks.samples_file`).
 
 At ``setup`` the reward is loaded and called once on the first two held-out prompts and their chosen
 completions, so a reward that cannot be imported, called or that returns the wrong number of values or a
@@ -30,10 +31,8 @@ different numbers of collective forwards) the evaluation is off, with a warning.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -45,6 +44,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
+from ipo_lightning.callbacks.samples_file import SamplesFile
 from ipo_lightning.callbacks.schedule import DEFAULT_EVERY_N_STEPS, MeasurementSchedule
 from ipo_lightning.data.prompts import HeldOutPrompt, held_out_prompts
 from ipo_lightning.distributed import full_weights_for_local_forwards
@@ -124,7 +124,7 @@ class GenerationEval(Callback):
         )
         """When to measure; with ``every_n_steps`` null, ``setup`` sets the divergence monitor's interval."""
         self.sets = sets
-        self.samples_file = samples_file
+        self.samples_file = SamplesFile(samples_file)
         self.active = False
         """Set at ``setup("fit")``: a reward is set and the strategy allows generating."""
         self._reward: RewardFunction | None = None
@@ -197,6 +197,8 @@ class GenerationEval(Callback):
     # ------------------------------------------------------------------ when
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active:
+            self.samples_file.start(trainer)
         if self.schedule.at_train_start(trainer):
             self._measure_and_log(trainer, pl_module)
 
@@ -261,13 +263,7 @@ class GenerationEval(Callback):
 
     def _write_samples(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
         """Append the rows to the samples file in the run folder (rank 0) and log a W&B table."""
-        # trainer.log_dir is a broadcast under DDP: every process must ask for it, not just rank 0.
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero and self.samples_file and rows:
-            path = run_dir / self.samples_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        self.samples_file.append(trainer, rows)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and rows:
                 columns = list(rows[0])

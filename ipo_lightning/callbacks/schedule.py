@@ -3,8 +3,8 @@
 The divergence monitor and the generation evaluation share this schedule, so their rows of
 ``metrics.csv`` share steps. The hooks are a callback's; each returns whether to measure now:
 
-- :meth:`MeasurementSchedule.at_train_start`: at optimizer step 0, before the first batch (a resumed
-  run starts past step 0 and has its earlier measurements in its history);
+- :meth:`MeasurementSchedule.at_train_start`: at optimizer step 0, before the first batch, unless the
+  fit resumes from a checkpoint (its history has the measurements up to the checkpoint's step);
 - :meth:`MeasurementSchedule.at_train_batch_end`: every ``every_n_steps`` optimizer steps (0: never).
   Lightning calls the hook after every micro-batch, and ``trainer.global_step`` counts optimizer
   steps, so under gradient accumulation the micro-batch that completes step N sees N and the
@@ -47,8 +47,8 @@ class MeasurementSchedule:
         return True
 
     def at_train_start(self, trainer: L.Trainer) -> bool:
-        """``on_train_start``: measure at step 0 (not when resuming past it)."""
-        return trainer.global_step == 0 and self._once(0)
+        """``on_train_start``: measure at step 0 of a fit that does not resume."""
+        return trainer.global_step == 0 and trainer.ckpt_path is None and self._once(0)
 
     def at_train_batch_end(self, trainer: L.Trainer) -> bool:
         """``on_train_batch_end``: measure at every ``every_n_steps``-th optimizer step, once."""
