@@ -18,9 +18,14 @@ from ipo_lightning.module import PreferenceModule
 from ipo_lightning.resume import RNGStateCheckpoint
 from tests.helpers import polite_pairs, write_jsonl
 
-REWARD = "tests.test_generation_eval:distinct_tokens"
+REWARD = "tests.test_samples_file_resume:distinct_characters"
 FILES = ("divergence_samples.jsonl", "generation_samples.jsonl")
 STEPS = 6  # 12 pairs in batches of 2, one epoch
+
+
+def distinct_characters(prompts: list[str], completions: list[str]) -> list[float]:
+    """A tiny reward: the number of distinct characters of the completion."""
+    return [float(len(set(completion))) for completion in completions]
 
 
 class StopAtStep(Callback):
