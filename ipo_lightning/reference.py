@@ -146,6 +146,17 @@ class _AdaptersOff(nn.Module):
 
 
 @contextmanager
+def generating_model(model: nn.Module) -> Iterator[nn.Module]:
+    """A model that ``generate`` runs as ``model``: ``model`` itself, or for the LoRA reference (the
+    adapters-off wrapper, which has no ``generate``) the policy with its adapters off for the context."""
+    if isinstance(model, _AdaptersOff):
+        with _adapters_off(model.policy):
+            yield model.policy
+    else:
+        yield model
+
+
+@contextmanager
 def _adapters_off(policy: nn.Module) -> Iterator[None]:
     """Adapters disabled and every submodule in eval mode (base and LoRA dropout off), then restored.
 

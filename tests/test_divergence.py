@@ -246,14 +246,15 @@ def _exact_sequence_kl(policy, reference, prompt: torch.Tensor, max_new_tokens: 
     return total
 
 
-def test_sampled_sequence_kl_is_honest_against_enumeration() -> None:
+def test_sampled_sequence_kl_is_honest_against_enumeration(tiny_tokenizer) -> None:
     from ipo_lightning.divergence.sampling import sampled_sequence_kl
 
     policy, reference = _tiny_lm(seed=0, scale=30.0), _tiny_lm(seed=1, scale=30.0)
+    policy.generation_config.eos_token_id = 4  # the sampler stops at the model's own EOS
     prompt = torch.tensor([1, 2])
     exact = _exact_sequence_kl(policy, reference, prompt, max_new_tokens=3, eos=4)
     estimate, samples = sampled_sequence_kl(
-        policy, reference, [prompt], samples_per_prompt=400, max_new_tokens=3, eos_token_id=4, seed=0
+        policy, reference, tiny_tokenizer, [prompt], samples_per_prompt=400, max_new_tokens=3, seed=0
     )
     assert exact > 0.05  # the two models really differ, so the check has teeth
     assert abs(estimate.mean - exact) < 4 * estimate.stderr
@@ -261,7 +262,7 @@ def test_sampled_sequence_kl_is_honest_against_enumeration() -> None:
     assert all(s.completion.numel() == 3 or int(s.completion[-1]) == 4 for s in samples)
 
     same, _ = sampled_sequence_kl(
-        policy, policy, [prompt], samples_per_prompt=20, max_new_tokens=3, eos_token_id=4
+        policy, policy, tiny_tokenizer, [prompt], samples_per_prompt=20, max_new_tokens=3
     )
     assert same.mean == 0.0 and same.stderr == 0.0
 

@@ -116,19 +116,26 @@ def test_measure_matches_a_one_sequence_at_a_time_oracle(batching: str, length_n
     assert same["entropy"] == pytest.approx(expected["entropy"], rel=1e-4)
 
 
-def test_shares_of_two_processes_merge_to_the_single_process_measurement() -> None:
+def test_shares_of_two_processes_merge_to_the_single_process_measurement(tiny_tokenizer) -> None:
     policy, reference = _models()
     pairs = _pairs()
     collate = PairwiseCollator(pad_token_id=0)
     prompts = [torch.tensor(pair["prompt_ids"]) for pair in pairs[:3]]
     held_out = HeldOut(batches=[collate(pairs[i : i + 2]) for i in range(0, 5, 2)], prompts=prompts)
     options = MeasureOptions(max_new_tokens=4)
-    single = merge_shares([measure_share(policy, reference, held_out, options)])
-    shares = [measure_share(policy, reference, held_out, options, rank=r, world=2) for r in (0, 1)]
+    single = merge_shares([measure_share(policy, reference, held_out, options, tokenizer=tiny_tokenizer)])
+    shares = [
+        measure_share(policy, reference, held_out, options, tokenizer=tiny_tokenizer, rank=r, world=2)
+        for r in (0, 1)
+    ]
     assert sorted(shares[0].batches) == [0, 2] and sorted(shares[1].batches) == [1]
     merged = merge_shares(shares[::-1])  # gathered in any order
     assert merged.metrics == single.metrics
     assert [s.prompt_index for s in merged.policy_samples] == [0, 1, 2]
+    for got, expected in zip(merged.policy_samples, single.policy_samples, strict=True):
+        assert torch.equal(got.completion, expected.completion)
+    for got, expected in zip(merged.reference_completions, single.reference_completions, strict=True):
+        assert torch.equal(got, expected)
 
     # The sampled sequence KL is the mean log-ratio of the samples, each re-scored here independently.
     ratios = []
@@ -140,3 +147,86 @@ def test_shares_of_two_processes_merge_to_the_single_process_measurement() -> No
     assert single.metrics["seq_kl"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-4, abs=1e-6)
     lengths = [sample.completion.numel() for sample in single.policy_samples]
     assert single.metrics["gen_length"] == sum(lengths) / len(lengths)
+
+
+@pytest.mark.parametrize("batching", ["padded", "padding_free"])
+def test_sampled_log_ratios_are_the_teacher_forced_log_ratios_of_the_drawn_tokens(
+    tiny_tokenizer, batching: str
+) -> None:
+    from ipo_lightning.divergence.sampling import sample_completions
+    from ipo_lightning.generation import generate_completions
+
+    policy, reference = _models()
+    policy.generation_config.eos_token_id = 7  # a token the peaky models draw now and then
+    prompts = [torch.tensor(pair["prompt_ids"]) for pair in _pairs()]
+    options = {"samples_per_prompt": 3, "max_new_tokens": 6, "seed": 11}
+    samples = sample_completions(
+        policy, reference, tiny_tokenizer, prompts, batch_size=4, batching=batching, **options
+    )
+    # Drawn by the project's one sampler, with its per-(seed, prompt, sample) generators...
+    drawn = generate_completions(
+        policy,
+        tiny_tokenizer,
+        [p.tolist() for p in prompts],
+        k=3,
+        seed=11,
+        max_new_tokens=6,
+        batch_size=64,
+    )
+    assert [s.prompt_index for s in samples] == [i for i in range(len(prompts)) for _ in range(3)]
+    assert [s.completion.tolist() for s in samples] == [c.token_ids for row in drawn for c in row]
+    assert any(int(s.completion[-1]) == 7 for s in samples) and any(
+        s.completion.numel() == 6 for s in samples
+    )
+    # ...and each log-ratio is log pi - log ref of exactly those tokens, one unpadded row at a time.
+    for sample in samples:
+        ids = sample.prompt.tolist() + sample.completion.tolist()
+        log_p, log_q = _log_softmax(policy, ids), _log_softmax(reference, ids)
+        start = sample.prompt.numel()
+        expected = sum(float(log_p[t - 1, ids[t]] - log_q[t - 1, ids[t]]) for t in range(start, len(ids)))
+        assert sample.log_ratio == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert max(abs(s.log_ratio) for s in samples) > 0.1  # the models differ: the check has teeth
+    # A prompt's samples do not depend on the other prompts drawn with it (a process's share).
+    alone = sample_completions(policy, reference, tiny_tokenizer, prompts[3:4], prompt_indices=[3], **options)
+    assert [s.completion.tolist() for s in alone] == [s.completion.tolist() for s in samples[9:12]]
+    assert [s.log_ratio for s in alone] == pytest.approx([s.log_ratio for s in samples[9:12]], abs=1e-5)
+
+
+def test_lora_reference_samples_are_the_base_models_and_the_policy_keeps_its_adapters(
+    tiny_model_dir, tiny_tokenizer
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ipo_lightning.generation import generate_completions
+    from ipo_lightning.lora import LoraOptions
+    from ipo_lightning.module import PreferenceModule
+
+    module = PreferenceModule(
+        str(tiny_model_dir),
+        lora=LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    module.configure_model()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in module.policy.named_parameters():
+            if "lora_" in name:  # non-zero adapters: the policy differs from its base
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    prompts = [
+        torch.tensor(tiny_tokenizer(text)["input_ids"]) for text in ("Human: the sea?", "Write a poem")
+    ]
+    held_out = HeldOut(batches=[], prompts=prompts)
+    options = MeasureOptions(max_new_tokens=8)
+    module.policy.train()
+    share = measure_share(module.policy, module.reference.model, held_out, options, tokenizer=tiny_tokenizer)
+    assert module.policy.training  # its mode is put back
+
+    def draws(model: torch.nn.Module) -> list[list[int]]:
+        rows = generate_completions(model, tiny_tokenizer, [p.tolist() for p in prompts], max_new_tokens=8)
+        return [row[0].token_ids for row in rows]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert [completion.tolist() for _, completion in share.reference_completions] == draws(base)
+    module.policy.eval()
+    assert [sample.completion.tolist() for sample in share.policy_samples] == draws(module.policy)
+    assert draws(module.policy) != draws(base)  # the adapters change what is drawn: the check has teeth
+    assert all(sample.log_ratio != 0.0 for sample in share.policy_samples)

@@ -10,14 +10,18 @@ logs at step 0, every ``every_n_steps`` optimizer steps and after every validati
 - ``divergence/logratio/{chosen,rejected,margin}_{mean,std}``: the per-sequence log-ratios
   log pi(y) - log ref(y) of the held-out pairs (length-normalised like the loss) and their margin h;
 - ``divergence/seq_kl`` and ``divergence/seq_kl_stderr``: sequence-level KL(pi || ref) estimated from
-  completions sampled from the policy (temperature 1, full softmax) for the first ``sample_prompts``
-  held-out prompts, with its standard error; ``divergence/gen_length``: their mean length;
+  completions sampled from the policy (:func:`~ipo_lightning.generation.generate_completions`:
+  temperature 1, full softmax) for the first ``sample_prompts`` held-out prompts, each scored under
+  both models by teacher forcing, with its standard error; ``divergence/gen_length``: their mean
+  length (EOS included);
 - ``divergence/retention/chosen``: capability retention, the per-token change in log-likelihood
   log pi - log ref pooled over every held-out chosen token (negative: the policy predicts the
   preferred answers worse than the reference did); ``divergence/retention/text`` the same over the
   texts of ``retention_file``, a plain-text set (e.g. pre-training or instruction text);
 - a samples table (``divergence_samples.jsonl`` beside ``metrics.csv``, and ``divergence/samples`` in
-  W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio.
+  W&B): each prompt with the policy's and the reference's sampled completion and the log-ratio. A
+  resumed run first cuts the file back to its checkpoint's step, so each step appears once
+  (:mod:`~ipo_lightning.callbacks.samples_file`).
 
 Under DDP every process measures a share of the held-out batches and prompts (round-robin by rank)
 and the shares are gathered, so the logged numbers are those one process would compute; rank 0
@@ -38,8 +42,6 @@ budget (:class:`~ipo_lightning.callbacks.kl_budget.KLBudget`) watches ``divergen
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -50,6 +52,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ipo_lightning.callbacks.samples_file import SamplesFile
+from ipo_lightning.callbacks.schedule import DEFAULT_EVERY_N_STEPS, MeasurementSchedule
 from ipo_lightning.data.retention import read_texts, text_batches
 from ipo_lightning.distributed import full_weights_for_local_forwards
 from ipo_lightning.divergence.measure import HeldOut, MeasureOptions, Share, measure_share, merge_shares
@@ -83,7 +87,7 @@ class DivergenceMonitor(Callback):
     def __init__(
         self,
         enabled: bool = True,
-        every_n_steps: int = 500,
+        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
         num_pairs: int = 64,
         batch_size: int = 8,
         on_validation: bool = True,
@@ -108,20 +112,18 @@ class DivergenceMonitor(Callback):
         if retention_texts < 1:
             raise ConfigError(f"divergence.retention_texts must be at least 1, got {retention_texts}")
         self.enabled = enabled
-        self.every_n_steps = every_n_steps
+        self.schedule = MeasurementSchedule(every_n_steps, on_validation)
         self.num_pairs = num_pairs
         self.batch_size = batch_size
-        self.on_validation = on_validation
         self.chunk_size = chunk_size
         self.sample_prompts = sample_prompts
         self.max_new_tokens = max_new_tokens
-        self.samples_file = samples_file
+        self.samples_file = SamplesFile(samples_file)
         self.retention_file = retention_file
         self.retention_texts = retention_texts
         self._held_out: HeldOut | None = None
         self.last_samples: list[dict[str, Any]] = []
         """Rows of the latest samples table: prompt, policy and reference completion, log-ratio."""
-        self._last_step: int | None = None
         self.no_reference = False
         """Set at fit start: the run holds no reference model (precomputed), so nothing is measured."""
         self.no_pairs = False
@@ -146,35 +148,38 @@ class DivergenceMonitor(Callback):
                 "to hide this)"
             )
 
+    @property
+    def every_n_steps(self) -> int:
+        """Optimizer steps between measurements (0: only at step 0 and after validations)."""
+        return self.schedule.every_n_steps
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:  # a resumed run has its earlier measurements in its history
+        if self.measuring:
+            self.samples_file.start(trainer)
+        if self.schedule.at_train_start(trainer):
             self._measure_and_log(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Called per micro-batch; global_step counts optimizer steps, so this fires once per step.
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0:
+        if self.schedule.at_train_batch_end(trainer):
             self._measure_and_log(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+        if self.schedule.at_validation_end(trainer):
             self._measure_and_log(trainer, pl_module)
 
     @property
     def measuring(self) -> bool:
-        """Whether this run measures at all (enabled, and a reference model is in memory)."""
+        """Whether this run measures at all: enabled, a reference model in memory, preference pairs."""
         return self.enabled and not self.no_reference and not self.no_pairs
 
     # ------------------------------------------------------------------ what
 
     def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Once per optimizer step: a validation right after a scheduled measurement sees the same weights.
         step = trainer.global_step
-        if not self.measuring or step == self._last_step:
+        if not self.measuring:
             return
-        self._last_step = step
         metrics = {PREFIX + name: value for name, value in self.measure(trainer, pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -186,13 +191,7 @@ class DivergenceMonitor(Callback):
     def _write_samples(self, trainer: L.Trainer, step: int) -> None:
         """Append the samples to ``<run dir>/divergence_samples.jsonl`` and log a W&B table."""
         rows = [{"step": step, **row} for row in self.last_samples]
-        # trainer.log_dir is a broadcast under DDP: every process must ask for it, not just rank 0.
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero and self.samples_file:
-            path = run_dir / self.samples_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
+        self.samples_file.append(trainer, rows)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 columns = list(rows[0])
@@ -240,7 +239,6 @@ class DivergenceMonitor(Callback):
             length_normalize=hparams.length_normalize,
             chunk_size=self.chunk_size,
             max_new_tokens=self.max_new_tokens,
-            eos_token_id=_stop_tokens(pl_module.policy, trainer),
         )
         held_out = self.held_out(trainer)
         # Under FSDP the policy's weights are gathered for the whole measurement (every rank enters
@@ -251,13 +249,14 @@ class DivergenceMonitor(Callback):
                 pl_module.reference.model,
                 held_out,
                 options,
+                tokenizer=trainer.datamodule.tokenizer,
                 rank=trainer.global_rank,
                 world=trainer.world_size,
             )
         measurement = merge_shares(_all_gather_objects(trainer, share))
         if measurement.policy_samples:
             self.last_samples = _sample_rows(
-                trainer, measurement.policy_samples, measurement.reference_samples
+                trainer, measurement.policy_samples, measurement.reference_completions
             )
         return measurement.metrics
 
@@ -271,18 +270,8 @@ def _all_gather_objects(trainer: L.Trainer, obj: Share) -> list[Share]:
     return gathered
 
 
-def _stop_tokens(policy: torch.nn.Module, trainer: L.Trainer) -> int | list[int] | None:
-    """The tokens that end a generation: the model's generation config, else the tokenizer's EOS."""
-    config = getattr(policy, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        eos = getattr(tokenizer, "eos_token_id", None)
-    return eos
-
-
 def _sample_rows(
-    trainer: L.Trainer, policy_samples: list[SequenceSample], reference_samples: list[SequenceSample]
+    trainer: L.Trainer, policy_samples: list[SequenceSample], reference_completions: list[Tensor]
 ) -> list[dict[str, Any]]:
     """Decoded table rows: prompt, policy completion, reference completion, policy log-ratio."""
     tokenizer = trainer.datamodule.tokenizer
@@ -290,8 +279,8 @@ def _sample_rows(
         {
             "prompt": tokenizer.decode(sample.prompt),
             "policy_completion": tokenizer.decode(sample.completion),
-            "reference_completion": tokenizer.decode(reference_sample.completion),
+            "reference_completion": tokenizer.decode(reference_completion),
             "log_ratio": sample.log_ratio,
         }
-        for sample, reference_sample in zip(policy_samples, reference_samples, strict=True)
+        for sample, reference_completion in zip(policy_samples, reference_completions, strict=True)
     ]

@@ -11,9 +11,11 @@ a resumed run regenerates them (the same seeds give the same samples). Metrics
 several sets, ``gen/<set>/<metric>`` for each, at the exact optimizer step (``Logger.log_metrics``) and
 into ``trainer.callback_metrics``.
 
-The schedule is the divergence monitor's (step 0, every ``every_n_steps`` optimizer steps, after every
-validation), so ``gen/`` and ``divergence/`` rows share steps. Every sample lands in
-``generation_samples.jsonl`` in the run folder (and a ``gen/samples`` W&B table).
+The schedule is the divergence monitor's (:mod:`ipo_lightning.callbacks.schedule`: step 0, every
+``every_n_steps`` optimizer steps, after every validation), so ``gen/`` and ``divergence/`` rows share
+steps. Every sample lands in ``generation_samples.jsonl`` in the run folder (and a ``gen/samples`` W&B
+table); a resumed run first cuts the file back to its checkpoint's step
+(:mod:`~ipo_lightning.callbacks.samples_file`).
 
 At ``setup`` the reward is loaded and called once on the first two held-out prompts and their chosen
 completions, so a reward that cannot be imported, called or that returns the wrong number of values or a
@@ -29,10 +31,8 @@ different numbers of collective forwards) the evaluation is off, with a warning.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -44,6 +44,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
+from ipo_lightning.callbacks.samples_file import SamplesFile
+from ipo_lightning.callbacks.schedule import DEFAULT_EVERY_N_STEPS, MeasurementSchedule
 from ipo_lightning.data.prompts import HeldOutPrompt, held_out_prompts, reward_conversations
 from ipo_lightning.distributed import full_weights_for_local_forwards
 from ipo_lightning.errors import ConfigError
@@ -64,8 +66,6 @@ PREFIX = "gen/"
 OPTION = "--generation.reward"
 STEP_KEY = PREFIX + "step"
 """``trainer.callback_metrics`` key of the optimizer step of the latest measurement (not logged)."""
-DEFAULT_EVERY_N_STEPS = 500
-"""Steps between measurements when no divergence monitor sets the schedule."""
 _DEFAULTS = EvalOptions()
 
 
@@ -121,15 +121,17 @@ class GenerationEval(Callback):
             seed=seed,
         )
         self.every_n_steps = every_n_steps
-        self.on_validation = on_validation
+        self.schedule = MeasurementSchedule(
+            DEFAULT_EVERY_N_STEPS if every_n_steps is None else every_n_steps, on_validation
+        )
+        """When to measure; with ``every_n_steps`` null, ``setup`` sets the divergence monitor's interval."""
         self.sets = sets
-        self.samples_file = samples_file
+        self.samples_file = SamplesFile(samples_file)
         self.active = False
         """Set at ``setup("fit")``: a reward is set and the strategy allows generating."""
         self._reward: RewardFunction | None = None
         self._prompts: dict[str, list[HeldOutPrompt]] = {}
         self._reference: dict[str, list[PromptResult]] = {}
-        self._last_step: int | None = None
         self.last_results: dict[str, SetResult] = {}
         """The latest measurement's per-set metrics and samples rows."""
 
@@ -160,7 +162,7 @@ class GenerationEval(Callback):
         }
         if self.every_n_steps is None:
             monitors = [c for c in trainer.callbacks if isinstance(c, DivergenceMonitor)]
-            self.every_n_steps = monitors[0].every_n_steps if monitors else DEFAULT_EVERY_N_STEPS
+            self.schedule.every_n_steps = monitors[0].every_n_steps if monitors else DEFAULT_EVERY_N_STEPS
         self._probe(datamodule, next(iter(self._prompts)))
         self.active = True
 
@@ -203,28 +205,27 @@ class GenerationEval(Callback):
     # ------------------------------------------------------------------ when
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:  # a resumed run has its earlier measurements in its history
+        if self.active:
+            self.samples_file.start(trainer)
+        if self.schedule.at_train_start(trainer):
             self._measure_and_log(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Called per micro-batch; the step check below makes it once per optimizer step.
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0:
+        if self.schedule.at_train_batch_end(trainer):
             self._measure_and_log(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+        if self.schedule.at_validation_end(trainer):
             self._measure_and_log(trainer, pl_module)
 
     # ------------------------------------------------------------------ what
 
     def _measure_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if not self.active or step == self._last_step:
+        if not self.active:
             return
-        self._last_step = step
         self.last_results = self.measure(trainer, pl_module)
         metrics = metric_names(self.last_results, PREFIX)
         for logger in trainer.loggers:
@@ -270,13 +271,7 @@ class GenerationEval(Callback):
 
     def _write_samples(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
         """Append the rows to the samples file in the run folder (rank 0) and log a W&B table."""
-        # trainer.log_dir is a broadcast under DDP: every process must ask for it, not just rank 0.
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero and self.samples_file and rows:
-            path = run_dir / self.samples_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        self.samples_file.append(trainer, rows)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and rows:
                 columns = list(rows[0])

@@ -14,12 +14,14 @@ The metrics (names without the ``divergence/`` prefix the monitor logs them unde
 - ``retention/chosen``: log pi - log ref per token, pooled over every chosen completion token;
   ``retention/text`` the same over the retention texts (when there are any);
 - ``seq_kl``, ``seq_kl_stderr``, ``gen_length``: the sampled sequence KL (when there are prompts,
-  :mod:`ipo_lightning.divergence.sampling`).
+  :mod:`ipo_lightning.divergence.sampling`: drawn with the project's sampler,
+  :func:`ipo_lightning.generation.generate_completions`, then scored by teacher forcing).
 
 Every completion score goes through the training path (:func:`ipo_lightning.batching.batch_logits`
 in the run's ``model.batching`` mode): one forward per model and batch gives both the full-vocabulary
 logits of the token KL and the log-probs of the log-ratios, so the log-ratios are the training
-step's own.
+step's own. Rows that are not pairs (retention texts, sampled completions) run ``padded`` under
+``prefix_shared``, which has no shared prompt to lay out.
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from ipo_lightning.batching import Batching, batch_logits, batch_scores
-from ipo_lightning.divergence.sampling import SequenceSample, estimate_sequence_kl, sample_completions
+from ipo_lightning.divergence.sampling import (
+    SequenceSample,
+    draw_completions,
+    estimate_sequence_kl,
+    sample_completions,
+)
 from ipo_lightning.divergence.token_kl import TokenDivergence, chunked_token_divergence
+from ipo_lightning.reference import generating_model
 
 
 @dataclass(frozen=True)
@@ -40,19 +49,24 @@ class MeasureOptions:
     """How a measurement scores and samples.
 
     Attributes:
-        batching: the run's ``model.batching`` (retention texts, which are not pairs, run ``padded``
-            under ``prefix_shared``).
+        batching: the run's ``model.batching`` (rows that are not pairs run ``padded`` under
+            ``prefix_shared``).
         length_normalize: the loss's setting, for the per-sequence log-ratios.
         chunk_size: positions per float32 chunk of the full-vocabulary sums.
-        max_new_tokens: longest sampled completion.
-        eos_token_id: token(s) that end a sampled completion.
+        max_new_tokens: longest sampled completion (a completion also ends at the model's EOS).
+        sample_batch_size: sampled rows per ``generate`` call and per scoring forward.
     """
 
     batching: Batching = "padded"
     length_normalize: bool = False
     chunk_size: int = 1024
     max_new_tokens: int = 64
-    eos_token_id: int | list[int] | None = None
+    sample_batch_size: int = 64
+
+    @property
+    def single_batching(self) -> Batching:
+        """The layout of rows that are not pairs: ``prefix_shared`` has no shared prompt to lay out."""
+        return "padded" if self.batching == "prefix_shared" else self.batching
 
 
 @dataclass(frozen=True)
@@ -113,8 +127,9 @@ class Share:
     texts: dict[int, TokenMean] = field(default_factory=dict)
     """Retention-text batch index -> log pi - log ref summed over its tokens."""
     policy_samples: list[SequenceSample] = field(default_factory=list)
-    reference_samples: list[SequenceSample] = field(default_factory=list)
-    """The reference's own samples of the same prompts and seeds (for the samples table)."""
+    reference_completions: list[tuple[int, Tensor]] = field(default_factory=list)
+    """(prompt index, completion) of the reference's own samples of the same prompts and seeds (for
+    the samples table)."""
 
 
 @dataclass
@@ -123,7 +138,8 @@ class Measurement:
 
     metrics: dict[str, float]
     policy_samples: list[SequenceSample]
-    reference_samples: list[SequenceSample]
+    reference_completions: list[Tensor]
+    """The reference's sample of each policy sample's prompt and seed, in the same order."""
 
 
 def _rows(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -158,8 +174,7 @@ def _text_delta(
     policy: nn.Module, reference: nn.Module, rows: tuple[Tensor, Tensor, Tensor], options: MeasureOptions
 ) -> TokenMean:
     """log pi - log ref summed over a retention batch's scored tokens."""
-    # Texts are not pairs: prefix_shared has no shared prompt to lay out, so they run as padded rows.
-    batching = "padded" if options.batching == "prefix_shared" else options.batching
+    batching = options.single_batching
     chunk = options.chunk_size
     policy_scores = batch_scores(policy, *rows, batching=batching, chunk_size=chunk)
     reference_scores = batch_scores(reference, *rows, batching=batching, chunk_size=chunk)
@@ -173,12 +188,16 @@ def measure_share(
     held_out: HeldOut,
     options: MeasureOptions,
     *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> Share:
     """Process ``rank`` of ``world``'s part of a measurement: every ``world``-th batch, text batch and
     prompt, from index ``rank`` on. The policy runs in eval mode (its dropout off: the policy itself,
-    not a noisy sample of it) and is put back in its mode afterwards."""
+    not a noisy sample of it) and is put back in its mode afterwards. ``tokenizer`` (padding id, EOS
+    fallback of the sampler) is needed when ``held_out`` has prompts."""
+    if held_out.prompts and tokenizer is None:
+        raise ValueError("sampling the held-out prompts needs the models' tokenizer")
     device = next(policy.parameters()).device
     share = Share()
     was_training = policy.training
@@ -191,15 +210,30 @@ def measure_share(
             share.texts[index] = _text_delta(policy, reference, _rows(held_out.texts[index], device), options)
         indices = list(range(rank, len(held_out.prompts), world))
         if indices:
-            sampling = {
+            assert tokenizer is not None
+            drawing = {
                 "prompt_indices": indices,
                 "max_new_tokens": options.max_new_tokens,
-                "eos_token_id": options.eos_token_id,
+                "batch_size": options.sample_batch_size,
             }
             prompts = [held_out.prompts[i] for i in indices]
-            share.policy_samples = sample_completions(policy, reference, prompts, **sampling)
+            share.policy_samples = sample_completions(
+                policy,
+                reference,
+                tokenizer,
+                prompts,
+                batching=options.single_batching,
+                chunk_size=options.chunk_size,
+                **drawing,
+            )
             # The reference's own samples, same seeds, for side-by-side reading in the samples table.
-            share.reference_samples = sample_completions(reference, policy, prompts, **sampling)
+            with generating_model(reference) as sampler:
+                drawn = draw_completions(sampler, tokenizer, prompts, **drawing)
+            share.reference_completions = [
+                (index, completion)
+                for index, per_prompt in zip(indices, drawn, strict=True)
+                for completion in per_prompt
+            ]
     finally:
         policy.train(was_training)
     return share
@@ -229,7 +263,13 @@ def merge_shares(shares: Sequence[Share]) -> Measurement:
     if text_retention.tokens:
         metrics["retention/text"] = text_retention.mean()
     policy_samples = sorted((s for share in shares for s in share.policy_samples), key=_by_prompt)
-    reference_samples = sorted((s for share in shares for s in share.reference_samples), key=_by_prompt)
+    # Stable sorts: a prompt's samples stay in sample order, as each share lists them.
+    reference_completions = [
+        completion
+        for _, completion in sorted(
+            (item for share in shares for item in share.reference_completions), key=lambda item: item[0]
+        )
+    ]
     if policy_samples:
         estimate = estimate_sequence_kl(policy_samples)
         metrics.update(seq_kl=estimate.mean, seq_kl_stderr=estimate.stderr, gen_length=estimate.mean_length)
@@ -239,12 +279,17 @@ def merge_shares(shares: Sequence[Share]) -> Measurement:
     for name, values in (("chosen", chosen_ratio), ("rejected", rejected_ratio), ("margin", margin)):
         metrics[f"logratio/{name}_mean"] = float(values.mean())
         metrics[f"logratio/{name}_std"] = float(values.std(unbiased=False))
-    return Measurement(metrics, policy_samples, reference_samples)
+    return Measurement(metrics, policy_samples, reference_completions)
 
 
 def measure(
-    policy: nn.Module, reference: nn.Module, held_out: HeldOut, options: MeasureOptions | None = None
+    policy: nn.Module,
+    reference: nn.Module,
+    held_out: HeldOut,
+    options: MeasureOptions | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, float]:
     """The divergence metrics of ``policy`` from ``reference`` on ``held_out`` (module docstring)."""
-    share = measure_share(policy, reference, held_out, options or MeasureOptions())
+    share = measure_share(policy, reference, held_out, options or MeasureOptions(), tokenizer=tokenizer)
     return merge_shares([share]).metrics

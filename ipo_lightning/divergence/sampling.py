@@ -1,17 +1,25 @@
 """Sequence-level KL(pi || ref) estimated from completions sampled from the policy.
 
 For a prompt x and y ~ pi(. | x), ``log pi(y|x) - log ref(y|x)`` is an unbiased sample of the
-sequence KL. :func:`sample_completions` draws y by plain ancestral sampling (temperature 1, full
-softmax) and scores every drawn token under both models; :func:`estimate_sequence_kl` averages.
+sequence KL. :func:`sample_completions` draws y with the project's one sampler
+(:func:`ipo_lightning.generation.generate_completions`: ancestral, temperature 1, full softmax, one
+generator per (seed, prompt, sample), batched with the KV cache), then scores exactly the drawn
+tokens under both models with one teacher-forced forward per model and batch through the training
+path (:func:`ipo_lightning.batching.batch_scores`); :func:`estimate_sequence_kl` averages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from ipo_lightning.batching import Batching, batch_scores
+from ipo_lightning.generation import generate_completions
 
 
 @dataclass
@@ -32,7 +40,7 @@ class SequenceSample:
     """One completion sampled from the policy, with its sequence log-ratio."""
 
     prompt_index: int
-    """Position of the prompt in the caller's full prompt list (what seeded its RNG)."""
+    """Position of the prompt in the caller's full prompt list (what seeded its generator)."""
     prompt: Tensor
     completion: Tensor
     """Sampled tokens, EOS included when one was drawn."""
@@ -40,68 +48,143 @@ class SequenceSample:
     """log pi(completion | prompt) - log ref(completion | prompt)."""
 
 
+def _scoring_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``(input_ids, attention_mask, completion_mask)`` of (prompt, completion) rows, as
+    the collator lays out a completion to score (the padding value is never attended to or scored)."""
+    width = max(len(prompt) + len(completion) for prompt, completion in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(rows):
+        end = len(prompt) + len(completion)
+        input_ids[row, :end] = torch.tensor([*prompt, *completion], dtype=torch.long)
+        attention_mask[row, :end] = 1
+        completion_mask[row, len(prompt) : end] = True
+    return input_ids, attention_mask, completion_mask
+
+
 @torch.no_grad()
+def sequence_log_ratios(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batching: Batching = "padded",
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+) -> list[float]:
+    """``log pi(completion | prompt) - log ref(completion | prompt)`` of each (prompt, completion) row.
+
+    Teacher forcing through :func:`~ipo_lightning.batching.batch_scores`, ``batch_size`` rows per
+    forward; the per-token differences are summed in float64.
+    """
+    device = next(policy.parameters()).device
+    ratios: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        tensors = tuple(t.to(device) for t in _scoring_batch(part))
+        mine = batch_scores(policy, *tensors, batching=batching, chunk_size=chunk_size)
+        theirs = batch_scores(reference, *tensors, batching=batching, chunk_size=chunk_size)
+        delta = mine.token_logps.double() - theirs.token_logps.double()
+        sums = delta.new_zeros(len(part)).index_add(0, mine.sequence_ids, delta)
+        ratios += sums.tolist()
+    return ratios
+
+
+def draw_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Tensor],
+    *,
+    prompt_indices: Sequence[int] | None = None,
+    samples_per_prompt: int = 1,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[list[Tensor]]:
+    """``samples_per_prompt`` completions of each prompt drawn from ``model`` (token ids, EOS included).
+
+    :func:`~ipo_lightning.generation.generate_completions`: ancestral sampling from the full softmax at
+    temperature 1 (whatever the model's generation config says); a completion ends at the model's EOS
+    (see :func:`~ipo_lightning.generation.stop_token_ids`) or after ``max_new_tokens``. Sample j of
+    prompt i draws from its own generator seeded by ``(seed, prompt_indices[i], j)``, so a prompt's
+    samples do not depend on the other prompts drawn with it, and two models drawing with the same
+    seed pair their samples up. The global RNG is never drawn from, so measuring does not change
+    training.
+    """
+    drawn = generate_completions(
+        model,
+        tokenizer,
+        [prompt.tolist() for prompt in prompts],
+        k=samples_per_prompt,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        prompt_indices=prompt_indices,
+    )
+    return [[torch.tensor(c.token_ids, dtype=torch.long) for c in per_prompt] for per_prompt in drawn]
+
+
 def sample_completions(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
-    prompts: list[Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Tensor],
     *,
-    prompt_indices: list[int] | None = None,
+    prompt_indices: Sequence[int] | None = None,
     samples_per_prompt: int = 1,
     max_new_tokens: int = 64,
-    eos_token_id: int | list[int] | None = None,
     seed: int = 0,
+    batch_size: int = 64,
+    batching: Batching = "padded",
+    chunk_size: int = 1024,
 ) -> list[SequenceSample]:
-    """Sample completions from the policy at temperature 1, scoring each under both models.
+    """Completions drawn from the policy (:func:`draw_completions`), each scored under both models.
 
-    Sampling is plain ancestral sampling from the policy's full softmax (no top-k, top-p or
-    penalties, whatever the model's generation config says), so the log-ratios give an unbiased
-    estimate of the sequence KL. A sequence ends at ``eos_token_id`` (included) or after
-    ``max_new_tokens``; its log-probs under both models are those of exactly the tokens sampled.
-
-    Prompt ``i`` draws from an RNG seeded with ``seed + i``, so a prompt's samples do not depend on
-    which other prompts are sampled with it: processes that split the prompts between them (pass
-    each its ``prompt_indices``) draw exactly what one process drawing them all would. The global RNG
-    is left untouched (a forked one is used), so measuring does not change training.
+    The samples come from the policy's full softmax at temperature 1, so their log-ratios give an
+    unbiased estimate of the sequence KL; processes that split the prompts between them (each
+    passing its ``prompt_indices``) draw what one process drawing them all would.
 
     Args:
         policy: causal LM to sample from.
-        reference: causal LM to compare with.
+        reference: causal LM to compare with (only scored, never sampled from).
+        tokenizer: the models' tokenizer (padding id and EOS fallback of the sampler).
         prompts: 1-D token id tensors, one per prompt.
         prompt_indices: each prompt's index in the full list (default ``0..len(prompts)-1``).
         samples_per_prompt: completions drawn per prompt.
         max_new_tokens: longest completion.
-        eos_token_id: token(s) that end a completion (None: always ``max_new_tokens`` tokens).
-        seed: base seed of the sampling RNG.
+        seed: base seed of the per-sample generators.
+        batch_size: rows per ``generate`` call and per scoring forward.
+        batching: layout of the scoring forwards (``padded`` or ``padding_free``).
+        chunk_size: positions per float32 chunk of the log-softmax.
+
+    Returns:
+        The samples, prompt by prompt, ``samples_per_prompt`` each.
     """
-    device = next(policy.parameters()).device
-    stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
-    if len(indices) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt_indices")
-    samples: list[SequenceSample] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for index, prompt in zip(indices, prompts, strict=True):
-            torch.manual_seed(seed + index)
-            for _ in range(samples_per_prompt):
-                ids = prompt.to(device)[None]
-                log_ratio = 0.0
-                for _ in range(max_new_tokens):
-                    # No KV cache: simple and exact; measurements use few, short samples.
-                    log_p = torch.log_softmax(
-                        policy(input_ids=ids, use_cache=False).logits[0, -1].float(), -1
-                    )
-                    log_q = torch.log_softmax(
-                        reference(input_ids=ids, use_cache=False).logits[0, -1].float(), -1
-                    )
-                    token = torch.multinomial(log_p.exp(), 1)
-                    log_ratio += float(log_p[token] - log_q[token])
-                    ids = torch.cat([ids, token[None]], dim=1)
-                    if int(token) in stop_ids:
-                        break
-                completion = ids[0, prompt.numel() :].cpu()
-                samples.append(SequenceSample(index, prompt.cpu(), completion, log_ratio))
-    return samples
+    indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+    drawn = draw_completions(
+        policy,
+        tokenizer,
+        prompts,
+        prompt_indices=indices,
+        samples_per_prompt=samples_per_prompt,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    owned = [
+        (index, prompt.cpu(), completion)
+        for index, prompt, per_prompt in zip(indices, prompts, drawn, strict=True)
+        for completion in per_prompt
+    ]
+    rows = [(prompt.tolist(), completion.tolist()) for _, prompt, completion in owned]
+    ratios = sequence_log_ratios(
+        policy, reference, rows, batching=batching, batch_size=batch_size, chunk_size=chunk_size
+    )
+    return [
+        SequenceSample(index, prompt, completion, ratio)
+        for (index, prompt, completion), ratio in zip(owned, ratios, strict=True)
+    ]
 
 
 def estimate_sequence_kl(samples: list[SequenceSample]) -> SampledKL:
@@ -115,8 +198,12 @@ def estimate_sequence_kl(samples: list[SequenceSample]) -> SampledKL:
 
 
 def sampled_sequence_kl(
-    policy: torch.nn.Module, reference: torch.nn.Module, prompts: list[Tensor], **sampling: Any
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Tensor],
+    **sampling: Any,
 ) -> tuple[SampledKL, list[SequenceSample]]:
     """:func:`sample_completions` (same keyword arguments) and the estimate from its samples."""
-    samples = sample_completions(policy, reference, prompts, **sampling)
+    samples = sample_completions(policy, reference, tokenizer, prompts, **sampling)
     return estimate_sequence_kl(samples), samples
