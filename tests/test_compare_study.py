@@ -243,7 +243,7 @@ def test_shipped_gold_data_size_study_loads(monkeypatch: pytest.MonkeyPatch) -> 
     command = spec.fit_command("dpo-n1000-noise0.2-seed1")
     given = dict(zip(command[4::2], command[5::2], strict=False))
     assert given["--data.train.path"] == "builtin:gold/train?pairs=10000&temperature=0"
-    assert (given["--model.loss_type"], given["--model.beta"]) == ("dpo", "0.1")
+    assert (given["--model.loss_type"], given["--model.beta"]) == ("dpo", "0.3")
     assert (given["--data.train_size"], given["--data.label_noise"], given["--data.seed"]) == (
         "1000",
         "0.2",
