@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoTokenizer
 
@@ -395,6 +396,10 @@ def _column(rows: list[dict[str, str]], name: str) -> list[float]:
     return [float(row[name]) for row in rows if row.get(name)]
 
 
+def _column_steps(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
+    return [(int(row["step"]), float(row[name])) for row in rows if row.get(name)]
+
+
 @pytest.mark.parametrize("cls", [RLOOModule, OnlineModule])
 def test_fit_logs_the_rollout_and_generation_metrics(
     cls: type[OnPolicyModule], tiny_model_dir: Path, tmp_path: Path
@@ -519,7 +524,33 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
         and _column(rows, "gen/reward")
     )
     assert not any(name.startswith("divergence/") for name in rows[0])
-    assert (run / "hf_model" / "config.json").is_file()
+    export = run / "hf_model"
+    assert (export / "config.json").is_file()
+    # The export states the on-policy method and its settings, not a preference run's.
+    info = json.loads((export / "ipo_lightning.json").read_text())
+    expected = {"method": method, "reward": REWARD, "reference": "separate", "global_step": 2}
+    if method == "rloo":
+        expected |= {"samples_per_prompt": 4, "beta": 0.05, "length_normalize": False}
+    else:
+        expected |= {"samples_per_prompt": 2, "loss_type": "ipo", "beta": 1.0, "length_normalize": True}
+        expected |= {"label_temperature": 0.0}
+    assert {name: info.get(name) for name in expected} == expected
+    card = ModelCard.load(export / "README.md")
+    body = card.text
+    assert "preference pairs" not in body and "training pairs" not in body
+    assert f"`{REWARD}`" in body and ": 3 distinct training prompts" in body
+    if method == "rloo":
+        assert card.data.tags == ["ipo-lightning", "rloo", "rlhf"]
+        assert "RLOO" in body and "- **beta** (weight of the KL penalty in the reward): 0.05" in body
+        assert "- **Samples per prompt** k: 4" in body and "leave-one-out" in body
+    else:
+        assert card.data.tags == ["ipo-lightning", "online-ipo", "rlhf"]
+        assert "online IPO" in body and "`method: online`, `loss_type: ipo`" in body
+        assert "p = 1 (hard labels" in body and "- **beta**: 1 (target margin" in body
+        assert "- **Length normalisation**: on" in body
+    for name in ("val/reward", "val/kl", "gen/reward"):
+        step, value = _column_steps(rows, name)[-1]
+        assert f"| `{name}` | {value:.4g} | {step} |" in body, name
 
 
 def test_kl_budget_on_prompt_data_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
