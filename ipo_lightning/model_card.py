@@ -54,10 +54,12 @@ LOSS_DESCRIPTIONS = {
         "pairs with beta h >= 1 add nothing",
     ),
 }
-MARGIN_DEFINITION = (
+PAIR_MARGIN = (
     "h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)], with y_w the chosen and y_l "
-    "the rejected completion, pi the policy and ref the frozen reference; p is a pair's preference "
-    "probability (1 unless the data gives `preference_prob`)"
+    "the rejected completion, pi the policy and ref the frozen reference"
+)
+MARGIN_DEFINITION = (
+    f"{PAIR_MARGIN}; p is a pair's preference probability (1 unless the data gives `preference_prob`)"
 )
 REWARD_MODEL_TAGS = ["reward-model", "bradley-terry"]
 REWARD_MODEL_LOSS = "-q logsigmoid(r_w - r_l) - (1 - q) logsigmoid(r_l - r_w) + c (r_w + r_l)^2"
@@ -69,6 +71,22 @@ REWARD_MODEL_LOSS_NOTE = (
 REWARD_MODEL_METRICS_NOTE = (
     "`rm/accuracy` is the fraction of pairs whose chosen completion scores higher, `rm/margin` the mean "
     "r_w - r_l, `rm/reward_mean` and `rm/reward_std` the mean and standard deviation of all scores"
+)
+ON_POLICY_METHODS = ("rloo", "online")
+"""The methods that train on prompts and the policy's own samples rather than on preference pairs."""
+ON_POLICY_METRIC_PREFIXES = ("val/", "gen/")
+"""On-policy cards: the rollout metrics on the held-out prompts and every generation score."""
+RLOO_LOSS = "-mean_i A_i log pi(y_i|x), A_i = r'_i - mean_{j != i} r'_j, r'_i = r_i - beta kl_i"
+RLOO_LOSS_NOTE = (
+    "for the k samples y_1..y_k of a prompt x, r_i is sample i's reward and kl_i = log pi(y_i|x) - "
+    "log ref(y_i|x) its sampled KL to the reference (both summed over the completion's tokens, "
+    "detached in r'); the leave-one-out baseline makes the expected gradient that of "
+    "E_pi[r] - beta KL(pi || ref)"
+)
+ON_POLICY_METRICS_NOTE = (
+    "`val/...` samples the held-out prompts with a fixed seed: `val/reward` is the mean reward of the "
+    "samples, `val/kl` their mean log pi(y|x) - log ref(y|x) (summed over the completion); `gen/...` "
+    "are the generation evaluation's scores"
 )
 REFERENCE_DESCRIPTIONS = {
     "separate": "a separate frozen copy of the starting model",
@@ -93,10 +111,11 @@ def model_kind(name_or_path: str) -> str:
     return "local" if Path(name_or_path).expanduser().exists() else "hub"
 
 
-def last_metrics(run: RunMetrics) -> list[CardMetric]:
-    """The last value of every ``val/`` metric and of :data:`CARD_EXTRA_METRICS`, by name."""
+def last_metrics(run: RunMetrics, prefixes: tuple[str, ...] = CARD_METRIC_PREFIXES) -> list[CardMetric]:
+    """The last value of every metric starting with one of ``prefixes`` and of
+    :data:`CARD_EXTRA_METRICS`, by name."""
     names = sorted({name for row in run.rows for name in row})
-    chosen = [name for name in names if name.startswith(CARD_METRIC_PREFIXES) or name in CARD_EXTRA_METRICS]
+    chosen = [name for name in names if name.startswith(prefixes) or name in CARD_EXTRA_METRICS]
     metrics = []
     for name in chosen:
         steps, values = run.series(name)
@@ -181,6 +200,66 @@ def _reward_model_method(model: dict[str, Any], base_text: str) -> list[str]:
     return lines
 
 
+def _on_policy_method(method: str, model: dict[str, Any], base_text: str) -> list[str]:
+    """The card's opening line and ``Training method`` bullets for an on-policy run (rloo, online)."""
+    reward = f"`{model.get('reward')}`"
+    if method == "rloo":
+        beta = float(model["beta"])
+        k = int(model["samples_per_prompt"])
+        lines = [
+            "A causal language model fine-tuned with RLOO (REINFORCE leave-one-out, Ahmadian et al. 2024) "
+            f"by ipo-lightning, starting from {base_text}: trained on prompts, on completions it sampled "
+            f"itself during training, scored by the reward {reward}.",
+            "",
+            "## Training method",
+            "",
+            f"- **Loss** (`method: rloo`), per prompt: `{RLOO_LOSS}`; {RLOO_LOSS_NOTE}.",
+            f"- **beta** (weight of the KL penalty in the reward): {beta:g}",
+            f"- **Samples per prompt** k: {k}",
+        ]
+    else:
+        loss_type = str(model["loss_type"])
+        beta = float(model["beta"])
+        temperature = float(model.get("label_temperature") or 0.0)
+        name, formula, note = LOSS_DESCRIPTIONS[loss_type]
+        label = (
+            f"p = sigmoid(|r_1 - r_2| / T), T = {temperature:g}"
+            if temperature
+            else "p = 1 (hard labels; 0.5 on a tie, `label_temperature: 0`)"
+        )
+        lines = [
+            f"A causal language model fine-tuned with online {name} by ipo-lightning, starting from "
+            f"{base_text}: trained on prompts, on pairs of completions it sampled itself during training, "
+            f"labelled by the reward {reward}.",
+            "",
+            "## Training method",
+            "",
+            f"- **Pairs**: the policy samples 2 completions of each prompt; the one with the higher reward "
+            f"is y_w, with preference probability {label}.",
+            f"- **Loss** (`method: online`, `loss_type: {loss_type}`), per pair: `{formula}`; {note}. "
+            f"Here {PAIR_MARGIN}.",
+            f"- **beta**: {beta:g}"
+            + (f" (target margin 1/(2 beta) = {1 / (2 * beta):g} for p = 1)" if loss_type == "ipo" else ""),
+            "- **Length normalisation**: "
+            + (
+                "on: log pi(y|x) is the mean over the completion's tokens"
+                if model.get("length_normalize")
+                else "off: log pi(y|x) is the sum over the completion's tokens"
+            ),
+        ]
+    penalty = model.get("missing_eos_penalty")
+    if penalty:
+        lines.append(
+            f"- **Missing-EOS penalty**: {float(penalty):g} subtracted from the reward of unended samples"
+        )
+    lines.append(f"- **Sampling**: temperature 1, at most {model.get('max_new_tokens')} new tokens")
+    reference = str(model.get("reference") or "separate")
+    lines.append(
+        f"- **Reference** (`reference: {reference}`): {REFERENCE_DESCRIPTIONS.get(reference, reference)}"
+    )
+    return lines
+
+
 def build_model_card(
     run: RunMetrics, *, global_step: int, train_pairs: int | None, reproducible: bool, title: str
 ) -> ModelCard:
@@ -195,7 +274,9 @@ def build_model_card(
         title: the card's heading (the hub repo id, or the export folder's name).
     """
     model = run.setting("model", {}) or {}
-    reward_model = run.setting("method") == "reward_model"
+    method = str(run.setting("method") or "preference")
+    reward_model = method == "reward_model"
+    on_policy = method in ON_POLICY_METHODS
     data = run.setting("data", {}) or {}
     loss_type = str(model.get("loss_type", "ipo"))
     base = str(model.get("model_name_or_path"))
@@ -209,9 +290,7 @@ def build_model_card(
         pipeline_tag="text-classification" if reward_model else "text-generation",
         base_model=base if kind == "hub" else None,
         datasets=datasets,
-        tags=["ipo-lightning", *REWARD_MODEL_TAGS]
-        if reward_model
-        else ["ipo-lightning", loss_type, "preference-optimization"],
+        tags=_tags(method, loss_type),
     )
     if kind == "builtin":
         base_text = f"`{base}`: {BUILTIN_MODELS.get(base, 'a model built by ipo-lightning')}"
@@ -220,38 +299,48 @@ def build_model_card(
     else:
         base_text = f"[`{base}`](https://huggingface.co/{base})"
     lines = [f"# {title}", ""]
-    lines += _reward_model_method(model, base_text) if reward_model else _preference_method(model, base_text)
+    if reward_model:
+        lines += _reward_model_method(model, base_text)
+    elif on_policy:
+        lines += _on_policy_method(method, model, base_text)
+    else:
+        lines += _preference_method(model, base_text)
     lines.append(f"- **Optimizer steps**: {global_step}")
 
     lines += ["", "## Data", ""]
     if train_path:
-        pairs = f": {train_pairs} training pairs" if train_pairs is not None else ""
+        unit = "distinct training prompts" if on_policy else "training pairs"
+        pairs = f": {train_pairs} {unit}" if train_pairs is not None else ""
         lines.append(f"- **Training set** {_source_text(train)}{pairs}")
-    noise = float(data.get("label_noise", 0.0) or 0.0)
-    lines.append(
-        f"- **Label noise**: {noise:g}"
-        + (
-            " (this fraction of training pairs had chosen and rejected swapped on purpose)"
-            if noise
-            else " (none)"
+    if not on_policy:  # prompts have no labels to flip
+        noise = float(data.get("label_noise", 0.0) or 0.0)
+        lines.append(
+            f"- **Label noise**: {noise:g}"
+            + (
+                " (this fraction of training pairs had chosen and rejected swapped on purpose)"
+                if noise
+                else " (none)"
+            )
         )
-    )
     for set_name, source in (data.get("val") or {}).items():
         lines.append(f"- **Validation set** `{set_name}`: {_source_text(source)}")
     if data.get("val_fraction"):
         lines.append(f"- **Validation set** `held_out`: {data['val_fraction']:g} of the training records")
 
-    metrics = last_metrics(run)
+    metrics = last_metrics(run, ON_POLICY_METRIC_PREFIXES if on_policy else CARD_METRIC_PREFIXES)
+    if reward_model:
+        metrics_note = f"`val/...` on the held-out sets: {REWARD_MODEL_METRICS_NOTE}"
+    elif on_policy:
+        metrics_note = ON_POLICY_METRICS_NOTE
+    else:
+        metrics_note = (
+            "`val/...` on the held-out sets, `divergence/kl` is KL(policy || reference) per completion "
+            "token on held-out pairs"
+        )
     lines += ["", "## Results", ""]
     if metrics:
         lines += [
-            (
-                "Last logged values (`metrics.csv` of the run; `val/...` on the held-out sets: "
-                f"{REWARD_MODEL_METRICS_NOTE}):"
-                if reward_model
-                else "Last logged values (`metrics.csv` of the run; `val/...` on the held-out sets, "
-                "`divergence/kl` is KL(policy || reference) per completion token on held-out pairs):"
-            ),
+            f"Last logged values (`metrics.csv` of the run; {metrics_note}):",
             "",
             "| metric | value | step |",
             "| --- | ---: | ---: |",
@@ -275,21 +364,40 @@ def build_model_card(
             "Trained through the Python API (`Trainer.fit`), not the command line: no config to rerun."
         )
     lines += ["", "## Use", ""]
-    lines += REWARD_MODEL_USE if reward_model else PREFERENCE_USE
+    if reward_model:
+        lines += REWARD_MODEL_USE
+    else:
+        lines += [*CAUSAL_LM_USE, "", ON_POLICY_INFO if on_policy else PREFERENCE_INFO]
     # Built as text rather than from a jinja template: the body's braces and pipes stay literal.
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
-PREFERENCE_USE = [
+def _tags(method: str, loss_type: str) -> list[str]:
+    """The hub tags of an export of ``method``."""
+    if method == "reward_model":
+        return ["ipo-lightning", *REWARD_MODEL_TAGS]
+    if method == "rloo":
+        return ["ipo-lightning", "rloo", "rlhf"]
+    if method == "online":
+        return ["ipo-lightning", f"online-{loss_type}", "rlhf"]
+    return ["ipo-lightning", loss_type, "preference-optimization"]
+
+
+CAUSAL_LM_USE = [
     "```python",
     "from transformers import AutoModelForCausalLM, AutoTokenizer",
     "",
     'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
     'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")',
     "```",
-    "",
-    "`ipo_lightning.json` states the loss, beta, length normalisation and step of this export.",
 ]
+PREFERENCE_INFO = (
+    "`ipo_lightning.json` states the method, loss, beta, length normalisation and step of this export."
+)
+ON_POLICY_INFO = (
+    "`ipo_lightning.json` states the method, reward, samples per prompt, beta (and for online the loss "
+    "type, label temperature and length normalisation) and step of this export."
+)
 REWARD_MODEL_USE = [
     "```python",
     "from transformers import AutoModelForSequenceClassification, AutoTokenizer",

@@ -11,6 +11,14 @@ it from ``config.pad_token_id``, set from the tokenizer). One training step:
    the text ``prompt + completion`` is (what :func:`ipo_lightning.rewards.load_reward` scores for a
    generated completion, whose text holds no EOS); chat rows are scored as the chat template renders
    the conversation, end-of-turn tokens included, as ``load_reward`` scores them with conversations.
+   A plain-text row is the preference data's tokenisation, which differs from ``load_reward``'s
+   (:func:`~ipo_lightning.rewards.reward_model_inputs`, the whole text ``prompt + completion``) in two
+   cases, so the exported model's score of such a pair is not the score it was trained on: a prompt
+   longer than ``data.max_prompt_length`` tokens is trained on its last ``max_prompt_length`` tokens
+   only (the scorer keeps all of it, up to the model's context), and the prompt and the completion are
+   tokenised separately, so a token that the whole text would merge across their boundary (a prompt
+   ending in a space or mid-word) is two tokens in training and one in the scorer. Prompts that fit and
+   completions that start at a word boundary (``" It is ..."``) score alike.
 3. :func:`reward_model_loss` turns the scores into per-pair losses; the step's loss is their mean.
 4. Metrics ``rm/accuracy``, ``rm/margin``, ``rm/reward_mean``, ``rm/reward_std`` and ``loss`` are
    logged under ``train/`` and ``val/`` (``val/<name>/`` per set, the first set also plain).

@@ -61,7 +61,8 @@ def test_cli_writes_the_resolved_beta_into_config_hparams_and_export(
     run_dir = tmp_path / "runs" / "version_0"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["beta"] == expected
     assert yaml.safe_load((run_dir / "hparams.yaml").read_text())["beta"] == expected
-    assert json.loads((run_dir / "hf_model" / "ipo_lightning.json").read_text())["beta"] == expected
+    info = json.loads((run_dir / "hf_model" / "ipo_lightning.json").read_text())
+    assert (info["method"], info["beta"]) == ("preference", expected)
 
 
 def _llama_with_dropout(tiny_model_dir: Path, target: Path) -> Path:

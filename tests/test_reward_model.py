@@ -323,3 +323,63 @@ def test_ddp_fit_logs_synced_metrics_and_exports(tmp_path: Path, tiny_model_dir:
     assert [int(row["step"]) for row in rows] == [2, 5]
     assert float(rows[-1]["val/in_dist/rm/accuracy"]) == 1.0
     assert AutoModelForSequenceClassification.from_pretrained(run_dir / "hf_model").config.num_labels == 1
+
+
+def test_training_scores_equal_the_exports_except_for_a_cut_prompt_and_a_merged_boundary(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Plain text: training scores the prompt's last ``max_prompt_length`` tokens followed by the
+    completion tokenised on its own; the exported reward (``load_reward``) tokenises the text
+    ``prompt + completion`` whole. The two agree on a prompt that fits and a boundary that splits no
+    token, and differ, as the reward model's documentation says, for a prompt cut by
+    ``max_prompt_length`` and for a token that merges across the boundary."""
+    max_prompt_length = 14
+    records = {
+        "fits": {"prompt": "Human: hi. Assistant:", "chosen": " It is lovely.", "rejected": " No."},
+        "cut": {
+            "prompt": "Human: tell me about the sea and the quick brown fox. Assistant:",
+            "chosen": " It is lovely.",
+            "rejected": " No.",
+        },
+        "merged": {"prompt": "Human: hi. Assistant: the ", "chosen": "sea", "rejected": " No."},
+    }
+    datamodule = PreferenceDataModule(
+        val={
+            name: DataSource(str(write_jsonl(tmp_path / f"{name}.jsonl", [r]))) for name, r in records.items()
+        },
+        tokenizer_name_or_path=str(tiny_model_dir),
+        max_length=48,
+        max_prompt_length=max_prompt_length,
+        batch_size=1,
+    )
+    datamodule.setup("validate")
+    tokenizer = datamodule.tokenizer
+    module = RewardModelModule(str(tiny_model_dir))
+    module.configure_model()
+    module.eval()
+    export = tmp_path / "export"
+    module.model.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    reward = load_reward(str(export), option="--generation.reward")
+
+    def score(ids: list[int]) -> float:
+        with torch.no_grad():
+            return float(module.model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    for (name, record), loader in zip(records.items(), datamodule.val_dataloader(), strict=True):
+        prompt, chosen = record["prompt"], record["chosen"]
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        assert (len(prompt_ids) > max_prompt_length) == (name == "cut")
+        trained_ids = (
+            prompt_ids[-max_prompt_length:] + tokenizer(chosen, add_special_tokens=False)["input_ids"]
+        )
+        exported_ids = tokenizer(prompt + chosen)["input_ids"]
+        with torch.no_grad():
+            trained = float(module.score_rows(next(iter(loader)))[0])
+        exported = reward([prompt], [chosen])[0]
+        assert trained == pytest.approx(score(trained_ids), abs=1e-4), name
+        assert exported == pytest.approx(score(exported_ids), abs=1e-4), name
+        if name == "fits":
+            assert trained_ids == exported_ids and trained == pytest.approx(exported, abs=1e-4)
+        else:
+            assert trained_ids != exported_ids and abs(trained - exported) > 1e-4, name

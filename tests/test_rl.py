@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoTokenizer
 
@@ -22,7 +23,7 @@ from ipo_lightning.data.sources import DataSource
 from ipo_lightning.data.tokenize import PairTokenizer
 from ipo_lightning.errors import ConfigError, DataError
 from ipo_lightning.losses import preference_loss
-from ipo_lightning.rewards import load_reward
+from ipo_lightning.rewards import RewardFunction, load_reward
 from ipo_lightning.rl.data import PromptDataModule, collate_prompts
 from ipo_lightning.rl.module import OnPolicyModule
 from ipo_lightning.rl.online import OnlineModule, online_loss, online_preferences
@@ -332,6 +333,81 @@ def test_rollout_logprobs_equal_teacher_forcing_and_are_deterministic(
     ]
 
 
+class _Recorder:
+    """A reward (the ``score`` of a real :class:`RewardFunction`) that scores completion length and
+    keeps every call's prompts, completions and conversations."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[str], list[list[dict[str, str]]] | None]] = []
+
+    def __call__(self, prompts: list[str], completions: list[str], conversations: list | None) -> list[float]:
+        self.calls.append((prompts, completions, conversations))
+        return [float(len(completion)) for completion in completions]
+
+
+def test_rollout_gives_the_reward_conversations_only_for_all_chat_prompts(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    messages = [{"role": "user", "content": "tell me about bread"}]
+    chat = _datamodule(tiny_model_dir, write_jsonl(tmp_path / "chat.jsonl", [{"prompt": messages}]))
+    plain = _datamodule(tiny_model_dir, _prompt_file(tmp_path))
+    chat.setup("fit")
+    plain.setup("fit")
+    module = _module(tiny_model_dir, samples_per_prompt=2)
+    recorder = _Recorder()
+    module.reward_function = RewardFunction("recorder", "model.reward", recorder)
+    module.rollout(collate_prompts([chat.train_dataset[0], chat.train_dataset[0]]), seed=1)
+    module.rollout(collate_prompts([chat.train_dataset[0], plain.train_dataset[0]]), seed=1)
+    (_, _, all_chat), (_, _, mixed) = recorder.calls
+    assert all_chat == [messages] * 4
+    assert mixed is None  # a chat prompt first does not make the plain one an empty conversation
+
+
+def test_a_prompt_draws_new_samples_each_epoch_and_a_rerun_draws_the_same(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two epochs over the same two prompts (one step each) with a policy that does not change (lr 0):
+    the samples differ between the epochs only through the step's seed, and a rerun repeats both."""
+    prompts = write_jsonl(
+        tmp_path / "two.jsonl", [{"prompt": "Human: hi. Assistant:"}, {"prompt": "Human: bye. Assistant:"}]
+    )
+
+    def fit() -> dict[str, list[list[str]]]:
+        datamodule = _datamodule(tiny_model_dir, prompts)
+        module = RLOOModule(
+            str(tiny_model_dir),
+            REWARD,
+            samples_per_prompt=2,
+            max_new_tokens=6,
+            max_length=48,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.0),
+        )
+        recorder = _Recorder()
+        module.reward_function = RewardFunction("recorder", "model.reward", recorder)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule)
+        assert trainer.global_step == 2
+        draws: dict[str, list[list[str]]] = {}  # prompt -> [its k samples in epoch 1, in epoch 2]
+        for texts, completions, _ in recorder.calls:
+            for start in range(0, len(texts), 2):
+                draws.setdefault(texts[start], []).append(completions[start : start + 2])
+        return draws
+
+    first = fit()
+    assert sorted(first) == ["Human: bye. Assistant:", "Human: hi. Assistant:"]
+    for prompt, (epoch_1, epoch_2) in first.items():
+        assert epoch_1 != epoch_2, prompt
+    assert fit() == first
+
+
 def test_module_losses_are_the_estimators_of_the_rollout(tiny_model_dir: Path, tmp_path: Path) -> None:
     batch = _batch(tiny_model_dir, tmp_path)
     module = _module(tiny_model_dir, missing_eos_penalty=2.0, beta=0.1)
@@ -393,6 +469,10 @@ def _read_metrics(log_dir: str) -> list[dict[str, str]]:
 
 def _column(rows: list[dict[str, str]], name: str) -> list[float]:
     return [float(row[name]) for row in rows if row.get(name)]
+
+
+def _column_steps(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
+    return [(int(row["step"]), float(row[name])) for row in rows if row.get(name)]
 
 
 @pytest.mark.parametrize("cls", [RLOOModule, OnlineModule])
@@ -519,7 +599,33 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
         and _column(rows, "gen/reward")
     )
     assert not any(name.startswith("divergence/") for name in rows[0])
-    assert (run / "hf_model" / "config.json").is_file()
+    export = run / "hf_model"
+    assert (export / "config.json").is_file()
+    # The export states the on-policy method and its settings, not a preference run's.
+    info = json.loads((export / "ipo_lightning.json").read_text())
+    expected = {"method": method, "reward": REWARD, "reference": "separate", "global_step": 2}
+    if method == "rloo":
+        expected |= {"samples_per_prompt": 4, "beta": 0.05, "length_normalize": False}
+    else:
+        expected |= {"samples_per_prompt": 2, "loss_type": "ipo", "beta": 1.0, "length_normalize": True}
+        expected |= {"label_temperature": 0.0}
+    assert {name: info.get(name) for name in expected} == expected
+    card = ModelCard.load(export / "README.md")
+    body = card.text
+    assert "preference pairs" not in body and "training pairs" not in body
+    assert f"`{REWARD}`" in body and ": 3 distinct training prompts" in body
+    if method == "rloo":
+        assert card.data.tags == ["ipo-lightning", "rloo", "rlhf"]
+        assert "RLOO" in body and "- **beta** (weight of the KL penalty in the reward): 0.05" in body
+        assert "- **Samples per prompt** k: 4" in body and "leave-one-out" in body
+    else:
+        assert card.data.tags == ["ipo-lightning", "online-ipo", "rlhf"]
+        assert "online IPO" in body and "`method: online`, `loss_type: ipo`" in body
+        assert "p = 1 (hard labels" in body and "- **beta**: 1 (target margin" in body
+        assert "- **Length normalisation**: on" in body
+    for name in ("val/reward", "val/kl", "gen/reward"):
+        step, value = _column_steps(rows, name)[-1]
+        assert f"| `{name}` | {value:.4g} | {step} |" in body, name
 
 
 def test_kl_budget_on_prompt_data_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -182,14 +182,16 @@ class HFExport(Callback):
 
 
 def _export_info(pl_module: L.LightningModule, global_step: int) -> dict[str, Any]:
-    """What ``ipo_lightning.json`` states: the module's ``export_info()`` where it has one, else the
-    preference settings (loss, beta, length normalisation, reference, LoRA), and the step."""
+    """What ``ipo_lightning.json`` states: the module's ``export_info()`` where it has one (the reward
+    model, the on-policy methods), else the preference settings (loss, beta, length normalisation,
+    reference, LoRA); always the ``method`` first and the step last."""
     if hasattr(pl_module, "export_info"):
         return {**pl_module.export_info(), "global_step": global_step}
     hp = pl_module.hparams
     return {
+        "method": getattr(pl_module, "method_name", "preference"),
         "base_model": hp.model_name_or_path,
-        "loss_type": hp.get("loss_type"),  # RLOO has none
+        "loss_type": hp.get("loss_type"),
         "beta": hp.beta,
         "label_smoothing": hp.get("label_smoothing", 0.0),
         "length_normalize": hp.get("length_normalize"),

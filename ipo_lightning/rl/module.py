@@ -47,7 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ipo_lightning.batching import Batching, BatchingOption
 from ipo_lightning.data.preprocess import PROMPT_COLUMN
-from ipo_lightning.data.prompts import held_out_prompt
+from ipo_lightning.data.prompts import held_out_prompt, reward_conversations
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.generation import generate_completions, row_seed
 from ipo_lightning.lora import LoraOptions, lora_options_dict
@@ -150,8 +150,12 @@ class OnPolicyModule(L.LightningModule):
     subclass's arguments.
     """
 
+    method_name: str = ""
+    """The ``method`` value that selects the subclass (``rloo``, ``online``)."""
     method_metrics: tuple[str, ...] = ()
     """The method's own training metrics, besides :data:`ROLLOUT_METRICS` and ``loss``."""
+    method_export_keys: tuple[str, ...] = ()
+    """The method's own hyperparameters that ``ipo_lightning.json`` states (:meth:`export_info`)."""
 
     def __init__(
         self,
@@ -326,11 +330,10 @@ class OnPolicyModule(L.LightningModule):
         )
         flat = [completion for row in completions for completion in row]
         flat_prompts = [prompt for prompt in prompts for _ in range(k)]
-        chat = prompts[0].messages is not None
         scores = self.reward_function(
             [prompt.text for prompt in flat_prompts],
             [completion.text for completion in flat],
-            conversations=[prompt.messages or [] for prompt in flat_prompts] if chat else None,
+            conversations=reward_conversations(flat_prompts),
         )
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         rows = completion_rows(
@@ -371,6 +374,22 @@ class OnPolicyModule(L.LightningModule):
     def rollout_loss(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """The method's loss of a rollout and the values of its :attr:`method_metrics`."""
         raise NotImplementedError
+
+    def export_info(self) -> dict[str, Any]:
+        """What ``ipo_lightning.json`` of the export states about the training (HFExport adds the step):
+        the method, the reward it was trained against, k, the method's own options and the reference."""
+        hp = self.hparams
+        return {
+            "method": self.method_name,
+            "base_model": hp.model_name_or_path,
+            "reward": hp.reward,
+            "samples_per_prompt": self.samples_per_prompt,
+            **{name: hp[name] for name in self.method_export_keys},
+            "missing_eos_penalty": hp.missing_eos_penalty,
+            "max_new_tokens": hp.max_new_tokens,
+            "reference": hp.reference,
+            "lora": hp.lora,
+        }
 
     # ------------------------------------------------------------------ steps
 

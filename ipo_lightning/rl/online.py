@@ -106,7 +106,9 @@ class OnlineModule(OnPolicyModule):
             sample; 0: hard labels (p = 1, a tie 0.5).
     """
 
+    method_name = "online"
     method_metrics = ("online/preference_prob", "online/tie_rate", "logratio/margin")
+    method_export_keys = ("loss_type", "beta", "length_normalize", "label_temperature")
 
     def __init__(
         self,

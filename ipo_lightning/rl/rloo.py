@@ -16,6 +16,8 @@ RLOO paper's best setting. No advantage normalisation or clipping (one gradient 
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
@@ -64,7 +66,9 @@ class RLOOModule(OnPolicyModule):
         beta: weight of the per-sequence KL penalty ``log pi(y) - log ref(y)`` in the reward.
     """
 
+    method_name = "rloo"
     method_metrics = ("rloo/shaped_reward", "rloo/advantage_abs")
+    method_export_keys = ("beta",)
 
     def __init__(
         self,
@@ -104,6 +108,10 @@ class RLOOModule(OnPolicyModule):
             raise ConfigError(f"model.beta must be >= 0, got {beta}")
         method = {"beta": options.pop("beta"), "samples_per_prompt": samples_per_prompt}
         super().__init__(**options, method_options=method)
+
+    def export_info(self) -> dict[str, Any]:
+        """:meth:`OnPolicyModule.export_info`; RLOO's log-probs are always summed over the completion."""
+        return {**super().export_info(), "length_normalize": False}
 
     def rollout_loss(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`rloo_loss` of the rollout, on the rewards with ``missing_eos_penalty`` applied."""
