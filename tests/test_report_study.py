@@ -142,3 +142,15 @@ def test_runs_without_gen_metrics_or_sizes_get_no_study_sections(tmp_path: Path)
         "accuracy_vs_kl.png",
         "kl_vs_step.png",
     ]
+
+
+def test_a_config_without_a_method_is_in_the_same_series_as_method_preference(tmp_path: Path) -> None:
+    from ipo_lightning.analysis.run_logs import load_run
+    from ipo_lightning.analysis.study_report import series_key
+
+    old, new = _study_run(tmp_path, "ipo", 250, 0), _study_run(tmp_path, "ipo", 1000, 1)
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    (new / "config.yaml").write_text(yaml.safe_dump({**config, "method": "preference"}))
+    assert series_key(load_run(old)) == series_key(load_run(new))
+    (new / "config.yaml").write_text(yaml.safe_dump({**config, "method": "reward_model"}))
+    assert series_key(load_run(old)) != series_key(load_run(new))

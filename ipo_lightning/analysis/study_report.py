@@ -127,8 +127,13 @@ class _Series:
 
 
 def series_key(run: RunMetrics) -> str:
-    """The run's ``config.yaml`` without the seed, size and per-run options: equal for replicates."""
+    """The run's ``config.yaml`` without the seed, size and per-run options: equal for replicates.
+
+    A config without ``method`` counts as ``method: preference``, as resuming treats it.
+    """
     config = copy.deepcopy(run.config)
+    # A config.yaml written before methods existed states none: it is a preference run.
+    config.setdefault("method", "preference")
     for dotted in (*REPLICATE_OPTIONS, SIZE_OPTION, *PER_RUN_OPTIONS):
         *parents, leaf = dotted.split(".")
         node: Any = config
