@@ -107,6 +107,7 @@ def plot_xy_lines(
     *,
     xlabel: str,
     title: str | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> Path:
     """One panel per metric, each with one line per run through its (x, y) points, written to ``path``.
 
@@ -116,17 +117,35 @@ def plot_xy_lines(
         path: output file; its folder is created.
         xlabel: x-axis label, shared by the panels.
         title: figure title.
+        groups: run label -> group label. Runs of a group share a colour and one legend entry (a
+            study's sizes and seeds of one method), so many runs stay readable; default: each run
+            its own group.
     """
-    figure = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
+    groups = groups or {}
+    order = list(dict.fromkeys(groups.get(label, label) for lines in panels.values() for label in lines))
+    colours = {group: f"C{index % 10}" for index, group in enumerate(order)}
+    figure = Figure(figsize=(5.2 * len(panels) + 1.6, 4.0), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for axis, (metric, lines), ylabel in zip(axes, panels.items(), ylabels, strict=True):
+        shown: set[str] = set()
         for label, (xs, ys) in lines.items():
-            axis.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=label)
+            group = groups.get(label, label)
+            axis.plot(
+                xs,
+                ys,
+                marker="o",
+                markersize=3,
+                linewidth=1.0,
+                alpha=0.8,
+                color=colours[group],
+                label=group if group not in shown else None,
+            )
+            shown.add(group)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.set_title(metric, fontsize=10)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     if title:
         figure.suptitle(title)
     path = Path(path)

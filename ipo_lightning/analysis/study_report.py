@@ -215,6 +215,8 @@ def frontier_section(runs: Mapping[str, RunMetrics], out_dir: Path) -> tuple[lis
         out_dir / "reward_vs_seq_kl.png",
         xlabel="divergence/seq_kl (nats per sequence)",
         title="Reward bought per unit of drift, per measurement",
+        # A study's sizes and seeds of one member and noise level share a colour.
+        groups={point.run: RUN_NAME_POINT.sub("", point.run) or point.run for point in points},
     )
     header = ["run", "step", "seq KL", "gen reward"] + (["win rate"] if with_win else [])
     lines = [
