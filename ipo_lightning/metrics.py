@@ -79,3 +79,65 @@ class PreferenceMetrics(nn.Module):
 
     def __iter__(self) -> Iterator[tuple[str, MeanMetric]]:
         return ((name, self.means[self._key(name)]) for name in self.names)
+
+    @property
+    def update_count(self) -> int:
+        """Batches accumulated since the last reset (0: nothing to log)."""
+        return max((int(metric.update_count) for metric in self.means.values()), default=0)
+
+
+class EvalSetMetrics:
+    """Per-set validation and test metrics of a LightningModule, logged the project's one way.
+
+    The module keeps ``val_metrics`` and ``test_metrics`` (``nn.ModuleDict``: set name -> a metrics
+    object with ``update``, ``compute``, ``reset`` and ``update_count``), built by
+    :meth:`new_eval_metrics` for every set of the data module. At the end of an epoch every set is
+    logged as ``<split>/<set>/<metric>`` and the first (primary) set also as ``<split>/<metric>``:
+    its plain names are what checkpointing and the progress bar watch, and with a single set they are
+    the only names. ``PROGRESS_BAR`` names the metrics shown on the bar during validation.
+    """
+
+    PROGRESS_BAR: frozenset[str] = frozenset({"loss"})
+
+    def new_eval_metrics(self) -> nn.Module:
+        """A fresh metrics object for one set."""
+        raise NotImplementedError
+
+    def _set_names(self, split: str) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, f"{split}_set_names", None)
+        return list(names) if names else [split]
+
+    def _ensure_metrics(self, split: str) -> nn.ModuleDict:
+        store: nn.ModuleDict = getattr(self, f"{split}_metrics")
+        for name in self._set_names(split):
+            if name not in store:
+                store[name] = self.new_eval_metrics().to(self.device)
+        return store
+
+    def on_validation_epoch_start(self) -> None:
+        self._ensure_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._ensure_metrics("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
+
+    def _log_eval_metrics(self, split: str) -> None:
+        names = self._set_names(split)
+        store = self._ensure_metrics(split)
+        for index, set_name in enumerate(names):
+            metrics = store[set_name]
+            if metrics.update_count == 0:
+                continue  # e.g. a sanity check that did not reach this set
+            for metric_name, value in metrics.compute().items():
+                if len(names) > 1:
+                    self.log(f"{split}/{set_name}/{metric_name}", value, sync_dist=False)
+                if index == 0:
+                    shown = metric_name in self.PROGRESS_BAR and split == "val"
+                    self.log(f"{split}/{metric_name}", value, prog_bar=shown, sync_dist=False)
+            metrics.reset()

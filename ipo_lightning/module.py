@@ -39,7 +39,7 @@ from ipo_lightning.batching import (
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.losses import LossType, check_loss_options, preference_loss, soft_labels_supported
-from ipo_lightning.metrics import PreferenceMetrics, batch_values, metric_names
+from ipo_lightning.metrics import EvalSetMetrics, PreferenceMetrics, batch_values, metric_names
 from ipo_lightning.modeling import (
     AttnImplementation,
     DType,
@@ -291,7 +291,7 @@ def resolve_preference_options(config: Namespace) -> None:
     )
 
 
-class PreferenceModule(L.LightningModule):
+class PreferenceModule(EvalSetMetrics, L.LightningModule):
     """Preference fine-tuning of a Hugging Face causal LM (IPO, DPO, conservative DPO, hinge).
 
     Args:
@@ -335,6 +335,8 @@ class PreferenceModule(L.LightningModule):
             config; ``lora.dropout`` is the adapters' own and is kept), so its log-probs are as
             deterministic as the reference's; false keeps the model's dropout.
     """
+
+    PROGRESS_BAR = frozenset({"loss", "rewards/accuracy"})
 
     def __init__(
         self,
@@ -511,49 +513,9 @@ class PreferenceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ metrics per eval set
 
-    def _set_names(self, split: str) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, f"{split}_set_names", None)
-        return list(names) if names else [split]
-
-    def _ensure_metrics(self, split: str) -> torch.nn.ModuleDict:
-        store: torch.nn.ModuleDict = getattr(self, f"{split}_metrics")
-        for name in self._set_names(split):
-            if name not in store:
-                store[name] = PreferenceMetrics(metric_names(self.hparams.loss_type)).to(self.device)
-        return store
-
-    def on_validation_epoch_start(self) -> None:
-        self._ensure_metrics("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._ensure_metrics("test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_metrics("test")
-
-    def _log_eval_metrics(self, split: str) -> None:
-        """Log ``<split>/<set>/<metric>`` for every set; the first set also as ``<split>/<metric>``.
-
-        The first set is the primary one: its plain names are what checkpointing and the progress
-        bar watch, and with a single set they are the only names.
-        """
-        names = self._set_names(split)
-        store = self._ensure_metrics(split)
-        for index, set_name in enumerate(names):
-            metrics: PreferenceMetrics = store[set_name]
-            if all(metric.update_count == 0 for _, metric in metrics):
-                continue  # e.g. a sanity check that did not reach this set
-            for metric_name, value in metrics.compute().items():
-                if len(names) > 1:
-                    self.log(f"{split}/{set_name}/{metric_name}", value, sync_dist=False)
-                if index == 0:
-                    shown = metric_name in {"loss", "rewards/accuracy"} and split == "val"
-                    self.log(f"{split}/{metric_name}", value, prog_bar=shown, sync_dist=False)
-            metrics.reset()
+    def new_eval_metrics(self) -> PreferenceMetrics:
+        """The metrics of one validation or test set, for this loss."""
+        return PreferenceMetrics(metric_names(self.hparams.loss_type))
 
     # ------------------------------------------------------------------ optimisation
 

@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.metrics import EvalSetMetrics
 from ipo_lightning.modeling import (
     AttnImplementation,
     DType,
@@ -177,7 +178,7 @@ def resolve_reward_model_options(config: Namespace) -> None:
         )
 
 
-class RewardModelModule(L.LightningModule):
+class RewardModelModule(EvalSetMetrics, L.LightningModule):
     """A Bradley-Terry reward model: a sequence classifier with one output, trained on preference pairs.
 
     Args:
@@ -202,6 +203,7 @@ class RewardModelModule(L.LightningModule):
             pair's two scores are computed alike (TRL's default too); false keeps the model's dropout.
     """
 
+    PROGRESS_BAR = frozenset({"loss", "rm/accuracy"})
     method_name = METHOD_NAME
     """The ``method`` that trains this module (the export's model card reads it)."""
     export_attribute = "model"
@@ -362,44 +364,9 @@ class RewardModelModule(L.LightningModule):
 
     # ------------------------------------------------------------------ metrics per eval set
 
-    def _set_names(self, split: str) -> list[str]:
-        names = getattr(getattr(self.trainer, "datamodule", None), f"{split}_set_names", None)
-        return list(names) if names else [split]
-
-    def _ensure_metrics(self, split: str) -> nn.ModuleDict:
-        store: nn.ModuleDict = getattr(self, f"{split}_metrics")
-        for name in self._set_names(split):
-            if name not in store:
-                store[name] = RewardMetrics().to(self.device)
-        return store
-
-    def on_validation_epoch_start(self) -> None:
-        self._ensure_metrics("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._ensure_metrics("test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_metrics("test")
-
-    def _log_eval_metrics(self, split: str) -> None:
-        """``<split>/<set>/<metric>`` for every set; the first (primary) set also as ``<split>/<metric>``."""
-        names = self._set_names(split)
-        store = self._ensure_metrics(split)
-        for index, set_name in enumerate(names):
-            metrics: RewardMetrics = store[set_name]
-            if metrics.update_count == 0:
-                continue  # e.g. a sanity check that did not reach this set
-            for metric_name, value in metrics.compute().items():
-                if len(names) > 1:
-                    self.log(f"{split}/{set_name}/{metric_name}", value, sync_dist=False)
-                if index == 0:
-                    shown = metric_name in {"loss", "rm/accuracy"} and split == "val"
-                    self.log(f"{split}/{metric_name}", value, prog_bar=shown, sync_dist=False)
-            metrics.reset()
+    def new_eval_metrics(self) -> RewardMetrics:
+        """The metrics of one validation or test set."""
+        return RewardMetrics()
 
     # ------------------------------------------------------------------ optimisation
 
