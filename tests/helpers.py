@@ -150,8 +150,11 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ipo_lightning", *args]
 
 
-def run_cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m ipo_lightning ARGS`` to the end in :func:`subprocess_env`, output captured.
+def run_cli(
+    tmp_path: Path, *args: str, timeout: float = 300, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m ipo_lightning ARGS`` to the end in :func:`subprocess_env` (plus ``env``), output
+    captured.
 
     The child leads its own process group, so on timeout the whole group dies (DDP's second rank is
     a child of the first) and the test fails instead of hanging.
@@ -159,7 +162,7 @@ def run_cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Comp
     command = cli_command(*args)
     process = subprocess.Popen(
         command,
-        env=subprocess_env(tmp_path),
+        env=subprocess_env(tmp_path, **(env or {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

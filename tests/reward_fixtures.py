@@ -65,3 +65,21 @@ def none_value(prompts: list[str], completions: list[str]) -> list[object]:
 def a_string(prompts: list[str], completions: list[str]) -> str:
     """Not a sequence of numbers at all."""
     return "1.0"
+
+
+RECORD_DIR_VAR = "IPO_TEST_REWARD_RECORDS"
+"""Environment variable naming the folder :func:`recorded_length_reward` writes its calls to."""
+
+
+def recorded_length_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """:func:`length_reward`, and one JSON line per call (its ``[prompt, completion, reward]`` rows)
+    appended to ``$IPO_TEST_REWARD_RECORDS/<process id>.jsonl``: what each process sampled, in order."""
+    import json
+    import os
+
+    scores = length_reward(prompts, completions)
+    rows = [list(row) for row in zip(prompts, completions, scores, strict=True)]
+    path = os.path.join(os.environ[RECORD_DIR_VAR], f"{os.getpid()}.jsonl")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(rows) + "\n")
+    return scores

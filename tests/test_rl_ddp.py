@@ -1,0 +1,125 @@
+"""The on-policy methods under DDP: two CPU processes (gloo) through the real CLI sample, reward, log and
+train exactly what one process does with the same global batch of prompts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import fit_config, run_cli, write_config, write_jsonl
+from tests.reward_fixtures import RECORD_DIR_VAR
+
+REWARD = "tests.reward_fixtures:recorded_length_reward"
+GLOBAL_BATCH, STEPS = 4, 3  # 8 prompts: 2 steps per epoch, so the third step starts a new shuffle
+
+
+def _fit(tmp_path: Path, model_dir: Path, method: str, name: str, devices: int) -> Path:
+    """One CLI fit of ``method`` on ``devices`` processes (per-rank batch ``GLOBAL_BATCH / devices``);
+    returns its run folder. Each process's reward calls land in ``tmp_path/name/records``."""
+    prompts = [{"prompt": f"Human: tell me about {topic}. Assistant:"} for topic in range(8)]
+    train = write_jsonl(tmp_path / "train.jsonl", prompts)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": f"Human: say {word}. Assistant:"} for word in "abcd"])
+    per_rank = GLOBAL_BATCH // devices
+    config = fit_config(
+        tmp_path,
+        model_dir,
+        train,
+        val={"held_out": val},
+        trainer={
+            "default_root_dir": str(tmp_path / name),
+            "devices": devices,
+            "max_steps": STEPS,
+            "max_epochs": 2,
+            "val_check_interval": STEPS,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            **({"strategy": "ddp"} if devices > 1 else {}),
+        },
+        model={
+            "reward": REWARD,
+            "max_new_tokens": 6,
+            # Plain SGD: Adam's normalisation would blow float noise in near-zero gradients up to lr.
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.02}},
+            "warmup_ratio": 0.0,
+        },
+        # 4 validation prompts: an even split, so Lightning's validation sampler repeats none.
+        data={"max_length": 48, "max_prompt_length": 24, "batch_size": per_rank, "val_batch_size": 2},
+        divergence={"enabled": False},
+        wandb={"enabled": False},
+    )
+    records = tmp_path / name / "records"
+    records.mkdir(parents=True)
+    config_path = write_config(tmp_path / f"{name}.yaml", config)
+    result = run_cli(
+        tmp_path, "fit", "--config", str(config_path), "--method", method, env={RECORD_DIR_VAR: str(records)}
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return tmp_path / name / "version_0"
+
+
+def _calls(run_dir: Path) -> list[list[list]]:
+    """Reward call i of every process, merged: the sorted ``[prompt, completion, reward]`` rows."""
+    per_process = [
+        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for path in sorted((run_dir.parent / "records").glob("*.jsonl"))
+    ]
+    assert len({len(calls) for calls in per_process}) == 1, "every process makes the same calls"
+    return [sorted(row for calls in per_process for row in calls[i]) for i in range(len(per_process[0]))]
+
+
+def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
+    """Every logged ``train/`` and ``val/`` value by (step, name)."""
+    values = {}
+    with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            for name, value in row.items():
+                if value and name.startswith(("train/", "val/")):
+                    values[int(row["step"]), name] = float(value)
+    return values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rloo", "online"])
+def test_two_processes_sample_log_and_train_what_one_process_does(
+    method: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    single = _fit(tmp_path, tiny_model_dir, method, "single", devices=1)
+    ddp = _fit(tmp_path, tiny_model_dir, method, "ddp", devices=2)
+    assert len(list((ddp.parent / "records").glob("*.jsonl"))) == 2
+
+    # The same samples and rewards, call by call: 3 training steps of 4 prompts, then validation
+    # (1 call per rank, 2 per single process over its 2 batches of 2 prompts).
+    single_calls, ddp_calls = _calls(single), _calls(ddp)
+    k = 4 if method == "rloo" else 2
+    assert [len(call) for call in ddp_calls] == [GLOBAL_BATCH * k] * STEPS + [4 * k]
+    assert ddp_calls[:STEPS] == single_calls[:STEPS]
+    assert ddp_calls[STEPS] == sorted(single_calls[STEPS] + single_calls[STEPS + 1])
+    assert len({json.dumps(call) for call in ddp_calls[:STEPS]}) == STEPS  # each step draws anew
+
+    # train/* per step is the mean over both ranks' samples (torchmetrics sync), val/* over both
+    # ranks' prompts. Rewards are exact; log-prob values went through other batch shapes, hence the
+    # float32 tolerance.
+    single_metrics, ddp_metrics = _metrics(single), _metrics(ddp)
+    assert single_metrics.keys() == ddp_metrics.keys()
+    assert {name for _, name in single_metrics} >= {"train/loss", "train/reward", "train/kl", "val/reward"}
+    assert len({step for step, name in single_metrics if name == "train/loss"}) == STEPS
+    for key, value in single_metrics.items():
+        assert ddp_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+    # The trained weights: DDP averages the two ranks' gradients of their per-rank mean losses, which
+    # is the gradient of the global mean (equal per-rank batches). Only float32 summation order differs.
+    start = load_file(tiny_model_dir / "model.safetensors")
+    single_weights = load_file(single / "hf_model" / "model.safetensors")
+    ddp_weights = load_file(ddp / "hf_model" / "model.safetensors")
+    assert single_weights.keys() == ddp_weights.keys()
+    moved = max(float((single_weights[name] - start[name]).abs().max()) for name in start)
+    assert moved > 1e-3  # training changed the weights far beyond the tolerance below
+    for name, value in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], value, rtol=0, atol=1e-6, msg=name)
