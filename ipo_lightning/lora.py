@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -69,8 +69,21 @@ def lora_options_dict(options: LoraOptions | None) -> dict[str, Any] | None:
     return None if options is None else asdict(options)
 
 
-def apply_lora(model: PreTrainedModel, options: LoraOptions, *, gradient_checkpointing: bool) -> PeftModel:
+LoraTask = Literal["CAUSAL_LM", "SEQ_CLS"]
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    options: LoraOptions,
+    *,
+    gradient_checkpointing: bool,
+    task_type: LoraTask = "CAUSAL_LM",
+) -> PeftModel:
     """Wrap ``model`` with trainable LoRA adapters; every base weight is frozen by peft.
+
+    ``task_type``: ``CAUSAL_LM`` for a policy; ``SEQ_CLS`` for a reward model, whose classification
+    head (new, so it must learn in full) is also in ``modules_to_save``: a trained full copy of it,
+    which the merged export carries.
 
     Raises:
         ConfigError: ``target_modules`` names no module of the model, or peft knows no default for it.
@@ -81,7 +94,8 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions, *, gradient_checkpo
         lora_dropout=options.dropout,
         target_modules=options.target_modules,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=_head_names(model) if task_type == "SEQ_CLS" else None,
     )
     try:
         policy = get_peft_model(model, config)
@@ -93,6 +107,21 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions, *, gradient_checkpo
         # reentrant checkpointing, and the embeddings are frozen here: make their output require grad.
         policy.enable_input_require_grads()
     return policy
+
+
+SEQ_CLS_HEADS = ("score", "classifier")
+"""Attribute names of Hugging Face's sequence-classification heads (decoders: score; encoders: classifier)."""
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    """The classification head of a sequence-classification model, as ``modules_to_save`` names it."""
+    names = [name for name in SEQ_CLS_HEADS if isinstance(getattr(model, name, None), nn.Module)]
+    if not names:
+        raise ConfigError(
+            f"model.lora: {type(model).__name__} has no classification head named "
+            f"{' or '.join(SEQ_CLS_HEADS)} to keep trainable"
+        )
+    return names
 
 
 def is_lora(model: nn.Module | None) -> bool:

@@ -171,13 +171,18 @@ def _preference_method(model: dict[str, Any], base_text: str) -> list[str]:
     lines.append(
         f"- **Reference** (`reference: {reference}`): {REFERENCE_DESCRIPTIONS.get(reference, reference)}"
     )
+    return lines + _lora_bullets(model)
+
+
+def _lora_bullets(model: dict[str, Any]) -> list[str]:
+    """The ``LoRA`` bullet of a run trained with adapters (none for full fine-tuning)."""
     lora = model.get("lora")
-    if lora:
-        lines.append(
-            f"- **LoRA**: rank {lora.get('rank')}, alpha {lora.get('alpha')}, target modules "
-            f"{lora.get('target_modules') or 'peft default'}; merged into the weights of this export"
-        )
-    return lines
+    if not lora:
+        return []
+    return [
+        f"- **LoRA**: rank {lora.get('rank')}, alpha {lora.get('alpha')}, target modules "
+        f"{lora.get('target_modules') or 'peft default'}; merged into the weights of this export"
+    ]
 
 
 def _reward_model_method(model: dict[str, Any], base_text: str) -> list[str]:
@@ -197,7 +202,8 @@ def _reward_model_method(model: dict[str, Any], base_text: str) -> list[str]:
         if center
         else "- **Reward centring**: off"
     )
-    return lines
+    # The score head trains in full beside the adapters; the merged export holds it.
+    return lines + _lora_bullets(model)
 
 
 def _on_policy_method(method: str, model: dict[str, Any], base_text: str) -> list[str]:

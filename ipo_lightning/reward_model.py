@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.metrics import EvalSetMetrics
 from ipo_lightning.modeling import (
     AttnImplementation,
@@ -201,6 +202,8 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
             the model's context size.
         disable_dropout: set every dropout probability of the model to 0 once it is loaded, so a
             pair's two scores are computed alike (TRL's default too); false keeps the model's dropout.
+        lora: train LoRA adapters (and the whole score head, peft ``modules_to_save``) instead of every
+            weight; null: full fine-tuning. The export is the merged model.
     """
 
     PROGRESS_BAR = frozenset({"loss", "rm/accuracy"})
@@ -225,15 +228,22 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
         gradient_checkpointing: bool = False,
         max_length: int | None = None,
         disable_dropout: bool = True,
+        lora: LoraOptions | None = None,
     ) -> None:
         super().__init__()
         check_reward_loss_options(label_smoothing, center_rewards_coefficient)
+        lora = as_lora_options(lora)
+        if lora is not None:
+            check_lora_options(lora)
         if warmup_steps is not None and warmup_steps < 0:
             raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
         # Fail fast on a wrong model path or a too long max_length: only the config is read here.
         self.model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
         check_context_size(self.model_config, max_length)
+        self.lora_options = lora
+        # Saved as a plain dict: hparams.yaml stays safe-loadable and load_from_checkpoint accepts it.
+        lora = lora_options_dict(lora)
         # max_length belongs to the data module's hyperparameters (linked from there by the CLI).
         self.save_hyperparameters(ignore=["optimizer", "max_length"])
         self.max_length = max_length
@@ -270,9 +280,17 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
                     f"model.disable_dropout: {len(changed)} dropout setting(s) of the reward model set to 0 "
                     f"(e.g. {changed[0]}); --model.disable_dropout false keeps them"
                 )
-        self.model.train()
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if self.lora_options is not None:
+            # After dropout is disabled: model.lora.dropout is the adapters' own option and stays as set.
+            self.model = apply_lora(
+                self.model,
+                self.lora_options,
+                gradient_checkpointing=hp.gradient_checkpointing,
+                task_type="SEQ_CLS",
+            )
+        self.model.train()
 
     def _tokenizer(self) -> Any:
         """The data module's tokenizer (pad token set), else the model's own with EOS as pad."""
@@ -398,6 +416,7 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
             "loss": "bradley_terry",
             "label_smoothing": hp.label_smoothing,
             "center_rewards_coefficient": hp.center_rewards_coefficient,
+            "lora": hp.lora,
         }
 
 

@@ -62,6 +62,11 @@ def test_loss_matches_the_bradley_terry_formula() -> None:
     assert centred.mean().item() == pytest.approx(trl_batch_loss, rel=1e-12)
 
 
+def test_bad_lora_options_are_config_errors(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.lora.rank must be at least 1, got 0"):
+        RewardModelModule(str(tiny_model_dir), lora={"rank": 0})
+
+
 def test_bad_loss_options_are_config_errors() -> None:
     scores = torch.zeros(2)
     with pytest.raises(ConfigError, match=r"model.label_smoothing must be in \[0, 0.5\), got 0.5"):
@@ -145,6 +150,7 @@ def test_help_shows_the_reward_models_options(capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "--model.center_rewards_coefficient" in out and "--model.loss_type" not in out
+    assert "--model.lora.rank" in out
     assert "reward_model: a Bradley-Terry reward model" in out
 
 
@@ -383,3 +389,63 @@ def test_training_scores_equal_the_exports_except_for_a_cut_prompt_and_a_merged_
             assert trained_ids == exported_ids and trained == pytest.approx(exported, abs=1e-4)
         else:
             assert trained_ids != exported_ids and abs(trained - exported) > 1e-4, name
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_and_the_score_head_and_exports_a_merged_classifier(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear"}
+    config = _rm_config(tmp_path, tiny_model_dir)
+    config["model"] = {
+        **config["model"],
+        "lora": lora,
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
+    }
+    config["trainer"]["max_epochs"] = 2
+    cli = PreferenceCLI(args=["fit", "--config", str(write_config(tmp_path / "rm.yaml", config))])
+    run_dir = tmp_path / "runs" / "version_0"
+    module: RewardModelModule = cli.model
+    module.eval()
+
+    # Trained: the adapters and the head's full copy (modules_to_save); frozen: every base weight.
+    trainable = {name for name, param in module.model.named_parameters() if param.requires_grad}
+    assert trainable and all("lora_" in name or ".modules_to_save." in name for name in trainable)
+    assert any(".score.modules_to_save." in name for name in trainable)
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    base = module.model.get_base_model()
+    torch.testing.assert_close(base.model.embed_tokens.weight, start.model.embed_tokens.weight, rtol=0, atol=0)
+    with open(run_dir / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/rm/accuracy")]
+    assert float(rows[-1]["val/rm/accuracy"]) == 1.0 and float(rows[-1]["val/rm/margin"]) > 1.0
+
+    # The export is a plain sequence classifier (merged, no peft names) scoring what the module scores.
+    export = run_dir / "hf_model"
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    from safetensors.torch import load_file
+
+    keys = set(load_file(export / "model.safetensors"))
+    assert "score.weight" in keys and not any("lora_" in key or "modules_to_save" in key for key in keys)
+    head = base.score
+    # The trained head, not the one it started from (peft keeps that as original_module).
+    torch.testing.assert_close(model.score.weight, head.modules_to_save["default"].weight, rtol=0, atol=0)
+    assert not torch.equal(model.score.weight, head.original_module.weight)
+    records = polite_pairs(12, offset=100)
+    chosen: list[float] = []
+    with torch.no_grad():
+        for batch in cli.datamodule.val_dataloader()[0]:
+            scores = module.score_rows(batch)
+            chosen += scores[: len(scores) // 2].tolist()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    texts = [record["prompt"] + record["chosen"] for record in records]
+    with torch.no_grad():
+        exported = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0].tolist()
+    assert exported == pytest.approx(chosen, abs=1e-4)
+    reward = load_reward(str(export), option="--generation.reward")
+    assert reward([r["prompt"] for r in records], [r["chosen"] for r in records]) == pytest.approx(
+        chosen, abs=1e-4
+    )
+    info = json.loads((export / "ipo_lightning.json").read_text())
+    assert info["method"] == "reward_model" and info["lora"] == lora
+    card = (export / "README.md").read_text()
+    assert "- **LoRA**: rank 4, alpha 8.0, target modules all-linear; merged into the weights" in card
