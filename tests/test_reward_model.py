@@ -150,7 +150,7 @@ def test_help_shows_the_reward_models_options(capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "--model.center_rewards_coefficient" in out and "--model.loss_type" not in out
-    assert "--model.lora.rank" in out
+    assert "--model.lora LORA" in out
     assert "reward_model: a Bradley-Terry reward model" in out
 
 
@@ -414,7 +414,9 @@ def test_lora_trains_adapters_and_the_score_head_and_exports_a_merged_classifier
     assert any(".score.modules_to_save." in name for name in trainable)
     start = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     base = module.model.get_base_model()
-    torch.testing.assert_close(base.model.embed_tokens.weight, start.model.embed_tokens.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        base.model.embed_tokens.weight, start.model.embed_tokens.weight, rtol=0, atol=0
+    )
     with open(run_dir / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("val/rm/accuracy")]
     assert float(rows[-1]["val/rm/accuracy"]) == 1.0 and float(rows[-1]["val/rm/margin"]) > 1.0

@@ -23,7 +23,9 @@ def _fit(tmp_path: Path, model_dir: Path, method: str, name: str, devices: int) 
     returns its run folder. Each process's reward calls land in ``tmp_path/name/records``."""
     prompts = [{"prompt": f"Human: tell me about {topic}. Assistant:"} for topic in range(8)]
     train = write_jsonl(tmp_path / "train.jsonl", prompts)
-    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": f"Human: say {word}. Assistant:"} for word in "abcd"])
+    val = write_jsonl(
+        tmp_path / "val.jsonl", [{"prompt": f"Human: say {word}. Assistant:"} for word in "abcd"]
+    )
     per_rank = GLOBAL_BATCH // devices
     config = fit_config(
         tmp_path,
@@ -103,9 +105,10 @@ def test_two_processes_sample_log_and_train_what_one_process_does(
     assert ddp_calls[STEPS] == sorted(single_calls[STEPS] + single_calls[STEPS + 1])
     assert len({json.dumps(call) for call in ddp_calls[:STEPS]}) == STEPS  # each step draws anew
 
-    # train/* per step is the mean over both ranks' samples (torchmetrics sync), val/* over both
-    # ranks' prompts. Rewards are exact; log-prob values went through other batch shapes, hence the
-    # float32 tolerance.
+    # train/* per step is the mean over both ranks' samples (torchmetrics sums values and counts over
+    # the ranks), val/* over both ranks' prompts. Rewards are exact. Log-prob values (kl, loss, ...) come
+    # from forwards over batches of other shapes and float32 sums in another order: a few ulp of values
+    # up to ~30 (measured: at most 2e-6 apart), so 1e-5; a wrong split or seed moves them by ~0.1.
     single_metrics, ddp_metrics = _metrics(single), _metrics(ddp)
     assert single_metrics.keys() == ddp_metrics.keys()
     assert {name for _, name in single_metrics} >= {"train/loss", "train/reward", "train/kl", "val/reward"}
@@ -113,8 +116,10 @@ def test_two_processes_sample_log_and_train_what_one_process_does(
     for key, value in single_metrics.items():
         assert ddp_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
-    # The trained weights: DDP averages the two ranks' gradients of their per-rank mean losses, which
-    # is the gradient of the global mean (equal per-rank batches). Only float32 summation order differs.
+    # The trained weights: DDP's all-reduce averages the two ranks' gradients of their per-rank mean
+    # losses, which is the gradient of the global mean (equal per-rank batches); only the float32
+    # summation order differs, by ~1e-7 of a gradient, times lr 0.02 over 3 steps (measured: at most
+    # 1e-8 apart, while training moved weights by 8e-3 to 6e-2).
     start = load_file(tiny_model_dir / "model.safetensors")
     single_weights = load_file(single / "hf_model" / "model.safetensors")
     ddp_weights = load_file(ddp / "hf_model" / "model.safetensors")

@@ -44,6 +44,16 @@ from ipo_lightning.errors import UserInputError
 
 TIE_SCORE = 0.01
 ACCURACY = "rewards/accuracy"
+REWARD_MODEL = "reward_model"
+"""The ``loss`` of a reward-model run (``method: reward_model``) in the table and summary.json."""
+RM_METRICS = {"accuracy": "rm/accuracy", "margin": "rm/margin"}
+"""A reward-model run's own accuracy and margin (its scores of chosen vs rejected, not a policy's)."""
+RM_NOTE = (
+    " For reward-model runs (loss `reward_model`) accuracy is the share of held-out pairs whose chosen "
+    "completion the model scores higher (`rm/accuracy`) and margin the mean score difference "
+    "(`val/rm/margin`); they train no policy, so they have no KL or retention and are recommended only "
+    "when no policy run is given."
+)
 
 
 @dataclass
@@ -81,11 +91,19 @@ class RunSummary:
         return sum(values) / len(values) if values else math.nan
 
 
-def val_set_names(run: RunMetrics) -> list[str]:
-    """Named val sets in logging order (from ``val/<name>/rewards/accuracy``), else ``["val"]``."""
+def is_reward_model_run(run: RunMetrics) -> bool:
+    """Whether ``run`` trained a reward model: its config says so, or (no config) it logged ``rm/``."""
+    method = run.setting("method")
+    if method is not None:
+        return method == REWARD_MODEL
+    return bool(run.rows) and f"val/{RM_METRICS['accuracy']}" in run.rows[0]
+
+
+def val_set_names(run: RunMetrics, accuracy: str = ACCURACY) -> list[str]:
+    """Named val sets in logging order (from ``val/<name>/<accuracy>``), else ``["val"]``."""
     columns = list(run.rows[0]) if run.rows else []
     named = [
-        c[len("val/") : -len(ACCURACY) - 1] for c in columns if c.startswith("val/") and c.endswith(ACCURACY)
+        c[len("val/") : -len(accuracy) - 1] for c in columns if c.startswith("val/") and c.endswith(accuracy)
     ]
     named = [name for name in named if name]
     return named or ["val"]
@@ -93,9 +111,11 @@ def val_set_names(run: RunMetrics) -> list[str]:
 
 def summarize(name: str, run: RunMetrics) -> RunSummary:
     """The table row of ``run``: last logged values, settings from its ``config.yaml``."""
-    sets = val_set_names(run)
+    reward_model = is_reward_model_run(run)
+    metric = RM_METRICS["accuracy"] if reward_model else ACCURACY
+    sets = val_set_names(run, metric)
     accuracy = {
-        set_name: run.last(f"val/{ACCURACY}" if sets == ["val"] else f"val/{set_name}/{ACCURACY}")
+        set_name: run.last(f"val/{metric}" if sets == ["val"] else f"val/{set_name}/{metric}")
         for set_name in sets
     }
     judge_file = run.run_dir / "judge.json"
@@ -104,13 +124,13 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
     return RunSummary(
         name=name,
         run_dir=str(run.run_dir),
-        loss_type=str(run.setting("model.loss_type", "?")),
+        loss_type=REWARD_MODEL if reward_model else str(run.setting("model.loss_type", "?")),
         beta=float(run.setting("model.beta", math.nan)),
         length_normalize=run.setting("model.length_normalize"),
         label_noise=float(run.setting("data.label_noise", 0.0) or 0.0),
         steps=max(steps, default=0),
         accuracy=accuracy,
-        margin=run.last("val/logratio/margin"),
+        margin=run.last(f"val/{RM_METRICS['margin']}" if reward_model else "val/logratio/margin"),
         kl=run.last("divergence/kl"),
         retention_chosen=run.last("divergence/retention/chosen"),
         retention_text=run.last("divergence/retention/text"),
@@ -122,8 +142,10 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
 
 
 def recommendation_candidates(summaries: list[RunSummary]) -> list[RunSummary]:
-    """The runs the recommendation chooses from: those with clean labels, or all runs if none is."""
-    return [s for s in summaries if s.label_noise == 0] or list(summaries)
+    """The runs the recommendation chooses from: those with clean labels, or all runs if none is; reward
+    models only when no policy run is given (their accuracy is not a policy's)."""
+    pool = [s for s in summaries if s.loss_type != REWARD_MODEL] or list(summaries)
+    return [s for s in pool if s.label_noise == 0] or pool
 
 
 def recommend(summaries: list[RunSummary]) -> tuple[RunSummary, str]:
@@ -277,7 +299,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         cells += [_gen_cell(s.gen, name) for name, _ in gen_columns]
         lines.append("| " + " | ".join(cells) + " |")
     pool = recommendation_candidates(summaries)
-    candidates = "runs with clean labels" if len(pool) < len(summaries) else "runs"
+    noisy_left_out = any(s.label_noise > 0 and s not in pool for s in summaries)
+    candidates = "runs with clean labels" if noisy_left_out else "runs"
     lines += [
         "",
         f"**Recommended** (of the {candidates}): **{choice.name}** ({choice.loss_type}, beta "
@@ -296,7 +319,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         "margin is the primary val set's log-ratio margin h in the loss's own normalisation; KL/token is "
         "the exact `divergence/kl` on the held-out subset; retention is the per-token change in "
         "log-likelihood, policy minus reference (negative: capability lost)."
-        + (GEN_NOTE if gen_columns else ""),
+        + (GEN_NOTE if gen_columns else "")
+        + (RM_NOTE if any(s.loss_type == REWARD_MODEL for s in summaries) else ""),
         "",
     ]
     lines += [f"![{Path(image).stem}]({image})" for image in images]
