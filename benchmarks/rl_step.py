@@ -1,0 +1,370 @@
+"""Optimizer-step cost of the on-policy methods (RLOO, online IPO) against an offline IPO step.
+
+Each method trains the same model (default ``builtin:gold``, the gold task's reference) on the same
+prompts (default ``builtin:gold/train``: the offline step reads its pairs, the on-policy steps its
+distinct prompts), each step on the same number of completions, through its real Lightning module,
+``training_step`` and optimizer (the modules' default AdamW, fused where supported) in a plain
+``lightning.Trainer`` (no logger, checkpoint or validation):
+
+- ``ipo``: :class:`~ipo_lightning.module.PreferenceModule` (IPO, beta 0.5), B pairs per step, which
+  scores 2B fixed completions;
+- ``rloo``: :class:`~ipo_lightning.rl.rloo.RLOOModule` (beta 0.05), 2B/k prompts x k samples;
+- ``online_ipo``: :class:`~ipo_lightning.rl.online.OnlineModule` (IPO, beta 0.5), B prompts x 2.
+
+The on-policy modules sample with the gold reward (``--reward``), ``--max_new_tokens`` per completion,
+every row of a step in one ``generate`` call by default (``--generation_batch_size``).
+
+A step is timed from Lightning's ``on_train_batch_start`` to ``on_train_batch_end`` (data loading
+excluded); hooks split it into ``forward`` (``training_step``), ``backward`` and ``optimizer`` (the
+rest: the optimizer and schedule step and the module's metric logging). Inside an on-policy
+``training_step`` the benchmark times, from outside the product code, the three calls the rollout
+makes: ``generate_completions`` (sampling), the reward function and ``score_rows`` (policy and
+reference forward over the sampled rows), by wrapping the names the rollout looks them up under for
+the duration of the run. ``scoring`` is ``score_rows`` for the on-policy methods and the whole
+``training_step`` (policy and reference forward, loss) for the offline one. On CUDA every mark
+synchronises first.
+
+Printed: one JSON line per method (medians over the ``--steps`` steps after ``--warmup``; shares of
+the summed step time of the same steps; ``*_vs_ipo`` against the offline step measured in the same
+run), then the same as a Markdown table::
+
+    OMP_NUM_THREADS=1 python benchmarks/rl_step.py                      # gold model, 32 pairs / 64 samples
+    python benchmarks/rl_step.py --model path/to/model --pairs 16 --k 2
+    python benchmarks/rl_step.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+import lightning as L
+import torch
+
+import ipo_lightning.rl.module as on_policy
+from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.modeling import DType
+from ipo_lightning.module import PreferenceModule
+from ipo_lightning.rl.data import PROMPT_IDS, PromptDataModule
+from ipo_lightning.rl.online import OnlineModule
+from ipo_lightning.rl.rloo import RLOOModule
+
+METHODS = ("ipo", "rloo", "online_ipo")
+"""The methods, the offline baseline first."""
+BASELINE = "ipo"
+PHASES = ("forward", "backward", "optimizer", "generate", "reward", "scoring")
+"""Per-step timings; the last three are measured inside an on-policy ``training_step``."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every method trains on (each a command-line flag)."""
+
+    model: str = "builtin:gold"
+    data: str = "builtin:gold/train"
+    reward: str = "ipo_lightning.gold:gold_reward"
+    pairs: int = 32
+    """B: pairs per offline step; every step trains on 2B completions."""
+    k: int = 4
+    """RLOO's samples per prompt (it must divide 2B)."""
+    max_new_tokens: int = 80
+    generation_batch_size: int = 256
+    max_length: int = 128
+    max_prompt_length: int = 32
+    warmup: int = 2
+    steps: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    precision: str = "32-true"
+    seed: int = 0
+    cache_dir: str | None = None
+    """datasets cache of the tokenised sets; None: datasets' default."""
+
+    @property
+    def completions(self) -> int:
+        """Completions every step trains on: 2B."""
+        return 2 * self.pairs
+
+
+def check_setup(setup: Setup) -> None:
+    """Raise ValueError, naming the flag, for a setup that cannot give equal steps."""
+    if setup.pairs < 1 or setup.k < 2 or setup.steps < 1 or setup.warmup < 0:
+        raise ValueError("--pairs and --steps must be >= 1, --k >= 2 and --warmup >= 0")
+    if setup.completions % setup.k:
+        raise ValueError(f"--k {setup.k} must divide 2 x --pairs ({setup.completions}) for equal steps")
+    if setup.dtype not in get_args(DType):
+        raise ValueError(f"--dtype must be one of {', '.join(get_args(DType))}, got {setup.dtype!r}")
+    if setup.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False)"
+        )
+    if setup.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {setup.device!r}")
+
+
+# ------------------------------------------------------------------------------------ the clock
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step: its completions and the seconds of each phase."""
+
+    completions: int
+    step: float = 0.0
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+class PhaseClock(L.Callback):
+    """Times every training batch and its phases (module docstring) into :attr:`records`."""
+
+    def __init__(self, device: str, samples_per_prompt: int | None) -> None:
+        self.cuda = device == "cuda"
+        self.samples_per_prompt = samples_per_prompt
+        """k of an on-policy module (completions = prompts x k); None: pairs (2 rows each)."""
+        self.records: list[StepRecord] = []
+        self._marks: dict[str, float] = {}
+
+    def now(self) -> float:
+        """Wall time after the device's queued work has finished."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to ``phase`` of the running step (calls outside a step are not counted)."""
+        if self.records and "start" in self._marks:
+            self.records[-1].phases[phase] += seconds
+
+    def timed(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """``function`` with its calls' wall time added to ``phase``."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = self.now()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.add(phase, self.now() - start)
+
+        return wrapper
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The reward is loaded by the module's setup, which has run by now.
+        if self.samples_per_prompt is not None:
+            pl_module.reward_function = self.timed("reward", pl_module.reward_function)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any
+    ) -> None:
+        if self.samples_per_prompt is None:
+            completions = int(batch["input_ids"].shape[0])  # chosen and rejected rows
+        else:
+            completions = len(batch[PROMPT_IDS]) * self.samples_per_prompt
+        self.records.append(StepRecord(completions))
+        self._marks = {"start": self.now()}
+
+    def on_before_backward(self, *_: Any) -> None:
+        self._marks["backward"] = self.now()
+
+    def on_after_backward(self, *_: Any) -> None:
+        self._marks["optimizer"] = self.now()
+
+    def on_train_batch_end(self, *_: Any) -> None:
+        end = self.now()
+        marks, record = self._marks, self.records[-1]
+        record.step = end - marks["start"]
+        record.phases["forward"] = marks["backward"] - marks["start"]
+        record.phases["backward"] = marks["optimizer"] - marks["backward"]
+        record.phases["optimizer"] = end - marks["optimizer"]
+        if self.samples_per_prompt is None:
+            record.phases["scoring"] = record.phases["forward"]
+        self._marks = {}
+
+
+@contextlib.contextmanager
+def timed_rollout_calls(clock: PhaseClock) -> Iterator[None]:
+    """Wrap the names the on-policy rollout calls (sampling, scoring) with the clock, then restore them."""
+    originals = {"generate_completions": "generate", "score_rows": "scoring"}
+    saved = {name: getattr(on_policy, name) for name in originals}
+    try:
+        for name, phase in originals.items():
+            setattr(on_policy, name, clock.timed(phase, saved[name]))
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(on_policy, name, function)
+
+
+# ------------------------------------------------------------------------------------ the methods
+
+
+def build(method: str, setup: Setup) -> tuple[L.LightningModule, L.LightningDataModule, int | None]:
+    """The module and data module of ``method``, and its samples per prompt (None: offline pairs)."""
+    common: dict[str, Any] = {"lr_schedule": "constant", "warmup_steps": 0, "dtype": setup.dtype}
+    data: dict[str, Any] = {
+        "train": DataSource(path=setup.data),
+        "tokenizer_name_or_path": setup.model,
+        "max_length": setup.max_length,
+        "max_prompt_length": setup.max_prompt_length,
+        "cache_dir": setup.cache_dir,
+        "seed": setup.seed,
+    }
+    if method == "ipo":
+        module = PreferenceModule(
+            setup.model, loss_type="ipo", beta=0.5, max_length=setup.max_length, **common
+        )
+        return module, PreferenceDataModule(batch_size=setup.pairs, **data), None
+    sampling: dict[str, Any] = {
+        "max_new_tokens": setup.max_new_tokens,
+        "generation_batch_size": setup.generation_batch_size,
+        "max_length": setup.max_length,
+        "seed": setup.seed,
+        **common,
+    }
+    if method == "rloo":
+        module = RLOOModule(setup.model, setup.reward, samples_per_prompt=setup.k, beta=0.05, **sampling)
+    elif method == "online_ipo":
+        module = OnlineModule(setup.model, setup.reward, loss_type="ipo", beta=0.5, **sampling)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    k = module.samples_per_prompt
+    return module, PromptDataModule(batch_size=setup.completions // k, **data), k
+
+
+def measure(method: str, setup: Setup) -> list[StepRecord]:
+    """Train ``method`` for ``warmup + steps`` optimizer steps; the records of every step."""
+    L.seed_everything(setup.seed, verbose=False)
+    module, datamodule, k = build(method, setup)
+    clock = PhaseClock(setup.device, k)
+    trainer = L.Trainer(
+        accelerator=setup.device,
+        devices=1,
+        precision=setup.precision,
+        max_steps=setup.warmup + setup.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+    )
+    with timed_rollout_calls(clock):
+        trainer.fit(module, datamodule=datamodule)
+    if len(clock.records) != setup.warmup + setup.steps:
+        raise RuntimeError(f"{method}: {len(clock.records)} steps ran, expected {setup.warmup + setup.steps}")
+    return clock.records
+
+
+def summarize(method: str, records: list[StepRecord], warmup: int) -> dict[str, Any]:
+    """Medians over the steps after ``warmup`` and the phases' shares of their summed step time."""
+    timed = records[warmup:]
+    total = sum(r.step for r in timed)
+    step = statistics.median(r.step for r in timed)
+    completions = statistics.median(r.completions for r in timed)
+    out: dict[str, Any] = {
+        "method": method,
+        "steps": len(timed),
+        "completions_per_step": completions,
+        "step_s": step,
+        "completions_per_s": completions / step,
+    }
+    for phase in PHASES:
+        out[f"{phase}_s"] = statistics.median(r.phases[phase] for r in timed)
+        out[f"{phase}_share"] = sum(r.phases[phase] for r in timed) / total
+    out["scoring_backward_share"] = out["scoring_share"] + out["backward_share"]
+    return out
+
+
+def with_ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each summary with ``step_vs_ipo`` and ``completions_per_s_vs_ipo`` (the offline step measured in
+    the same run)."""
+    base = next(s for s in summaries if s["method"] == BASELINE)
+    return [
+        {
+            **s,
+            "step_vs_ipo": s["step_s"] / base["step_s"],
+            "completions_per_s_vs_ipo": s["completions_per_s"] / base["completions_per_s"],
+        }
+        for s in summaries
+    ]
+
+
+DESCRIPTIONS = {
+    "ipo": "offline IPO, {pairs} pairs",
+    "rloo": "RLOO, {prompts} prompts x {k}",
+    "online_ipo": "online IPO, {pairs} prompts x 2",
+}
+
+
+def markdown(summaries: list[dict[str, Any]], setup: Setup) -> str:
+    """The summaries as a Markdown table (times in ms, shares in %, ratios against offline IPO)."""
+    names = {"pairs": setup.pairs, "prompts": setup.completions // setup.k, "k": setup.k}
+    lines = [
+        "| method | step ms | completions/s | vs offline IPO: step time | generate | scoring + backward |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summaries:
+        on_policy_method = s["method"] != BASELINE
+        generate = f"{100 * s['generate_share']:.0f}%" if on_policy_method else "-"
+        lines.append(
+            f"| {DESCRIPTIONS[s['method']].format(**names)} | {1000 * s['step_s']:.0f} "
+            f"| {s['completions_per_s']:.0f} | {s['step_vs_ipo']:.2f}x | {generate} "
+            f"| {100 * s['scoring_backward_share']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def run(setup: Setup, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
+    """Measure every method (the baseline first, which the ratios need) and summarise them."""
+    check_setup(setup)
+    ordered = [BASELINE, *[m for m in methods if m != BASELINE]]
+    return with_ratios([summarize(m, measure(m, setup), setup.warmup) for m in ordered])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, measure every method, print JSON lines and the Markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = Setup()
+    for name in Setup.__dataclass_fields__:
+        if name == "cache_dir":
+            continue
+        default = getattr(defaults, name)
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady when shared)")
+    args = parser.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    options = {name: getattr(args, name) for name in Setup.__dataclass_fields__ if name != "cache_dir"}
+    with tempfile.TemporaryDirectory(prefix="rl-step-") as cache:
+        setup = Setup(**options, cache_dir=str(Path(cache) / "datasets"))
+        try:
+            check_setup(setup)
+        except ValueError as error:
+            parser.error(str(error))
+        torch.set_num_threads(args.threads)
+        warnings.filterwarnings("ignore")
+        summaries = run(setup, methods)
+    context = {"device": setup.device, "dtype": setup.dtype, "threads": torch.get_num_threads()}
+    for summary in summaries:
+        rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
+        print(json.dumps({**rounded, **context}), flush=True)
+    print()
+    print(markdown(summaries, setup))
+
+
+if __name__ == "__main__":
+    main()
