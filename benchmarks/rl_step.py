@@ -52,6 +52,7 @@ import torch
 
 import ipo_lightning.rl.module as on_policy
 from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.generation import Completion
 from ipo_lightning.modeling import DType
 from ipo_lightning.module import PreferenceModule
 from ipo_lightning.rl.data import PROMPT_IDS, PromptDataModule
@@ -119,6 +120,8 @@ class StepRecord:
     """One optimizer step: its completions and the seconds of each phase."""
 
     completions: int
+    tokens: int = 0
+    """Completion tokens trained on (EOS included where there is one)."""
     step: float = 0.0
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -144,15 +147,21 @@ class PhaseClock(L.Callback):
         if self.records and "start" in self._marks:
             self.records[-1].phases[phase] += seconds
 
-    def timed(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        """``function`` with its calls' wall time added to ``phase``."""
+    def timed(
+        self, phase: str, function: Callable[..., Any], tokens: Callable[[Any], int] | None = None
+    ) -> Callable[..., Any]:
+        """``function`` with its calls' wall time added to ``phase`` (and ``tokens(result)`` to the
+        running step's tokens)."""
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = self.now()
             try:
-                return function(*args, **kwargs)
+                result = function(*args, **kwargs)
             finally:
                 self.add(phase, self.now() - start)
+            if tokens is not None and self.records and "start" in self._marks:
+                self.records[-1].tokens += tokens(result)
+            return result
 
         return wrapper
 
@@ -168,7 +177,9 @@ class PhaseClock(L.Callback):
             completions = int(batch["input_ids"].shape[0])  # chosen and rejected rows
         else:
             completions = len(batch[PROMPT_IDS]) * self.samples_per_prompt
-        self.records.append(StepRecord(completions))
+        # Offline: the pairs' completion tokens; on-policy: counted from the samples (timed_rollout_calls).
+        tokens = int(batch["completion_mask"].sum()) if self.samples_per_prompt is None else 0
+        self.records.append(StepRecord(completions, tokens))
         self._marks = {"start": self.now()}
 
     def on_before_backward(self, *_: Any) -> None:
@@ -192,11 +203,16 @@ class PhaseClock(L.Callback):
 @contextlib.contextmanager
 def timed_rollout_calls(clock: PhaseClock) -> Iterator[None]:
     """Wrap the names the on-policy rollout calls (sampling, scoring) with the clock, then restore them."""
-    originals = {"generate_completions": "generate", "score_rows": "scoring"}
-    saved = {name: getattr(on_policy, name) for name in originals}
+    saved = {name: getattr(on_policy, name) for name in ("generate_completions", "score_rows")}
+
+    def sampled_tokens(completions: list[list[Completion]]) -> int:
+        return sum(len(completion.token_ids) for row in completions for completion in row)
+
     try:
-        for name, phase in originals.items():
-            setattr(on_policy, name, clock.timed(phase, saved[name]))
+        on_policy.generate_completions = clock.timed(
+            "generate", saved["generate_completions"], tokens=sampled_tokens
+        )
+        on_policy.score_rows = clock.timed("scoring", saved["score_rows"])
         yield
     finally:
         for name, function in saved.items():
@@ -276,6 +292,7 @@ def summarize(method: str, records: list[StepRecord], warmup: int) -> dict[str, 
         "completions_per_step": completions,
         "step_s": step,
         "completions_per_s": completions / step,
+        "tokens_per_completion": sum(r.tokens for r in timed) / sum(r.completions for r in timed),
     }
     for phase in PHASES:
         out[f"{phase}_s"] = statistics.median(r.phases[phase] for r in timed)
@@ -306,19 +323,23 @@ DESCRIPTIONS = {
 
 
 def markdown(summaries: list[dict[str, Any]], setup: Setup) -> str:
-    """The summaries as a Markdown table (times in ms, shares in %, ratios against offline IPO)."""
+    """The summaries as a Markdown table (times in ms, shares of the step time in %, the step time
+    against offline IPO's); ``rest`` is the reward, the loss, zeroing and the optimizer step."""
     names = {"pairs": setup.pairs, "prompts": setup.completions // setup.k, "k": setup.k}
     lines = [
-        "| method | step ms | completions/s | vs offline IPO: step time | generate | scoring + backward |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | tokens per completion | step ms | completions/s | step time vs offline IPO "
+        "| generating | scoring + backward | rest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
-        on_policy_method = s["method"] != BASELINE
-        generate = f"{100 * s['generate_share']:.0f}%" if on_policy_method else "-"
+        offline = s["method"] == BASELINE
+        rest = 1 - s["generate_share"] - s["scoring_backward_share"]
+        generating = "-" if offline else f"{100 * s['generate_share']:.0f}%"
         lines.append(
-            f"| {DESCRIPTIONS[s['method']].format(**names)} | {1000 * s['step_s']:.0f} "
-            f"| {s['completions_per_s']:.0f} | {s['step_vs_ipo']:.2f}x | {generate} "
-            f"| {100 * s['scoring_backward_share']:.0f}% |"
+            f"| {DESCRIPTIONS[s['method']].format(**names)} | {s['tokens_per_completion']:.1f} "
+            f"| {1000 * s['step_s']:.0f} | {s['completions_per_s']:.0f} | {s['step_vs_ipo']:.2f}x "
+            f"| {generating} "
+            f"| {100 * s['scoring_backward_share']:.0f}% | {100 * rest:.0f}% |"
         )
     return "\n".join(lines)
 

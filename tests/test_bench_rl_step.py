@@ -57,6 +57,7 @@ def test_every_method_gives_positive_numbers_on_equal_completions(
         # 2 pairs = 4 completions; RLOO 1 prompt x 4; online 2 prompts x 2.
         assert s["completions_per_step"] == 4 and s["steps"] == 1, method
         assert s["step_s"] > 0 and s["completions_per_s"] > 0 and s["step_vs_ipo"] > 0, method
+        assert 1 <= s["tokens_per_completion"] <= (4 if method != "ipo" else 48), method  # max_new_tokens 4
         for phase in ("forward", "backward", "optimizer", "scoring"):
             assert s[f"{phase}_s"] > 0, (method, phase)
         # The hooks split the step exactly; the rollout's calls happen inside training_step.
@@ -74,6 +75,8 @@ def test_every_method_gives_positive_numbers_on_equal_completions(
     # The wrapped names are the product's own again after the run.
     assert on_policy.generate_completions is generate_completions and on_policy.score_rows is score_rows
     table = bench.markdown(list(summaries.values()), setup).splitlines()
+    offline_cells = [cell.strip() for cell in table[2].split("|")[1:-1]]
+    assert len(offline_cells) == 8 and offline_cells[4] == "1.00x" and offline_cells[5] == "-"
     assert len(table) == 5 and table[2].startswith("| offline IPO, 2 pairs |")
     assert table[3].startswith("| RLOO, 1 prompts x 4 |") and table[4].startswith(
         "| online IPO, 2 prompts x 2 |"
