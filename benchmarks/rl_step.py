@@ -24,9 +24,12 @@ the duration of the run. ``scoring`` is ``score_rows`` for the on-policy methods
 ``training_step`` (policy and reference forward, loss) for the offline one. On CUDA every mark
 synchronises first.
 
-Printed: one JSON line per method (medians over the ``--steps`` steps after ``--warmup``; shares of
-the summed step time of the same steps; ``*_vs_ipo`` against the offline step measured in the same
-run), then the same as a Markdown table::
+A run is ``--repeats`` rounds, each training every method once from a fresh module and Trainer (the
+order rotating from round to round), ``--warmup`` steps then ``--steps`` timed ones. Printed: one JSON
+line per method (medians over the timed steps of every round; each phase's share of their summed
+step time; ``step_cpu_s``, the process CPU seconds of a step, which load from other processes changes
+less than wall time; ``*_vs_ipo``, the median over rounds of the ratio to the same round's offline
+step), then a Markdown table of the same::
 
     OMP_NUM_THREADS=1 python benchmarks/rl_step.py                      # gold model, 32 pairs / 64 samples
     python benchmarks/rl_step.py --model path/to/model --pairs 16 --k 2
@@ -82,7 +85,9 @@ class Setup:
     max_length: int = 128
     max_prompt_length: int = 32
     warmup: int = 2
-    steps: int = 8
+    steps: int = 6
+    repeats: int = 3
+    """Rounds, each measuring every method once (its order rotating), from a fresh module and Trainer."""
     device: str = "cpu"
     dtype: str = "float32"
     precision: str = "32-true"
@@ -98,8 +103,8 @@ class Setup:
 
 def check_setup(setup: Setup) -> None:
     """Raise ValueError, naming the flag, for a setup that cannot give equal steps."""
-    if setup.pairs < 1 or setup.k < 2 or setup.steps < 1 or setup.warmup < 0:
-        raise ValueError("--pairs and --steps must be >= 1, --k >= 2 and --warmup >= 0")
+    if min(setup.pairs, setup.steps, setup.repeats) < 1 or setup.k < 2 or setup.warmup < 0:
+        raise ValueError("--pairs, --steps and --repeats must be >= 1, --k >= 2 and --warmup >= 0")
     if setup.completions % setup.k:
         raise ValueError(f"--k {setup.k} must divide 2 x --pairs ({setup.completions}) for equal steps")
     if setup.dtype not in get_args(DType):
@@ -123,6 +128,8 @@ class StepRecord:
     tokens: int = 0
     """Completion tokens trained on (EOS included where there is one)."""
     step: float = 0.0
+    cpu: float = 0.0
+    """Process CPU seconds of the step (every thread): what load from other processes changes least."""
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
@@ -180,7 +187,7 @@ class PhaseClock(L.Callback):
         # Offline: the pairs' completion tokens; on-policy: counted from the samples (timed_rollout_calls).
         tokens = int(batch["completion_mask"].sum()) if self.samples_per_prompt is None else 0
         self.records.append(StepRecord(completions, tokens))
-        self._marks = {"start": self.now()}
+        self._marks = {"start": self.now(), "cpu": time.process_time()}
 
     def on_before_backward(self, *_: Any) -> None:
         self._marks["backward"] = self.now()
@@ -192,6 +199,7 @@ class PhaseClock(L.Callback):
         end = self.now()
         marks, record = self._marks, self.records[-1]
         record.step = end - marks["start"]
+        record.cpu = time.process_time() - marks["cpu"]
         record.phases["forward"] = marks["backward"] - marks["start"]
         record.phases["backward"] = marks["optimizer"] - marks["backward"]
         record.phases["optimizer"] = end - marks["optimizer"]
@@ -280,9 +288,8 @@ def measure(method: str, setup: Setup) -> list[StepRecord]:
     return clock.records
 
 
-def summarize(method: str, records: list[StepRecord], warmup: int) -> dict[str, Any]:
-    """Medians over the steps after ``warmup`` and the phases' shares of their summed step time."""
-    timed = records[warmup:]
+def summarize(method: str, timed: list[StepRecord]) -> dict[str, Any]:
+    """Medians over the timed steps ``timed`` and the phases' shares of their summed step time."""
     total = sum(r.step for r in timed)
     step = statistics.median(r.step for r in timed)
     completions = statistics.median(r.completions for r in timed)
@@ -291,6 +298,7 @@ def summarize(method: str, records: list[StepRecord], warmup: int) -> dict[str, 
         "steps": len(timed),
         "completions_per_step": completions,
         "step_s": step,
+        "step_cpu_s": statistics.median(r.cpu for r in timed),
         "completions_per_s": completions / step,
         "tokens_per_completion": sum(r.tokens for r in timed) / sum(r.completions for r in timed),
     }
@@ -301,18 +309,21 @@ def summarize(method: str, records: list[StepRecord], warmup: int) -> dict[str, 
     return out
 
 
-def with_ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each summary with ``step_vs_ipo`` and ``completions_per_s_vs_ipo`` (the offline step measured in
-    the same run)."""
-    base = next(s for s in summaries if s["method"] == BASELINE)
-    return [
-        {
-            **s,
-            "step_vs_ipo": s["step_s"] / base["step_s"],
-            "completions_per_s_vs_ipo": s["completions_per_s"] / base["completions_per_s"],
-        }
-        for s in summaries
-    ]
+def with_ratios(rounds: list[dict[str, dict[str, Any]]], pooled: dict[str, Any]) -> dict[str, Any]:
+    """``pooled`` (one method's summary over every round's steps) with its ratios to the offline step:
+    ``step_vs_ipo``, ``cpu_vs_ipo`` and ``completions_per_s_vs_ipo``, each the median over rounds of
+    the ratio to the same round's offline step (``rounds``: per round, method -> that round's summary)."""
+    method = pooled["method"]
+    out = {**pooled, "rounds": len(rounds)}
+    for name, key in (("step", "step_s"), ("cpu", "step_cpu_s"), ("completions_per_s", "completions_per_s")):
+        out[f"{name}_vs_ipo"] = statistics.median(r[method][key] / r[BASELINE][key] for r in rounds)
+    return out
+
+
+def round_order(methods: list[str], round_index: int) -> list[str]:
+    """The methods of round ``round_index``: each once, the first one rotating from round to round."""
+    shift = round_index % len(methods)
+    return methods[shift:] + methods[:shift]
 
 
 DESCRIPTIONS = {
@@ -323,13 +334,13 @@ DESCRIPTIONS = {
 
 
 def markdown(summaries: list[dict[str, Any]], setup: Setup) -> str:
-    """The summaries as a Markdown table (times in ms, shares of the step time in %, the step time
-    against offline IPO's); ``rest`` is the reward, the loss, zeroing and the optimizer step."""
+    """The summaries as a Markdown table: times in ms, shares of the step time in %, the step's wall and
+    CPU time against offline IPO's; ``rest`` is the reward, the loss, zeroing and the optimizer step."""
     names = {"pairs": setup.pairs, "prompts": setup.completions // setup.k, "k": setup.k}
     lines = [
         "| method | tokens per completion | step ms | completions/s | step time vs offline IPO "
-        "| generating | scoring + backward | rest |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| CPU time vs offline IPO | generating | scoring + backward | rest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
         offline = s["method"] == BASELINE
@@ -338,6 +349,7 @@ def markdown(summaries: list[dict[str, Any]], setup: Setup) -> str:
         lines.append(
             f"| {DESCRIPTIONS[s['method']].format(**names)} | {s['tokens_per_completion']:.1f} "
             f"| {1000 * s['step_s']:.0f} | {s['completions_per_s']:.0f} | {s['step_vs_ipo']:.2f}x "
+            f"| {s['cpu_vs_ipo']:.2f}x "
             f"| {generating} "
             f"| {100 * s['scoring_backward_share']:.0f}% | {100 * rest:.0f}% |"
         )
@@ -345,10 +357,20 @@ def markdown(summaries: list[dict[str, Any]], setup: Setup) -> str:
 
 
 def run(setup: Setup, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
-    """Measure every method (the baseline first, which the ratios need) and summarise them."""
+    """Measure every method (and the offline baseline the ratios need) in ``setup.repeats`` rounds;
+    one summary per method, the baseline first."""
     check_setup(setup)
     ordered = [BASELINE, *[m for m in methods if m != BASELINE]]
-    return with_ratios([summarize(m, measure(m, setup), setup.warmup) for m in ordered])
+    steps: dict[str, list[StepRecord]] = {m: [] for m in ordered}
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for round_index in range(setup.repeats):
+        this_round = {}
+        for method in round_order(ordered, round_index):
+            timed = measure(method, setup)[setup.warmup :]
+            steps[method] += timed
+            this_round[method] = summarize(method, timed)
+        rounds.append(this_round)
+    return [with_ratios(rounds, summarize(m, steps[m])) for m in ordered]
 
 
 def main(argv: list[str] | None = None) -> None:

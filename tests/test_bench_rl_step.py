@@ -42,6 +42,7 @@ def _setup(bench: ModuleType, model_dir: Path, tmp_path: Path, **overrides: obje
         "max_prompt_length": 24,
         "warmup": 0,
         "steps": 1,
+        "repeats": 1,
         "cache_dir": str(tmp_path / "cache"),
     }
     return bench.Setup(**{**options, **overrides})
@@ -57,6 +58,7 @@ def test_every_method_gives_positive_numbers_on_equal_completions(
         # 2 pairs = 4 completions; RLOO 1 prompt x 4; online 2 prompts x 2.
         assert s["completions_per_step"] == 4 and s["steps"] == 1, method
         assert s["step_s"] > 0 and s["completions_per_s"] > 0 and s["step_vs_ipo"] > 0, method
+        assert s["step_cpu_s"] > 0 and s["cpu_vs_ipo"] > 0 and s["rounds"] == 1, method
         assert 1 <= s["tokens_per_completion"] <= (4 if method != "ipo" else 48), method  # max_new_tokens 4
         for phase in ("forward", "backward", "optimizer", "scoring"):
             assert s[f"{phase}_s"] > 0, (method, phase)
@@ -76,25 +78,47 @@ def test_every_method_gives_positive_numbers_on_equal_completions(
     assert on_policy.generate_completions is generate_completions and on_policy.score_rows is score_rows
     table = bench.markdown(list(summaries.values()), setup).splitlines()
     offline_cells = [cell.strip() for cell in table[2].split("|")[1:-1]]
-    assert len(offline_cells) == 8 and offline_cells[4] == "1.00x" and offline_cells[5] == "-"
+    assert len(offline_cells) == 9 and offline_cells[4:7] == ["1.00x", "1.00x", "-"]
     assert len(table) == 5 and table[2].startswith("| offline IPO, 2 pairs |")
     assert table[3].startswith("| RLOO, 1 prompts x 4 |") and table[4].startswith(
         "| online IPO, 2 prompts x 2 |"
     )
 
 
-def test_summary_takes_medians_after_warm_up_and_shares_of_the_summed_steps(bench: ModuleType) -> None:
+def test_summary_takes_medians_and_shares_of_the_summed_steps(bench: ModuleType) -> None:
     records = []
-    for step, generate in ((9.0, 8.0), (1.0, 0.5), (3.0, 1.0), (2.0, 0.5)):
-        record = bench.StepRecord(completions=8, step=step)
+    for step, generate in ((1.0, 0.5), (3.0, 1.0), (2.0, 0.5)):
+        record = bench.StepRecord(completions=8, step=step, cpu=step / 2)
         record.phases.update(
             forward=0.5 * step, backward=0.25 * step, optimizer=0.25 * step, generate=generate
         )
         records.append(record)
-    s = bench.summarize("rloo", records, warmup=1)  # the 9 s step is warm-up
-    assert s["steps"] == 3 and s["step_s"] == 2.0 and s["completions_per_s"] == 4.0
+    s = bench.summarize("rloo", records)
+    assert s["steps"] == 3 and s["step_s"] == 2.0 and s["completions_per_s"] == 4.0 and s["step_cpu_s"] == 1.0
     assert s["generate_s"] == 0.5 and s["generate_share"] == pytest.approx(2.0 / 6.0)
     assert s["forward_share"] == pytest.approx(0.5) and s["backward_s"] == 0.5
+
+
+def test_ratios_are_medians_of_same_round_ratios(bench: ModuleType) -> None:
+    # rloo / ipo step time per round: 2.0, 4.0, 2.5 -> median 2.5 (the ratio of the medians: 4.0).
+    ipo, rloo = [1.0, 1.0, 2.0], [2.0, 4.0, 5.0]
+    rounds = [
+        {
+            "ipo": {"step_s": i, "step_cpu_s": i / 2, "completions_per_s": 64 / i},
+            "rloo": {"step_s": r, "step_cpu_s": r, "completions_per_s": 64 / r},
+        }
+        for i, r in zip(ipo, rloo, strict=True)
+    ]
+    out = bench.with_ratios(rounds, {"method": "rloo", "step_s": 4.0})
+    assert out["step_vs_ipo"] == 2.5 and out["cpu_vs_ipo"] == 5.0 and out["rounds"] == 3
+    assert out["completions_per_s_vs_ipo"] == pytest.approx(0.4) and out["step_s"] == 4.0
+    assert bench.with_ratios(rounds, {"method": "ipo"})["step_vs_ipo"] == 1.0
+    assert [bench.round_order(["a", "b", "c"], k) for k in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
 
 
 def test_bad_setups_name_the_flag(bench: ModuleType, tiny_model_dir: Path, tmp_path: Path) -> None:
