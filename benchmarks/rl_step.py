@@ -338,9 +338,9 @@ def markdown(summaries: list[dict[str, Any]], setup: Setup) -> str:
     CPU time against offline IPO's; ``rest`` is the reward, the loss, zeroing and the optimizer step."""
     names = {"pairs": setup.pairs, "prompts": setup.completions // setup.k, "k": setup.k}
     lines = [
-        "| method | tokens per completion | step ms | completions/s | step time vs offline IPO "
+        "| method | tokens per completion | step ms | step CPU ms | completions/s | step time vs offline IPO "
         "| CPU time vs offline IPO | generating | scoring + backward | rest |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
         offline = s["method"] == BASELINE
@@ -348,9 +348,8 @@ def markdown(summaries: list[dict[str, Any]], setup: Setup) -> str:
         generating = "-" if offline else f"{100 * s['generate_share']:.0f}%"
         lines.append(
             f"| {DESCRIPTIONS[s['method']].format(**names)} | {s['tokens_per_completion']:.1f} "
-            f"| {1000 * s['step_s']:.0f} | {s['completions_per_s']:.0f} | {s['step_vs_ipo']:.2f}x "
-            f"| {s['cpu_vs_ipo']:.2f}x "
-            f"| {generating} "
+            f"| {1000 * s['step_s']:.0f} | {1000 * s['step_cpu_s']:.0f} | {s['completions_per_s']:.0f} "
+            f"| {s['step_vs_ipo']:.2f}x | {s['cpu_vs_ipo']:.2f}x | {generating} "
             f"| {100 * s['scoring_backward_share']:.0f}% | {100 * rest:.0f}% |"
         )
     return "\n".join(lines)

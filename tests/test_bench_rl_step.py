@@ -78,7 +78,7 @@ def test_every_method_gives_positive_numbers_on_equal_completions(
     assert on_policy.generate_completions is generate_completions and on_policy.score_rows is score_rows
     table = bench.markdown(list(summaries.values()), setup).splitlines()
     offline_cells = [cell.strip() for cell in table[2].split("|")[1:-1]]
-    assert len(offline_cells) == 9 and offline_cells[4:7] == ["1.00x", "1.00x", "-"]
+    assert len(offline_cells) == 10 and offline_cells[5:8] == ["1.00x", "1.00x", "-"]
     assert len(table) == 5 and table[2].startswith("| offline IPO, 2 pairs |")
     assert table[3].startswith("| RLOO, 1 prompts x 4 |") and table[4].startswith(
         "| online IPO, 2 prompts x 2 |"
