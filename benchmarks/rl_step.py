@@ -11,8 +11,11 @@ distinct prompts), each step on the same number of completions, through its real
 - ``rloo``: :class:`~ipo_lightning.rl.rloo.RLOOModule` (beta 0.05), 2B/k prompts x k samples;
 - ``online_ipo``: :class:`~ipo_lightning.rl.online.OnlineModule` (IPO, beta 0.5), B prompts x 2.
 
-The on-policy modules sample with the gold reward (``--reward``), ``--max_new_tokens`` per completion,
-every row of a step in one ``generate`` call by default (``--generation_batch_size``).
+``--model`` is any model folder or hub id, ``--data`` any preference set (the on-policy methods use
+its distinct prompts). The on-policy modules score their samples with ``--reward`` (default the gold
+reward) and sample up to ``--max_new_tokens`` per completion, every row of a step in one ``generate``
+call by default (``--generation_batch_size``). Every module keeps its default ``model.batching:
+auto`` (for sdpa: prefix_shared pairs offline, padding_free sampled rows on-policy).
 
 A step is timed from Lightning's ``on_train_batch_start`` to ``on_train_batch_end`` (data loading
 excluded); hooks split it into ``forward`` (``training_step``), ``backward`` and ``optimizer`` (the
