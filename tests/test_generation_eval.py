@@ -11,6 +11,7 @@ import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -24,6 +25,7 @@ from ipo_lightning.data.prompts import HeldOutPrompt
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.evaluation import EvalOptions, judge_prompts, sample_logprobs, set_result, with_log_ratios
 from ipo_lightning.generation_metrics import Z_95, distinct_n, repetition, set_metrics, win_rate
+from ipo_lightning.lora import LoraOptions
 from ipo_lightning.module import PreferenceModule
 from ipo_lightning.rewards import load_reward
 from tests.helpers import polite_pairs, write_jsonl
@@ -203,6 +205,7 @@ def _fit(
     lr: float,
     steps: int = 4,
     data_class: type[PreferenceDataModule] = PreferenceDataModule,
+    **module_options: Any,
 ) -> Path:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
     first = write_jsonl(tmp_path / "a.jsonl", polite_pairs(8, offset=16))
@@ -216,7 +219,10 @@ def _fit(
         batch_size=4,
     )
     module = PreferenceModule(
-        str(tiny_model_dir), optimizer=lambda params: torch.optim.Adam(params, lr=lr), lr_schedule="constant"
+        str(tiny_model_dir),
+        optimizer=lambda params: torch.optim.Adam(params, lr=lr),
+        lr_schedule="constant",
+        **module_options,
     )
     logger = CSVLogger(tmp_path / "logs", name="")
     trainer = L.Trainer(
@@ -310,6 +316,32 @@ def test_zero_learning_rate_gives_ties_at_every_measurement(tmp_path: Path, tiny
     assert "gen/b/win_rate" not in rows[0] and "gen/greedy_reward" not in rows[0]  # one set: plain names only
     samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
     assert {s["set"] for s in samples} == {"b"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reference": "lora", "lora": LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj"])},
+        {"reference": "precomputed"},
+    ],
+    ids=["lora", "precomputed"],
+)
+def test_gen_kl_with_the_lora_and_the_precomputed_reference(
+    tmp_path: Path, tiny_model_dir: Path, options: dict[str, Any]
+) -> None:
+    evaluation = GenerationEval(
+        reward=REWARD, prompts=2, samples_per_prompt=2, greedy=False, max_new_tokens=5, every_n_steps=0,
+        sets=["a"],
+    )  # fmt: skip
+    run = _fit(tmp_path, tiny_model_dir, evaluation, lr=5e-2, steps=2, **options)
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("gen/kl")]
+    samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
+    for row in rows:
+        ratios = [s["policy_logratio"] for s in samples if s["step"] == int(row["step"])]
+        assert float(row["gen/kl"]) == pytest.approx(statistics.fmean(ratios))
+    # Step 0: the policy is the reference; step 2: the reference is still the base, the policy moved.
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    assert abs(float(rows[0]["gen/kl"])) < 1e-6 and abs(float(rows[1]["gen/kl"])) > 1e-3
 
 
 @pytest.mark.parametrize(
