@@ -602,6 +602,9 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
         and _column(rows, "gen/reward")
     )
     assert not any(name.startswith("divergence/") for name in rows[0])
+    # The CLI times every method's steps (log_every_n_steps=1: one row per step).
+    assert len(_column(rows, "perf/step_time")) == 2 and all(t > 0 for t in _column(rows, "perf/step_time"))
+    assert len(_column(rows, "perf/peak_memory_gb")) == 2
     export = run / "hf_model"
     assert (export / "config.json").is_file()
     # The export states the on-policy method and its settings, not a preference run's.

@@ -8,7 +8,9 @@
   trainer's list (the CLI puts it there). On CUDA the device is synchronized before each clock read,
   so the time is that of the work, not of queueing it.
 - ``perf/peak_memory_gb``: the process's peak memory so far in GiB: ``torch.cuda.max_memory_allocated``
-  on CUDA, the peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) otherwise.
+  on CUDA, else the peak resident set size: ``VmHWM`` of ``/proc/self/status`` on Linux (exact; the
+  kernel's ``ru_maxrss`` reads approximate per-CPU counters and can lag the current ``VmRSS``), else
+  ``getrusage(RUSAGE_SELF).ru_maxrss``.
 
 Both are logged through ``LightningModule.log`` at the optimizer steps that are multiples of
 ``trainer.log_every_n_steps``, where the trainer writes its other ``train/`` values, so they land in
@@ -20,6 +22,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,9 +37,15 @@ _GIB = 2**30
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process so far in GiB: allocated CUDA memory on a CUDA ``device``, else the
-    peak resident set size (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak resident set size (``VmHWM`` where ``/proc`` has it, else ``ru_maxrss``: KiB on Linux, bytes
+    on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / _GIB
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):  # "VmHWM:   123456 kB"
+                return int(line.split()[1]) * 1024 / _GIB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / _GIB if sys.platform == "darwin" else peak * 1024 / _GIB
 
