@@ -47,6 +47,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ipo_lightning.callbacks import DivergenceMonitor, GenerationEval, HFExport, KLBudget
 from ipo_lightning.callbacks.nonfinite import DIVERGED_EXIT_CODE, NonFiniteGuard, TrainingDiverged
+from ipo_lightning.callbacks.performance import StepPerformance
 from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.checkpoint_io import AtomicCheckpointIO
 from ipo_lightning.cli_checks import check_checkpoint_file, check_optimizer
@@ -304,6 +305,8 @@ class PreferenceCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         if not any(isinstance(callback, RNGStateCheckpoint) for callback in callbacks):
             callbacks.append(RNGStateCheckpoint())
+        if not any(isinstance(callback, StepPerformance) for callback in callbacks):
+            callbacks.append(StepPerformance())
         kwargs["callbacks"] = callbacks
         kwargs["plugins"] = _plugins(trainer_config.get("plugins"), trainer_config.get("strategy"))
         self.run_dir: Path | None = None
@@ -322,9 +325,16 @@ class PreferenceCLI(LightningCLI):
         except BaseException:
             self._discard_unstarted_run_folder(None)
             raise
-        # The guard's checks run before any other callback sees the step (a monitor measuring NaN
-        # weights, a checkpoint saving them); Lightning runs checkpoint callbacks last anyway.
-        trainer.callbacks.sort(key=lambda callback: not isinstance(callback, NonFiniteGuard))
+        # The step timer comes first, so a step's time ends before the measurements of the later
+        # on_train_batch_end hooks (divergence monitor, generation evaluation) start. Then the guard's
+        # checks run before any other callback sees the step (a monitor measuring NaN weights, a
+        # checkpoint saving them); Lightning runs checkpoint callbacks last anyway.
+        trainer.callbacks.sort(
+            key=lambda callback: (
+                not isinstance(callback, StepPerformance),
+                not isinstance(callback, NonFiniteGuard),
+            )
+        )
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:

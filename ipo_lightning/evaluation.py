@@ -13,22 +13,31 @@ The one code path of the generation evaluation during training
 3. :func:`set_result`: the metrics of the set (:mod:`ipo_lightning.generation_metrics`) and the rows of
    the samples file; or, for greedy completions only (``judge``), :func:`greedy_win_rate`.
 
+The sampled sequence KL (``kl``): :func:`sample_logprobs` scores the policy's samples teacher-forced
+under a model through the one scoring path of the divergence monitor's ``seq_kl``
+(:func:`ipo_lightning.divergence.sampling.sequence_logprobs`), once under the policy and once under
+the reference (one model in memory at a time is enough), and :func:`with_log_ratios` keeps their
+differences; ``kl`` is their mean over every sample of the set.
+
 Result files are written with :func:`write_atomically`.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ipo_lightning.batching import Batching
 from ipo_lightning.data.prompts import HeldOutPrompt, reward_conversations
+from ipo_lightning.divergence.sampling import sequence_logprobs
 from ipo_lightning.generation import Completion, generate_completions, generate_with_greedy
 from ipo_lightning.generation_metrics import WinRate, set_metrics, win_rate
 from ipo_lightning.rewards import RewardFunction
@@ -47,8 +56,13 @@ SAMPLE_FIELDS = (
     "reference_reward",
     "policy_tokens",
     "policy_ended",
+    "policy_logratio",
 )
-"""The fields of every row of the samples file, in order."""
+"""The fields of every row of the samples file, in order (``policy_logratio``: log pi(y|x) - log ref(y|x)
+of the policy sample, null when the samples were not scored)."""
+
+KL = "kl"
+"""Metric name of the sampled sequence KL(pi || ref): mean ``policy_logratio`` of the set's samples."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class PromptResult:
         rewards: their rewards.
         greedy: the greedy completion, when asked for.
         greedy_reward: its reward.
+        log_ratios: log pi(y|x) - log ref(y|x) of each sample (:func:`with_log_ratios`); None: not scored.
     """
 
     index: int
@@ -89,6 +104,7 @@ class PromptResult:
     rewards: list[float]
     greedy: Completion | None = None
     greedy_reward: float | None = None
+    log_ratios: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +194,59 @@ def judge_prompts(
     ]
 
 
+def scoring_layout(batching: str | None) -> Batching:
+    """The layout the samples are scored in for a run's ``model.batching``: ``padding_free`` when the
+    run uses it, else ``padded`` (single rows have no shared prompt for ``prefix_shared``; ``auto`` or
+    unknown: the layout every model runs), as the divergence monitor lays out its sampled rows."""
+    return "padding_free" if batching == "padding_free" else "padded"
+
+
+@torch.no_grad()
+def sample_logprobs(
+    model: torch.nn.Module,
+    prompts: Sequence[HeldOutPrompt],
+    results: Sequence[PromptResult],
+    *,
+    batching: Batching = "padded",
+    batch_size: int = 64,
+) -> list[list[float]]:
+    """``log model(y | x)`` of every sampled completion y of ``results`` (``results[i]`` judged
+    ``prompts[i]``), summed over its generated tokens, EOS included when generated.
+
+    Teacher-forced through :func:`~ipo_lightning.divergence.sampling.sequence_logprobs` with every
+    module of ``model`` in eval mode (no dropout), each put back in its mode afterwards.
+    """
+    rows = [
+        (prompt.ids, completion.token_ids)
+        for prompt, result in zip(prompts, results, strict=True)
+        for completion in result.samples
+    ]
+    if not rows:
+        return [[] for _ in results]
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        flat = sequence_logprobs(model, rows, batching=batching, batch_size=batch_size)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    per_prompt, start = [], 0
+    for result in results:
+        per_prompt.append(flat[start : start + len(result.samples)])
+        start += len(result.samples)
+    return per_prompt
+
+
+def with_log_ratios(
+    results: Sequence[PromptResult], policy_logps: list[list[float]], reference_logps: list[list[float]]
+) -> list[PromptResult]:
+    """``results`` with each sample's ``log pi - log ref`` (both from :func:`sample_logprobs`)."""
+    return [
+        replace(result, log_ratios=[a - b for a, b in zip(mine, theirs, strict=True)])
+        for result, mine, theirs in zip(results, policy_logps, reference_logps, strict=True)
+    ]
+
+
 def merge(parts: Iterable[Sequence[PromptResult]]) -> list[PromptResult]:
     """All processes' results of one set in prompt order."""
     return sorted((result for part in parts for result in part), key=lambda result: result.index)
@@ -190,9 +259,13 @@ def set_result(
     if [r.index for r in policy] != [r.index for r in reference]:
         raise ValueError("policy and reference results cover different prompts")
     policy_rewards, reference_rewards, content, lengths, ended = [], [], [], [], []
+    log_ratios: list[float] = []
     rows = []
     for mine, theirs in zip(policy, reference, strict=True):
         for sample, (completion, other) in enumerate(zip(mine.samples, theirs.samples, strict=True)):
+            log_ratio = mine.log_ratios[sample] if mine.log_ratios is not None else None
+            if log_ratio is not None:
+                log_ratios.append(log_ratio)
             policy_rewards.append(mine.rewards[sample])
             reference_rewards.append(theirs.rewards[sample])
             tokens = completion.token_ids[:-1] if completion.ended else completion.token_ids
@@ -210,6 +283,7 @@ def set_result(
                 theirs.rewards[sample],
                 len(completion.token_ids),
                 completion.ended,
+                log_ratio,
             )
             rows.append(dict(zip(SAMPLE_FIELDS, values, strict=True)))
     greedy = [r.greedy_reward for r in policy if r.greedy_reward is not None]
@@ -217,6 +291,9 @@ def set_result(
     metrics = set_metrics(
         policy_rewards, reference_rewards, content, lengths, ended, greedy, samples_per_prompt=k
     )
+    # Every sample scored, or none (a partial mean would be another quantity).
+    if log_ratios and len(log_ratios) == len(policy_rewards):
+        metrics[KL] = statistics.fmean(log_ratios)
     return SetResult(metrics, rows)
 
 

@@ -62,6 +62,8 @@ def test_evaluate_on_the_finished_run_repeats_the_last_measurement(
     policy = [row["policy_reward"] for row in after if row["set"] == "ood"]
     assert record["metrics"]["gen/ood/reward"] == pytest.approx(sum(policy) / len(policy))
     assert record["metrics"]["gen/reward"] == record["sets"]["in_dist"]["reward"]
+    ratios = [row["policy_logratio"] for row in after if row["set"] == "ood"]
+    assert record["metrics"]["gen/ood/kl"] == pytest.approx(sum(ratios) / len(ratios)) != 0.0
 
     # The policy of the last checkpoint (saved after the last validation) is the export's.
     (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")

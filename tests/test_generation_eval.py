@@ -1,5 +1,6 @@
-"""The generation evaluation: metric math against hand-computed values, logged metrics equal to a
-recomputation from the samples file, ties at step 0, and a bad reward stopping the run at start-up."""
+"""The generation evaluation: metric math against hand-computed values, the sampled sequence KL against a
+direct computation, logged metrics equal to a recomputation from the samples file, ties and zero KL at
+step 0, and a bad reward stopping the run at start-up."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipo_lightning.callbacks import GenerationEval
 from ipo_lightning.data import DataSource, PreferenceDataModule
+from ipo_lightning.data.prompts import HeldOutPrompt
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.evaluation import EvalOptions, judge_prompts, sample_logprobs, set_result, with_log_ratios
 from ipo_lightning.generation_metrics import Z_95, distinct_n, repetition, set_metrics, win_rate
+from ipo_lightning.lora import LoraOptions
 from ipo_lightning.module import PreferenceModule
+from ipo_lightning.rewards import load_reward
 from tests.helpers import polite_pairs, write_jsonl
 
 REWARD = "tests.test_generation_eval:distinct_tokens"
@@ -130,6 +137,64 @@ def test_the_win_rate_interval_covers_the_true_rate_about_95_percent_of_the_time
     assert covered["per sample"] / repeats < 0.88  # the outcomes taken as independent under-cover
 
 
+# ------------------------------------------------------------------ sampled sequence KL
+
+
+def _direct_logprob(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> float:
+    """log model(completion | prompt): one unpadded forward, log-softmax, the drawn tokens summed."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logps = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return float(logps.gather(-1, torch.tensor(completion)[:, None]).sum())
+
+
+def test_gen_kl_is_the_mean_log_ratio_of_the_policy_samples_computed_directly(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # Another policy: its output layer favours EOS (so some samples end with it, some do not).
+    head = torch.nn.Linear(policy.lm_head.in_features, policy.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(policy.lm_head.weight * 1.5)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 4.0
+    policy.lm_head = head
+    policy.train()  # the evaluation scores in eval mode and puts the mode back
+    texts = [f"Human: tell me about {topic}. Assistant:" for topic in ("the sea", "bread", "a fox")]
+    prompts = [HeldOutPrompt(text, tokenizer(text)["input_ids"], None) for text in texts]
+    options = EvalOptions(samples_per_prompt=4, greedy=False, max_new_tokens=8, batch_size=5)
+    indices = range(len(prompts))
+    reward = load_reward(REWARD, option="--reward")
+    mine = judge_prompts(policy, tokenizer, prompts, indices, reward, options)
+    theirs = judge_prompts(reference, tokenizer, prompts, indices, reward, options)
+    scored = with_log_ratios(
+        mine,
+        sample_logprobs(policy, prompts, mine, batch_size=5),
+        sample_logprobs(reference, prompts, mine, batch_size=5),
+    )
+    assert policy.training and policy.model.layers[0].training
+    result = set_result("a", 0, scored, theirs)
+
+    completions = [(p.ids, c) for p, r in zip(prompts, mine, strict=True) for c in r.samples]
+    ended = [c.ended for _, c in completions]
+    assert any(ended) and not all(ended)
+    assert all(c.token_ids[-1] == tokenizer.eos_token_id for _, c in completions if c.ended)
+    direct = [
+        _direct_logprob(policy.eval(), ids, c.token_ids) - _direct_logprob(reference, ids, c.token_ids)
+        for ids, c in completions
+    ]
+    assert [row["policy_logratio"] for row in result.rows] == pytest.approx(direct, abs=1e-4)
+    assert result.metrics["kl"] == pytest.approx(statistics.fmean(direct), abs=1e-4)
+    assert result.metrics["kl"] > 0.1  # the two models really differ
+
+    # The reference against itself: every log-ratio is exactly zero.
+    same = sample_logprobs(reference, prompts, theirs)
+    assert set_result("a", 0, with_log_ratios(theirs, same, same), theirs).metrics["kl"] == 0.0
+    # Results never scored have no KL (not a KL of 0).
+    assert "kl" not in set_result("a", 0, mine, theirs).metrics
+
+
 # ------------------------------------------------------------------ during a fit
 
 
@@ -140,6 +205,7 @@ def _fit(
     lr: float,
     steps: int = 4,
     data_class: type[PreferenceDataModule] = PreferenceDataModule,
+    **module_options: Any,
 ) -> Path:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
     first = write_jsonl(tmp_path / "a.jsonl", polite_pairs(8, offset=16))
@@ -153,7 +219,10 @@ def _fit(
         batch_size=4,
     )
     module = PreferenceModule(
-        str(tiny_model_dir), optimizer=lambda params: torch.optim.Adam(params, lr=lr), lr_schedule="constant"
+        str(tiny_model_dir),
+        optimizer=lambda params: torch.optim.Adam(params, lr=lr),
+        lr_schedule="constant",
+        **module_options,
     )
     logger = CSVLogger(tmp_path / "logs", name="")
     trainer = L.Trainer(
@@ -184,7 +253,7 @@ def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
     samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
     assert set(samples[0]) == {
         "step", "set", "prompt", "sample", "policy", "reference",
-        "policy_reward", "reference_reward", "policy_tokens", "policy_ended",
+        "policy_reward", "reference_reward", "policy_tokens", "policy_ended", "policy_logratio",
     }  # fmt: skip
     assert len(samples) == 4 * 2 * 3 * 2  # measurements x sets x prompts x samples
     by_key: dict[tuple[int, str], list[dict]] = defaultdict(list)
@@ -216,6 +285,8 @@ def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
             assert float(row[prefix + "length"]) == pytest.approx(sum(lengths) / len(lengths))
             ended = [s["policy_ended"] for s in part]
             assert float(row[prefix + "eos_rate"]) == pytest.approx(sum(ended) / len(ended))
+            ratios = [s["policy_logratio"] for s in part]
+            assert float(row[prefix + "kl"]) == pytest.approx(sum(ratios) / len(ratios))
             assert row[prefix + "greedy_reward"] != ""
     # The reference's samples are the same at every measurement (generated once, the same seeds).
     reference_texts = {step: [s["reference"] for s in by_key[step, "a"]] for step in (0, 2, 3, 4)}
@@ -225,8 +296,10 @@ def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
     assert float(first["gen/win_rate"]) == 0.5 and float(first["gen/b/win_rate"]) == 0.5
     assert float(first["gen/win_rate_ci_low"]) == 0.5 == float(first["gen/win_rate_ci_high"])
     assert all(s["policy"] == s["reference"] for s in by_key[0, "a"])
+    assert all(s["policy_logratio"] == 0.0 for s in by_key[0, "a"]) and float(first["gen/kl"]) == 0.0
     # Training moved the policy: its later samples differ from the reference's.
     assert any(s["policy"] != s["reference"] for s in by_key[4, "a"])
+    assert float(rows[-1]["gen/kl"]) != 0.0
     assert int(evaluation.last_results["a"].rows[0]["step"]) == 4
 
 
@@ -239,9 +312,38 @@ def test_zero_learning_rate_gives_ties_at_every_measurement(tmp_path: Path, tiny
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("gen/win_rate")]
     assert [int(r["step"]) for r in rows] == [0, 2]
     assert all(float(r["gen/win_rate"]) == 0.5 for r in rows)
+    assert all(float(r["gen/kl"]) == 0.0 for r in rows)  # the policy stays the reference
     assert "gen/b/win_rate" not in rows[0] and "gen/greedy_reward" not in rows[0]  # one set: plain names only
     samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
     assert {s["set"] for s in samples} == {"b"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reference": "lora", "lora": LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj"])},
+        {"reference": "precomputed"},
+    ],
+    ids=["lora", "precomputed"],
+)
+def test_gen_kl_with_the_lora_and_the_precomputed_reference(
+    tmp_path: Path, tiny_model_dir: Path, options: dict[str, Any]
+) -> None:
+    evaluation = GenerationEval(
+        reward=REWARD, prompts=2, samples_per_prompt=2, greedy=False, max_new_tokens=5, every_n_steps=0,
+        sets=["a"],
+    )  # fmt: skip
+    L.seed_everything(0)  # peft draws the LoRA A matrices from the global generator
+    run = _fit(tmp_path, tiny_model_dir, evaluation, lr=5e-2, steps=2, **options)
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("gen/kl")]
+    samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
+    for row in rows:
+        ratios = [s["policy_logratio"] for s in samples if s["step"] == int(row["step"])]
+        assert float(row["gen/kl"]) == pytest.approx(statistics.fmean(ratios))
+    # Step 0: the policy is the reference, exactly; step 2: the reference is still the base (the same
+    # model scoring twice would give exactly 0), the policy moved.
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    assert float(rows[0]["gen/kl"]) == 0.0 and abs(float(rows[1]["gen/kl"])) > 1e-6
 
 
 @pytest.mark.parametrize(

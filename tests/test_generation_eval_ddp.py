@@ -78,6 +78,7 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
     single, ddp = _gen_rows(tmp_path / "single" / "version_0"), _gen_rows(tmp_path / "ddp" / "version_0")
     assert [row["step"] for row in single] == [row["step"] for row in ddp] == ["0", "1"]
     assert float(single[0]["gen/win_rate"]) != 0.5  # policy and reference differ
+    assert float(single[0]["gen/kl"]) != 0.0  # and the KL of the split-scored samples is compared below
     # Step 0 holds the same weights in both runs (after it, DDP has trained on twice the pairs).
     # Under FSDP the policy is sharded, and ranks generate different numbers of steps on their own.
     for name in [column for column in single[0] if column.startswith("gen/")]:

@@ -138,8 +138,8 @@ def test_the_judge_loads_both_models_in_the_runs_dtypes(tmp_path: Path, tiny_mod
         judge_run(run_dir, "ipo_lightning.gold:gold_reward", prompts=2, max_new_tokens=2)
     finally:
         handle.remove()
-    # The reference generates first (2 steps), then the policy: the run's reference_dtype, then dtype.
-    assert seen == [torch.float16] * 2 + [torch.bfloat16] * 2
+    # The policy generates first (2 steps), then the reference: the run's dtype, then reference_dtype.
+    assert seen == [torch.bfloat16] * 2 + [torch.float16] * 2
 
 
 def test_the_judge_draws_the_val_fraction_held_out_prompts_the_run_validated_on(

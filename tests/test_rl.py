@@ -517,6 +517,9 @@ def test_fit_logs_the_rollout_and_generation_metrics(
     first = next(row for row in rows if row.get("train/kl"))
     assert abs(float(first["train/kl"])) < 1e-5
     assert _column(rows, "gen/reward") and _column(rows, "gen/win_rate")
+    # gen/kl of the policy's own samples: 0 at step 0 (the policy is the reference), then not.
+    kl = _column_steps(rows, "gen/kl")
+    assert kl[0] == (0, 0.0) and kl[-1][1] != 0.0
 
 
 def test_resume_mid_epoch_draws_what_the_uninterrupted_run_draws(
@@ -599,6 +602,9 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
         and _column(rows, "gen/reward")
     )
     assert not any(name.startswith("divergence/") for name in rows[0])
+    # The CLI times every method's steps (log_every_n_steps=1: one row per step).
+    assert len(_column(rows, "perf/step_time")) == 2 and all(t > 0 for t in _column(rows, "perf/step_time"))
+    assert len(_column(rows, "perf/peak_memory_gb")) == 2
     export = run / "hf_model"
     assert (export / "config.json").is_file()
     # The export states the on-policy method and its settings, not a preference run's.

@@ -43,7 +43,9 @@ from ipo_lightning.rewards import load_reward
 
 RESULT_FILE = "generation_eval.json"
 SAMPLES_FILE = "generation_eval_samples.jsonl"
-SHOWN = ("reward", "reference_reward", "win_rate", "greedy_reward", "length", "eos_rate", "distinct_2")
+SHOWN = (
+    "reward", "reference_reward", "win_rate", "greedy_reward", "kl", "length", "eos_rate", "distinct_2",
+)  # fmt: skip
 
 
 def _policy_from_checkpoint(checkpoint: Path, run: RunMetrics) -> torch.nn.Module:

@@ -18,7 +18,14 @@ from ipo_lightning.analysis.run_logs import RunMetrics
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.data.prompts import HeldOutPrompt
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.evaluation import EvalOptions, PromptResult, judge_prompts
+from ipo_lightning.evaluation import (
+    EvalOptions,
+    PromptResult,
+    judge_prompts,
+    sample_logprobs,
+    scoring_layout,
+    with_log_ratios,
+)
 from ipo_lightning.modeling import load_causal_lm
 from ipo_lightning.module import PreferenceModule
 from ipo_lightning.rewards import RewardFunction
@@ -92,16 +99,25 @@ def judge_policy_and_reference(
     *,
     reference_greedy: bool,
 ) -> tuple[dict[str, list[PromptResult]], dict[str, list[PromptResult]]]:
-    """The policy's and the reference's judged completions of every set, one model in memory at a time.
+    """The policy's and the reference's judged completions of every set, one model in memory at a time;
+    the policy's samples carry their log-ratios to the reference (``gen/kl``).
 
     Args:
-        policy: loads the policy (on the CPU); called after the reference is judged and freed.
+        policy: loads the policy (on the CPU); judged first, its samples scored, then freed.
         reference_greedy: also the reference's greedy completions (the policy's follow ``options``).
 
     Returns:
         ``(policy, reference)``: set name -> results in prompt order.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    scoring = {"batching": scoring_layout(run.setting("model.batching")), "batch_size": options.batch_size}
+    model = policy().to(device)
+    mine = {
+        name: judge_prompts(model, tokenizer, items, range(len(items)), reward, options)
+        for name, items in held_out.items()
+    }
+    policy_logps = {name: sample_logprobs(model, held_out[name], mine[name], **scoring) for name in held_out}
+    del model
     reference = load_run_model(run, reference_path(run), reference=True).to(device)
     theirs = {
         name: judge_prompts(
@@ -109,10 +125,7 @@ def judge_policy_and_reference(
         )
         for name, items in held_out.items()
     }
-    del reference
-    model = policy().to(device)
-    mine = {
-        name: judge_prompts(model, tokenizer, items, range(len(items)), reward, options)
-        for name, items in held_out.items()
-    }
+    for name in held_out:
+        reference_logps = sample_logprobs(reference, held_out[name], mine[name], **scoring)
+        mine[name] = with_log_ratios(mine[name], policy_logps[name], reference_logps)
     return mine, theirs

@@ -11,6 +11,12 @@ a resumed run regenerates them (the same seeds give the same samples). Metrics
 several sets, ``gen/<set>/<metric>`` for each, at the exact optimizer step (``Logger.log_metrics``) and
 into ``trainer.callback_metrics``.
 
+``gen/kl`` is the sampled sequence KL(pi || ref) of the policy's own samples: each is scored
+teacher-forced under the policy and under the reference (the frozen model, the LoRA policy with its
+adapters off, or with ``model.reference=precomputed`` the reference loaded for each measurement)
+through the divergence monitor's scoring path (:func:`ipo_lightning.evaluation.sample_logprobs`), and
+``log pi(y|x) - log ref(y|x)`` (``policy_logratio`` in the samples file) is averaged.
+
 The schedule is the divergence monitor's (:mod:`ipo_lightning.callbacks.schedule`: step 0, every
 ``every_n_steps`` optimizer steps, after every validation), so ``gen/`` and ``divergence/`` rows share
 steps. Every sample lands in ``generation_samples.jsonl`` in the run folder (and a ``gen/samples`` W&B
@@ -57,8 +63,11 @@ from ipo_lightning.evaluation import (
     judge_prompts,
     merge,
     metric_names,
+    sample_logprobs,
+    scoring_layout,
     set_result,
     share,
+    with_log_ratios,
 )
 from ipo_lightning.rewards import RewardError, RewardFunction, load_reward
 
@@ -244,21 +253,31 @@ class GenerationEval(Callback):
         mine = {name: share(len(prompts), rank, world) for name, prompts in self._prompts.items()}
         reference_parts: dict[str, list[PromptResult]] = {}
         own: dict[str, list[PromptResult]] = {}
+        prompts = {name: [self._prompts[name][i] for i in indices] for name, indices in mine.items()}
+        scoring = {
+            "batching": scoring_layout(getattr(pl_module.hparams, "batching", None)),
+            "batch_size": self.options.batch_size,
+        }
         # Under FSDP the policy's full weights are gathered for the whole measurement (every rank enters
-        # together here), after which each rank generates on its own, as many steps as its rows need.
+        # together here), after which each rank generates and scores on its own, as many steps as its
+        # rows need.
         with full_weights_for_local_forwards(trainer.strategy):
-            if not self._reference:
-                with _reference_model(pl_module) as reference:
-                    for name, indices in mine.items():
-                        prompts = [self._prompts[name][i] for i in indices]
-                        reference_parts[name] = judge_prompts(
-                            reference, tokenizer, prompts, indices, self._reward, self.options, greedy=False
-                        )
+            policy_logps = {}
             for name, indices in mine.items():
-                prompts = [self._prompts[name][i] for i in indices]
                 own[name] = judge_prompts(
-                    pl_module.policy, tokenizer, prompts, indices, self._reward, self.options
+                    pl_module.policy, tokenizer, prompts[name], indices, self._reward, self.options
                 )
+                policy_logps[name] = sample_logprobs(pl_module.policy, prompts[name], own[name], **scoring)
+            # The reference scores the policy's samples (gen/kl) and, once per run, draws its own.
+            with _reference_model(pl_module) as reference:
+                for name, indices in mine.items():
+                    if not self._reference:
+                        reference_parts[name] = judge_prompts(
+                            reference, tokenizer, prompts[name], indices, self._reward, self.options,
+                            greedy=False,
+                        )  # fmt: skip
+                    reference_logps = sample_logprobs(reference, prompts[name], own[name], **scoring)
+                    own[name] = with_log_ratios(own[name], policy_logps[name], reference_logps)
         if not self._reference:
             gathered = _all_gather(trainer, reference_parts)
             self._reference = {name: merge(part[name] for part in gathered) for name in self._prompts}
@@ -290,8 +309,9 @@ def _sharded(trainer: L.Trainer) -> bool:
 
 @contextmanager
 def _reference_model(pl_module: L.LightningModule) -> Iterator[torch.nn.Module]:
-    """A generate-able reference: the frozen reference model, the LoRA policy with its adapters off, or
-    (``model.reference=precomputed``, no reference in memory) the reference loaded for the occasion."""
+    """A reference to generate with and score under: the frozen reference model, the LoRA policy with
+    its adapters off, or (``model.reference=precomputed``, no reference in memory) the reference loaded
+    for the occasion (every measurement: ``gen/kl`` needs it)."""
     from ipo_lightning.modeling import load_causal_lm
     from ipo_lightning.reference import AdapterReference, _adapters_off
 

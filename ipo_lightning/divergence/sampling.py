@@ -64,6 +64,30 @@ def _scoring_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple
 
 
 @torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batching: Batching = "padded",
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+) -> list[float]:
+    """``log model(completion | prompt)`` of each (prompt, completion) row, summed in float64.
+
+    Teacher forcing through :func:`~ipo_lightning.batching.batch_scores`, ``batch_size`` rows per
+    forward. Scoring each model on its own lets a caller hold one model in memory at a time.
+    """
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        tensors = tuple(t.to(device) for t in _scoring_batch(part))
+        scores = batch_scores(model, *tensors, batching=batching, chunk_size=chunk_size)
+        logps = scores.token_logps.double()
+        sums += logps.new_zeros(len(part)).index_add(0, scores.sequence_ids, logps).tolist()
+    return sums
+
+
 def sequence_log_ratios(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
@@ -73,22 +97,12 @@ def sequence_log_ratios(
     batch_size: int = 64,
     chunk_size: int = 1024,
 ) -> list[float]:
-    """``log pi(completion | prompt) - log ref(completion | prompt)`` of each (prompt, completion) row.
-
-    Teacher forcing through :func:`~ipo_lightning.batching.batch_scores`, ``batch_size`` rows per
-    forward; the per-token differences are summed in float64.
-    """
-    device = next(policy.parameters()).device
-    ratios: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        part = rows[start : start + batch_size]
-        tensors = tuple(t.to(device) for t in _scoring_batch(part))
-        mine = batch_scores(policy, *tensors, batching=batching, chunk_size=chunk_size)
-        theirs = batch_scores(reference, *tensors, batching=batching, chunk_size=chunk_size)
-        delta = mine.token_logps.double() - theirs.token_logps.double()
-        sums = delta.new_zeros(len(part)).index_add(0, mine.sequence_ids, delta)
-        ratios += sums.tolist()
-    return ratios
+    """``log pi(completion | prompt) - log ref(completion | prompt)`` of each (prompt, completion) row
+    (:func:`sequence_logprobs` of both models)."""
+    scoring = {"batching": batching, "batch_size": batch_size, "chunk_size": chunk_size}
+    mine = sequence_logprobs(policy, rows, **scoring)
+    theirs = sequence_logprobs(reference, rows, **scoring)
+    return [a - b for a, b in zip(mine, theirs, strict=True)]
 
 
 def draw_completions(
