@@ -26,7 +26,7 @@ CARD_FILENAME = "README.md"
 CONFIG_FILENAME = "ipo_lightning_config.yaml"
 """The run's resolved config, copied into the export so the card's command reproduces the run."""
 CARD_METRIC_PREFIXES = ("val/",)
-CARD_EXTRA_METRICS = ("divergence/kl", "gen/reward", "gen/win_rate")
+CARD_EXTRA_METRICS = ("divergence/kl", "gen/reward", "gen/win_rate", "gen/kl")
 """Besides every ``val/`` metric: the drift from the reference and, when logged, generation scores."""
 
 BUILTIN_MODELS = {
