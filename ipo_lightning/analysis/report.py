@@ -108,7 +108,8 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
     return RunSummary(
         name=name,
         run_dir=str(run.run_dir),
-        loss_type=str(run.setting("model.loss_type", "?")),
+        # A method without a loss type (RLOO) shows its method's name in the loss column.
+        loss_type=str(run.setting("model.loss_type", run.setting("method", "?"))),
         beta=float(run.setting("model.beta", math.nan)),
         length_normalize=run.setting("model.length_normalize"),
         label_noise=float(run.setting("data.label_noise", 0.0) or 0.0),
