@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,11 @@ from ipo_lightning.analysis.compare import (
     check_reward_folders,
     check_shared_options,
     load_spec,
+    run_compare,
 )
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import METHODS
-from tests.helpers import REPO, write_config
+from tests.helpers import REPO, fit_config, polite_pairs, save_tiny_reward_model, write_config, write_jsonl
 
 GOLD_JUDGE = {"reward": "ipo_lightning.gold:gold_reward", "prompts": 8, "samples_per_prompt": 2}
 
@@ -288,3 +291,77 @@ def test_shipped_gold_methods_resolve_to_the_planned_steps(
         assert config["trainer"]["val_check_interval"] == 50 and config["export"]["enabled"] is False
     assert resolved["rloo-rm"]["model"]["reward"] == str(reward)
     assert resolved["rloo-rm"]["generation"]["reward"] == "ipo_lightning.gold:gold_reward"
+
+
+@pytest.mark.slow
+def test_a_preference_and_on_policy_members_train_on_one_samples_budget(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(24))
+    val = write_jsonl(tmp_path / "val.jsonl", polite_pairs(4, offset=100))
+    judge = {"reward": "tests.reward_fixtures:length_reward", "prompts": 2, "samples_per_prompt": 2}
+    common = {
+        "trainer": {"enable_checkpointing": False, "limit_val_batches": 1},
+        "generation": {**judge, "max_new_tokens": 6, "every_n_steps": 0},
+        "export": {"enabled": False},
+        "wandb": {"enabled": False},
+    }
+    preference = fit_config(
+        tmp_path, tiny_model_dir, train, {"in_dist": val}, data={"batch_size": 4}, **common
+    )
+    rloo = fit_config(
+        tmp_path,
+        tiny_model_dir,
+        train,
+        {"in_dist": val},
+        model={"reward": judge["reward"], "samples_per_prompt": 3, "max_new_tokens": 6},
+        data={"batch_size": 2, "val_batch_size": 2},
+        divergence={"enabled": False},
+        **common,
+    )
+    rloo["method"] = "rloo"
+    for config in (preference, rloo):
+        del config["trainer"]["default_root_dir"]
+    proxy = save_tiny_reward_model(tmp_path / "proxy_rm", tiny_model_dir)
+    spec_file = tmp_path / "compare.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "methods",
+                "runs_dir": str(tmp_path / "runs"),
+                "budget": {"samples": 26},  # preference 4 x 2 = 8 a step: 3 steps; rloo 2 x 3 = 6: 4 steps
+                "options": {"trainer.val_check_interval": 2, "trainer.check_val_every_n_epoch": None},
+                "members": {
+                    "ipo": {"fit_config": str(write_config(tmp_path / "pref.yaml", preference))},
+                    "rloo": {"fit_config": str(write_config(tmp_path / "rloo.yaml", rloo))},
+                    "rloo-rm": {"fit_config": str(tmp_path / "rloo.yaml"), "model.reward": str(proxy)},
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    report = run_compare(load_spec(spec_file))
+    summary = json.loads((report.parent / "summary.json").read_text())
+    rows = {row["run"]: row for row in summary["methods"]}
+    for member, (method, per_step, steps) in {
+        "ipo": ("preference", 8, 3),
+        "rloo": ("rloo", 6, 4),
+        "rloo-rm": ("rloo", 6, 4),
+    }.items():
+        run_dir = tmp_path / "runs" / "methods" / member / "version_0"
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["trainer"]["max_steps"] == steps and saved["trainer"]["max_epochs"] == -1
+        with (run_dir / "metrics.csv").open() as handle:
+            # Lightning's training row of step s (1-based) has step s - 1.
+            rows = [
+                row for row in csv.DictReader(handle) if any(row[c] for c in row if c.startswith("train/"))
+            ]
+        assert len(rows) == steps and int(rows[-1]["step"]) == steps - 1
+        assert (rows[member]["method"], rows[member]["samples_per_step"]) == (method, per_step)
+        assert rows[member]["steps"] == steps and rows[member]["samples_seen"] == steps * per_step
+    # Only the run trained on the reward model is set against the judge's reward.
+    assert {point["run"] for point in summary["proxy_gold"]} == {"rloo-rm"}
+    assert any(point["proxy"] is not None and point["gold"] is not None for point in summary["proxy_gold"])
+    assert "## Methods" in report.read_text() and (report.parent / "proxy_vs_gold.png").is_file()

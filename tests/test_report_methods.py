@@ -20,7 +20,8 @@ GEN = ("reward", "win_rate", "length", "eos_rate", "repetition")
 
 def _run(root: Path, name: str, config: dict[str, Any], *, gen_kl: bool, proxy: str = "flat") -> Path:
     """A run folder as fit writes it: measurements at steps 0, 50, 100 in separate rows, as the
-    generation evaluation, validation, the divergence monitor and the perf callback log them."""
+    generation evaluation, validation, the divergence monitor and the perf callback log them.
+    Lightning's own rows (train/, val/) carry the steps taken before theirs, as in a real run."""
     draw = random.Random(name)
     logger = CSVLogger(root / name, name="")
     for step in (0, 50, 100):
@@ -33,8 +34,9 @@ def _run(root: Path, name: str, config: dict[str, Any], *, gen_kl: bool, proxy: 
             logger.log_metrics({"divergence/seq_kl": draw.uniform(0, 5), "divergence/kl": 0.01}, step)
         logger.log_metrics(gen, step)
         if step:
-            logger.log_metrics({"val/reward": {"up": step / 10, "flat": 1.0}[proxy]}, step)
-            logger.log_metrics({"val/rewards/accuracy": 0.6}, step)
+            logger.log_metrics({"val/reward": {"up": step / 10, "flat": 1.0}[proxy]}, step - 1)
+            logger.log_metrics({"val/rewards/accuracy": 0.6}, step - 1)
+    logger.log_metrics({"train/loss": 0.5}, 99)  # the 100th step's training row
     for step in (10, 60, 90):
         logger.log_metrics(
             {"perf/step_time": draw.uniform(0.1, 1), "perf/peak_memory_gb": draw.uniform(1, 9)}, step
@@ -150,7 +152,8 @@ def test_proxy_vs_gold_section_shows_runs_trained_on_another_reward(tmp_path: Pa
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     markdown = report.read_text()
     read = _read(run_dirs["rloo-rm"])
-    proxy, gold = read["val/reward"], read["gen/reward"]
+    proxy = {step + 1: value for step, value in read["val/reward"].items()}  # Lightning's row: one before
+    gold = read["gen/reward"]
     assert summary["proxy_gold"] == [
         {"run": "rloo-rm", "step": step, "proxy": proxy.get(step), "gold": gold[step]}
         for step in (0, 50, 100)

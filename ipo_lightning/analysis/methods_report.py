@@ -32,6 +32,20 @@ STEP_TIME = "perf/step_time"
 PEAK_MEMORY = "perf/peak_memory_gb"
 GOLD_SPECS = ("builtin:gold", "ipo_lightning.gold:gold_reward")
 """The two spellings of the gold reward."""
+LIGHTNING_ROW_PREFIXES = ("train/", "val/")
+"""Rows that Lightning itself steps: at the number of optimizer steps taken *before* the step they
+belong to (the row of step 50's validation says 49), where the generation evaluation and the
+divergence monitor state the steps taken (50)."""
+
+
+def steps_trained(run: RunMetrics) -> int:
+    """Optimizer steps the run took, from its rows (a Lightning-stepped row at ``s`` means ``s + 1``)."""
+    steps = [
+        int(row["step"]) + any(row.get(c) and c.startswith(LIGHTNING_ROW_PREFIXES) for c in row)
+        for row in run.rows
+        if row.get("step")
+    ]
+    return max(steps, default=0)
 
 
 def method_of(run: RunMetrics) -> str:
@@ -103,7 +117,7 @@ def method_row(name: str, run: RunMetrics) -> MethodRow:
         per_step: int | None = step_size(run.config, str(run.run_dir)).samples
     except ConfigError:  # e.g. trainer.devices auto on an accelerator: the config does not tell
         per_step = None
-    steps = max((int(row["step"]) for row in run.rows if row.get("step")), default=0)
+    steps = steps_trained(run)
     times, memory = run.series(STEP_TIME)[1], run.series(PEAK_MEMORY)[1]
     metric = kl_metric(run)
     return MethodRow(
@@ -194,18 +208,21 @@ class ProxyGoldPoint:
     run: str
     step: int
     proxy: float | None
-    """``val/reward``: the training reward of the policy's samples of the val prompts."""
+    """``val/reward``: the training reward of the policy's samples of the val prompts (its row is
+    one step earlier in metrics.csv, :data:`LIGHTNING_ROW_PREFIXES`)."""
     gold: float | None
     """``gen/reward``: the judge's reward of the policy's samples of the held-out prompts."""
 
 
 def proxy_gold_points(runs: Mapping[str, RunMetrics]) -> list[ProxyGoldPoint]:
-    """Every step at which a proxy-trained run (:func:`trained_on_proxy`) logged either reward."""
+    """Every step at which a proxy-trained run (:func:`trained_on_proxy`) measured either reward."""
     points = []
     for name, run in runs.items():
         if not trained_on_proxy(run):
             continue
-        proxy, gold = run.by_step(PROXY_REWARD), run.by_step(GOLD_REWARD)
+        # A validation row states the steps before its own; the generation evaluation's, its own.
+        proxy = {step + 1: value for step, value in run.by_step(PROXY_REWARD).items()}
+        gold = run.by_step(GOLD_REWARD)
         for step in sorted(set(proxy) | set(gold)):
             points.append(ProxyGoldPoint(name, step, proxy.get(step), gold.get(step)))
     return points
