@@ -355,10 +355,10 @@ def test_a_preference_and_on_policy_members_train_on_one_samples_budget(
         assert saved["trainer"]["max_steps"] == steps and saved["trainer"]["max_epochs"] == -1
         with (run_dir / "metrics.csv").open() as handle:
             # Lightning's training row of step s (1-based) has step s - 1.
-            rows = [
+            train_rows = [
                 row for row in csv.DictReader(handle) if any(row[c] for c in row if c.startswith("train/"))
             ]
-        assert len(rows) == steps and int(rows[-1]["step"]) == steps - 1
+        assert len(train_rows) == steps and int(train_rows[-1]["step"]) == steps - 1
         assert (rows[member]["method"], rows[member]["samples_per_step"]) == (method, per_step)
         assert rows[member]["steps"] == steps and rows[member]["samples_seen"] == steps * per_step
     # Only the run trained on the reward model is set against the judge's reward.

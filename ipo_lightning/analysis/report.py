@@ -102,6 +102,8 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
         set_name: run.last(f"val/{ACCURACY}" if sets == ["val"] else f"val/{set_name}/{ACCURACY}")
         for set_name in sets
     }
+    if all(math.isnan(value) for value in accuracy.values()):
+        accuracy = {}  # a method without preference accuracy (RLOO, online): no accuracy columns of its own
     judge_file = run.run_dir / "judge.json"
     win_rate = json.loads(judge_file.read_text())["win_rate"] if judge_file.is_file() else None
     steps = [int(row["step"]) for row in run.rows if row.get("step")]
