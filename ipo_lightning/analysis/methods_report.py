@@ -168,7 +168,7 @@ def methods_section(runs: Mapping[str, RunMetrics]) -> tuple[list[str], list[Met
         "method",
         "options",
         "samples/step",
-        "steps",
+        "steps trained",
         "samples seen",
         "gen reward",
         "gen win rate [95% CI]",
