@@ -28,6 +28,8 @@ from ipo_lightning.errors import ConfigError
 
 DEFAULT_METHOD = "preference"
 METHOD_OPTION = "method"
+PAIR_COMPLETIONS = 2
+"""Completions per example of the pair methods (chosen and rejected; online IPO's two samples)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class Method:
         resolve: Fills defaults that depend on other options in the subcommand's parsed config,
             before the classes are built, so the saved ``config.yaml`` states the values used;
             None: nothing to resolve.
+        completions_per_example: The completions one training example (a pair or a prompt) puts
+            through an optimizer step, from the ``model:`` section (a mapping; options it does not
+            set take the module's defaults): 2 for a preference pair, k for k samples per prompt.
+            It turns a budget of samples into optimizer steps (``compare``'s ``budget:``).
     """
 
     name: str
@@ -49,6 +55,7 @@ class Method:
     datamodule_class: type[LightningDataModule]
     description: str
     resolve: Callable[[Namespace], None] | None = None
+    completions_per_example: Callable[[Mapping[str, Any]], int] = lambda model: PAIR_COMPLETIONS
 
 
 class MethodRegistry(Mapping[str, Method]):
@@ -187,15 +194,20 @@ def _on_policy(name: str) -> Method:
     from ipo_lightning.rl.data import PromptDataModule
     from ipo_lightning.rl.module import resolve_on_policy_options
     from ipo_lightning.rl.online import OnlineModule
-    from ipo_lightning.rl.rloo import RLOOModule
+    from ipo_lightning.rl.rloo import RLOO_DEFAULT_SAMPLES, RLOOModule
 
     module_class = {"rloo": RLOOModule, "online": OnlineModule}[name]
+    completions: Callable[[Mapping[str, Any]], int] = {
+        "rloo": lambda model: int(model.get("samples_per_prompt", RLOO_DEFAULT_SAMPLES)),
+        "online": lambda model: PAIR_COMPLETIONS,
+    }[name]
     return Method(
         name=name,
         module_class=module_class,
         datamodule_class=PromptDataModule,
         description=METHODS.description(name),
         resolve=resolve_on_policy_options,
+        completions_per_example=completions,
     )
 
 

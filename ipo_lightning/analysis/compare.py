@@ -1,20 +1,24 @@
 """``python -m ipo_lightning compare --config configs/compare/X.yaml``: several methods, one budget.
 
-A compare file names the fit config(s) every member shares and, per member, the options that make
-it different (loss type, beta, label noise...). Members run one after another with the normal
+A compare file names the fit config(s) every member starts from (a member may name its own, so
+members can be different methods) and, per member, the options that make it different (loss type,
+beta, label noise...). Members run one after another with the normal
 ``fit``, into ``<runs_dir>/<name>/<member>/version_N``; then ``report`` writes the comparison. Every
 member is checked (``fit --print_config``) before the first one trains, so a typo fails in seconds.
 ``--print_commands`` prints the fit commands instead, e.g. to submit them as separate SLURM jobs.
 A ``study:`` runs every member at every point of declared axes (data size, label noise, seed
 replicates; :mod:`~ipo_lightning.analysis.study`), as runs ``<member>-n250-noise0.2-seed1``.
 
-Seed, training data and step budget are the same for every member by construction: a member may
-not override them (``FIXED_OPTIONS``), so the members see the same pairs in the same order; only a
-study's axes change the options they set, and then for every member alike. That is checked twice:
-on the compare file (dotted keys, keys nested under a parent such as ``trainer:``, and the keys of
-a member's own ``config:`` file), and on every member's resolved config (``fit --print_config``),
-which no way of setting an option gets around. The report is written into a
-temporary folder and renamed into place only once complete.
+Seed, training data, judging (``generation``) and step budget are the same for every member by
+construction: a member may not override them (``FIXED_OPTIONS``), so the members see the same pairs
+in the same order; only a study's axes change the options they set, and then for every member alike.
+With a ``budget:`` (:mod:`~ipo_lightning.analysis.budget`) compare sets every run's
+``trainer.max_steps`` itself, from a number of steps or of training samples, and the batch size may
+differ between members (``BUDGET_FIXED_OPTIONS``); the prompts and the judging stay shared.
+That is checked twice: on the compare file (dotted keys, keys nested under a parent such as
+``trainer:``, and the keys of a member's own ``config:`` file), and on every member's resolved
+config (``fit --print_config``), which no way of setting an option gets around. The report is
+written into a temporary folder and renamed into place only once complete.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import IO, Any
 
 import yaml
 
+from ipo_lightning.analysis.budget import Budget, StepSize, check_budget, layered_config, step_size
 from ipo_lightning.analysis.report import write_report
 from ipo_lightning.analysis.study import PlannedRun, axis_options, check_study, plan_runs
 from ipo_lightning.errors import ConfigError, UserInputError
@@ -51,13 +56,34 @@ FIXED_OPTIONS = (
     "trainer.max_epochs",
     "trainer.accumulate_grad_batches",
     "trainer.default_root_dir",
+    "generation",
 )
-"""Options (and everything under them) that members must share: same data, order and budget."""
+"""Options (and everything under them) that members must share: same data, order, budget and judging."""
+
+BUDGET_FIXED_OPTIONS = (
+    "seed_everything",
+    "data.seed",
+    "data.train",
+    "data.val",
+    "data.val_fraction",
+    "data.train_size",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.default_root_dir",
+    "generation",
+)
+"""With a ``budget:``: what members share. The steps come from the budget (checked against the plan)."""
 
 PER_MEMBER_OPTIONS = ("trainer.default_root_dir",)
 """Fixed options that ``fit_command`` itself sets to each member's own folder."""
+MAX_STEPS = "trainer.max_steps"
+MAX_EPOCHS = "trainer.max_epochs"
+REWARD_OPTIONS = ("model.reward", "generation.reward")
+"""Options that may name a reward model folder (checked to exist before anything trains)."""
+MEMBER_FIT_CONFIG = "fit_config"
+"""A member's own key for the fit config(s) it starts from instead of the compare-wide ones."""
 
-FILE_KEYS = {"name", "fit_config", "runs_dir", "options", "members", "study", "report_dir"}
+FILE_KEYS = {"name", "fit_config", "runs_dir", "options", "members", "study", "report_dir", "budget"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A comparison or member name: one folder name, so its runs stay inside ``runs_dir``."""
 DEFAULT_REPORT_FOLDER = "report"
@@ -69,13 +95,16 @@ class CompareSpec:
 
     Args:
         name: the comparison's name; runs go to ``<runs_dir>/<name>/<member>/``.
-        fit_config: fit config file(s) every member starts from, applied in order.
+        fit_config: fit config file(s) every member starts from, applied in order, unless it has its own.
         members: member name -> options (dotted CLI names, e.g. ``model.beta: 0.5``).
         runs_dir: parent folder of the runs.
         options: options every member gets (after ``fit_config``, before its own).
         report_dir: where the report goes; default ``<runs_dir>/<name>/report``.
         study: axis -> values (see :mod:`~ipo_lightning.analysis.study`); every member runs at every
             point. Empty: each member is one run.
+        member_fit_config: member -> the fit config file(s) it starts from instead of ``fit_config``.
+        budget: steps or samples every run gets (compare sets ``trainer.max_steps``); None: the
+            members share ``trainer.max_steps`` and ``data.batch_size`` from their configs.
     """
 
     name: str
@@ -85,6 +114,8 @@ class CompareSpec:
     options: dict[str, Any] = field(default_factory=dict)
     report_dir: Path | None = None
     study: dict[str, list[Any]] = field(default_factory=dict)
+    member_fit_config: dict[str, list[Path]] = field(default_factory=dict)
+    budget: Budget | None = None
 
     @property
     def runs(self) -> dict[str, PlannedRun]:
@@ -95,16 +126,40 @@ class CompareSpec:
         """Root folder of the run ``run``'s folders (``version_N``); without a study a run is a member."""
         return self.runs_dir / self.name / run
 
+    def fit_configs(self, member: str) -> list[Path]:
+        """The fit config files ``member`` starts from: its own, else the compare-wide ones."""
+        return self.member_fit_config.get(member, self.fit_config)
+
+    def step_size(self, member: str) -> StepSize:
+        """What one optimizer step of ``member`` trains on, read from its files and options."""
+        config = layered_config(self.fit_configs(member), self.options, self.members[member])
+        return step_size(config, f"compare member {member!r}")
+
+    def budget_options(self, member: str) -> dict[str, Any]:
+        """The options the budget sets for ``member``'s runs (none without a budget)."""
+        if self.budget is None:
+            return {}
+        options: dict[str, Any] = {MAX_STEPS: self.budget.max_steps(self.step_size(member))}
+        if not any(_overlaps(key, MAX_EPOCHS) for key, _ in _set_options(self.options)):
+            options[MAX_EPOCHS] = -1  # the steps decide, whatever epochs a member's config states
+        return options
+
     def fit_command(self, run: str) -> list[str]:
         """The ``python -m ipo_lightning fit`` command line of the run ``run``.
 
-        The study point's options come after the member's, so nothing a member sets can override them.
+        The budget's and the study point's options come after the member's, so nothing a member sets
+        can override them.
         """
         planned = self.runs[run]
         command = [sys.executable, "-m", "ipo_lightning", "fit"]
-        for config in self.fit_config:
+        for config in self.fit_configs(planned.member):
             command += ["--config", str(config)]
-        options = {**self.options, **self.members[planned.member], **planned.axis_options()}
+        options = {
+            **self.options,
+            **self.members[planned.member],
+            **self.budget_options(planned.member),
+            **planned.axis_options(),
+        }
         for key, value in options.items():
             command += [f"--{key}", _cli_value(value)]
         return command + ["--trainer.default_root_dir", str(self.member_dir(run))]
@@ -128,18 +183,29 @@ def load_spec(path: str | Path) -> CompareSpec:
     unknown = sorted(set(raw) - FILE_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; expected {sorted(FILE_KEYS)}")
-    for key in ("name", "fit_config", "members"):
+    for key in ("name", "members"):
         if not raw.get(key):
             raise ConfigError(f"{path}: '{key}' is required")
     members = raw["members"]
     if not isinstance(members, dict) or not all(isinstance(o, dict | None) for o in members.values()):
         raise ConfigError(f"{path}: 'members' maps each member name to its options")
+    member_configs = {
+        str(member): _config_files(path, f"member {member!r} fit_config", options.pop(MEMBER_FIT_CONFIG))
+        for member, options in members.items()
+        if options and MEMBER_FIT_CONFIG in options
+    }
+    if not raw.get("fit_config") and len(member_configs) < len(members):
+        raise ConfigError(f"{path}: 'fit_config' is required (top-level, or in every member)")
     check_name(path, "comparison", raw["name"])
     study = check_study(path, raw.get("study"))
+    budget = check_budget(path, raw.get("budget"))
+    fixed = BUDGET_FIXED_OPTIONS if budget is not None else FIXED_OPTIONS
     by_axis = axis_options(study)
     for key, via in _set_options(raw.get("options") or {}):
         if (axis := _axis_of(key, by_axis)) is not None:
             raise ConfigError(f"{path}: options set {key!r}{via}, which the study axis {axis!r} sets per run")
+        if budget is not None and _overlaps(key, MAX_STEPS):
+            raise ConfigError(f"{path}: options set {key!r}{via}, which the budget sets for every run")
     for member, options in members.items():
         check_name(path, "member", str(member) if isinstance(member, int) else member)
         for key, via in _set_options(options or {}):
@@ -147,10 +213,10 @@ def load_spec(path: str | Path) -> CompareSpec:
                 raise ConfigError(
                     f"{path}: member {member!r} sets {key!r}{via}, which the study axis {axis!r} sets per run"
                 )
-            if _fixed_option(key) is not None:
+            if _fixed_option(key, fixed) is not None:
                 raise ConfigError(
                     f"{path}: member {member!r} sets {key!r}{via}, which all members must share (same "
-                    "seed, data and budget); set it in fit_config or options"
+                    "seed, data, budget and judging); set it in fit_config or options"
                 )
     for run in plan_runs({str(member): None for member in members}, study):
         if run.name == DEFAULT_REPORT_FOLDER and not raw.get("report_dir"):
@@ -158,20 +224,45 @@ def load_spec(path: str | Path) -> CompareSpec:
                 f"{path}: member {run.name!r} would share its folder with the report; rename it or set "
                 "report_dir"
             )
-    configs = raw["fit_config"] if isinstance(raw["fit_config"], list) else [raw["fit_config"]]
-    for config in configs:
-        if not Path(config).is_file():
-            raise ConfigError(f"{path}: fit_config {config!r}: no such file")
+    configs = _config_files(path, "fit_config", raw.get("fit_config") or [])
     report_dir = raw.get("report_dir")
-    return CompareSpec(
+    spec = CompareSpec(
         name=str(raw["name"]),
-        fit_config=[Path(config) for config in configs],
+        fit_config=configs,
         members={str(member): dict(options or {}) for member, options in members.items()},
         runs_dir=Path(raw.get("runs_dir", "runs/compare")),
         options=dict(raw.get("options") or {}),
         report_dir=Path(report_dir) if report_dir else None,
         study=study,
+        member_fit_config=member_configs,
+        budget=budget,
     )
+    if budget is not None:
+        _check_budget_fits(path, spec, budget)
+    return spec
+
+
+def _config_files(path: Path, key: str, value: object) -> list[Path]:
+    """The fit config file(s) of ``key`` (one path or a list), each checked to exist."""
+    configs = value if isinstance(value, list) else [value]
+    for config in configs:
+        if not isinstance(config, str) or not Path(config).is_file():
+            raise ConfigError(f"{path}: {key} {config!r}: no such file")
+    return [Path(config) for config in configs]
+
+
+def _check_budget_fits(path: Path, spec: CompareSpec, budget: Budget) -> None:
+    """Raise a ConfigError naming the member whose one optimizer step is more than the budget."""
+    for member in spec.members:
+        try:
+            step = spec.step_size(member)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        if budget.max_steps(step) < 1:
+            raise ConfigError(
+                f"{path}: budget samples {budget.amount} is less than one optimizer step of member "
+                f"{member!r} ({step.describe()})"
+            )
 
 
 def check_name(path: Path, what: str, name: object) -> None:
@@ -183,9 +274,9 @@ def check_name(path: Path, what: str, name: object) -> None:
         )
 
 
-def _fixed_option(key: str) -> str | None:
+def _fixed_option(key: str, fixed_options: tuple[str, ...] = FIXED_OPTIONS) -> str | None:
     """The fixed option that setting ``key`` changes (``key`` is it, below it or above it), if any."""
-    return next((fixed for fixed in FIXED_OPTIONS if _overlaps(key, fixed)), None)
+    return next((fixed for fixed in fixed_options if _overlaps(key, fixed)), None)
 
 
 def _axis_of(key: str, by_axis: Mapping[str, str]) -> str | None:
@@ -218,17 +309,24 @@ def _set_options(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
             yield str(key), ""
 
 
-def check_members(spec: CompareSpec) -> None:
+def check_members(spec: CompareSpec) -> dict[str, dict[str, Any]]:
     """Parse every member's full config (``fit --print_config``) before anything trains.
 
     Then compare the resolved fixed options across members, whatever set them. With a study each
     member is parsed at the study's first point, where all members share the axis values: its other
     runs differ from it only in the axis options, which come last on their command lines (nothing
-    the member sets overrides them) and whose values ``load_spec`` checked.
+    the member sets overrides them) and whose values ``load_spec`` checked. With a budget, each
+    member's resolved step size and ``trainer.max_steps`` must be the planned ones. A reward given as
+    a local folder (``model.reward``, ``generation.reward``) must exist, so a missing reward model
+    fails here rather than when its run starts.
+
+    Returns:
+        member -> its resolved config (at the study's first point).
 
     Raises:
-        ConfigError: a member's options do not parse, or resolve a fixed option to another value than
-            the first member's; the message names the member and the option.
+        ConfigError: a member's options do not parse, resolve a fixed option to another value than
+            the first member's, differ from the budget's plan or name a missing reward folder; the
+            message names the member and the option.
     """
     resolved: dict[str, dict[str, Any]] = {}
     first_runs = {}
@@ -242,27 +340,123 @@ def check_members(spec: CompareSpec) -> None:
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
             raise ConfigError(f"compare member {member!r}: {lines[-1] if lines else 'invalid options'}")
         resolved[member] = yaml.safe_load(result.stdout) or {}
-    check_shared_options(resolved)
+        check_reward_folders(member, resolved[member])
+        if spec.budget is not None:
+            check_budget_plan(spec, member, resolved[member])
+    # With a budget the steps are per member, each checked against the plan above.
+    shared = tuple(o for o in BUDGET_FIXED_OPTIONS if o != MAX_STEPS) if spec.budget else FIXED_OPTIONS
+    check_shared_options(resolved, shared)
+    return resolved
 
 
-def check_shared_options(resolved: Mapping[str, Mapping[str, Any]]) -> None:
+def check_budget_plan(spec: CompareSpec, member: str, resolved: Mapping[str, Any]) -> None:
+    """Raise a ConfigError unless ``member``'s resolved config trains the budget's planned steps.
+
+    The plan reads the member's files and options directly (:func:`~ipo_lightning.analysis.budget.
+    layered_config`); the resolved config is what the fit will use, so any way of setting a step's
+    size that the plan missed shows here.
+    """
+    where = f"compare member {member!r}"
+    planned, actual = spec.step_size(member), step_size(resolved, where)
+    if planned != actual:
+        raise ConfigError(
+            f"{where}: one optimizer step resolves to {actual.describe()}, but the budget planned "
+            f"{planned.describe()}; set these options in the compare file or the fit config"
+        )
+    steps = spec.budget_options(member)[MAX_STEPS]
+    if _lookup(resolved, MAX_STEPS) != steps:
+        raise ConfigError(
+            f"{where}: {MAX_STEPS} resolves to {_lookup(resolved, MAX_STEPS)}, but the budget plans {steps}"
+        )
+
+
+def check_reward_folders(member: str, resolved: Mapping[str, Any]) -> None:
+    """Raise a ConfigError if a reward option of ``member`` names a local folder that does not exist.
+
+    A spec that can only be a path (it starts with ``.``, ``/`` or ``~``, or has more parts than a
+    hub id's ``owner/name``) is a folder; ``module:function`` specs and hub ids are left to the fit.
+    """
+    for option in REWARD_OPTIONS:
+        spec = _lookup(resolved, option)
+        if not isinstance(spec, str) or ":" in spec:
+            continue
+        if (spec.startswith((".", "/", "~")) or spec.count("/") > 1) and not Path(spec).expanduser().is_dir():
+            raise ConfigError(
+                f"compare member {member!r}: {option} {spec!r}: no such folder; train and export that "
+                "reward model first"
+            )
+
+
+def check_shared_options(
+    resolved: Mapping[str, Mapping[str, Any]], fixed_options: tuple[str, ...] = FIXED_OPTIONS
+) -> None:
     """Raise a ConfigError unless every member's resolved config has the same fixed options.
+
+    Training and validation sets are compared by what selects their records (path, split, subset,
+    limit; a ``builtin:gold`` set by its knobs, defaults filled in), so the preference and the prompt
+    data modules, whose sources resolve with their own fields, compare alike.
 
     Args:
         resolved: member -> its full config as ``fit --print_config`` prints it, in member order.
+        fixed_options: the options to compare.
     """
     members = list(resolved)
-    for option in FIXED_OPTIONS:
+    for option in fixed_options:
         if option in PER_MEMBER_OPTIONS:
             continue
-        first = _lookup(resolved[members[0]], option)
+        first = _shared_value(option, _lookup(resolved[members[0]], option))
         for member in members[1:]:
-            value = _lookup(resolved[member], option)
+            value = _shared_value(option, _lookup(resolved[member], option))
             if value != first:
-                raise ConfigError(
-                    f"compare member {member!r}: {option} resolves to {_short(value)}, but member "
-                    f"{members[0]!r} has {_short(first)}; all members must share seed, data and budget"
+                key, value, first_value = _first_difference(option, value, first)
+                reason = (
+                    "all members are judged alike"
+                    if option == "generation"
+                    else "all members must share seed, data and budget"
                 )
+                raise ConfigError(
+                    f"compare member {member!r}: {key} resolves to {_short(value)}, but member "
+                    f"{members[0]!r} has {_short(first_value)}; {reason}"
+                )
+
+
+RECORD_FIELDS = ("path", "split", "subset", "limit")
+"""The fields of a data source that select its records."""
+
+
+def _shared_value(option: str, value: Any) -> Any:
+    """``value`` of a shared option as members are compared on it (see :func:`check_shared_options`)."""
+    if option == "data.train":
+        return _records(value)
+    if option == "data.val":
+        return {name: _records(source) for name, source in value.items()} if isinstance(value, dict) else None
+    if option == "data.val_fraction":
+        return value or 0.0  # the prompt data module has no split: as a fraction of 0
+    return value
+
+
+def _records(source: Any) -> Any:
+    """What selects a data source's records; a built-in gold set by its knobs with defaults filled in."""
+    if not isinstance(source, Mapping):
+        return source
+    records = {key: source.get(key) for key in RECORD_FIELDS}
+    path = records["path"]
+    if isinstance(path, str) and path.startswith("builtin:gold/"):
+        from ipo_lightning.gold.pairs import parse_spec
+
+        gold = parse_spec(path.removeprefix("builtin:"))
+        records["path"] = f"builtin:gold/{gold.split}?pairs={gold.pairs}&temperature={gold.temperature:g}"
+        records["path"] += f"&seed={gold.seed}"
+    return records
+
+
+def _first_difference(key: str, value: Any, first: Any) -> tuple[str, Any, Any]:
+    """The deepest dotted key under ``key`` where two mappings differ, with both values there."""
+    if isinstance(value, Mapping) and isinstance(first, Mapping):
+        for inner in [*first, *(k for k in value if k not in first)]:
+            if value.get(inner) != first.get(inner):
+                return _first_difference(f"{key}.{inner}", value.get(inner), first.get(inner))
+    return key, value, first
 
 
 def _lookup(config: Mapping[str, Any], option: str) -> Any:
@@ -295,7 +489,14 @@ def plan_summary(spec: CompareSpec) -> str:
         [f"{len(spec.members)} members", *(f"{len(values)} {axis}" for axis, values in spec.study.items())]
     )
     names = list(spec.runs)
-    return f"compare {spec.name}: {len(names)} runs ({shape}): {', '.join(names)}"
+    summary = f"compare {spec.name}: {len(names)} runs ({shape}): {', '.join(names)}"
+    if spec.budget is not None:
+        steps = ", ".join(
+            f"{member} {spec.budget_options(member)[MAX_STEPS]} x {spec.step_size(member).samples}"
+            for member in spec.members
+        )
+        summary += f"; budget {spec.budget.amount} {spec.budget.kind}: steps x samples per step: {steps}"
+    return summary
 
 
 def run_compare(spec: CompareSpec, jobs: int = 1) -> Path:

@@ -11,7 +11,10 @@ so it needs no W&B account and works on copied run folders. It writes ``DIR/repo
 - with a generation evaluation (``gen/`` metrics) or a data-size study (``data.train_size``), the
   sections of :mod:`~ipo_lightning.analysis.study_report`: the reward-KL frontier, metrics against
   the number of pairs over seed replicates, and degeneration over training; the table then also
-  has the final ``gen/`` values, the number of pairs and the seed.
+  has the final ``gen/`` values, the number of pairs and the seed;
+- with runs of several methods (or ``gen/kl`` and ``perf/`` metrics), and runs trained against a
+  proxy reward, the sections of :mod:`~ipo_lightning.analysis.methods_report`: one table across
+  methods, and the proxy reward beside the gold reward over training.
 
 Recommendation rule: among the runs trained on clean labels (``data.label_noise`` 0; all runs if
 none is), the best score: the final generation win rate over the reference's samples
@@ -32,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ipo_lightning.analysis.methods_report import methods_section, proxy_gold_section
 from ipo_lightning.analysis.plots import plot_metrics_over_steps, scatter_runs
 from ipo_lightning.analysis.run_logs import RunMetrics, load_run
 from ipo_lightning.analysis.study_report import (
@@ -118,13 +122,18 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
         set_name: run.last(f"val/{metric}" if sets == ["val"] else f"val/{set_name}/{metric}")
         for set_name in sets
     }
+    if all(math.isnan(value) for value in accuracy.values()):
+        accuracy = {}  # a method without preference accuracy (RLOO, online): no accuracy columns of its own
     judge_file = run.run_dir / "judge.json"
     win_rate = json.loads(judge_file.read_text())["win_rate"] if judge_file.is_file() else None
     steps = [int(row["step"]) for row in run.rows if row.get("step")]
     return RunSummary(
         name=name,
         run_dir=str(run.run_dir),
-        loss_type=REWARD_MODEL if reward_model else str(run.setting("model.loss_type", "?")),
+        # A reward model, or a method without a loss type (RLOO), shows its method's name.
+        loss_type=REWARD_MODEL
+        if reward_model
+        else str(run.setting("model.loss_type", run.setting("method", "?"))),
         beta=float(run.setting("model.beta", math.nan)),
         length_normalize=run.setting("model.length_normalize"),
         label_noise=float(run.setting("data.label_noise", 0.0) or 0.0),
@@ -324,11 +333,13 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         "",
     ]
     lines += [f"![{Path(image).stem}]({image})" for image in images]
+    methods, method_rows = methods_section(runs)
     frontier, frontier_points = frontier_section(runs, out_dir)
+    proxy_gold, proxy_gold_points = proxy_gold_section(runs, out_dir, title)
     by_pairs, pairs_points = pairs_section(runs, {s.name: s.mean_accuracy for s in summaries}, out_dir)
     degeneration = degeneration_section(runs, out_dir, title)
-    if frontier or by_pairs or degeneration:
-        lines += ["", *frontier, *by_pairs, *degeneration]
+    if methods or frontier or proxy_gold or by_pairs or degeneration:
+        lines += ["", *methods, *frontier, *proxy_gold, *by_pairs, *degeneration]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     summary = {
@@ -336,8 +347,12 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
         "runs": [_json_safe(asdict(s)) for s in summaries],
         "noise_costs": [_json_safe(asdict(cost)) for cost in costs],
     }
+    if method_rows:
+        summary["methods"] = [_json_safe(asdict(row)) for row in method_rows]
     if frontier_points:
         summary["frontier"] = [_json_safe(asdict(point)) for point in frontier_points]
+    if proxy_gold_points:
+        summary["proxy_gold"] = [_json_safe(asdict(point)) for point in proxy_gold_points]
     if pairs_points:
         summary["by_pairs"] = [_json_safe(asdict(point)) for point in pairs_points]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

@@ -1,8 +1,9 @@
 """Report sections for generation evaluations and studies, read from the runs' own files.
 
 - **Reward-KL frontier**: the reward of the samples (``gen/reward``) and win rate (``gen/win_rate``) against
-  the sampled sequence-level KL (``divergence/seq_kl``), one point per step at which both were
-  measured, per run (``reward_vs_seq_kl.png`` and a table).
+  the sampled sequence-level KL to the reference (``gen/kl``, of the judged samples themselves, when
+  the run logged it, else ``divergence/seq_kl``), one point per step at which both were measured,
+  per run, every method on one plot (``reward_vs_seq_kl.png`` and a table).
 - **By number of pairs**: final win rate, reward and mean held-out accuracy against
   ``data.train_size``, one line per series (runs whose ``config.yaml`` differ only in the seed
   options and the size); the seed replicates of a point give its mean and, with two or more, an
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ipo_lightning.analysis.methods_report import kl_metric, method_of
 from ipo_lightning.analysis.plots import plot_errorbar_lines, plot_metrics_over_steps, plot_xy_lines
 from ipo_lightning.analysis.run_logs import RunMetrics
 
@@ -70,19 +72,20 @@ class FrontierPoint:
     run: str
     step: int
     seq_kl: float
+    """Sequence-level KL to the reference (:func:`~ipo_lightning.analysis.methods_report.kl_metric`)."""
     reward: float
     win_rate: float | None
 
 
 def frontier_points(runs: Mapping[str, RunMetrics]) -> list[FrontierPoint]:
-    """Every step at which a run logged both ``divergence/seq_kl`` and ``gen/reward``, in step order.
+    """Every step at which a run logged both its sequence KL and ``gen/reward``, in step order.
 
-    A metric logged twice at one step (a periodic and a post-validation measurement) counts with its
-    last value.
+    The KL is ``gen/kl`` when the run logged it, else ``divergence/seq_kl``. A metric logged twice at
+    one step (a periodic and a post-validation measurement) counts with its last value.
     """
     points = []
     for name, run in runs.items():
-        kl, reward, win = (run.by_step(metric) for metric in (SEQ_KL, REWARD, WIN_RATE))
+        kl, reward, win = (run.by_step(metric) for metric in (kl_metric(run), REWARD, WIN_RATE))
         for step in sorted(set(kl) & set(reward)):
             points.append(FrontierPoint(name, step, kl[step], reward[step], win.get(step)))
     return points
@@ -213,17 +216,22 @@ def frontier_section(runs: Mapping[str, RunMetrics], out_dir: Path) -> tuple[lis
         {metric: curves[metric] for metric, _ in panels},
         [label for _, label in panels],
         out_dir / "reward_vs_seq_kl.png",
-        xlabel="divergence/seq_kl (nats per sequence)",
+        xlabel="sequence KL to the reference (nats per sequence)",
         title="Reward bought per unit of drift, per measurement",
-        # A study's sizes and seeds of one member and noise level share a colour.
-        groups={point.run: RUN_NAME_POINT.sub("", point.run) or point.run for point in points},
+        # A study's sizes and seeds of one member and noise level share a colour; the legend names
+        # each series' method, as runs of every method share the plot.
+        groups={
+            point.run: f"{RUN_NAME_POINT.sub('', point.run) or point.run} ({method_of(runs[point.run])})"
+            for point in points
+        },
     )
     header = ["run", "step", "seq KL", "gen reward"] + (["win rate"] if with_win else [])
     lines = [
         "## Reward-KL frontier",
         "",
-        "Each measurement step at which a run logged both `divergence/seq_kl` (sampled sequence-level KL "
-        "to the reference) and `gen/reward`.",
+        "Each measurement step at which a run logged both a sampled sequence-level KL to the reference "
+        "and `gen/reward`: `gen/kl`, the KL of the judged samples themselves, when the run logged it, "
+        "else `divergence/seq_kl` (the divergence monitor's samples).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
