@@ -253,7 +253,7 @@ def build(method: str, setup: Setup) -> tuple[L.LightningModule, L.LightningData
         "max_new_tokens": setup.max_new_tokens,
         "generation_batch_size": setup.generation_batch_size,
         "max_length": setup.max_length,
-        "seed": setup.seed,
+        "sampling_seed": setup.seed,
         **common,
     }
     if method == "rloo":

@@ -587,12 +587,14 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
         generation={"reward": REWARD, "prompts": 2, "samples_per_prompt": 2, "max_new_tokens": 6},
         wandb={"enabled": False},
     )
+    config["seed_everything"] = 7
     from ipo_lightning.cli import main
 
     main(["fit", "--config", str(write_config(tmp_path / "c.yaml", config)), "--method", method])  # no exit
     run = tmp_path / "runs" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"] == method and saved["model"]["batching"] in ("padded", "padding_free")
+    assert saved["model"]["sampling_seed"] == 7  # null resolves to seed_everything: replicates sample differently
     if method == "online":
         assert (saved["model"]["beta"], saved["model"]["length_normalize"]) == (1.0, True)
     rows = _read_metrics(str(run))

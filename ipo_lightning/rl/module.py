@@ -105,7 +105,8 @@ SHARED_DOC = """
         disable_dropout: set every dropout probability of the policy to 0 once it is loaded.
         max_new_tokens: longest sampled completion in tokens.
         generation_batch_size: rows (prompt x sample) per ``generate`` call.
-        seed: base seed of the training samples (with the optimizer step and prompt index).
+        sampling_seed: base seed of the training samples (with the optimizer step and prompt index);
+            null (default): ``seed_everything``, so a seed replicate also draws other samples.
         missing_eos_penalty: subtracted from the reward of a sample that did not end within
             ``max_new_tokens`` (TRL's option of the same name); null: none. ``train/reward`` is logged
             before it."""
@@ -121,9 +122,14 @@ def on_policy_layout(batching: Batching) -> Batching:
 def resolve_on_policy_options(config: Namespace) -> None:
     """Fill the ``model`` defaults that depend on other options in the parsed config (the on-policy
     methods' ``resolve``, see :mod:`ipo_lightning.methods`): the reference strategy from ``lora``, the
-    layout from ``batching: auto`` and, for online IPO/DPO, ``beta`` and ``length_normalize`` from
-    ``loss_type``, so the saved ``config.yaml`` states the values used."""
+    layout from ``batching: auto``, ``sampling_seed`` from ``seed_everything`` and, for online
+    IPO/DPO, ``beta`` and ``length_normalize`` from ``loss_type``, so the saved ``config.yaml`` states
+    the values used."""
     model = config.model
+    if model.sampling_seed is None:
+        # LightningCLI has set seed_everything to an int by now (True: a drawn one); False/None: 0.
+        seed = config.get("seed_everything")
+        model.sampling_seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
     model.reference = resolve_reference_strategy(model.reference, uses_lora=model.lora is not None)
     if model.batching == "auto" and model.reference != "precomputed":
         resolved = resolve_model_batching(
@@ -182,7 +188,7 @@ class OnPolicyModule(L.LightningModule):
         samples_per_prompt: int,
         max_new_tokens: int,
         generation_batch_size: int,
-        seed: int,
+        sampling_seed: int | None,
         missing_eos_penalty: float | None,
         method_options: dict[str, Any],
     ) -> None:
@@ -246,7 +252,8 @@ class OnPolicyModule(L.LightningModule):
                 "disable_dropout": disable_dropout,
                 "max_new_tokens": max_new_tokens,
                 "generation_batch_size": generation_batch_size,
-                "seed": seed,
+                # None outside the CLI, which resolves it. Not "seed": the data module has that hparam.
+                "sampling_seed": 0 if sampling_seed is None else sampling_seed,
                 "missing_eos_penalty": missing_eos_penalty,
                 **method_options,
             }
@@ -305,7 +312,7 @@ class OnPolicyModule(L.LightningModule):
 
     def sampling_seed(self, step: int) -> int:
         """The generation seed of optimizer step ``step`` (:data:`VALIDATION_STREAM` for validation)."""
-        return row_seed(self.hparams.seed, step, 0)
+        return row_seed(self.hparams.sampling_seed, step, 0)
 
     def rollout(self, batch: dict[str, Any], *, seed: int) -> Rollout:
         """Sample, reward and score k completions of each prompt of ``batch`` (module docstring)."""

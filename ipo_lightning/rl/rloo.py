@@ -79,7 +79,7 @@ class RLOOModule(OnPolicyModule):
         missing_eos_penalty: float | None = None,
         max_new_tokens: int = 64,
         generation_batch_size: int = 64,
-        seed: int = 0,
+        sampling_seed: int | None = None,
         reference_name_or_path: str | None = None,
         reference: ReferenceStrategy | None = None,
         lora: LoraOptions | None = None,
