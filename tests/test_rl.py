@@ -594,7 +594,7 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
     run = tmp_path / "runs" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"] == method and saved["model"]["batching"] in ("padded", "padding_free")
-    assert saved["model"]["sampling_seed"] == 7  # null resolves to seed_everything: replicates sample differently
+    assert saved["model"]["sampling_seed"] == 7  # null: seed_everything, so replicates sample differently
     if method == "online":
         assert (saved["model"]["beta"], saved["model"]["length_normalize"]) == (1.0, True)
     rows = _read_metrics(str(run))
