@@ -45,6 +45,15 @@ from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.metrics import EvalSetMetrics
+from ipo_lightning.model_options import (
+    DEFAULT_ATTN_IMPLEMENTATION,
+    DEFAULT_DISABLE_DROPOUT,
+    DEFAULT_DTYPE,
+    DEFAULT_LR_SCHEDULE,
+    DEFAULT_MIN_LR_RATIO,
+    DEFAULT_WARMUP_RATIO,
+    with_shared_docs,
+)
 from ipo_lightning.modeling import (
     AttnImplementation,
     DType,
@@ -179,6 +188,7 @@ def resolve_reward_model_options(config: Namespace) -> None:
         )
 
 
+@with_shared_docs
 class RewardModelModule(EvalSetMetrics, L.LightningModule):
     """A Bradley-Terry reward model: a sequence classifier with one output, trained on preference pairs.
 
@@ -189,15 +199,15 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
             the chosen completion becomes (1 - e) p + e (1 - p) (p: the pair's ``preference_prob``).
         center_rewards_coefficient: weight c of c (r_w + r_l)^2 per pair, which keeps the scores
             centred on 0 (TRL's ``center_rewards_coefficient``); null: off.
-        optimizer: optimizer factory; default AdamW(lr=1e-6, weight_decay=0), fused where supported.
-        lr_schedule: learning-rate shape after warm-up: ``cosine``, ``linear`` or ``constant``.
-        warmup_ratio: fraction of all optimizer steps spent warming up linearly from 0.
-        warmup_steps: warm-up length in optimizer steps; overrides ``warmup_ratio`` when set.
-        min_lr_ratio: cosine only: final learning rate as a fraction of the peak.
+        optimizer: {shared}
+        lr_schedule: {shared}
+        warmup_ratio: {shared}
+        warmup_steps: {shared}
+        min_lr_ratio: {shared}
         dtype: weight dtype; keep float32 and use ``trainer.precision: bf16-mixed`` for speed.
-        attn_implementation: attention kernel passed to ``from_pretrained``.
-        trust_remote_code: allow model code from the hub (off unless you trust the repository).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        attn_implementation: {shared}
+        trust_remote_code: {shared}
+        gradient_checkpointing: {shared}
         max_length: longest row the data produces (linked from ``data.max_length``), checked against
             the model's context size.
         disable_dropout: set every dropout probability of the model to 0 once it is loaded, so a
@@ -218,16 +228,16 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
         label_smoothing: float = 0.0,
         center_rewards_coefficient: float | None = None,
         optimizer: OptimizerCallable | None = None,
-        lr_schedule: LRSchedule = "cosine",
-        warmup_ratio: float = 0.1,
+        lr_schedule: LRSchedule = DEFAULT_LR_SCHEDULE,
+        warmup_ratio: float = DEFAULT_WARMUP_RATIO,
         warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.0,
-        dtype: DType = "float32",
-        attn_implementation: AttnImplementation | None = "sdpa",
+        min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
+        dtype: DType = DEFAULT_DTYPE,
+        attn_implementation: AttnImplementation | None = DEFAULT_ATTN_IMPLEMENTATION,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         max_length: int | None = None,
-        disable_dropout: bool = True,
+        disable_dropout: bool = DEFAULT_DISABLE_DROPOUT,
         lora: LoraOptions | None = None,
     ) -> None:
         super().__init__()
