@@ -176,9 +176,7 @@ def check_policy_options(
     """
     if logprob_chunk_size <= 0:
         raise ConfigError(f"model.logprob_chunk_size must be positive, got {logprob_chunk_size}")
-    if warmup_steps is not None and warmup_steps < 0:
-        raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-    check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+    check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps)
     check_batching_option(batching, attn_implementation)
     lora = as_lora_options(lora)
     reference = resolve_reference_strategy(reference, uses_lora=lora is not None)
@@ -264,8 +262,9 @@ def policy_optimizers(
     hp: Mapping[str, Any],
     trainer: L.Trainer,
 ) -> dict[str, Any]:
-    """``configure_optimizers``' answer: the optimizer over the policy's trainable parameters (default
-    :func:`default_optimizer`), with warm-up and decay per optimizer step (``hp``: the schedule options)."""
+    """``configure_optimizers``' answer: the optimizer over the trained model's (``policy``'s) trainable
+    parameters (default :func:`default_optimizer`), with warm-up and decay per optimizer step (``hp``:
+    the schedule options)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = default_optimizer(params) if optimizer_factory is None else optimizer_factory(params)
     scheduler = build_scheduler(

@@ -62,8 +62,8 @@ from ipo_lightning.modeling import (
     load_model_config,
     load_sequence_classifier,
 )
-from ipo_lightning.module import default_optimizer
-from ipo_lightning.schedule import LRSchedule, build_scheduler, check_schedule_options
+from ipo_lightning.module import policy_optimizers
+from ipo_lightning.schedule import LRSchedule, check_schedule_options
 
 METHOD_NAME = "reward_model"
 METRIC_NAMES: tuple[str, ...] = ("loss", "rm/accuracy", "rm/margin", "rm/reward_mean", "rm/reward_std")
@@ -245,9 +245,9 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
         lora = as_lora_options(lora)
         if lora is not None:
             check_lora_options(lora)
-        if warmup_steps is not None and warmup_steps < 0:
-            raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+        check_schedule_options(
+            warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps
+        )
         # Fail fast on a wrong model path or a too long max_length: only the config is read here.
         self.model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
         check_context_size(self.model_config, max_length)
@@ -399,21 +399,10 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """The optimizer over every trainable weight, with warm-up and decay per step."""
-        hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = (
-            default_optimizer(params) if self.optimizer_factory is None else self.optimizer_factory(params)
-        )
-        scheduler = build_scheduler(
-            optimizer,
-            schedule=hp.lr_schedule,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            warmup_ratio=hp.warmup_ratio,
-            warmup_steps=hp.warmup_steps,
-            min_lr_ratio=hp.min_lr_ratio,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """The optimizer over every trainable weight, with warm-up and decay per step (the policy
+        methods' :func:`~ipo_lightning.module.policy_optimizers`)."""
+        assert self.model is not None
+        return policy_optimizers(self.model, self.optimizer_factory, self.hparams, self.trainer)
 
     # ------------------------------------------------------------------ export
 

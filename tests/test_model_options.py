@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from jsonargparse import ArgumentParser
 
+from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import METHODS
 from ipo_lightning.model_options import OPTION_DOCS, shared_doc_lines, with_shared_docs
 
@@ -65,3 +67,21 @@ def test_every_method_documents_every_option_for_the_cli(method: str) -> None:
     # Filled from OPTION_DOCS in every method (a method may keep its own text for other shared names).
     for name in ("optimizer", "warmup_steps", "gradient_checkpointing"):
         assert re.sub(r"\s+", " ", helps[name]).startswith(OPTION_DOCS[name]), (method, name)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("warmup_steps", -1, "model.warmup_steps must be >= 0, got -1"),
+        ("warmup_ratio", 1.0, r"model.warmup_ratio must be in \[0, 1\), got 1.0"),
+        ("min_lr_ratio", 1.5, r"model.min_lr_ratio must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_every_method_refuses_a_bad_schedule_option_at_start_up(
+    tiny_model_dir: Path, method: str, option: str, value: float, message: str
+) -> None:
+    module_class = METHODS[method].module_class
+    required = {"reward": "ipo_lightning.gold:gold_reward"} if method in ("rloo", "online") else {}
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        module_class(model_name_or_path=str(tiny_model_dir), **required, **{option: value})
