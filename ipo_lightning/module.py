@@ -40,6 +40,17 @@ from ipo_lightning.errors import ConfigError
 from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.losses import LossType, check_loss_options, preference_loss, soft_labels_supported
 from ipo_lightning.metrics import EvalSetMetrics, PreferenceMetrics, batch_values, metric_names
+from ipo_lightning.model_options import (
+    DEFAULT_ATTN_IMPLEMENTATION,
+    DEFAULT_BATCHING,
+    DEFAULT_DISABLE_DROPOUT,
+    DEFAULT_DTYPE,
+    DEFAULT_LOGPROB_CHUNK_SIZE,
+    DEFAULT_LR_SCHEDULE,
+    DEFAULT_MIN_LR_RATIO,
+    DEFAULT_WARMUP_RATIO,
+    with_shared_docs,
+)
 from ipo_lightning.modeling import (
     AttnImplementation,
     DType,
@@ -165,9 +176,7 @@ def check_policy_options(
     """
     if logprob_chunk_size <= 0:
         raise ConfigError(f"model.logprob_chunk_size must be positive, got {logprob_chunk_size}")
-    if warmup_steps is not None and warmup_steps < 0:
-        raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-    check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+    check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps)
     check_batching_option(batching, attn_implementation)
     lora = as_lora_options(lora)
     reference = resolve_reference_strategy(reference, uses_lora=lora is not None)
@@ -253,8 +262,9 @@ def policy_optimizers(
     hp: Mapping[str, Any],
     trainer: L.Trainer,
 ) -> dict[str, Any]:
-    """``configure_optimizers``' answer: the optimizer over the policy's trainable parameters (default
-    :func:`default_optimizer`), with warm-up and decay per optimizer step (``hp``: the schedule options)."""
+    """``configure_optimizers``' answer: the optimizer over the trained model's (``policy``'s) trainable
+    parameters (default :func:`default_optimizer`), with warm-up and decay per optimizer step (``hp``:
+    the schedule options)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = default_optimizer(params) if optimizer_factory is None else optimizer_factory(params)
     scheduler = build_scheduler(
@@ -291,18 +301,18 @@ def resolve_preference_options(config: Namespace) -> None:
     )
 
 
+@with_shared_docs
 class PreferenceModule(EvalSetMetrics, L.LightningModule):
     """Preference fine-tuning of a Hugging Face causal LM (IPO, DPO, conservative DPO, hinge).
 
     Args:
-        model_name_or_path: policy to train: a hub id, a local folder, ``builtin:quickstart`` or
-            ``builtin:gold``.
-        reference_name_or_path: frozen reference model; default: the same weights as the policy.
+        model_name_or_path: {shared}
+        reference_name_or_path: {shared}
         reference: how the reference is held: ``separate`` (a frozen copy), ``lora`` (the LoRA
             policy's base with adapters off; no second copy) or ``precomputed`` (log-probs computed
             once before training and cached on disk; no reference in memory while training). Default
             (null): lora when ``lora`` is set, else separate.
-        lora: train LoRA adapters instead of all weights (peft); null: full fine-tuning.
+        lora: {shared}
         loss_type: ``ipo`` (regress the margin to 1/(2 beta)), ``dpo`` or ``hinge``.
         beta: pull towards the reference; IPO's target log-ratio margin is 1/(2 beta). Default (null):
             1.0 for ipo (a target of 0.5 nats per token with length-normalised log-probs), 0.1 for dpo
@@ -310,18 +320,18 @@ class PreferenceModule(EvalSetMetrics, L.LightningModule):
         label_smoothing: conservative DPO: assumed probability that a label is flipped (dpo only).
         length_normalize: average log-probs over completion tokens instead of summing them; default
             (null) resolves to true for ipo and false for dpo/hinge, and the resolved value is logged.
-        optimizer: optimizer factory; default AdamW(lr=1e-6, weight_decay=0), fused where supported.
-        lr_schedule: learning-rate shape after warm-up: ``cosine``, ``linear`` or ``constant``.
-        warmup_ratio: fraction of all optimizer steps spent warming up linearly from 0.
-        warmup_steps: warm-up length in optimizer steps; overrides ``warmup_ratio`` when set.
-        min_lr_ratio: cosine only: final learning rate as a fraction of the peak.
+        optimizer: {shared}
+        lr_schedule: {shared}
+        warmup_ratio: {shared}
+        warmup_steps: {shared}
+        min_lr_ratio: {shared}
         dtype: weight dtype of the policy; keep float32 and use ``trainer.precision: bf16-mixed`` for
             speed (16-bit weights lose small updates).
         reference_dtype: weight dtype of the frozen reference; default: ``dtype``. ``bfloat16`` halves
             its memory at a small cost in log-prob precision.
-        attn_implementation: attention kernel passed to ``from_pretrained``.
-        trust_remote_code: allow model code from the hub (off unless you trust the repository).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        attn_implementation: {shared}
+        trust_remote_code: {shared}
+        gradient_checkpointing: {shared}
         max_length: longest row the data produces (linked from ``data.max_length``; default: the
             trainer's data module's), checked against the model's context size.
         logprob_chunk_size: tokens per chunk of the float32 log-softmax (memory vs. kernel count).
@@ -349,19 +359,19 @@ class PreferenceModule(EvalSetMetrics, L.LightningModule):
         label_smoothing: float = 0.0,
         length_normalize: bool | None = None,
         optimizer: OptimizerCallable | None = None,
-        lr_schedule: LRSchedule = "cosine",
-        warmup_ratio: float = 0.1,
+        lr_schedule: LRSchedule = DEFAULT_LR_SCHEDULE,
+        warmup_ratio: float = DEFAULT_WARMUP_RATIO,
         warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.0,
-        dtype: DType = "float32",
+        min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
+        dtype: DType = DEFAULT_DTYPE,
         reference_dtype: DType | None = None,
-        attn_implementation: AttnImplementation | None = "sdpa",
+        attn_implementation: AttnImplementation | None = DEFAULT_ATTN_IMPLEMENTATION,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         max_length: int | None = None,
-        logprob_chunk_size: int = 1024,
-        batching: BatchingOption = "auto",
-        disable_dropout: bool = True,
+        logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
+        batching: BatchingOption = DEFAULT_BATCHING,
+        disable_dropout: bool = DEFAULT_DISABLE_DROPOUT,
     ) -> None:
         super().__init__()
         if beta is None:

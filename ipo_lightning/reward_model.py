@@ -45,6 +45,15 @@ from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.metrics import EvalSetMetrics
+from ipo_lightning.model_options import (
+    DEFAULT_ATTN_IMPLEMENTATION,
+    DEFAULT_DISABLE_DROPOUT,
+    DEFAULT_DTYPE,
+    DEFAULT_LR_SCHEDULE,
+    DEFAULT_MIN_LR_RATIO,
+    DEFAULT_WARMUP_RATIO,
+    with_shared_docs,
+)
 from ipo_lightning.modeling import (
     AttnImplementation,
     DType,
@@ -53,8 +62,8 @@ from ipo_lightning.modeling import (
     load_model_config,
     load_sequence_classifier,
 )
-from ipo_lightning.module import default_optimizer
-from ipo_lightning.schedule import LRSchedule, build_scheduler, check_schedule_options
+from ipo_lightning.module import policy_optimizers
+from ipo_lightning.schedule import LRSchedule, check_schedule_options
 
 METHOD_NAME = "reward_model"
 METRIC_NAMES: tuple[str, ...] = ("loss", "rm/accuracy", "rm/margin", "rm/reward_mean", "rm/reward_std")
@@ -179,6 +188,7 @@ def resolve_reward_model_options(config: Namespace) -> None:
         )
 
 
+@with_shared_docs
 class RewardModelModule(EvalSetMetrics, L.LightningModule):
     """A Bradley-Terry reward model: a sequence classifier with one output, trained on preference pairs.
 
@@ -189,15 +199,15 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
             the chosen completion becomes (1 - e) p + e (1 - p) (p: the pair's ``preference_prob``).
         center_rewards_coefficient: weight c of c (r_w + r_l)^2 per pair, which keeps the scores
             centred on 0 (TRL's ``center_rewards_coefficient``); null: off.
-        optimizer: optimizer factory; default AdamW(lr=1e-6, weight_decay=0), fused where supported.
-        lr_schedule: learning-rate shape after warm-up: ``cosine``, ``linear`` or ``constant``.
-        warmup_ratio: fraction of all optimizer steps spent warming up linearly from 0.
-        warmup_steps: warm-up length in optimizer steps; overrides ``warmup_ratio`` when set.
-        min_lr_ratio: cosine only: final learning rate as a fraction of the peak.
+        optimizer: {shared}
+        lr_schedule: {shared}
+        warmup_ratio: {shared}
+        warmup_steps: {shared}
+        min_lr_ratio: {shared}
         dtype: weight dtype; keep float32 and use ``trainer.precision: bf16-mixed`` for speed.
-        attn_implementation: attention kernel passed to ``from_pretrained``.
-        trust_remote_code: allow model code from the hub (off unless you trust the repository).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        attn_implementation: {shared}
+        trust_remote_code: {shared}
+        gradient_checkpointing: {shared}
         max_length: longest row the data produces (linked from ``data.max_length``), checked against
             the model's context size.
         disable_dropout: set every dropout probability of the model to 0 once it is loaded, so a
@@ -218,16 +228,16 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
         label_smoothing: float = 0.0,
         center_rewards_coefficient: float | None = None,
         optimizer: OptimizerCallable | None = None,
-        lr_schedule: LRSchedule = "cosine",
-        warmup_ratio: float = 0.1,
+        lr_schedule: LRSchedule = DEFAULT_LR_SCHEDULE,
+        warmup_ratio: float = DEFAULT_WARMUP_RATIO,
         warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.0,
-        dtype: DType = "float32",
-        attn_implementation: AttnImplementation | None = "sdpa",
+        min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
+        dtype: DType = DEFAULT_DTYPE,
+        attn_implementation: AttnImplementation | None = DEFAULT_ATTN_IMPLEMENTATION,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         max_length: int | None = None,
-        disable_dropout: bool = True,
+        disable_dropout: bool = DEFAULT_DISABLE_DROPOUT,
         lora: LoraOptions | None = None,
     ) -> None:
         super().__init__()
@@ -235,9 +245,9 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
         lora = as_lora_options(lora)
         if lora is not None:
             check_lora_options(lora)
-        if warmup_steps is not None and warmup_steps < 0:
-            raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+        check_schedule_options(
+            warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps
+        )
         # Fail fast on a wrong model path or a too long max_length: only the config is read here.
         self.model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
         check_context_size(self.model_config, max_length)
@@ -389,21 +399,10 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """The optimizer over every trainable weight, with warm-up and decay per step."""
-        hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = (
-            default_optimizer(params) if self.optimizer_factory is None else self.optimizer_factory(params)
-        )
-        scheduler = build_scheduler(
-            optimizer,
-            schedule=hp.lr_schedule,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            warmup_ratio=hp.warmup_ratio,
-            warmup_steps=hp.warmup_steps,
-            min_lr_ratio=hp.min_lr_ratio,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """The optimizer over every trainable weight, with warm-up and decay per step (the policy
+        methods' :func:`~ipo_lightning.module.policy_optimizers`)."""
+        assert self.model is not None
+        return policy_optimizers(self.model, self.optimizer_factory, self.hparams, self.trainer)
 
     # ------------------------------------------------------------------ export
 

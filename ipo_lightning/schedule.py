@@ -14,8 +14,12 @@ LRSchedule = Literal["cosine", "linear", "constant"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 
 
-def check_schedule_options(*, warmup_ratio: float, min_lr_ratio: float) -> None:
+def check_schedule_options(
+    *, warmup_ratio: float, min_lr_ratio: float, warmup_steps: int | None = None
+) -> None:
     """Raise ConfigError for schedule options outside their ranges."""
+    if warmup_steps is not None and warmup_steps < 0:
+        raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
     if not 0.0 <= warmup_ratio < 1.0:
         raise ConfigError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
     if not 0.0 <= min_lr_ratio <= 1.0:

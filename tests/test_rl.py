@@ -4,7 +4,6 @@ modules against independent computations, the prompt data, and short in-process 
 from __future__ import annotations
 
 import csv
-import inspect
 import itertools
 import json
 import math
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from jsonargparse import ArgumentParser
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoTokenizer
 
@@ -448,11 +448,16 @@ def test_option_errors(tiny_model_dir: Path) -> None:
 
 
 def test_hyperparameters_are_the_resolved_arguments(tiny_model_dir: Path) -> None:
-    """hparams.yaml holds exactly the class's arguments (so a checkpoint's hyperparameters rebuild it),
-    with the loss-dependent defaults resolved."""
+    """hparams.yaml holds exactly the class's ``model.`` options as the CLI reads them (its own and
+    OnPolicyModule's through ``**kwargs``), so a checkpoint's hyperparameters rebuild it, with the
+    loss-dependent defaults resolved."""
     for cls in (RLOOModule, OnlineModule):
         module = cls(str(tiny_model_dir), REWARD)
-        arguments = set(inspect.signature(cls.__init__).parameters) - {"self", "optimizer", "max_length"}
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "model")
+        arguments = set(vars(parser.get_defaults().model)) - {"optimizer", "max_length"}
+        assert {"model_name_or_path", "beta", "dtype", "sampling_seed"} <= arguments
+        assert "method_options" not in arguments
         assert set(module.hparams) == arguments
     assert RLOOModule(str(tiny_model_dir), REWARD).hparams.beta == 0.05
     dpo = OnlineModule(str(tiny_model_dir), REWARD, loss_type="dpo")

@@ -52,7 +52,18 @@ from ipo_lightning.errors import ConfigError
 from ipo_lightning.generation import generate_completions, row_seed
 from ipo_lightning.lora import LoraOptions, lora_options_dict
 from ipo_lightning.metrics import PreferenceMetrics
-from ipo_lightning.modeling import check_context_size
+from ipo_lightning.model_options import (
+    DEFAULT_ATTN_IMPLEMENTATION,
+    DEFAULT_BATCHING,
+    DEFAULT_DISABLE_DROPOUT,
+    DEFAULT_DTYPE,
+    DEFAULT_LOGPROB_CHUNK_SIZE,
+    DEFAULT_LR_SCHEDULE,
+    DEFAULT_MIN_LR_RATIO,
+    DEFAULT_WARMUP_RATIO,
+    with_shared_docs,
+)
+from ipo_lightning.modeling import AttnImplementation, DType, check_context_size
 from ipo_lightning.module import (
     check_policy_options,
     default_beta,
@@ -70,46 +81,15 @@ from ipo_lightning.reference import (
 from ipo_lightning.rewards import RewardFunction, load_reward
 from ipo_lightning.rl.data import PROMPT_IDS, PROMPT_INDEX
 from ipo_lightning.rl.rollout import Rollout, completion_rows, score_rows
+from ipo_lightning.schedule import LRSchedule
 
 ROLLOUT_METRICS: tuple[str, ...] = ("reward", "kl", "entropy", "length", "eos_rate")
 """Metrics of every rollout, train and val (names without the ``train/``/``val/`` prefix)."""
 REWARD_OPTION = "model.reward"
 VALIDATION_STREAM = -1
 """Seed stream of validation samples (training steps use the step number, >= 0)."""
-
-SHARED_DOC = """
-        model_name_or_path: policy to train: a hub id, a local folder, ``builtin:quickstart`` or
-            ``builtin:gold``.
-        reward: reward of the samples (:func:`~ipo_lightning.rewards.load_reward`): ``module:function``
-            (e.g. ``ipo_lightning.gold:gold_reward``), ``builtin:gold``, or a sequence-classification
-            reward model folder or hub id.
-        reference_name_or_path: frozen reference model; default: the same weights as the policy.
-        reference: ``separate`` (a frozen copy) or ``lora`` (the LoRA policy's base with adapters
-            off). Default (null): lora when ``lora`` is set, else separate. (``precomputed`` cannot
-            apply: the samples are drawn during training.)
-        lora: train LoRA adapters instead of all weights (peft); null: full fine-tuning.
-        optimizer: optimizer factory; default AdamW(lr=1e-6, weight_decay=0), fused where supported.
-        lr_schedule: learning-rate shape after warm-up: ``cosine``, ``linear`` or ``constant``.
-        warmup_ratio: fraction of all optimizer steps spent warming up linearly from 0.
-        warmup_steps: warm-up length in optimizer steps; overrides ``warmup_ratio`` when set.
-        min_lr_ratio: cosine only: final learning rate as a fraction of the peak.
-        dtype: weight dtype of the policy (keep float32; use ``trainer.precision`` for speed).
-        reference_dtype: weight dtype of the frozen reference; default: ``dtype``.
-        attn_implementation: attention kernel passed to ``from_pretrained``.
-        trust_remote_code: allow model code from the hub.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        max_length: longest prompt + completion (linked from ``data.max_length``).
-        logprob_chunk_size: tokens per chunk of the float32 log-softmax.
-        batching: how sampled rows run through policy and reference: ``padded`` or ``padding_free``;
-            ``auto`` (default): padding_free where the models support it, else padded.
-        disable_dropout: set every dropout probability of the policy to 0 once it is loaded.
-        max_new_tokens: longest sampled completion in tokens.
-        generation_batch_size: rows (prompt x sample) per ``generate`` call.
-        sampling_seed: base seed of the training samples (with the optimizer step and prompt index);
-            null (default): ``seed_everything``, so a seed replicate also draws other samples.
-        missing_eos_penalty: subtracted from the reward of a sample that did not end within
-            ``max_new_tokens`` (TRL's option of the same name); null: none. ``train/reward`` is logged
-            before it."""
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_GENERATION_BATCH_SIZE = 64
 
 
 def on_policy_layout(batching: Batching) -> Batching:
@@ -148,12 +128,50 @@ def resolve_on_policy_options(config: Namespace) -> None:
             model.length_normalize = default_length_normalize(model.loss_type)
 
 
+@with_shared_docs
 class OnPolicyModule(L.LightningModule):
     """Base of the on-policy methods (module docstring); subclasses define :meth:`rollout_loss`.
 
-    Subclasses pass their full option set; ``method_options`` are the method's own (resolved) options,
-    saved in the hyperparameters with the shared ones, so that the hyperparameters are exactly the
-    subclass's arguments.
+    A subclass's ``__init__`` declares ``model_name_or_path``, ``reward`` and the method's own options
+    and forwards the rest as ``**kwargs`` to this one, so each shared option's type, default and doc
+    are written here once: the CLI (jsonargparse follows ``super().__init__(**kwargs)``) lists them
+    after the method's own. ``samples_per_prompt`` and ``method_options`` come from the subclass, never
+    from a user; ``method_options`` are the method's own (resolved) options, saved in the
+    hyperparameters with the shared ones, so that the hyperparameters are exactly the subclass's
+    options.
+
+    Args:
+        model_name_or_path: {shared}
+        reward: {shared}
+        missing_eos_penalty: subtracted from the reward of a sample that did not end within
+            ``max_new_tokens`` (TRL's option of the same name); null: none. ``train/reward`` is logged
+            before it.
+        max_new_tokens: longest sampled completion in tokens.
+        generation_batch_size: rows (prompt x sample) per ``generate`` call.
+        sampling_seed: base seed of the training samples (with the optimizer step and prompt index);
+            null (default): ``seed_everything``, so a seed replicate also draws other samples.
+        reference_name_or_path: {shared}
+        reference: ``separate`` (a frozen copy) or ``lora`` (the LoRA policy's base with adapters
+            off). Default (null): lora when ``lora`` is set, else separate. (``precomputed`` cannot
+            apply: the samples are drawn during training.)
+        lora: {shared}
+        optimizer: {shared}
+        lr_schedule: {shared}
+        warmup_ratio: {shared}
+        warmup_steps: {shared}
+        min_lr_ratio: {shared}
+        dtype: weight dtype of the policy (keep float32; use ``trainer.precision`` for speed).
+        reference_dtype: weight dtype of the frozen reference; default: ``dtype``.
+        attn_implementation: {shared}
+        trust_remote_code: allow model code from the hub.
+        gradient_checkpointing: {shared}
+        max_length: longest prompt + completion (linked from ``data.max_length``).
+        logprob_chunk_size: tokens per chunk of the float32 log-softmax.
+        batching: how sampled rows run through policy and reference: ``padded`` or ``padding_free``;
+            ``auto`` (default): padding_free where the models support it, else padded.
+        disable_dropout: set every dropout probability of the policy to 0 once it is loaded.
+        samples_per_prompt: k, samples per prompt (set by the method).
+        method_options: the method's own options, resolved, for the hyperparameters.
     """
 
     method_name: str = ""
@@ -165,31 +183,31 @@ class OnPolicyModule(L.LightningModule):
 
     def __init__(
         self,
-        *,
         model_name_or_path: str,
         reward: str,
-        reference_name_or_path: str | None,
-        reference: ReferenceStrategy | None,
-        lora: LoraOptions | None,
-        optimizer: OptimizerCallable | None,
-        lr_schedule: str,
-        warmup_ratio: float,
-        warmup_steps: int | None,
-        min_lr_ratio: float,
-        dtype: str,
-        reference_dtype: str | None,
-        attn_implementation: str | None,
-        trust_remote_code: bool,
-        gradient_checkpointing: bool,
-        max_length: int | None,
-        logprob_chunk_size: int,
-        batching: BatchingOption,
-        disable_dropout: bool,
+        missing_eos_penalty: float | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        generation_batch_size: int = DEFAULT_GENERATION_BATCH_SIZE,
+        sampling_seed: int | None = None,
+        reference_name_or_path: str | None = None,
+        reference: ReferenceStrategy | None = None,
+        lora: LoraOptions | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_schedule: LRSchedule = DEFAULT_LR_SCHEDULE,
+        warmup_ratio: float = DEFAULT_WARMUP_RATIO,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
+        dtype: DType = DEFAULT_DTYPE,
+        reference_dtype: DType | None = None,
+        attn_implementation: AttnImplementation | None = DEFAULT_ATTN_IMPLEMENTATION,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        max_length: int | None = None,
+        logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
+        batching: BatchingOption = DEFAULT_BATCHING,
+        disable_dropout: bool = DEFAULT_DISABLE_DROPOUT,
+        *,
         samples_per_prompt: int,
-        max_new_tokens: int,
-        generation_batch_size: int,
-        sampling_seed: int | None,
-        missing_eos_penalty: float | None,
         method_options: dict[str, Any],
     ) -> None:
         super().__init__()
@@ -310,7 +328,7 @@ class OnPolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ rollouts
 
-    def sampling_seed(self, step: int) -> int:
+    def step_seed(self, step: int) -> int:
         """The generation seed of optimizer step ``step`` (:data:`VALIDATION_STREAM` for validation)."""
         return row_seed(self.hparams.sampling_seed, step, 0)
 
@@ -402,7 +420,7 @@ class OnPolicyModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Sample with this step's seed, score, and return the method's loss."""
-        rollout = self.rollout(batch, seed=self.sampling_seed(self.global_step))
+        rollout = self.rollout(batch, seed=self.step_seed(self.global_step))
         loss, values = self.rollout_loss(rollout)
         self.train_metrics.update({**self.rollout_values(rollout), "loss": loss.detach(), **values})
         return loss
@@ -417,7 +435,7 @@ class OnPolicyModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Sample the validation prompts (a fixed seed per set) and accumulate the rollout metrics."""
         with torch.no_grad():
-            rollout = self.rollout(batch, seed=self.sampling_seed(VALIDATION_STREAM - dataloader_idx))
+            rollout = self.rollout(batch, seed=self.step_seed(VALIDATION_STREAM - dataloader_idx))
         names = self._val_set_names()
         if names[dataloader_idx] not in self.val_metrics:
             self.val_metrics[names[dataloader_idx]] = PreferenceMetrics(ROLLOUT_METRICS).to(self.device)

@@ -19,22 +19,18 @@ vanishes there.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from ipo_lightning.batching import BatchingOption, sequence_logps
+from ipo_lightning.batching import sequence_logps
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.lora import LoraOptions
 from ipo_lightning.losses import PreferenceLossOutput, check_loss_options, preference_loss
-from ipo_lightning.modeling import AttnImplementation, DType
+from ipo_lightning.model_options import with_shared_docs
 from ipo_lightning.module import default_beta, default_length_normalize
-from ipo_lightning.reference import ReferenceStrategy
-from ipo_lightning.rl.module import SHARED_DOC, OnPolicyModule
+from ipo_lightning.rl.module import OnPolicyModule
 from ipo_lightning.rl.rollout import Rollout
-from ipo_lightning.schedule import LRSchedule
 
 OnlineLossType = Literal["ipo", "dpo"]
 
@@ -94,10 +90,15 @@ def online_loss(
     return out, prob
 
 
+@with_shared_docs
 class OnlineModule(OnPolicyModule):
     """Online IPO or DPO: preference pairs sampled from the current policy, labelled by the reward.
 
+    The options after these are :class:`~ipo_lightning.rl.module.OnPolicyModule`'s (``**kwargs``).
+
     Args:
+        model_name_or_path: {shared}
+        reward: {shared}
         loss_type: ``ipo`` (regress the margin to (2p - 1)/(2 beta)) or ``dpo``.
         beta: as for offline training; default (null): 1.0 for ipo, 0.1 for dpo.
         length_normalize: average log-probs over completion tokens; default (null): true for ipo,
@@ -118,29 +119,8 @@ class OnlineModule(OnPolicyModule):
         beta: float | None = None,
         length_normalize: bool | None = None,
         label_temperature: float = 0.0,
-        missing_eos_penalty: float | None = None,
-        max_new_tokens: int = 64,
-        generation_batch_size: int = 64,
-        sampling_seed: int | None = None,
-        reference_name_or_path: str | None = None,
-        reference: ReferenceStrategy | None = None,
-        lora: LoraOptions | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_schedule: LRSchedule = "cosine",
-        warmup_ratio: float = 0.1,
-        warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.0,
-        dtype: DType = "float32",
-        reference_dtype: DType | None = None,
-        attn_implementation: AttnImplementation | None = "sdpa",
-        trust_remote_code: bool = False,
-        gradient_checkpointing: bool = False,
-        max_length: int | None = None,
-        logprob_chunk_size: int = 1024,
-        batching: BatchingOption = "auto",
-        disable_dropout: bool = True,
+        **kwargs: Any,
     ) -> None:
-        options = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         if loss_type not in ("ipo", "dpo"):
             raise ConfigError(f"model.loss_type must be ipo or dpo for the online method, got {loss_type!r}")
         beta = default_beta(loss_type) if beta is None else beta
@@ -150,17 +130,21 @@ class OnlineModule(OnPolicyModule):
             raise ConfigError(f"model: {error}") from None
         if label_temperature < 0:
             raise ConfigError(f"model.label_temperature must be >= 0, got {label_temperature}")
+        if length_normalize is None:
+            length_normalize = default_length_normalize(loss_type)
         method = {
-            "loss_type": options.pop("loss_type"),
+            "loss_type": loss_type,
             "beta": beta,
-            "length_normalize": default_length_normalize(loss_type)
-            if length_normalize is None
-            else length_normalize,
-            "label_temperature": options.pop("label_temperature"),
+            "length_normalize": length_normalize,
+            "label_temperature": label_temperature,
         }
-        options.pop("beta")
-        options.pop("length_normalize")
-        super().__init__(**options, samples_per_prompt=2, method_options=method)
+        super().__init__(
+            model_name_or_path=model_name_or_path,
+            reward=reward,
+            samples_per_prompt=2,
+            method_options=method,
+            **kwargs,
+        )
 
     def rollout_loss(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`online_loss` of the rollout's two samples per prompt."""
@@ -184,6 +168,3 @@ class OnlineModule(OnPolicyModule):
             "logratio/margin": out.margins,
         }
         return out.losses.mean(), values
-
-
-OnlineModule.__doc__ = (OnlineModule.__doc__ or "").rstrip() + SHARED_DOC

@@ -18,17 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from ipo_lightning.batching import BatchingOption
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.lora import LoraOptions
-from ipo_lightning.modeling import AttnImplementation, DType
-from ipo_lightning.reference import ReferenceStrategy
-from ipo_lightning.rl.module import SHARED_DOC, OnPolicyModule
+from ipo_lightning.model_options import with_shared_docs
+from ipo_lightning.rl.module import OnPolicyModule
 from ipo_lightning.rl.rollout import Rollout
-from ipo_lightning.schedule import LRSchedule
 
 RLOO_DEFAULT_BETA = 0.05
 """TRL's ``RLOOConfig.beta``."""
@@ -58,10 +53,15 @@ def rloo_loss(
     return -(advantages * policy_logps).mean(), advantages
 
 
+@with_shared_docs
 class RLOOModule(OnPolicyModule):
     """RLOO against a frozen reference, with a pluggable reward (module docstring).
 
+    The options after these are :class:`~ipo_lightning.rl.module.OnPolicyModule`'s (``**kwargs``).
+
     Args:
+        model_name_or_path: {shared}
+        reward: {shared}
         samples_per_prompt: k, samples per prompt (>= 2: the baseline of each is the others' mean).
         beta: weight of the per-sequence KL penalty ``log pi(y) - log ref(y)`` in the reward.
     """
@@ -76,29 +76,8 @@ class RLOOModule(OnPolicyModule):
         reward: str,
         samples_per_prompt: int = RLOO_DEFAULT_SAMPLES,
         beta: float = RLOO_DEFAULT_BETA,
-        missing_eos_penalty: float | None = None,
-        max_new_tokens: int = 64,
-        generation_batch_size: int = 64,
-        sampling_seed: int | None = None,
-        reference_name_or_path: str | None = None,
-        reference: ReferenceStrategy | None = None,
-        lora: LoraOptions | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_schedule: LRSchedule = "cosine",
-        warmup_ratio: float = 0.1,
-        warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.0,
-        dtype: DType = "float32",
-        reference_dtype: DType | None = None,
-        attn_implementation: AttnImplementation | None = "sdpa",
-        trust_remote_code: bool = False,
-        gradient_checkpointing: bool = False,
-        max_length: int | None = None,
-        logprob_chunk_size: int = 1024,
-        batching: BatchingOption = "auto",
-        disable_dropout: bool = True,
+        **kwargs: Any,
     ) -> None:
-        options = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         if samples_per_prompt < 2:
             raise ConfigError(
                 f"model.samples_per_prompt must be >= 2 for RLOO (each sample's baseline is the mean of the "
@@ -106,8 +85,13 @@ class RLOOModule(OnPolicyModule):
             )
         if beta < 0:
             raise ConfigError(f"model.beta must be >= 0, got {beta}")
-        method = {"beta": options.pop("beta"), "samples_per_prompt": samples_per_prompt}
-        super().__init__(**options, method_options=method)
+        super().__init__(
+            model_name_or_path=model_name_or_path,
+            reward=reward,
+            samples_per_prompt=samples_per_prompt,
+            method_options={"beta": beta, "samples_per_prompt": samples_per_prompt},
+            **kwargs,
+        )
 
     def export_info(self) -> dict[str, Any]:
         """:meth:`OnPolicyModule.export_info`; RLOO's log-probs are always summed over the completion."""
@@ -124,6 +108,3 @@ class RLOOModule(OnPolicyModule):
             "rloo/shaped_reward": shaped.flatten(),
             "rloo/advantage_abs": advantages.abs().flatten(),
         }
-
-
-RLOOModule.__doc__ = (RLOOModule.__doc__ or "").rstrip() + SHARED_DOC
