@@ -180,7 +180,6 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
         "trainer.max_steps": 3,
         "trainer.val_check_interval": 3,
         "trainer.check_val_every_n_epoch": None,
-        "trainer.limit_val_batches": 1,  # a batch of each held-out set: the report reads what is logged
         "trainer.enable_progress_bar": False,
         "trainer.enable_checkpointing": False,
         "trainer.callbacks": [],
