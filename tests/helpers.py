@@ -9,8 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,22 +160,53 @@ def run_cli(
     The child leads its own process group, so on timeout the whole group dies (DDP's second rank is
     a child of the first) and the test fails instead of hanging.
     """
-    command = cli_command(*args)
-    process = subprocess.Popen(
-        command,
-        env=subprocess_env(tmp_path, **(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"{' '.join(args)} did not finish within {timeout} s")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    (result,) = run_clis(tmp_path, list(args), timeout=timeout, env=env)
+    return result
+
+
+def run_clis(
+    tmp_path: Path,
+    *commands: Sequence[str],
+    timeout: float = 300,
+    env: Mapping[str, str] | None = None,
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run independent ``python -m ipo_lightning ARGS`` commands at the same time, each as
+    :func:`run_cli` runs one (``env`` added to every child's); their results in the order given.
+
+    The test process only waits on its children, so a second child uses a core it would leave idle.
+    Output goes to files rather than pipes: a child never blocks on a full pipe while another is waited on.
+    """
+    started = []
+    for args in commands:
+        output, errors = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        process = subprocess.Popen(
+            cli_command(*args),
+            env=subprocess_env(tmp_path, **(env or {})),
+            stdout=output,
+            stderr=errors,
+            text=True,
+            start_new_session=True,
+        )
+        started.append((args, process, output, errors))
+    deadline = time.monotonic() + timeout
+    results, late = [], []
+    for args, process, output, errors in started:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            late.append(" ".join(args))
+        output.seek(0)
+        errors.seek(0)
+        results.append(
+            subprocess.CompletedProcess(process.args, process.returncode, output.read(), errors.read())
+        )
+        output.close()
+        errors.close()
+    if late:
+        pytest.fail(f"{'; '.join(late)} did not finish within {timeout} s")
+    return results
 
 
 def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

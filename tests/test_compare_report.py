@@ -7,8 +7,8 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,11 +32,9 @@ from ipo_lightning.cli import main
 from ipo_lightning.errors import ConfigError
 from tests.helpers import (
     REPO,
-    cli_command,
     fit_config,
     polite_pairs,
-    run_cli,
-    subprocess_env,
+    run_main,
     write_config,
     write_jsonl,
 )
@@ -274,22 +272,31 @@ def test_allowed_member_options_and_names_load(tmp_path: Path, tiny_model_dir: P
 
 
 @pytest.mark.slow
-def test_members_are_compared_on_their_resolved_shared_options(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_members_are_compared_on_their_resolved_shared_options(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # Built directly, past load_spec's own checks: the resolved configs alone must catch it.
-    spec = CompareSpec(
-        name="x",
-        fit_config=[_fit_config(tmp_path, tiny_model_dir)],
-        members={"a": {"model.beta": 0.2}, "b": {"trainer": {"max_steps": 7}}},
-        runs_dir=tmp_path / "runs",
+    fit = _fit_config(tmp_path, tiny_model_dir)
+    different, same = (
+        CompareSpec(
+            name="x",
+            fit_config=[fit],
+            members={"a": {"model.beta": 0.2}, "b": b_options},
+            runs_dir=tmp_path / "runs",
+        )
+        for b_options in ({"trainer": {"max_steps": 7}}, {"model.beta": 0.3})
     )
-    with pytest.raises(ConfigError) as caught:
-        check_members(spec)
-    assert str(caught.value) == (
-        "compare member 'b': trainer.max_steps resolves to 7, but member 'a' has 4; all members must share "
-        "seed, data and budget"
-    )
-    spec.members["b"] = {"model.beta": 0.3}  # its own default_root_dir is not a difference
-    check_members(spec)
+    # Two independent checks, each parsing its members in child processes: both at once.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        refused, accepted = pool.submit(check_members, different), pool.submit(check_members, same)
+        with pytest.raises(ConfigError) as caught:
+            refused.result()
+        assert str(caught.value) == (
+            "compare member 'b': trainer.max_steps resolves to 7, but member 'a' has 4; all members must "
+            "share seed, data and budget"
+        )
+        accepted.result()  # b's own default_root_dir is not a difference
 
 
 def _member_run(spec: CompareSpec, member: str, kl: float) -> None:
@@ -333,7 +340,11 @@ def test_a_failed_report_leaves_the_previous_report_whole(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_compare_checks_every_member_before_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_compare_checks_every_member_before_training(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec_file = tmp_path / "compare.yaml"
     spec = {
         "name": "x",
@@ -342,9 +353,10 @@ def test_compare_checks_every_member_before_training(tmp_path: Path, tiny_model_
         "members": {"good": {"model.beta": 0.5}, "typo": {"model.betta": 0.5}},
     }
     spec_file.write_text(yaml.safe_dump(spec))
-    result = run_cli(tmp_path, "compare", "--config", str(spec_file))
-    assert result.returncode == 2
-    assert "error: compare member 'typo'" in result.stderr and "betta" in result.stderr
+    # The CLI's entry point in this process (the members are still parsed in child processes).
+    code, stderr = run_main(["compare", "--config", str(spec_file)], capsys)
+    assert code == 2
+    assert "error: compare member 'typo'" in stderr and "betta" in stderr
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
@@ -410,21 +422,21 @@ def test_judge_refuses_a_reward_model_with_only_pickled_weights(
 
 
 @pytest.mark.slow
-def test_sweep_file_parameters_are_fit_options(tmp_path: Path) -> None:
+def test_sweep_file_parameters_are_fit_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "quickstart-beta.yaml").read_text())
     assert sweep["command"][-1] == "${args}"
     point = [f"--{name}={spec['values'][0]}" for name, spec in sweep["parameters"].items()]  # W&B's form
-    fixed = [part for part in sweep["command"][2:-1] if part not in ("-m", "ipo_lightning")]
-    result = subprocess.run(
-        cli_command(*fixed, *point, "--print_config"),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=subprocess_env(tmp_path),
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    printed = yaml.safe_load(result.stdout)
+    assert sweep["command"][1:4] == ["python", "-m", "ipo_lightning"]
+    fixed = sweep["command"][4:-1]
+    # The CLI's entry point in this process, from the repository root as the agent runs it.
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:  # the config printed, the CLI exits
+        main([*fixed, *point, "--print_config"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (0, None), err[-2000:]
+    printed = yaml.safe_load(out)
     assert printed["model"]["loss_type"] == "ipo" and printed["model"]["beta"] == 0.1
 
 

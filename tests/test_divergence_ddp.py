@@ -10,12 +10,7 @@ import pytest
 
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import polite_pairs, run_cli, write_config, write_jsonl
-
-
-def _run_fit(tmp_path: Path, config: Path, *extra: str) -> None:
-    result = run_cli(tmp_path, "fit", "--config", str(config), *extra)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+from tests.helpers import polite_pairs, run_clis, write_config, write_jsonl
 
 
 def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -55,17 +50,32 @@ def test_ddp_shards_the_measurement_and_logs_what_one_process_logs(
     }
     config_path = write_config(tmp_path / "config.yaml", config)
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _run_fit(tmp_path, config_path, "--trainer.default_root_dir", str(single), "--trainer.devices", "1")
-    _run_fit(
+    # Independent fits: both at once.
+    results = run_clis(
         tmp_path,
-        config_path,
-        "--trainer.default_root_dir",
-        str(ddp),
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
+        [
+            "fit",
+            "--config",
+            str(config_path),
+            "--trainer.default_root_dir",
+            str(single),
+            "--trainer.devices",
+            "1",
+        ],
+        [
+            "fit",
+            "--config",
+            str(config_path),
+            "--trainer.default_root_dir",
+            str(ddp),
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ],
     )
+    for result in results:
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
     single_rows, ddp_rows = _divergence_rows(single / "version_0"), _divergence_rows(ddp / "version_0")
     assert [row["step"] for row in single_rows] == [row["step"] for row in ddp_rows] == ["0", "1"]

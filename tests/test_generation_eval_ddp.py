@@ -11,7 +11,7 @@ import pytest
 
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import REPO, polite_pairs, run_cli, write_config, write_jsonl
+from tests.helpers import REPO, polite_pairs, run_clis, write_config, write_jsonl
 
 TWO_PROCESSES = {
     "ddp": ["--trainer.strategy", "ddp"],
@@ -25,11 +25,11 @@ def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(handle) if row.get("gen/reward")]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", sorted(TWO_PROCESSES))
-def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
-    tmp_path: Path, tiny_model_dir: Path, strategy: str
-) -> None:
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, dict[str, str]]:
+    """The fits every case compares, one process and two (DDP), at the same time: the folder holding
+    their run folders (``single``, ``ddp``) and what failed (run -> its output's tail)."""
+    tmp_path = tmp_path_factory.mktemp("generation_fits")
     # A reference other than the policy: wins and losses at step 0, not only ties. Three prompts split
     # unevenly (two and one) over two ranks.
     reference_dir = save_tiny_model(
@@ -63,17 +63,27 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
         "single": ["--trainer.devices", "1"],
         "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
     }
-    for name, extra in runs.items():
-        result = run_cli(
-            tmp_path,
-            "fit",
-            "--config",
-            str(config_path),
-            "--trainer.default_root_dir",
-            str(tmp_path / name),
-            *extra,
-        )
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    commands = [
+        ["fit", "--config", str(config_path), *extra, "--trainer.default_root_dir", str(tmp_path / name)]
+        for name, extra in runs.items()
+    ]
+    results = run_clis(tmp_path, *commands)
+    failed = {
+        name: (result.stdout + result.stderr)[-3000:]
+        for name, result in zip(runs, results, strict=True)
+        if result.returncode != 0
+    }
+    return tmp_path, failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sorted(TWO_PROCESSES))
+def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
+    fits: tuple[Path, dict[str, str]], strategy: str
+) -> None:
+    tmp_path, failed = fits
+    for name in ("single", "ddp"):
+        assert name not in failed, failed[name]
 
     single, ddp = _gen_rows(tmp_path / "single" / "version_0"), _gen_rows(tmp_path / "ddp" / "version_0")
     assert [row["step"] for row in single] == [row["step"] for row in ddp] == ["0", "1"]
@@ -90,7 +100,7 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
 
     assert len(samples("single")) == len(samples("ddp")) == 2 * 3 * 2  # measurements x prompts x samples
     # The rows also went to the (offline) W&B run as the gen/samples table, from rank 0.
-    for run in runs:
+    for run in ("single", "ddp"):
         (wandb_file,) = (tmp_path / run / "version_0" / "wandb").glob("offline-run-*/run-*.wandb")
         assert list(wandb_file.parent.glob("files/media/table/gen/samples_*.table.json"))
     assert [r for r in samples("ddp") if r["step"] == 0] == [r for r in samples("single") if r["step"] == 0]

@@ -12,17 +12,33 @@ import pytest
 from tests.helpers import REPO, subprocess_env
 
 
-def _collected(tmp_path: Path, *args: str) -> set[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
-        cwd=REPO,
-        env=subprocess_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return {line for line in result.stdout.splitlines() if "::" in line}
+def _collected(tmp_path: Path, *selections: tuple[str, ...]) -> list[set[str]]:
+    """The test ids ``pytest --collect-only`` lists with each of ``selections`` (extra arguments); the
+    collections are independent, so they run at the same time."""
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    processes = [
+        subprocess.Popen(
+            [*command, *args],
+            cwd=REPO,
+            env=subprocess_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in selections
+    ]
+    collected = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, stdout[-2000:] + stderr[-2000:]
+            collected.append({line for line in stdout.splitlines() if "::" in line})
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return collected
 
 
 def _make_recipe(target: str) -> str:
@@ -38,8 +54,7 @@ def test_the_fast_tier_is_a_strict_subset_of_the_full_suite(tmp_path: Path) -> N
     pytest_args = full_recipe.split("pytest", 1)[1].split()
     assert "-m" not in pytest_args and "--durations=15" in pytest_args  # everything, timed
     assert '-m "not slow"' in fast_recipe and "--durations" in fast_recipe
-    full = _collected(tmp_path)
-    fast = _collected(tmp_path, "-m", "not slow")
+    full, fast = _collected(tmp_path, (), ("-m", "not slow"))
     assert fast < full  # a strict subset: the slow tests are only in the full suite
     slow = full - fast
     assert any("test_distributed.py" in test for test in slow)
