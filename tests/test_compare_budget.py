@@ -256,9 +256,13 @@ def test_shipped_gold_methods_compare_plans_200_steps_of_64_samples(
     assert list(spec.members) == ["ipo", "dpo", "rloo", "online-ipo", "rloo-rm", "online-ipo-rm"]
     for member in spec.members:
         assert spec.step_size(member).samples == 64
-        command = spec.fit_command(member)
+    assert [run.name for run in spec.runs.values()][:2] == ["ipo-seed0", "ipo-seed1"]
+    for run in spec.runs.values():  # every member at two seeds
+        command = spec.fit_command(run.name)
         assert _option(command, "--trainer.max_steps") == "200"
         assert _option(command, "--data.train.path") == "builtin:gold/train?pairs=2000&temperature=0.5"
+        assert _option(command, "--seed_everything") == run.name[-1]
+    assert len(spec.runs) == 12
     assert spec.step_size("rloo").method == "rloo" and spec.step_size("online-ipo").method == "online"
     reward = spec.members["rloo-rm"]["model.reward"]
     assert reward == spec.members["online-ipo-rm"]["model.reward"] == "runs/gold-rm/gold-methods/hf_model"
