@@ -179,3 +179,19 @@ def test_one_method_without_new_metrics_gets_no_methods_or_proxy_section(tmp_pat
     )
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert "methods" not in summary and "proxy_gold" not in summary
+
+
+def test_on_policy_runs_alone_get_no_pair_columns_or_divergence_plots(tmp_path: Path) -> None:
+    """Runs that log no pair margin and no divergence monitor: those columns and plots are left out,
+    and come back as soon as one run has them."""
+    run_dirs = _runs(tmp_path)
+    on_policy = [run_dirs["rloo"], run_dirs["rloo-rm"]]
+    header = write_report(on_policy, tmp_path / "alone").read_text().splitlines()[2]
+    assert header.startswith("| run | loss | beta | label noise | steps |")
+    assert "KL/token" not in header and "margin" not in header and "norm" not in header
+    assert not (tmp_path / "alone" / "kl_vs_step.png").exists()
+    assert not (tmp_path / "alone" / "accuracy_vs_kl.png").exists()
+    assert (tmp_path / "alone" / "reward_vs_seq_kl.png").is_file()  # the frontier has their KL
+    mixed = write_report(list(run_dirs.values()), tmp_path / "mixed").read_text().splitlines()[2]
+    assert "| norm |" in mixed and "| KL/token |" in mixed
+    assert (tmp_path / "mixed" / "kl_vs_step.png").is_file()

@@ -260,18 +260,26 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
     summaries = [summarize(name, run) for name, run in runs.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = list(dict.fromkeys(name for s in summaries for name in s.accuracy))
+    # Runs of on-policy methods alone log no pair margin and no divergence monitor: their columns
+    # and plots would be empty, so they are left out (the methods section has their KL).
+    with_pairs = any(not (math.isnan(s.margin) and math.isnan(s.kl)) for s in summaries)
 
-    plot_metrics_over_steps(
-        runs, [("divergence/kl", "KL(pi || ref), nats per token")], out_dir / "kl_vs_step.png", title=title
-    )
-    scatter_runs(
-        {s.name: (s.kl, s.mean_accuracy) for s in summaries},
-        out_dir / "accuracy_vs_kl.png",
-        xlabel="final divergence/kl (nats per token)",
-        ylabel="mean held-out accuracy",
-        title="Accuracy bought per unit of drift",
-    )
-    images = ["kl_vs_step.png", "accuracy_vs_kl.png"]
+    images = []
+    if with_pairs:
+        plot_metrics_over_steps(
+            runs,
+            [("divergence/kl", "KL(pi || ref), nats per token")],
+            out_dir / "kl_vs_step.png",
+            title=title,
+        )
+        scatter_runs(
+            {s.name: (s.kl, s.mean_accuracy) for s in summaries},
+            out_dir / "accuracy_vs_kl.png",
+            xlabel="final divergence/kl (nats per token)",
+            ylabel="mean held-out accuracy",
+            title="Accuracy bought per unit of drift",
+        )
+        images += ["kl_vs_step.png", "accuracy_vs_kl.png"]
     if len(sets) >= 2:
         scatter_runs(
             {
@@ -289,9 +297,10 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
     choice, reason = recommend(summaries)
     with_size = any(s.train_size is not None for s in summaries)
     with_seed = len({s.seed for s in summaries}) > 1
-    header = ["run", "loss", "beta", "norm", "label noise"]
+    header = ["run", "loss", "beta"] + (["norm"] if with_pairs else []) + ["label noise"]
     header += (["pairs"] if with_size else []) + (["seed"] if with_seed else []) + ["steps"]
-    header += [f"acc {name}" for name in sets] + ["margin", "KL/token", "retention chosen", "retention text"]
+    header += [f"acc {name}" for name in sets]
+    header += ["margin", "KL/token", "retention chosen", "retention text"] if with_pairs else []
     with_judge = any(s.win_rate is not None for s in summaries)
     header += ["RM win rate"] if with_judge else []
     gen_columns = [(name, label) for name, label in GEN_COLUMNS if any(name in s.gen for s in summaries)]
@@ -299,11 +308,14 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for s in summaries:
         norm = {True: "mean", False: "sum"}.get(s.length_normalize, "?")
-        cells = [s.name, s.loss_type, _number(s.beta, 2), norm, _number(s.label_noise, 2)]
+        cells = [s.name, s.loss_type, _number(s.beta, 2)] + ([norm] if with_pairs else [])
+        cells += [_number(s.label_noise, 2)]
         cells += [str(s.train_size) if s.train_size is not None else "all"] if with_size else []
         cells += ([str(s.seed)] if with_seed else []) + [str(s.steps)]
         cells += [_number(s.accuracy.get(name, math.nan)) for name in sets]
-        cells += [_number(s.margin), _number(s.kl, 4), _number(s.retention_chosen), _number(s.retention_text)]
+        if with_pairs:
+            cells += [_number(s.margin), _number(s.kl, 4), _number(s.retention_chosen)]
+            cells += [_number(s.retention_text)]
         cells += [_number(s.win_rate)] if with_judge else []
         cells += [_gen_cell(s.gen, name) for name, _ in gen_columns]
         lines.append("| " + " | ".join(cells) + " |")
@@ -323,13 +335,18 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Method co
             changes = ", ".join(f"{name} {change:+.3f}" for name, change in cost.accuracy_change.items())
             lines.append(f"- {cost.noisy} ({cost.label_noise:.0%} flipped) vs {cost.clean}: {changes}")
         lines.append("")
-    lines += [
+    pair_note = (
         "Accuracy is the implicit-reward preference accuracy on each val set at the end of training; "
         "margin is the primary val set's log-ratio margin h in the loss's own normalisation; KL/token is "
         "the exact `divergence/kl` on the held-out subset; retention is the per-token change in "
         "log-likelihood, policy minus reference (negative: capability lost)."
-        + (GEN_NOTE if gen_columns else "")
-        + (RM_NOTE if any(s.loss_type == REWARD_MODEL for s in summaries) else ""),
+    )
+    lines += [
+        (
+            (pair_note if with_pairs else "")
+            + (GEN_NOTE if gen_columns else "")
+            + (RM_NOTE if any(s.loss_type == REWARD_MODEL for s in summaries) else "")
+        ).strip(),
         "",
     ]
     lines += [f"![{Path(image).stem}]({image})" for image in images]
