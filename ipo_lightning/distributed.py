@@ -194,14 +194,18 @@ def full_policy_state_dict(
 @contextmanager
 def full_weights_for_local_forwards(strategy: Strategy) -> Generator[None, None, None]:
     """Inside: the LightningModule's submodules run plain forwards (and ``generate()``) with full weights,
-    on this rank alone, so ranks may run different numbers of forwards.
+    on this rank alone, so ranks may run different numbers of forwards and ``generate()`` calls.
 
     Under FSDP (``FullyShardedDataParallel``, as :class:`PreferenceFSDPStrategy` wraps the module) every
     unit's full parameters are gathered once on entry, a collective that every rank must enter
     (``summon_full_params``, read-only: nothing is written back), and every unit is swapped for the
-    module it wraps, so that no forward re-enters FSDP's own gather and reshard; both are undone on
-    exit. The cost is one unsharded copy of the policy per rank while inside. Other strategies
-    (DDP, one process, ZeRO-1/2) hold full weights already: nothing is done. ZeRO-3 is not handled.
+    module it wraps, so that no forward re-enters FSDP's own gather and reshard. FSDP also marks every
+    module it manages (``_is_fsdp_managed_module``), from which Hugging Face's ``generate()`` turns on
+    ``synced_gpus``: an all-reduce per decoding step that waits for every rank, and so hangs when ranks
+    make different numbers of ``generate()`` calls (prompts split unevenly). The marks are cleared while
+    inside, where the modules are plain and local. All is undone on exit. The cost is one unsharded
+    copy of the policy per rank while inside. Other strategies (DDP, one process, ZeRO-1/2) hold full
+    weights already: nothing is done. ZeRO-3 is not handled.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -218,11 +222,20 @@ def full_weights_for_local_forwards(strategy: Strategy) -> Generator[None, None,
         ]
         for parent, name, unit in units:
             parent._modules[name] = unit.module  # plain assignment: no nn.Module bookkeeping to undo
+        marked = [module for module in root.module.modules() if getattr(module, _FSDP_MARK, False)]
+        for module in marked:
+            setattr(module, _FSDP_MARK, False)
         try:
             yield
         finally:
+            for module in marked:
+                setattr(module, _FSDP_MARK, True)
             for parent, name, unit in reversed(units):
                 parent._modules[name] = unit
+
+
+_FSDP_MARK = "_is_fsdp_managed_module"
+"""The attribute FSDP sets on every module it manages (read by ``generate()`` to sync ranks)."""
 
 
 _FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")

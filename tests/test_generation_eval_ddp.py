@@ -14,9 +14,19 @@ from tests.conftest import CORPUS
 from tests.helpers import REPO, polite_pairs, run_clis, write_config, write_jsonl
 
 TWO_PROCESSES = {
-    "ddp": ["--trainer.strategy", "ddp"],
-    # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
-    "fsdp": ["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"), "--data.batch_size", "1"],
+    "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
+    "fsdp": [
+        "--config",
+        str(REPO / "configs" / "strategy" / "fsdp.yaml"),
+        # After the strategy config, which names GPUs.
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
+        "--data.batch_size",
+        "1",
+    ],
 }
 
 
@@ -27,11 +37,13 @@ def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, dict[str, str]]:
-    """The fits every case compares, one process and two (DDP), at the same time: the folder holding
-    their run folders (``single``, ``ddp``) and what failed (run -> its output's tail)."""
+    """The fits the cases compare, one process and two per strategy of :data:`TWO_PROCESSES`, all at the
+    same time: the folder holding their run folders (``single``, ``ddp``, ``fsdp``) and what failed (run ->
+    its output's tail)."""
     tmp_path = tmp_path_factory.mktemp("generation_fits")
     # A reference other than the policy: wins and losses at step 0, not only ties. Three prompts split
-    # unevenly (two and one) over two ranks.
+    # unevenly (two and one) over two ranks, so the ranks make different numbers of generate() calls
+    # (rank 0 two policy calls, of 4 and 2 rows; rank 1 one, of 3 rows) with the policy sharded under FSDP.
     reference_dir = save_tiny_model(
         tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
     )
@@ -59,10 +71,7 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
         "export": {"enabled": False},
     }
     config_path = write_config(tmp_path / "config.yaml", config)
-    runs = {
-        "single": ["--trainer.devices", "1"],
-        "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
-    }
+    runs = {"single": ["--trainer.devices", "1"], **TWO_PROCESSES}
     commands = [
         ["fit", "--config", str(config_path), *extra, "--trainer.default_root_dir", str(tmp_path / name)]
         for name, extra in runs.items()
@@ -82,25 +91,26 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
     fits: tuple[Path, dict[str, str]], strategy: str
 ) -> None:
     tmp_path, failed = fits
-    for name in ("single", "ddp"):
+    for name in ("single", strategy):
         assert name not in failed, failed[name]
 
-    single, ddp = _gen_rows(tmp_path / "single" / "version_0"), _gen_rows(tmp_path / "ddp" / "version_0")
-    assert [row["step"] for row in single] == [row["step"] for row in ddp] == ["0", "1"]
+    single, two = _gen_rows(tmp_path / "single" / "version_0"), _gen_rows(tmp_path / strategy / "version_0")
+    assert [row["step"] for row in single] == [row["step"] for row in two] == ["0", "1"]
     assert float(single[0]["gen/win_rate"]) != 0.5  # policy and reference differ
     assert float(single[0]["gen/kl"]) != 0.0  # and the KL of the split-scored samples is compared below
-    # Step 0 holds the same weights in both runs (after it, DDP has trained on twice the pairs).
-    # Under FSDP the policy is sharded, and ranks generate different numbers of steps on their own.
+    # Step 0 holds the same weights in all runs (after it, DDP has trained on twice the pairs). Under
+    # FSDP each rank generates and scores with the policy's full weights, gathered exactly.
     for name in [column for column in single[0] if column.startswith("gen/")]:
-        assert float(ddp[0][name]) == pytest.approx(float(single[0][name]), rel=1e-9), name
+        assert float(two[0][name]) == pytest.approx(float(single[0][name]), rel=1e-9), name
 
     def samples(run: str) -> list[dict]:
         path = tmp_path / run / "version_0" / "generation_samples.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
 
-    assert len(samples("single")) == len(samples("ddp")) == 2 * 3 * 2  # measurements x prompts x samples
+    assert len(samples("single")) == len(samples(strategy)) == 2 * 3 * 2  # measurements x prompts x samples
     # The rows also went to the (offline) W&B run as the gen/samples table, from rank 0.
-    for run in ("single", "ddp"):
+    for run in ("single", strategy):
         (wandb_file,) = (tmp_path / run / "version_0" / "wandb").glob("offline-run-*/run-*.wandb")
         assert list(wandb_file.parent.glob("files/media/table/gen/samples_*.table.json"))
-    assert [r for r in samples("ddp") if r["step"] == 0] == [r for r in samples("single") if r["step"] == 0]
+    first = {run: [r for r in samples(run) if r["step"] == 0] for run in ("single", strategy)}
+    assert first[strategy] == first["single"]

@@ -14,6 +14,7 @@ import yaml
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import AutoModelForCausalLM
+from transformers.distributed.fsdp import is_fsdp_managed_module
 
 from ipo_lightning.batching import batch_scores
 from ipo_lightning.cli import main
@@ -151,8 +152,9 @@ def test_fsdp_shards_the_policy_and_leaves_the_reference_frozen(
 def test_full_weights_for_local_forwards_runs_the_plain_policy(
     tiny_model_dir: Path, single_process_group: None
 ) -> None:
-    """Inside the context the FSDP-wrapped policy is the plain Hugging Face model (no unit left), and
-    scores and samples as the unwrapped model does; on exit every unit is back in place."""
+    """Inside the context the FSDP-wrapped policy is the plain Hugging Face model (no unit left), not
+    FSDP-managed for ``generate()`` (which would sync every decoding step across ranks), and scores and
+    samples as the unwrapped model does; on exit every unit and mark is back in place."""
     module = PreferenceModule(str(tiny_model_dir))
     module.configure_model()
     strategy = PreferenceFSDPStrategy()
@@ -163,6 +165,8 @@ def test_full_weights_for_local_forwards_runs_the_plain_policy(
     batch = PairwiseCollator(pad_token_id=0)(features)
     rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     prompt = torch.tensor([[5, 6, 7]])
+    marked = [m for m in module.policy.module.modules() if is_fsdp_managed_module(m)]
+    assert module.policy.module.model.embed_tokens in marked  # what generate() reads, set by FSDP
     with torch.no_grad():
         expected = batch_scores(plain, *rows, batching="prefix_shared").token_logps
         expected_tokens = plain.generate(prompt, max_new_tokens=4, do_sample=False)
@@ -170,6 +174,7 @@ def test_full_weights_for_local_forwards_runs_the_plain_policy(
             policy = module.policy
             assert type(policy) is type(plain) and not any(isinstance(m, FSDP) for m in policy.modules())
             assert policy.lm_head.weight.shape == plain.lm_head.weight.shape
+            assert not any(is_fsdp_managed_module(m) for m in policy.modules())
             policy.eval()
             scores = batch_scores(policy, *rows, batching="prefix_shared").token_logps
             tokens = policy.generate(prompt, max_new_tokens=4, do_sample=False)
@@ -178,3 +183,4 @@ def test_full_weights_for_local_forwards_runs_the_plain_policy(
     assert torch.equal(tokens, expected_tokens)
     assert isinstance(module.policy, FSDP)
     assert all(isinstance(layer, FSDP) for layer in module.policy.module.model.layers)
+    assert [m for m in module.policy.module.modules() if is_fsdp_managed_module(m)] == marked
