@@ -86,12 +86,16 @@ def test_a_samples_budget_gives_each_member_its_own_steps(tmp_path: Path) -> Non
     assert rloo[-2:] == ["--trainer.default_root_dir", "runs/compare/m/rloo"]
 
 
-def test_a_steps_budget_and_the_epochs_the_options_set(tmp_path: Path) -> None:
-    spec = load_spec(_spec_file(tmp_path, budget={"steps": 7}, options={"trainer.max_epochs": 3}))
+def test_a_steps_budget_sets_the_steps_and_leaves_epochs_out(tmp_path: Path) -> None:
+    spec = load_spec(_spec_file(tmp_path, budget={"steps": 7}))
     for member in ("ipo", "rloo"):
         command = spec.fit_command(member)
         assert _option(command, "--trainer.max_steps") == "7"
-        assert command.count("--trainer.max_epochs") == 1 and _option(command, "--trainer.max_epochs") == "3"
+        assert command.count("--trainer.max_epochs") == 1 and _option(command, "--trainer.max_epochs") == "-1"
+    # Epochs would stop members of different batch sizes after different numbers of samples.
+    path = _spec_file(tmp_path, budget={"steps": 7}, options={"trainer.max_epochs": 3})
+    with pytest.raises(ConfigError, match="options set 'trainer.max_epochs', which the budget sets"):
+        load_spec(path)
 
 
 def test_without_a_budget_the_old_rules_hold(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,22 @@ def test_on_policy_runs_alone_get_no_pair_columns_or_divergence_plots(tmp_path: 
     mixed = write_report(list(run_dirs.values()), tmp_path / "mixed").read_text().splitlines()[2]
     assert "| norm |" in mixed and "| KL/token |" in mixed
     assert (tmp_path / "mixed" / "kl_vs_step.png").is_file()
+
+
+def test_a_tie_is_broken_by_one_kl_every_tied_run_has() -> None:
+    """On-policy runs log no divergence/kl; a tie between them goes to the lower gen/kl, and a tie
+    between runs without a common KL names no drift at all."""
+    from ipo_lightning.analysis.report import RunSummary, recommend
+
+    def summary(name: str, win_rate: float, gen_kl: float | None, kl: float = math.nan) -> RunSummary:
+        gen = {"win_rate": win_rate} | ({"kl": gen_kl} if gen_kl is not None else {})
+        return RunSummary(
+            name, name, "rloo", 0.05, None, 0.0, 200, {}, math.nan, kl, math.nan, math.nan, gen=gen
+        )
+
+    choice, reason = recommend([summary("a", 0.996, 12.7), summary("b", 0.990, 11.4)])
+    assert choice.name == "b" and "drifted least from the reference (gen/kl 11.4000)" in reason
+    choice, reason = recommend([summary("a", 0.996, None, kl=0.3), summary("b", 0.990, 11.4)])
+    assert choice.name == "a" and "drifted" not in reason  # no KL in one unit: the higher score
+    choice, reason = recommend([summary("a", 0.996, None, kl=0.3), summary("b", 0.990, None, kl=0.1)])
+    assert choice.name == "b" and "(divergence/kl 0.1000)" in reason

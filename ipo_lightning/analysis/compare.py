@@ -139,10 +139,8 @@ class CompareSpec:
         """The options the budget sets for ``member``'s runs (none without a budget)."""
         if self.budget is None:
             return {}
-        options: dict[str, Any] = {MAX_STEPS: self.budget.max_steps(self.step_size(member))}
-        if not any(_overlaps(key, MAX_EPOCHS) for key, _ in _set_options(self.options)):
-            options[MAX_EPOCHS] = -1  # the steps decide, whatever epochs a member's config states
-        return options
+        # The steps decide, whatever epochs a member's config states.
+        return {MAX_STEPS: self.budget.max_steps(self.step_size(member)), MAX_EPOCHS: -1}
 
     def fit_command(self, run: str) -> list[str]:
         """The ``python -m ipo_lightning fit`` command line of the run ``run``.
@@ -204,7 +202,8 @@ def load_spec(path: str | Path) -> CompareSpec:
     for key, via in _set_options(raw.get("options") or {}):
         if (axis := _axis_of(key, by_axis)) is not None:
             raise ConfigError(f"{path}: options set {key!r}{via}, which the study axis {axis!r} sets per run")
-        if budget is not None and _overlaps(key, MAX_STEPS):
+        if budget is not None and (_overlaps(key, MAX_STEPS) or _overlaps(key, MAX_EPOCHS)):
+            # Epochs would stop members of different batch sizes after different numbers of samples.
             raise ConfigError(f"{path}: options set {key!r}{via}, which the budget sets for every run")
     for member, options in members.items():
         check_name(path, "member", str(member) if isinstance(member, int) else member)
@@ -363,11 +362,12 @@ def check_budget_plan(spec: CompareSpec, member: str, resolved: Mapping[str, Any
             f"{where}: one optimizer step resolves to {actual.describe()}, but the budget planned "
             f"{planned.describe()}; set these options in the compare file or the fit config"
         )
-    steps = spec.budget_options(member)[MAX_STEPS]
-    if _lookup(resolved, MAX_STEPS) != steps:
-        raise ConfigError(
-            f"{where}: {MAX_STEPS} resolves to {_lookup(resolved, MAX_STEPS)}, but the budget plans {steps}"
-        )
+    for option, planned_value in spec.budget_options(member).items():
+        if _lookup(resolved, option) != planned_value:
+            raise ConfigError(
+                f"{where}: {option} resolves to {_lookup(resolved, option)}, but the budget plans "
+                f"{planned_value}"
+            )
 
 
 def check_reward_folders(member: str, resolved: Mapping[str, Any]) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,10 +131,7 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
     return RunSummary(
         name=name,
         run_dir=str(run.run_dir),
-        # A reward model, or a method without a loss type (RLOO), shows its method's name.
-        loss_type=REWARD_MODEL
-        if reward_model
-        else str(run.setting("model.loss_type", run.setting("method", "?"))),
+        loss_type=loss_label(run, reward_model),
         beta=float(run.setting("model.beta", math.nan)),
         length_normalize=run.setting("model.length_normalize"),
         label_noise=float(run.setting("data.label_noise", 0.0) or 0.0),
@@ -148,6 +146,19 @@ def summarize(name: str, run: RunMetrics) -> RunSummary:
         seed=run.setting("seed_everything"),
         gen=final_gen_metrics(run),
     )
+
+
+def loss_label(run: RunMetrics, reward_model: bool) -> str:
+    """The loss column: the loss type of a preference run (``ipo``), the method's name where it has
+    none (``rloo``, ``reward_model``), both for online IPO/DPO (``online-ipo``), so runs of different
+    methods never share a label (noise costs pair runs by it)."""
+    if reward_model:
+        return REWARD_MODEL
+    method = run.setting("method", "preference")
+    loss_type = run.setting("model.loss_type")
+    if loss_type is None:
+        return str(method)
+    return str(loss_type) if method == "preference" else f"{method}-{loss_type}"
 
 
 def recommendation_candidates(summaries: list[RunSummary]) -> list[RunSummary]:
@@ -170,17 +181,33 @@ def recommend(summaries: list[RunSummary]) -> tuple[RunSummary, str]:
         raise UserInputError("no run logged a validation accuracy; the report needs val sets")
     best = max(score(s) for s in scored)
     tied = [s for s in scored if score(s) >= best - TIE_SCORE]
-    choice = min(tied, key=lambda s: (math.inf if math.isnan(s.kl) else s.kl, -score(s)))
+    drift = tie_break_drift(tied)
+    if drift is None:
+        choice = max(tied, key=score)
+    else:
+        choice = min(tied, key=lambda s: (drift[1](s), -score(s)))
     if len(tied) == 1:
         reason = f"it has the highest {what} ({score(choice):.3f})"
     else:
         others = ", ".join(s.name for s in tied if s is not choice)
         reason = (
-            f"its {what} ({score(choice):.3f}) is within {TIE_SCORE} of the best "
-            f"({best:.3f}), tied with {others}, and it drifted least from the reference "
-            f"(divergence/kl {choice.kl:.4f})"
+            f"its {what} ({score(choice):.3f}) is within {TIE_SCORE} of the best ({best:.3f}), "
+            f"tied with {others}"
         )
+        if drift is not None:
+            reason += f", and it drifted least from the reference ({drift[0]} {drift[1](choice):.4f})"
     return choice, reason
+
+
+def tie_break_drift(tied: list[RunSummary]) -> tuple[str, Callable[[RunSummary], float]] | None:
+    """The drift measure that breaks a tie, as (name, value of a run): one that every tied run has,
+    so runs are compared in one unit. The sampled sequence KL of the judged samples (``gen/kl``, every
+    method logs it) first, else the divergence monitor's ``divergence/kl``; None when neither is."""
+    if all(not math.isnan(s.gen.get("kl", math.nan)) for s in tied):
+        return "gen/kl", lambda s: s.gen["kl"]
+    if all(not math.isnan(s.kl) for s in tied):
+        return "divergence/kl", lambda s: s.kl
+    return None
 
 
 @dataclass

@@ -42,8 +42,9 @@ GEN_METRICS = (
     "eos_rate",
     "distinct_2",
     "repetition",
+    "kl",
 )
-"""Primary-set generation metrics (``gen/<name>``) the final table shows when logged."""
+"""Primary-set generation metrics (``gen/<name>``) a run's summary keeps when logged."""
 DEGENERATION = (
     ("gen/length", "mean generated tokens"),
     ("gen/eos_rate", "share ending with EOS"),
