@@ -64,7 +64,8 @@ class StepSize:
         )
 
     def describe(self) -> str:
-        """The product spelled out, e.g. ``16 prompts x 1 x 1 device x 1 node x 4 completions = 64``."""
+        """The product spelled out, e.g. ``data.batch_size 16 x accumulate_grad_batches 1 x 1 device(s) x 1
+        node(s) x 4 completions per example (rloo) = 64 samples``."""
         return (
             f"data.batch_size {self.batch_size} x accumulate_grad_batches {self.accumulate_grad_batches} "
             f"x {self.devices} device(s) x {self.num_nodes} node(s) x {self.completions_per_example} "

@@ -21,6 +21,7 @@ from pathlib import Path
 from ipo_lightning.analysis.budget import step_size
 from ipo_lightning.analysis.plots import plot_metrics_over_steps
 from ipo_lightning.analysis.run_logs import RunMetrics
+from ipo_lightning.callbacks.performance import PEAK_MEMORY, STEP_TIME
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import DEFAULT_METHOD
 
@@ -28,8 +29,6 @@ GEN_KL = "gen/kl"
 SEQ_KL = "divergence/seq_kl"
 PROXY_REWARD = "val/reward"
 GOLD_REWARD = "gen/reward"
-STEP_TIME = "perf/step_time"
-PEAK_MEMORY = "perf/peak_memory_gb"
 GOLD_SPECS = ("builtin:gold", "ipo_lightning.gold:gold_reward")
 """The two spellings of the gold reward."""
 LIGHTNING_ROW_PREFIXES = ("train/", "val/")
@@ -127,7 +126,7 @@ def method_row(name: str, run: RunMetrics) -> MethodRow:
         samples_per_step=per_step,
         steps=steps,
         samples_seen=None if per_step is None else steps * per_step,
-        reward=run.last("gen/reward"),
+        reward=run.last(GOLD_REWARD),
         win_rate=run.last("gen/win_rate"),
         win_rate_ci_low=run.last("gen/win_rate_ci_low"),
         win_rate_ci_high=run.last("gen/win_rate_ci_high"),

@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ipo_lightning.analysis.methods_report import GOLD_REWARD as REWARD
 from ipo_lightning.analysis.methods_report import kl_metric, method_of
 from ipo_lightning.analysis.plots import plot_errorbar_lines, plot_metrics_over_steps, plot_xy_lines
 from ipo_lightning.analysis.run_logs import RunMetrics
 
-SEQ_KL = "divergence/seq_kl"
-REWARD = "gen/reward"
 WIN_RATE = "gen/win_rate"
 GEN_METRICS = (
     "reward",
@@ -255,7 +254,7 @@ def pairs_section(
         (attribute, label)
         for attribute, label in (
             ("win_rate", "gen/win_rate"),
-            ("reward", "gen/reward"),
+            ("reward", REWARD),
             ("accuracy", "mean held-out accuracy"),
         )
         if any(getattr(point, attribute) is not None for point in points)

@@ -80,8 +80,8 @@ class StepPerformance(Callback):
             return
         self._open_step += self._clock(pl_module) - self._batch_start
         self._batch_start = None
-        # An optimizer step finished in this batch when the step count moved (the last micro-batch of
-        # an accumulation; a skipped step keeps accumulating into the next).
+        # An optimizer step finished in this batch when the step count moved: the last micro-batch of
+        # an accumulation (a step the grad scaler or the non-finite guard skips still moves it).
         if trainer.global_step == self._step_at_batch_start:
             return
         self._window.append(self._open_step)
