@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -76,6 +78,8 @@ BUDGET_FIXED_OPTIONS = (
 
 PER_MEMBER_OPTIONS = ("trainer.default_root_dir",)
 """Fixed options that ``fit_command`` itself sets to each member's own folder."""
+MAX_PARSE_WORKERS = 4
+"""At most this many members' configs are parsed (``fit --print_config``) at once."""
 MAX_STEPS = "trainer.max_steps"
 MAX_EPOCHS = "trainer.max_epochs"
 REWARD_OPTIONS = ("model.reward", "generation.reward")
@@ -331,10 +335,16 @@ def check_members(spec: CompareSpec) -> dict[str, dict[str, Any]]:
     first_runs = {}
     for run in spec.runs.values():
         first_runs.setdefault(run.member, run)
-    for member, run in first_runs.items():
-        result = subprocess.run(
-            [*spec.fit_command(run.name), "--print_config"], capture_output=True, text=True, check=False
+    commands = [[*spec.fit_command(run.name), "--print_config"] for run in first_runs.values()]
+    # Parsing is mostly start-up (imports), one process per member: a few at a time, in member order.
+    workers = max(1, min(len(commands), os.cpu_count() or 1, MAX_PARSE_WORKERS))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(
+            pool.map(
+                lambda command: subprocess.run(command, capture_output=True, text=True, check=False), commands
+            )
         )
+    for member, result in zip(first_runs, results, strict=True):
         if result.returncode != 0:
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
             raise ConfigError(f"compare member {member!r}: {lines[-1] if lines else 'invalid options'}")
