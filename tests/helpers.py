@@ -169,19 +169,22 @@ def run_clis(
     *commands: Sequence[str],
     timeout: float = 300,
     env: Mapping[str, str] | None = None,
+    envs: Sequence[Mapping[str, str]] | None = None,
 ) -> list[subprocess.CompletedProcess[str]]:
     """Run independent ``python -m ipo_lightning ARGS`` commands at the same time, each as
-    :func:`run_cli` runs one (``env`` added to every child's); their results in the order given.
+    :func:`run_cli` runs one (``env`` added to every child's, ``envs[i]`` to command i's); their
+    results in the order given.
 
     The test process only waits on its children, so a second child uses a core it would leave idle.
     Output goes to files rather than pipes: a child never blocks on a full pipe while another is waited on.
     """
     started = []
-    for args in commands:
+    for index, args in enumerate(commands):
         output, errors = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        own = envs[index] if envs is not None else {}
         process = subprocess.Popen(
             cli_command(*args),
-            env=subprocess_env(tmp_path, **(env or {})),
+            env=subprocess_env(tmp_path, **(env or {}), **own),
             stdout=output,
             stderr=errors,
             text=True,

@@ -11,16 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import fit_config, run_cli, write_config, write_jsonl
+from tests.helpers import fit_config, run_clis, write_config, write_jsonl
 from tests.reward_fixtures import RECORD_DIR_VAR
 
 REWARD = "tests.reward_fixtures:recorded_length_reward"
 GLOBAL_BATCH, STEPS = 4, 3  # 8 prompts: 2 steps per epoch, so the third step starts a new shuffle
 
 
-def _fit(tmp_path: Path, model_dir: Path, method: str, name: str, devices: int) -> Path:
-    """One CLI fit of ``method`` on ``devices`` processes (per-rank batch ``GLOBAL_BATCH / devices``);
-    returns its run folder. Each process's reward calls land in ``tmp_path/name/records``."""
+def _fit(
+    tmp_path: Path, model_dir: Path, method: str, name: str, devices: int
+) -> tuple[list[str], dict[str, str]]:
+    """The CLI arguments and extra environment of one fit of ``method`` on ``devices`` processes
+    (per-rank batch ``GLOBAL_BATCH / devices``) into ``tmp_path/name``; each process's reward calls
+    land in ``tmp_path/name/records``."""
     prompts = [{"prompt": f"Human: tell me about {topic}. Assistant:"} for topic in range(8)]
     train = write_jsonl(tmp_path / "train.jsonl", prompts)
     val = write_jsonl(
@@ -59,11 +62,7 @@ def _fit(tmp_path: Path, model_dir: Path, method: str, name: str, devices: int) 
     records = tmp_path / name / "records"
     records.mkdir(parents=True)
     config_path = write_config(tmp_path / f"{name}.yaml", config)
-    result = run_cli(
-        tmp_path, "fit", "--config", str(config_path), "--method", method, env={RECORD_DIR_VAR: str(records)}
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return tmp_path / name / "version_0"
+    return ["fit", "--config", str(config_path), "--method", method], {RECORD_DIR_VAR: str(records)}
 
 
 def _calls(run_dir: Path) -> list[list[list]]:
@@ -92,8 +91,12 @@ def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
 def test_two_processes_sample_log_and_train_what_one_process_does(
     method: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    single = _fit(tmp_path, tiny_model_dir, method, "single", devices=1)
-    ddp = _fit(tmp_path, tiny_model_dir, method, "ddp", devices=2)
+    runs = {"single": 1, "ddp": 2}
+    fits = [_fit(tmp_path, tiny_model_dir, method, name, devices=devices) for name, devices in runs.items()]
+    results = run_clis(tmp_path, *(args for args, _ in fits), envs=[env for _, env in fits])  # side by side
+    for result in results:
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    single, ddp = (tmp_path / name / "version_0" for name in runs)
     assert len(list((ddp.parent / "records").glob("*.jsonl"))) == 2
 
     # The same samples and rewards, call by call: 3 training steps of 4 prompts, then validation
