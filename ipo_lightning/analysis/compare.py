@@ -46,34 +46,25 @@ from ipo_lightning.analysis.report import write_report
 from ipo_lightning.analysis.study import PlannedRun, axis_options, check_study, plan_runs
 from ipo_lightning.errors import ConfigError, UserInputError
 
-FIXED_OPTIONS = (
+SHARED_OPTIONS = (
     "seed_everything",
     "data.seed",
     "data.train",
     "data.val",
     "data.val_fraction",
     "data.train_size",
-    "data.batch_size",
     "trainer.max_steps",
     "trainer.max_epochs",
-    "trainer.accumulate_grad_batches",
     "trainer.default_root_dir",
     "generation",
 )
-"""Options (and everything under them) that members must share: same data, order, budget and judging."""
+"""What every member shares with or without a budget: seed, data, order, length and judging (with a
+budget compare sets the steps itself and checks them against its plan)."""
 
-BUDGET_FIXED_OPTIONS = (
-    "seed_everything",
-    "data.seed",
-    "data.train",
-    "data.val",
-    "data.val_fraction",
-    "data.train_size",
-    "trainer.max_steps",
-    "trainer.max_epochs",
-    "trainer.default_root_dir",
-    "generation",
-)
+FIXED_OPTIONS = (*SHARED_OPTIONS, "data.batch_size", "trainer.accumulate_grad_batches")
+"""Options (and everything under them) that members must share without a budget: also the step size."""
+
+BUDGET_FIXED_OPTIONS = SHARED_OPTIONS
 """With a ``budget:``: what members share. The steps come from the budget (checked against the plan)."""
 
 PER_MEMBER_OPTIONS = ("trainer.default_root_dir",)
