@@ -29,7 +29,7 @@ from ipo_lightning.errors import ConfigError
 DEFAULT_METHOD = "preference"
 METHOD_OPTION = "method"
 PAIR_COMPLETIONS = 2
-"""Completions per example of the pair methods (chosen and rejected; online IPO's two samples)."""
+"""Completions per example of the methods trained on preference pairs (chosen and rejected)."""
 
 
 @dataclass(frozen=True)
@@ -193,13 +193,13 @@ METHODS.register(
 def _on_policy(name: str) -> Method:
     from ipo_lightning.rl.data import PromptDataModule
     from ipo_lightning.rl.module import resolve_on_policy_options
-    from ipo_lightning.rl.online import OnlineModule
+    from ipo_lightning.rl.online import ONLINE_SAMPLES, OnlineModule
     from ipo_lightning.rl.rloo import RLOO_DEFAULT_SAMPLES, RLOOModule
 
     module_class = {"rloo": RLOOModule, "online": OnlineModule}[name]
     completions: Callable[[Mapping[str, Any]], int] = {
         "rloo": lambda model: int(model.get("samples_per_prompt", RLOO_DEFAULT_SAMPLES)),
-        "online": lambda model: PAIR_COMPLETIONS,
+        "online": lambda model: ONLINE_SAMPLES,
     }[name]
     return Method(
         name=name,

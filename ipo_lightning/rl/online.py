@@ -33,6 +33,8 @@ from ipo_lightning.rl.module import OnPolicyModule
 from ipo_lightning.rl.rollout import Rollout
 
 OnlineLossType = Literal["ipo", "dpo"]
+ONLINE_SAMPLES = 2
+"""Samples per prompt of online IPO/DPO: one pair, labelled by the reward."""
 
 
 def online_preferences(rewards: Tensor, label_temperature: float) -> tuple[Tensor, Tensor]:
@@ -42,8 +44,10 @@ def online_preferences(rewards: Tensor, label_temperature: float) -> tuple[Tenso
         ``(chosen [B] long, preference_prob [B])``: the index of the higher-reward sample (0 on a tie)
         and ``sigmoid(|r_1 - r_2| / T)``; for T = 0, 1 (0.5 on a tie).
     """
-    if rewards.shape[-1] != 2:
-        raise ValueError(f"online preferences need 2 samples per prompt, got {rewards.shape[-1]}")
+    if rewards.shape[-1] != ONLINE_SAMPLES:
+        raise ValueError(
+            f"online preferences need {ONLINE_SAMPLES} samples per prompt, got {rewards.shape[-1]}"
+        )
     if label_temperature < 0:
         raise ValueError(f"label_temperature must be >= 0, got {label_temperature}")
     diff = rewards[:, 0] - rewards[:, 1]
@@ -141,7 +145,7 @@ class OnlineModule(OnPolicyModule):
         super().__init__(
             model_name_or_path=model_name_or_path,
             reward=reward,
-            samples_per_prompt=2,
+            samples_per_prompt=ONLINE_SAMPLES,
             method_options=method,
             **kwargs,
         )
