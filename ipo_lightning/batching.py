@@ -69,6 +69,13 @@ PREFIX_SHARED_ATTENTION = ("sdpa", "eager")
 SINGLE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
+def single_row_layout(batching: str | None) -> Batching:
+    """The layout rows that are not pairs (sampled completions, retention texts) are scored in, for a
+    run's resolved ``model.batching``: ``padding_free`` when the run uses it, else ``padded``
+    (``prefix_shared`` has no shared prompt to lay out; ``auto`` or none: the layout every model runs)."""
+    return "padding_free" if batching == "padding_free" else "padded"
+
+
 @dataclass(frozen=True)
 class RowLayout:
     """Model inputs of one batch in one batching mode, and where to read each completion token's score.

@@ -194,13 +194,6 @@ def judge_prompts(
     ]
 
 
-def scoring_layout(batching: str | None) -> Batching:
-    """The layout the samples are scored in for a run's ``model.batching``: ``padding_free`` when the
-    run uses it, else ``padded`` (single rows have no shared prompt for ``prefix_shared``; ``auto`` or
-    unknown: the layout every model runs), as the divergence monitor lays out its sampled rows."""
-    return "padding_free" if batching == "padding_free" else "padded"
-
-
 @torch.no_grad()
 def sample_logprobs(
     model: torch.nn.Module,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ipo_lightning.analysis.run_logs import RunMetrics
+from ipo_lightning.batching import single_row_layout
 from ipo_lightning.data import DataSource, PreferenceDataModule
 from ipo_lightning.data.prompts import HeldOutPrompt
 from ipo_lightning.errors import ConfigError
@@ -23,7 +24,6 @@ from ipo_lightning.evaluation import (
     PromptResult,
     judge_prompts,
     sample_logprobs,
-    scoring_layout,
     with_log_ratios,
 )
 from ipo_lightning.modeling import load_causal_lm
@@ -110,7 +110,7 @@ def judge_policy_and_reference(
         ``(policy, reference)``: set name -> results in prompt order.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scoring = {"batching": scoring_layout(run.setting("model.batching")), "batch_size": options.batch_size}
+    scoring = {"batching": single_row_layout(run.setting("model.batching")), "batch_size": options.batch_size}
     model = policy().to(device)
     mine = {
         name: judge_prompts(model, tokenizer, items, range(len(items)), reward, options)

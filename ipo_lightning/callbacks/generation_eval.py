@@ -49,6 +49,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ipo_lightning.batching import single_row_layout
 from ipo_lightning.callbacks.divergence_monitor import DivergenceMonitor
 from ipo_lightning.callbacks.samples_file import SamplesFile
 from ipo_lightning.callbacks.schedule import DEFAULT_EVERY_N_STEPS, MeasurementSchedule
@@ -64,7 +65,6 @@ from ipo_lightning.evaluation import (
     merge,
     metric_names,
     sample_logprobs,
-    scoring_layout,
     set_result,
     share,
     with_log_ratios,
@@ -255,7 +255,7 @@ class GenerationEval(Callback):
         own: dict[str, list[PromptResult]] = {}
         prompts = {name: [self._prompts[name][i] for i in indices] for name, indices in mine.items()}
         scoring = {
-            "batching": scoring_layout(getattr(pl_module.hparams, "batching", None)),
+            "batching": single_row_layout(getattr(pl_module.hparams, "batching", None)),
             "batch_size": self.options.batch_size,
         }
         # Under FSDP the policy's full weights are gathered for the whole measurement (every rank enters

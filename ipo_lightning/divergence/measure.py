@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ipo_lightning.batching import Batching, batch_logits, batch_scores
+from ipo_lightning.batching import Batching, batch_logits, batch_scores, single_row_layout
 from ipo_lightning.divergence.sampling import (
     SequenceSample,
     draw_completions,
@@ -65,8 +65,8 @@ class MeasureOptions:
 
     @property
     def single_batching(self) -> Batching:
-        """The layout of rows that are not pairs: ``prefix_shared`` has no shared prompt to lay out."""
-        return "padded" if self.batching == "prefix_shared" else self.batching
+        """The layout of rows that are not pairs (:func:`~ipo_lightning.batching.single_row_layout`)."""
+        return single_row_layout(self.batching)
 
 
 @dataclass(frozen=True)
