@@ -40,6 +40,7 @@ from ipo_lightning.data.prompts import HeldOutPrompt, reward_conversations
 from ipo_lightning.divergence.sampling import sequence_logprobs
 from ipo_lightning.generation import Completion, generate_completions, generate_with_greedy
 from ipo_lightning.generation_metrics import WinRate, set_metrics, win_rate
+from ipo_lightning.modeling import eval_mode
 from ipo_lightning.rewards import RewardFunction
 
 DEFAULT_PROMPTS = 64
@@ -216,13 +217,8 @@ def sample_logprobs(
     ]
     if not rows:
         return [[] for _ in results]
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         flat = sequence_logprobs(model, rows, batching=batching, batch_size=batch_size)
-    finally:
-        for module, mode in modes:
-            module.training = mode
     per_prompt, start = [], 0
     for result in results:
         per_prompt.append(flat[start : start + len(result.samples)])

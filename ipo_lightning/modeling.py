@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -180,3 +182,16 @@ def disable_dropout(model: torch.nn.Module) -> list[str]:
                 setattr(config, name, 0.0)
                 changed.append(f"{label}.{name}")
     return changed
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every submodule of ``model`` in eval mode (no dropout) for the context, then each put back in its
+    own mode: Lightning keeps per-module modes, so one global ``train(mode)`` would not restore them."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode

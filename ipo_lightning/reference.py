@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ipo_lightning.batching import Batching, batch_scores, sequence_logps
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.modeling import eval_mode
 
 REFERENCE_ATTRIBUTE = "reference"
 ReferenceStrategy = Literal["separate", "lora", "precomputed"]
@@ -160,16 +161,10 @@ def generating_model(model: nn.Module) -> Iterator[nn.Module]:
 def _adapters_off(policy: nn.Module) -> Iterator[None]:
     """Adapters disabled and every submodule in eval mode (base and LoRA dropout off), then restored.
 
-    Each module's own mode is restored, not one global mode: Lightning keeps per-module modes.
+    Each module's own mode is restored (:func:`~ipo_lightning.modeling.eval_mode`).
     """
-    modes = [(module, module.training) for module in policy.modules()]
-    policy.eval()
-    try:
-        with policy.disable_adapter():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    with eval_mode(policy), policy.disable_adapter():
+        yield
 
 
 class AdapterReference(ModelReference):

@@ -154,3 +154,18 @@ def test_lora_adapter_dropout_is_its_own_option(tmp_path: Path, tiny_model_dir: 
         if isinstance(getattr(m, "attention_dropout", None), float)
     ]
     assert base and all(value == 0 for value in base)
+
+
+def test_eval_mode_turns_every_module_off_then_restores_each_ones_own_mode() -> None:
+    from ipo_lightning.modeling import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Linear(2, 2))
+    model[2].eval()  # mixed modes, as Lightning leaves a frozen part of a module
+    before = [module.training for module in model.modules()]
+    assert before == [True, True, True, False]
+    with eval_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert [module.training for module in model.modules()] == before
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a failed forward")
+    assert [module.training for module in model.modules()] == before

@@ -148,7 +148,7 @@ def test_a_fit_logs_step_time_and_peak_memory_every_log_interval(
     assert all(0 < peak < 1024 for _, peak in _rows(logger.log_dir, PEAK_MEMORY))
 
 
-def test_peak_memory_on_cuda_is_the_allocator_peak() -> None:
+def test_peak_memory_on_cuda_keeps_the_peak_after_a_free() -> None:
     from ipo_lightning.callbacks.performance import peak_memory_gb
 
     if not torch.cuda.is_available():
@@ -156,8 +156,9 @@ def test_peak_memory_on_cuda_is_the_allocator_peak() -> None:
     device = torch.device("cuda")
     block = torch.empty(2**28, dtype=torch.uint8, device=device)  # 256 MiB
     assert peak_memory_gb(device) >= 0.25
-    assert peak_memory_gb(device) == torch.cuda.max_memory_allocated(device) / 2**30
     del block
+    torch.cuda.synchronize(device)
+    assert torch.cuda.memory_allocated(device) < 2**28 and peak_memory_gb(device) >= 0.25  # the peak, not now
 
 
 def test_the_cli_puts_the_timer_first_in_every_fit(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -171,4 +172,4 @@ def test_the_cli_puts_the_timer_first_in_every_fit(tmp_path: Path, tiny_model_di
     cli = PreferenceCLI(args=args, run=False)
     kinds = [type(callback) for callback in cli.trainer.callbacks]
     assert kinds[:2] == [StepPerformance, NonFiniteGuard] and kinds.count(StepPerformance) == 1
-    assert kinds.index(DivergenceMonitor) > 0 and kinds.index(GenerationEval) > 0
+    assert DivergenceMonitor in kinds and GenerationEval in kinds  # both measure after the timer
