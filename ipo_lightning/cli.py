@@ -27,6 +27,7 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
 
 from __future__ import annotations
 
+import importlib
 import netrc
 import os
 import sys
@@ -390,11 +391,17 @@ def _plugins(plugins: Any, strategy: Any) -> list[Any]:
     return plugins
 
 
-def _tools() -> dict[str, Callable[[list[str]], None]]:
-    """Subcommands beside Lightning's: they read runs or launch fits, so they are not Trainer methods."""
-    from ipo_lightning.analysis import compare, evaluate, judge, report
+TOOLS = ("compare", "report", "judge", "evaluate")
+"""Subcommands beside Lightning's (modules of :mod:`ipo_lightning.analysis`): they read runs or launch
+fits, so they are not Trainer methods."""
 
-    return {"compare": compare.main, "report": report.main, "judge": judge.main, "evaluate": evaluate.main}
+
+def _tool(name: str | None) -> Callable[[list[str]], None] | None:
+    """The ``main`` of subcommand ``name``, or None for Lightning's own (``fit``, ...). Imported only
+    when named: ``fit`` then needs none of their packages (the reports' matplotlib)."""
+    if name not in TOOLS:
+        return None
+    return importlib.import_module(f"ipo_lightning.analysis.{name}").main
 
 
 def main(args: list[str] | None = None) -> None:
@@ -402,9 +409,9 @@ def main(args: list[str] | None = None) -> None:
     _quiet_expected_warnings()
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        tools = _tools()
-        if argv and argv[0] in tools:
-            tools[argv[0]](argv[1:])
+        tool = _tool(argv[0] if argv else None)
+        if tool is not None:
+            tool(argv[1:])
             return
         PreferenceCLI(args=args)
     except UserInputError as error:

@@ -69,12 +69,12 @@ kernels() {
 
 export -f kernels
 export PY ACCELERATOR
-part kernels 240 bash -c kernels
-part scale 300 "$PY" scripts/gpu_check_scale.py --model tiny
-part qwen 360 "$PY" scripts/gpu_check_scale.py --model qwen
-part packing 180 "$PY" scripts/gpu_check_packing.py
+part kernels 200 bash -c kernels
+part scale 240 "$PY" scripts/gpu_check_scale.py --model tiny
+part qwen 330 "$PY" scripts/gpu_check_scale.py --model qwen
+part packing 120 "$PY" scripts/gpu_check_packing.py
 if [ -f benchmarks/gpu_throughput.py ]; then
-  part bench 240 "$PY" benchmarks/gpu_throughput.py --out "$OUT/bench.jsonl"
+  part bench 200 "$PY" benchmarks/gpu_throughput.py --out "$OUT/bench.jsonl"
 fi
 say "all parts: $((SECONDS - TOTAL_START)) s, $([ $status -eq 0 ] && echo ok || echo FAILED)"
 rm -rf "$WORK"

@@ -51,6 +51,8 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 # GPU_CHECK_ACCELERATOR=cpu dry-runs this script on a CPU machine (2 gloo processes), to check the script.
 ACCELERATOR = os.environ.get("GPU_CHECK_ACCELERATOR", "gpu")
 SMALL = os.environ.get("GPU_CHECK_SMALL", "0") == "1"
+# One run's limit: a hung run (a collective that never returns) costs this much, and the others still run.
+RUN_TIMEOUT = int(os.environ.get("GPU_CHECK_RUN_TIMEOUT", 900 if ACCELERATOR == "cpu" else 150))
 BF16_UNIT_ROUNDOFF = 2.0**-8
 """bf16 keeps 8 significant bits: a value rounded to bf16 is off by at most this much, relatively."""
 
@@ -317,7 +319,10 @@ def run_strategy(strategy: str, setup: Setup, work: Path, devices: int) -> dict[
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     )
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"check": check, "ok": False, "problems": [f"no result within {RUN_TIMEOUT} s (killed)"]}
     log_tail(check, result)
     out: dict[str, Any] = {
         "check": check,

@@ -288,3 +288,18 @@ def test_unknown_config_key_is_rejected(tmp_path: Path, tiny_model_dir: Path, ca
     code, err = run_main(["fit", "--config", str(config), "--model.betta", "0.2"], capsys)
     assert code == 2
     assert "betta" in err and "Traceback" not in err
+
+
+def test_fit_imports_no_subcommand_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fit`` runs where the reports' packages are missing (a GPU machine without matplotlib)."""
+    import sys
+
+    from ipo_lightning import cli
+
+    for name in [m for m in sys.modules if m.startswith(("ipo_lightning.analysis", "matplotlib"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert cli._tool("fit") is None and cli._tool(None) is None
+    assert not [m for m in sys.modules if m.startswith("ipo_lightning.analysis")]
+    with pytest.raises(ImportError, match="matplotlib"):
+        cli._tool("report")  # the one that draws plots needs it
