@@ -283,6 +283,8 @@ def run_strategy(strategy: str, setup: Setup, work: Path, devices: int) -> dict[
             "max_epochs": 4,
             "log_every_n_steps": 1,
             "precision": setup.precision,
+            # No checkpoint: the 0.5B policy's with Adam's state is ~6 GB to write, per strategy.
+            "enable_checkpointing": False,
             "enable_progress_bar": False,
             "callbacks": [
                 {
