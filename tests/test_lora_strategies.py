@@ -11,6 +11,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from ipo_lightning.lora import merged_copy
+from ipo_lightning.module import PreferenceModule
 from tests.helpers import REPO, fit_config, polite_pairs, run_clis, run_main, write_config, write_jsonl
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
@@ -95,4 +97,8 @@ def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
     )
     for name, tensor in adapter.merge_and_unload().state_dict().items():
         torch.testing.assert_close(tensor, merged[name], msg=name)
-    assert list((fsdp / "version_0" / "checkpoints").glob("*.ckpt"))  # the FSDP checkpoint was written
+    # The FSDP checkpoint (state_dict_type full: one file) loads back into one process's module.
+    (checkpoint,) = (fsdp / "version_0" / "checkpoints").glob("*.ckpt")
+    restored = PreferenceModule.load_from_checkpoint(checkpoint)
+    for name, tensor in merged_copy(restored.policy).state_dict().items():
+        torch.testing.assert_close(tensor, merged[name], msg=name)
