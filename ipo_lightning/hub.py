@@ -79,9 +79,10 @@ def check_hub_access(repo_id: str, token: str | None = None, endpoint: str | Non
     role = access.get("role")
     if role == "read":
         raise ConfigError(f"{OPTION}={repo_id}: the Hugging Face token is read-only; use a write token")
-    if role == "fineGrained":
+    scopes = access.get("fineGrained")
+    if role == "fineGrained" and isinstance(scopes, dict):  # without its scopes there is nothing to judge
         namespace = repo_id.split("/")[0] if "/" in repo_id else str(identity.get("name", ""))
-        if not fine_grained_can_write(access.get("fineGrained") or {}, repo_id, namespace):
+        if not fine_grained_can_write(scopes, repo_id, namespace):
             raise ConfigError(
                 f"{OPTION}={repo_id}: the fine-grained Hugging Face token may not write to {namespace!r} "
                 f"(it needs the repo.write permission on that user or organisation, or on {repo_id}); "

@@ -417,11 +417,15 @@ def test_a_fine_grained_token_must_grant_writing_to_the_repo_namespace(
     assert seen == ["/api/whoami-v2 Bearer hf_fine"]  # the token was checked by the stand-in hub, once
 
 
-def test_a_classic_write_token_passes_and_a_read_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_token_passes_and_a_read_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     write = {"type": "user", "name": "me", "auth": {"accessToken": {"role": "write"}}}
     with _whoami_hub(write) as (endpoint, _):
         check_hub_access("lab/m", token="hf_w", endpoint=endpoint)
+    # A fine-grained token whose answer lists no scopes at all: nothing to judge, so it passes.
+    unlisted = {"type": "user", "name": "me", "auth": {"accessToken": {"role": "fineGrained"}}}
+    with _whoami_hub(unlisted) as (endpoint, _):
+        check_hub_access("me/m", token="hf_f", endpoint=endpoint)
     read = {"type": "user", "name": "me", "auth": {"accessToken": {"role": "read"}}}
     with _whoami_hub(read) as (endpoint, _), pytest.raises(ConfigError, match="token is read-only"):
         check_hub_access("me/m", token="hf_r", endpoint=endpoint)
