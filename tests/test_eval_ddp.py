@@ -71,6 +71,6 @@ def test_evaluation_of_an_uneven_set_under_ddp_counts_every_pair_once(
         # a batch of another width and from the order the synced sums add. The values come from
         # log-probs and scores of magnitude <= 10 over <= 8 terms, a few ulps: 1e-6 of the value plus
         # 1e-6 absolute (for the margins and standard deviations, differences of near-equal numbers).
-        # The doubly counted pair 0 moved the means by 4e-4 (val/logps/chosen) or more.
+        # Counted twice, pair 0 moved every mean by 5e-4 or more (val/rewards/accuracy: 6/8, not 5/7).
         for name, value in expected.items():
             assert ddp[name] == pytest.approx(value, rel=1e-6, abs=1e-6), f"{method}: {name}"
