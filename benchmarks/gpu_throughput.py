@@ -196,12 +196,10 @@ def search_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(base.get("seed", 0))
     unique = Path(args.unique)
     probes_file = Path(args.probes)
-    while time.time() < args.deadline:
-        done = (
-            [json.loads(line) for line in probes_file.read_text().splitlines()]
-            if probes_file.exists()
-            else []
-        )
+    last_seconds = 0.0
+    # No probe starts that would likely not end before the deadline (the parent kills at the deadline).
+    while time.time() + 1.5 * last_seconds < args.deadline:
+        done = _read_lines(probes_file)
         if any("error" in p for p in done):
             return
         lo, hi = search_state(done)
@@ -212,6 +210,7 @@ def search_worker(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix=f"probe-{args.search_worker}-") as scratch:
             result = _probe(args.search_worker, work, Path(args.model), unique, Path(scratch))
         result["seq_len"] = args.length
+        last_seconds = result["seconds"]
         with probes_file.open("a") as file:
             file.write(json.dumps(result) + "\n")
         if result.get("left_allocated_mb", 0) > LEAK_LIMIT_MB:
@@ -219,6 +218,10 @@ def search_worker(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------ driver
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 class Output:
@@ -303,7 +306,7 @@ def _search(
                     cwd=scratch,
                     capture_output=True,
                     text=True,
-                    timeout=max(1.0, deadline - time.time() + 30),  # a probe under way may finish
+                    timeout=max(1.0, deadline - time.time()),
                 )
             except subprocess.TimeoutExpired:
                 stopped = "time budget (a probe was cut)"
@@ -313,11 +316,7 @@ def _search(
             if result.returncode != 0:
                 stopped = f"search process failed (exit {result.returncode}): {result.stderr[-1500:]}"
             break
-        probes = (
-            [json.loads(line) for line in probes_file.read_text().splitlines()]
-            if probes_file.exists()
-            else []
-        )
+        probes = _read_lines(probes_file)
     lo, hi = search_state(probes)
     errors = [p["error"] for p in probes if "error" in p]
     if errors:
