@@ -3,9 +3,9 @@
 Both mark the end of every optimizer step (wall and process CPU time; on a CUDA device after
 synchronising it, so the mark follows the step's kernels) and, when training ends, write the marks,
 the process's peak resident memory and, on a CUDA device, its name and peak CUDA memory to a JSON
-file. The benchmark adds the
-Lightning one to ``python -m ipo_lightning fit`` as a user adds any callback (``trainer.callbacks``
-in the config), and the TRL one to ``DPOTrainer(callbacks=[...])``: neither changes what runs.
+file. The benchmark adds the Lightning one to ``python -m ipo_lightning fit`` as a user adds any
+callback (``trainer.callbacks`` in the config), and the TRL one to ``DPOTrainer(callbacks=[...])``:
+neither changes what runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Training throughput of ipo_lightning's modes against TRL's DPOTrainer (IPO loss) and an SFT step.
 
 Every mode trains the same tiny Llama-architecture model (random init, float32, sdpa, built from a
-config and a byte-level BPE tokenizer trained offline) on the same text pairs (a JSONL file of
+config and a byte-level BPE tokenizer trained offline; ``--model`` names a Qwen2 shape of
+:data:`QWEN2_SHAPES` instead) on the same text pairs (a JSONL file of
 ``prompt``/``chosen``/``rejected`` strings), 8 pairs per step, AdamW, each run in a fresh process
 that is the only benchmark process alive, and each framework runs the way its users run it:
 
@@ -12,7 +13,8 @@ that is the only benchmark process alive, and each framework runs the way its us
   AdamW with ``fused=True``, the kernel of TRL's default optimizer ``adamw_torch_fused`` (the same
   optimizer on both sides; the per-tensor loop costs several times more per step on a CPU), and the
   divergence monitor off (it measures before the first step and every 500 steps, so never inside
-  the timed loop, but its step-0 sampling would make these short runs several times longer). The
+  the timed loop, but its step-0 sampling would make these short runs several times longer);
+  ``data.max_length`` the workload's prompt + completion and no prompt cut, so no pair is cut. The
   ``sft`` floor uses the same fused AdamW.
 - TRL: ``DPOTrainer(model=<model folder>, args=DPOConfig(loss_type=["ipo"], ...),
   train_dataset=load_dataset("json", ...))``: its own tokenisation, its own reference (created
@@ -20,13 +22,24 @@ that is the only benchmark process alive, and each framework runs the way its us
   shuffling, its defaults for everything else (optimizer ``adamw_torch_fused``, logging). Changed
   from its defaults, for fairness only: ``bf16=False`` (float32 as every mode here; TRL would
   autocast to bfloat16 where the hardware supports it), ``gradient_checkpointing=False`` (TRL's
-  default recomputes activations; no other mode does), ``per_device_train_batch_size`` and
+  default recomputes activations; no other mode does), ``max_length=None`` (its default 1024 would
+  cut long pairs; none is cut on either side), ``per_device_train_batch_size`` and
   ``learning_rate`` (the workload's), ``max_steps``, ``beta``, ``lr_scheduler_type="constant"`` (as
   the ipo_lightning runs; the schedule costs nothing), ``save_strategy="no"`` and a temporary
   ``output_dir``, and the timing callback.
 - ``sft``: the floor: the policy's step alone (mean completion-token NLL of the same padded rows,
   no reference, no preference loss) through a plain ``lightning.Trainer`` without loggers, on the
   same data module.
+
+``--precision bf16`` gives both frameworks the same mixed precision (float32 weights, bfloat16
+autocast): ``trainer.precision: bf16-mixed`` and TRL's ``bf16=True`` (with ``use_cpu=True`` on a
+machine without a GPU, where TRL runs on the CPU anyway but refuses bf16 without it). ``--lean 1``
+leaves out what ipo_lightning runs after the timed loop (checkpoint, export) and its W&B logger,
+which TRL (``report_to="none"`` by default) does not have. ``trl_ipo_liger`` is TRL with
+``use_liger_kernel=True`` (CUDA only): in TRL 1.16 that patches the policy's RMSNorm, RoPE and
+SwiGLU with Liger's kernels and keeps TRL's own chunked log-prob head (Liger's fused linear
+cross-entropy is refused by the DPOTrainer); TRL 1.16 has no Liger DPO/IPO loss, and its
+``padding_free`` is disabled for DPO (it warns and pads), so neither is a mode.
 
 Every process gets the same ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (``--threads``) and fresh,
 empty dataset/model caches (so the precompute passes run every time). A run is timed from the end
