@@ -17,17 +17,22 @@ both sides holds every pair whole.
    ``peak_cuda_reserved_mb`` are ``torch.cuda.max_memory_allocated``/``max_memory_reserved`` over
    the whole run. Summary lines add ``vs_trl_ipo`` (tokens/s ratio) and ``mem_vs_trl_ipo`` (peak
    allocated ratio) against TRL measured in the same call.
-2. Largest batch (``--search-modes``, each ``--search-lengths`` length, every sequence that long): the
-   most pairs per optimizer step that train 2 steps without ``torch.cuda.OutOfMemoryError``, found
-   by doubling from ``--search-start`` pairs at 2048 tokens (scaled by length) and then bisecting
-   until the gap to the smallest failing batch is at most ``--resolution`` of the batch. Each search
-   runs in a fresh process that probes in-process (a new ``fit`` or ``DPOTrainer`` each probe, as a
-   user retrying would), frees the memory after an OOM and checks it is back below 1 GiB; if not, a
-   fresh process continues the same search. ``--cap`` bounds it (``cap_reached``). A CPU has no OOM
-   signal: there (``--small``) the cap is 2 pairs, which checks the machinery and not memory.
+2. Largest batch (``--search-modes`` at each of ``--search-lengths``, every sequence that long, the
+   same 16 pairs repeated): the most pairs per optimizer step that train 2 steps without running out
+   of CUDA memory, found by doubling from ``--search-start`` pairs (at the first length; halved for
+   each doubling of the length) and then bisecting until the gap to the smallest batch that ran out
+   is at most ``--resolution`` of the batch (``max_batch`` fits, ``oom_at`` did not). Each mode's
+   searches run in one fresh process that probes in-process (a new ``fit`` or ``DPOTrainer`` each
+   probe, as a user retrying would), frees the memory after an out-of-memory error and checks that
+   less than 1 GiB is left allocated; if not, a fresh process goes on with the same searches.
+   ``--cap`` bounds a search (``cap_reached``). ``batch_vs_trl_ipo`` is the ratio of largest batches
+   at the same length. A CPU has no out-of-memory signal: there (``--small``) the cap is 2 pairs,
+   which checks the machinery, not memory.
 
-``--budget-s`` caps the whole call: every run and search gets a timeout from what is left (throughput
-first, then the searches, 2048 before 4096), and what did not fit says so in its line.
+``--budget-s`` caps the whole call (default 210 s): the throughput runs get at most half of what is
+left after the preparation, each search process an equal share of the rest (each length within it
+an equal share of that), and every process is killed at the end of its share. A run or search cut
+short says so in its line (``failed``, ``stopped``, ``conclusive: false``).
 
     python benchmarks/gpu_throughput.py --out bench.jsonl           # H200 defaults
     python benchmarks/gpu_throughput.py --small --out small.jsonl   # tiny shapes on a CPU: a dry run
@@ -66,7 +71,8 @@ H200 = {
     "steps": 5,
     "lr": 1e-5,
 }
-"""The GPU workload (``--length`` sets the sequence length)."""
+"""The GPU workload: Qwen2.5-0.5B's shapes, bf16 mixed precision, 8 pairs per step, 2 warm-up and 5
+timed steps (``--length`` sets the sequence length)."""
 SMALL = {
     **H200,
     "model": "qwen2-small",
@@ -86,6 +92,7 @@ LEAK_LIMIT_MB = 1024
 DIRTY_EXIT = 3
 """A search process's exit code when memory was not freed: the search goes on in a new process."""
 BASELINES = ("trl_ipo", "trl_ipo_liger")
+"""The modes every ratio line is against (``vs_<base>``, ``mem_vs_<base>``, ``batch_vs_<base>``)."""
 
 
 # ---------------------------------------------------------------------------------- the search
@@ -185,36 +192,41 @@ def _probe(mode: str, work: tp.Workload, model: Path, unique: Path, scratch: Pat
 
 
 def search_worker(args: argparse.Namespace) -> None:
-    """Probe ``args.mode`` at ``args.length`` until the search ends, the deadline passes or memory leaks.
+    """Run the searches of ``args.plan`` (one per length) for mode ``args.search_worker``, in turn.
 
-    The probes so far are read from (and each new one appended to) ``args.probes``, so a search that a
-    fresh process continues picks up where the last one stopped.
+    Each gets an equal share of the time left before ``args.deadline`` (what one leaves goes to the
+    next) and ends when :func:`next_probe` says so, a probe fails otherwise than by running out of
+    memory, or its share is spent. The probes so far are read from (and each new one appended to)
+    the search's ``probes`` file, so a fresh process started after a leak (exit :data:`DIRTY_EXIT`)
+    goes on where this one stopped.
     """
     import torch
 
     base = json.loads(args.base)
     torch.manual_seed(base.get("seed", 0))
-    unique = Path(args.unique)
-    probes_file = Path(args.probes)
-    last_seconds = 0.0
-    # No probe starts that would likely not end before the deadline (the parent kills at the deadline).
-    while time.time() + 1.5 * last_seconds < args.deadline:
-        done = _read_lines(probes_file)
-        if any("error" in p for p in done):
-            return
-        lo, hi = search_state(done)
-        batch = next_probe(lo, hi, start=args.start, cap=args.cap, resolution=args.resolution)
-        if batch is None:
-            return
-        work = search_work(base, args.length, batch)
-        with tempfile.TemporaryDirectory(prefix=f"probe-{args.search_worker}-") as scratch:
-            result = _probe(args.search_worker, work, Path(args.model), unique, Path(scratch))
-        result["seq_len"] = args.length
-        last_seconds = result["seconds"]
-        with probes_file.open("a") as file:
-            file.write(json.dumps(result) + "\n")
-        if result.get("left_allocated_mb", 0) > LEAK_LIMIT_MB:
-            sys.exit(DIRTY_EXIT)
+    plan = json.loads(args.plan)
+    for index, search in enumerate(plan):
+        probes_file = Path(search["probes"])
+        deadline = time.time() + (args.deadline - time.time()) / (len(plan) - index)
+        last_seconds = 0.0
+        # No probe starts that would likely not end in the share (the parent kills at args.deadline).
+        while time.time() + 1.5 * last_seconds < deadline:
+            done = _read_lines(probes_file)
+            lo, hi = search_state(done)
+            batch = next_probe(lo, hi, start=search["start"], cap=args.cap, resolution=args.resolution)
+            if batch is None or any("error" in p for p in done):
+                break
+            work = search_work(base, search["length"], batch)
+            with tempfile.TemporaryDirectory(prefix=f"probe-{args.search_worker}-") as scratch:
+                result = _probe(
+                    args.search_worker, work, Path(args.model), Path(search["unique"]), Path(scratch)
+                )
+            result["seq_len"] = search["length"]
+            last_seconds = result["seconds"]
+            with probes_file.open("a") as file:
+                file.write(json.dumps(result) + "\n")
+            if result.get("left_allocated_mb", 0) > LEAK_LIMIT_MB:
+                sys.exit(DIRTY_EXIT)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -281,49 +293,87 @@ def max_batch_lines(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _search(
-    mode: str, length: int, args: argparse.Namespace, base: dict[str, Any], model: Path, seconds: float
-) -> dict[str, Any]:
-    """One largest-batch search in fresh processes (a new one after a leak), within ``seconds``."""
-    unique_work = dataclasses.replace(search_work(base, length, UNIQUE_PAIRS), warmup=0, steps=1)
-    _, unique = tp.prepare(unique_work, args.cache)
-    start = max(1, args.search_start * args.first_length // length)
+    mode: str, lengths: list[int], args: argparse.Namespace, base: dict[str, Any], model: Path, seconds: float
+) -> list[dict[str, Any]]:
+    """The largest-batch searches of ``mode`` at each length, in one fresh process (a new one after a
+    leak), within ``seconds``; one ``max_batch`` line per length."""
     deadline = time.time() + seconds
     with tempfile.TemporaryDirectory(prefix=f"search-{mode}-") as scratch:
-        probes_file = Path(scratch) / "probes.jsonl"
-        stopped = None
-        for _ in range(4):  # fresh processes for one search: at most 3 restarts after a leak
+        plan = []
+        for length in lengths:
+            unique_work = dataclasses.replace(search_work(base, length, UNIQUE_PAIRS), warmup=0, steps=1)
+            _, unique = tp.prepare(unique_work, args.cache)
+            start = max(1, args.search_start * lengths[0] // length)
+            plan.append(
+                {
+                    "length": length,
+                    "unique": str(unique),
+                    "start": start,
+                    "probes": f"{scratch}/{length}.jsonl",
+                }
+            )
+        failure = None
+        for _ in range(4):  # fresh processes: at most 3 after a leak
             command = [
-                sys.executable, __file__, "--search-worker", mode, "--length", str(length),
-                "--model", str(model), "--unique", str(unique), "--probes", str(probes_file),
-                "--base", json.dumps(base), "--deadline", str(deadline), "--start", str(start),
+                sys.executable, __file__, "--search-worker", mode, "--plan", json.dumps(plan),
+                "--model", str(model), "--base", json.dumps(base), "--deadline", str(deadline),
                 "--cap", str(args.cap), "--resolution", str(args.resolution),
             ]  # fmt: skip
-            work = search_work(base, length, 1)
             try:
                 result = subprocess.run(
                     command,
-                    env=tp.run_environment(work, Path(scratch)),
+                    env=tp.run_environment(search_work(base, lengths[0], 1), Path(scratch)),
                     cwd=scratch,
                     capture_output=True,
                     text=True,
                     timeout=max(1.0, deadline - time.time()),
                 )
             except subprocess.TimeoutExpired:
-                stopped = "time budget (a probe was cut)"
+                failure = "time budget (a probe was cut)"
                 break
             if result.returncode == DIRTY_EXIT:
                 continue
             if result.returncode != 0:
-                stopped = f"search process failed (exit {result.returncode}): {result.stderr[-1500:]}"
+                failure = f"search process failed (exit {result.returncode}): {result.stderr[-1500:]}"
             break
-        probes = _read_lines(probes_file)
+        found = [_read_lines(Path(search["probes"])) for search in plan]
+    return [
+        search_result(
+            mode,
+            search["length"],
+            probes,
+            start=search["start"],
+            cap=args.cap,
+            resolution=args.resolution,
+            failure=failure,
+        )
+        for search, probes in zip(plan, found, strict=True)
+    ]
+
+
+def search_result(
+    mode: str,
+    length: int,
+    probes: list[dict[str, Any]],
+    *,
+    start: int,
+    cap: int,
+    resolution: float,
+    failure: str | None = None,
+) -> dict[str, Any]:
+    """The ``max_batch`` line of one search from its probes.
+
+    ``stopped`` says why a search ended before :func:`next_probe` would have (a probe's error, the
+    search process's ``failure``, the time budget); ``conclusive`` is true when it did not and a batch
+    ran out of memory or the cap fitted.
+    """
     lo, hi = search_state(probes)
     errors = [p["error"] for p in probes if "error" in p]
+    stopped = None
     if errors:
         stopped = f"probe failed: {errors[0]}"
-    finished = next_probe(lo, hi, start=start, cap=args.cap, resolution=args.resolution) is None
-    if stopped is None and not finished:
-        stopped = "time budget"
+    elif next_probe(lo, hi, start=start, cap=cap, resolution=resolution) is not None:
+        stopped = failure or "time budget"
     fitted = [p for p in probes if p["fits"] and p["batch"] == lo]
     return {
         "kind": "max_batch",
@@ -331,13 +381,13 @@ def _search(
         "seq_len": length,
         "max_batch": lo,
         "oom_at": hi,
-        "cap": args.cap,
-        "cap_reached": lo >= args.cap,
-        "conclusive": stopped is None and (hi is not None or lo >= args.cap),
+        "cap": cap,
+        "cap_reached": lo >= cap,
+        "conclusive": stopped is None and (hi is not None or lo >= cap),
         "peak_cuda_alloc_mb": fitted[0].get("peak_cuda_alloc_mb") if fitted else None,
         "probes": probes,
         "stopped": stopped,
-        "restarts": sum(1 for p in probes if p.get("left_allocated_mb", 0) > LEAK_LIMIT_MB),
+        "leaks": sum(1 for p in probes if p.get("left_allocated_mb", 0) > LEAK_LIMIT_MB),
     }
 
 
@@ -346,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_bench.jsonl"))
     parser.add_argument("--small", action="store_true", help="tiny shapes and lengths: a CPU dry run")
-    parser.add_argument("--budget-s", type=float, help="wall-clock cap of the call (default 200; 900 small)")
+    parser.add_argument("--budget-s", type=float, help="wall-clock cap of the call (default 210; 900 small)")
     parser.add_argument("--modes", default="default,trl_ipo,trl_ipo_liger", help="throughput modes")
     parser.add_argument("--length", type=int, help="tokens per sequence of the throughput runs (2048)")
     parser.add_argument("--search-modes", default="default,trl_ipo", help="modes of the batch search")
@@ -358,10 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=float, default=0.25, help="stop when the gap <= this x batch")
     parser.add_argument("--precision", help="32 or bf16 (default bf16)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ipo_lightning_gpu_bench")
-    for hidden in ("--search-worker", "--model", "--unique", "--probes", "--base"):
+    for hidden in ("--search-worker", "--model", "--plan", "--base"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
-    for hidden, kind in (("--deadline", float), ("--start", int)):
-        parser.add_argument(hidden, type=kind, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.search_worker:
         search_worker(args)
@@ -371,12 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     base = dict(SMALL if small else H200)
     if args.precision:
         base["precision"] = args.precision
-    budget = args.budget_s or (900.0 if small else 200.0)
+    budget = args.budget_s or (900.0 if small else 210.0)
     length = args.length or (128 if small else 2048)
     lengths = [int(x) for x in (args.search_lengths or ("64,128" if small else "2048,4096")).split(",") if x]
     args.cap = args.cap or (2 if small else 256)
     args.search_start = args.search_start or (1 if small else 16)
-    args.first_length = lengths[0]
     out = Output(args.out)
     out.write(
         {"kind": "env", "date": time.strftime("%Y-%m-%d"), "gpu": _gpu(), **_versions(), "small": small}
@@ -409,19 +457,18 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(result)
         out.write(result)
 
-    # Largest batch: each mode at each length, a share of what is left each.
-    searches = [(m, n) for n in lengths for m in args.search_modes.split(",") if m]
+    # Largest batch: each mode at every length, one process per mode, an equal share of what is left each.
+    search_modes = [m for m in args.search_modes.split(",") if m]
     results = []
-    for index, (mode, seq_len) in enumerate(searches):
+    for index, mode in enumerate(search_modes):
         reason = tp.unavailable(mode) or (None if mode in PROBES else f"no probe for mode {mode}")
-        if reason:
-            out.write({"kind": "skipped", "mode": mode, "seq_len": seq_len, "reason": reason})
+        share = (budget - (time.time() - started)) / (len(search_modes) - index)
+        if reason or share < 10:
+            out.write(
+                {"kind": "skipped", "mode": mode, "seq_len": lengths, "reason": reason or "time budget"}
+            )
             continue
-        share = (budget - (time.time() - started)) / (len(searches) - index)
-        if share < 10:
-            out.write({"kind": "skipped", "mode": mode, "seq_len": seq_len, "reason": "time budget"})
-            continue
-        results.append(_search(mode, seq_len, args, base, model, share))
+        results.extend(_search(mode, lengths, args, base, model, share))
     for line in max_batch_lines(results):
         out.write(line)
     for summary in tp._summaries(runs, [r["mode"] for r in runs], 1, baselines=BASELINES):
