@@ -115,3 +115,24 @@ def test_a_probe_trains_two_steps_in_process(gpu: ModuleType, mode: str, tmp_pat
     assert len(json.loads((scratch / "clock.json").read_text())["marks"]) == 2
     lines = (scratch / "pairs.jsonl").read_text().splitlines()  # the unique pairs, repeated to 2 steps
     assert len(lines) == 4 and lines == (unique / "pairs.jsonl").read_text().splitlines()[:4]
+
+
+def test_a_search_result_says_why_it_stopped(gpu: ModuleType) -> None:
+    def probe(batch: int, fits: bool, **extra: object) -> dict:
+        return {"batch": batch, "fits": fits, "oom": not fits and "error" not in extra, **extra}
+
+    options = {"start": 16, "cap": 256, "resolution": 0.25}
+    probes = [probe(16, True), probe(32, False), probe(24, True, peak_cuda_alloc_mb=9.0), probe(28, False)]
+    done = gpu.search_result("default", 2048, probes, **options)
+    assert (done["max_batch"], done["oom_at"], done["stopped"], done["conclusive"]) == (24, 28, None, True)
+    assert done["peak_cuda_alloc_mb"] == 9.0 and not done["cap_reached"] and done["kind"] == "max_batch"
+    cut = gpu.search_result("default", 2048, probes[:3], **options)  # 24 fits, 32 did not: 28 was next
+    assert cut["stopped"] == "time budget" and not cut["conclusive"] and cut["max_batch"] == 24
+    killed = gpu.search_result("default", 2048, probes[:3], **options, failure="search process failed")
+    assert killed["stopped"] == "search process failed"
+    failed = gpu.search_result("default", 2048, [probe(16, False, error="ValueError: x")], **options)
+    assert failed["stopped"] == "probe failed: ValueError: x" and failed["max_batch"] == 0
+    capped = gpu.search_result(
+        "trl_ipo", 64, [probe(1, True), probe(2, True)], start=1, cap=2, resolution=0.25
+    )
+    assert capped["cap_reached"] and capped["conclusive"] and capped["oom_at"] is None
