@@ -135,7 +135,8 @@ def _is_oom(error: BaseException) -> bool:
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True
     # Kernels outside the caching allocator (cuBLAS workspaces, Triton) report it as a RuntimeError.
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "alloc_failed" in message)
 
 
 def _fit_in_process(work: tp.Workload, run: tp.Run, batching: str | None) -> None:
