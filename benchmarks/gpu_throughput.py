@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = [m for m in args.modes.split(",") if m]
     throughput_end = time.time() + (budget - (time.time() - started)) / 2
     runs: list[dict[str, Any]] = []
-    for mode in modes:
+    for index, mode in enumerate(modes):
         reason = tp.unavailable(mode)
         if reason:
             out.write({"kind": "skipped", "mode": mode, "reason": reason})
@@ -449,8 +449,11 @@ def main(argv: list[str] | None = None) -> None:
         if left < 10:
             out.write({"kind": "skipped", "mode": mode, "reason": "time budget"})
             continue
+        # A run that hangs leaves 15 s to each one after it (or an equal share, if more).
+        later = len(modes) - index - 1
+        timeout = max(left - 15 * later, left / (later + 1))
         try:
-            result = tp.run_once(mode, work, model, data, timeout=left)
+            result = tp.run_once(mode, work, model, data, timeout=timeout)
         except tp.RunFailed as error:
             out.write({"kind": "failed", "mode": mode, "error": str(error)[-3000:]})
             continue
