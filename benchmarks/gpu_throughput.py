@@ -449,9 +449,9 @@ def main(argv: list[str] | None = None) -> None:
         if left < 10:
             out.write({"kind": "skipped", "mode": mode, "reason": "time budget"})
             continue
-        # A run that hangs leaves 15 s to each one after it (or an equal share, if more).
+        # A run that hangs leaves 25 s to each one after it (or an equal share, if more).
         later = len(modes) - index - 1
-        timeout = max(left - 15 * later, left / (later + 1))
+        timeout = max(left - 25 * later, left / (later + 1))
         try:
             result = tp.run_once(mode, work, model, data, timeout=timeout)
         except tp.RunFailed as error:
