@@ -53,7 +53,7 @@ from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.checkpoint_io import AtomicCheckpointIO
 from ipo_lightning.cli_checks import check_checkpoint_file, check_optimizer
 from ipo_lightning.cli_errors import OneLineErrorParser
-from ipo_lightning.distributed import check_strategy
+from ipo_lightning.distributed import check_lora_strategy, check_strategy
 from ipo_lightning.errors import ConfigError, UserInputError
 from ipo_lightning.methods import DEFAULT_METHOD, METHOD_OPTION, METHODS, Method, method_from_argv
 from ipo_lightning.metrics_history import HistoryCSVLogger, MetricsHistory
@@ -290,6 +290,7 @@ class PreferenceCLI(LightningCLI):
                 f"method:) but the parsed config says {parsed!r}; give the method with --method or as "
                 "a top-level method: key of a --config file"
             )
+        check_lora_strategy(config.trainer.strategy, config.model.get("lora"))
         check_strategy(config.trainer.strategy)
         check_optimizer(config.model.get("optimizer"))
         if self.method.resolve is not None:

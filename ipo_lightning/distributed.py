@@ -275,3 +275,42 @@ def check_strategy(strategy: Any) -> None:
                 f"trainer.strategy {class_path} needs the deepspeed package, which is not installed: "
                 "pip install deepspeed"
             ) from None
+
+
+def check_lora_strategy(strategy: Any, lora: Any) -> None:
+    """Refuse a LoRA policy (``model.lora`` set) under DeepSpeed ZeRO-3, with one message naming both.
+
+    ZeRO-3 keeps every weight in pieces across ranks, and the export merges the adapters into the base
+    weights of the whole model (:func:`ipo_lightning.lora.merged_copy`), which it would see empty.
+    FSDP (gathered for the merge), ZeRO-2, DDP and one process merge whole weights. ``strategy`` is
+    the raw ``trainer.strategy`` value (a name, a class path with init args, or a strategy object).
+    """
+    if lora is None or _deepspeed_stage(strategy) != 3:
+        return
+    raise ConfigError(
+        "model.lora with trainer.strategy PreferenceDeepSpeedStrategy stage 3: ZeRO-3 holds the base "
+        "weights in pieces, and the export merges the adapters into them; use --config "
+        "configs/strategy/fsdp.yaml or configs/strategy/deepspeed_zero2.yaml"
+    )
+
+
+def _deepspeed_stage(strategy: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed ``trainer.strategy`` (Lightning's default 2 when unset), else None."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        return 3 if strategy.zero_stage_3 else 2
+    class_path = _field(strategy, "class_path")
+    if not isinstance(class_path, str) or "DeepSpeed" not in class_path.rsplit(".", 1)[-1]:
+        return None
+    init_args = _field(strategy, "init_args")
+    stage = _field(init_args, "stage")
+    if stage is None:  # a DeepSpeed config given as a mapping states the stage itself
+        stage = _field(_field(_field(init_args, "config"), "zero_optimization"), "stage")
+    return int(stage) if stage is not None else 2
+
+
+def _field(node: Any, key: str) -> Any:
+    """``node[key]`` of a mapping or a jsonargparse namespace; None when absent (or ``node`` is None)."""
+    if node is None or isinstance(node, str):
+        return None
+    getter = getattr(node, "get", None)
+    return getter(key) if callable(getter) else getattr(node, key, None)

@@ -1,15 +1,16 @@
 """Uploading an export to the Hugging Face hub: the start-up checks, what to push, and the push.
 
 A push happens at the end of a fit, after hours of training, so everything that can be known before
-(a malformed repo id, no token, a token the hub rejects, a hub that cannot be reached) is checked when
-the fit starts: :func:`check_hub_access` raises a :class:`~ipo_lightning.errors.ConfigError`, which
-the CLI turns into one line and exit code 2.
+(a malformed repo id, no token, a token the hub rejects or that may not write there, a hub that cannot
+be reached) is checked when the fit starts: :func:`check_hub_access` raises a
+:class:`~ipo_lightning.errors.ConfigError`, which the CLI turns into one line and exit code 2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, validate_repo_id
@@ -42,7 +43,8 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def check_hub_access(repo_id: str, token: str | None = None, endpoint: str | None = None) -> None:
-    """Check at start-up that ``repo_id`` is well formed, a token is set and the hub accepts it.
+    """Check at start-up that ``repo_id`` is well formed, a token is set, the hub accepts it and it
+    may write there (not a read token; a fine-grained one with ``repo.write`` on the namespace).
 
     Args:
         repo_id: the ``--export.push_to_hub`` value.
@@ -73,9 +75,40 @@ def check_hub_access(repo_id: str, token: str | None = None, endpoint: str | Non
         raise ConfigError(
             f"{OPTION}={repo_id}: cannot reach {api.endpoint} ({type(error).__name__}: {error})"
         ) from None
-    role = ((identity.get("auth") or {}).get("accessToken") or {}).get("role")
+    access = (identity.get("auth") or {}).get("accessToken") or {}
+    role = access.get("role")
     if role == "read":
         raise ConfigError(f"{OPTION}={repo_id}: the Hugging Face token is read-only; use a write token")
+    scopes = access.get("fineGrained")
+    if role == "fineGrained" and isinstance(scopes, dict):  # without its scopes there is nothing to judge
+        namespace = repo_id.split("/")[0] if "/" in repo_id else str(identity.get("name", ""))
+        if not fine_grained_can_write(scopes, repo_id, namespace):
+            raise ConfigError(
+                f"{OPTION}={repo_id}: the fine-grained Hugging Face token may not write to {namespace!r} "
+                f"(it needs the repo.write permission on that user or organisation, or on {repo_id}); "
+                "add it to the token or use a write token"
+            )
+
+
+def fine_grained_can_write(scopes: dict[str, Any], repo_id: str, namespace: str) -> bool:
+    """Whether a fine-grained token's scopes (``auth.accessToken.fineGrained`` of the hub's whoami
+    answer) let it create and write ``repo_id`` in ``namespace``.
+
+    The hub lists the token's permissions in ``global`` (account-wide) and in ``scoped``: entries
+    ``{"entity": {"type": "user" | "org" | "model" | ..., "name": ...}, "permissions": [...]}``, a
+    user or organisation by its name, one repo by ``namespace/name``. Writing a model repo takes
+    ``repo.write`` on its namespace or on the repo itself.
+    """
+    if "repo.write" in (scopes.get("global") or []):
+        return True
+    for scope in scopes.get("scoped") or []:
+        entity = scope.get("entity") or {}
+        if "repo.write" not in (scope.get("permissions") or []):
+            continue
+        kind, name = entity.get("type"), entity.get("name")
+        if (kind in ("user", "org") and name == namespace) or (kind == "model" and name == repo_id):
+            return True
+    return False
 
 
 def push_plan(folder: Path, repo_id: str, private: bool, global_step: int) -> PushPlan:

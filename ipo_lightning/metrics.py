@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -63,10 +63,16 @@ class PreferenceMetrics(nn.Module):
         """Accumulate ``values`` and return this batch's means (for step-level logging)."""
         return {name: self.means[self._key(name)](values[name].float()) for name in self.names}
 
-    def update(self, values: dict[str, Tensor]) -> None:
-        """Accumulate ``values`` for an epoch-level mean."""
+    def update(self, values: dict[str, Tensor], weights: Mapping[str, Tensor] | None = None) -> None:
+        """Accumulate ``values`` for an epoch-level mean.
+
+        ``weights``: per metric name, one weight per value (shaped like it); a name without weights
+        weighs its values 1. Evaluation passes 0 for the repeats that pad a rank's share
+        (:mod:`ipo_lightning.data.eval_shards`), so they count for nothing.
+        """
+        weights = weights or {}
         for name in self.names:
-            self.means[self._key(name)].update(values[name].float())
+            self.means[self._key(name)].update(values[name].float(), weights.get(name))
 
     def compute(self) -> dict[str, Tensor]:
         """Means since the last reset, reduced across processes."""

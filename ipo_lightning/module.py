@@ -36,6 +36,7 @@ from ipo_lightning.batching import (
     check_model_batching,
     resolve_batching,
 )
+from ipo_lightning.data.eval_shards import WEIGHT
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
 from ipo_lightning.losses import LossType, check_loss_options, preference_loss, soft_labels_supported
@@ -512,14 +513,19 @@ class PreferenceModule(EvalSetMetrics, L.LightningModule):
         self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Accumulate the metrics of val set number ``dataloader_idx``."""
-        _, values = self.forward_pairs(batch)
-        self.val_metrics[self._set_names("val")[dataloader_idx]].update(values)
+        """Accumulate the metrics of val set number ``dataloader_idx`` (repeats padding a rank's share
+        weigh 0: see :mod:`~ipo_lightning.data.eval_shards`)."""
+        self._eval_step("val", batch, dataloader_idx)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Accumulate the metrics of test set number ``dataloader_idx``."""
+        """Accumulate the metrics of test set number ``dataloader_idx`` (as :meth:`validation_step`)."""
+        self._eval_step("test", batch, dataloader_idx)
+
+    def _eval_step(self, split: str, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         _, values = self.forward_pairs(batch)
-        self.test_metrics[self._set_names("test")[dataloader_idx]].update(values)
+        weight = batch.get(WEIGHT)
+        weights = None if weight is None else dict.fromkeys(values, weight)
+        getattr(self, f"{split}_metrics")[self._set_names(split)[dataloader_idx]].update(values, weights)
 
     # ------------------------------------------------------------------ metrics per eval set
 

@@ -41,6 +41,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ipo_lightning.builtin import resolve_model_path
+from ipo_lightning.data.eval_shards import WEIGHT
 from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.lora import LoraOptions, apply_lora, as_lora_options, check_lora_options, lora_options_dict
@@ -135,14 +136,22 @@ class RewardMetrics(nn.Module):
         keys = ("loss", "accuracy", "margin", "reward", "reward_sq")
         self.means = nn.ModuleDict({key: MeanMetric() for key in keys})
 
-    def update(self, chosen_rewards: Tensor, rejected_rewards: Tensor, losses: Tensor) -> None:
-        """Accumulate one batch's scores ([B] each) and per-pair losses."""
+    def update(
+        self, chosen_rewards: Tensor, rejected_rewards: Tensor, losses: Tensor, weight: Tensor | None = None
+    ) -> None:
+        """Accumulate one batch's scores ([B] each) and per-pair losses.
+
+        ``weight`` [B]: how much each pair counts (both its scores count as much); None: 1 each.
+        Evaluation passes 0 for the repeats that pad a rank's share (:mod:`ipo_lightning.data.eval_shards`).
+        """
         values = pair_values(chosen_rewards, rejected_rewards, losses)
+        weight = None if weight is None else weight.float()
         for name, key in (("loss", "loss"), ("rm/accuracy", "accuracy"), ("rm/margin", "margin")):
-            self.means[key].update(values[name])
+            self.means[key].update(values[name], weight)
         rewards = torch.cat([chosen_rewards, rejected_rewards]).detach().float()
-        self.means["reward"].update(rewards)
-        self.means["reward_sq"].update(rewards**2)
+        score_weight = None if weight is None else torch.cat([weight, weight])
+        self.means["reward"].update(rewards, score_weight)
+        self.means["reward_sq"].update(rewards**2, score_weight)
 
     @property
     def update_count(self) -> int:
@@ -388,7 +397,7 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
     def _eval_step(self, split: str, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         name = self._set_names(split)[dataloader_idx]
         chosen, rejected, losses = self.forward_pairs(batch, self._plain_sets.get(f"{split}/{name}", True))
-        self._ensure_metrics(split)[name].update(chosen, rejected, losses)
+        self._ensure_metrics(split)[name].update(chosen, rejected, losses, batch.get(WEIGHT))
 
     # ------------------------------------------------------------------ metrics per eval set
 

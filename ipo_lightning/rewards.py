@@ -19,6 +19,7 @@ import inspect
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,39 @@ def _keep_the_end(ids: list[int], tokenizer: PreTrainedTokenizerBase, max_length
     return head + ids[len(ids) - (max_length - len(head)) :]
 
 
+def position_offset(model: torch.nn.Module) -> int:
+    """How many rows of the model's learned position table come before the first token's: 0 for most
+    models, ``padding_idx + 1`` for RoBERTa-style ones (RoBERTa, XLM-R, CamemBERT, ESM, MPNet, ...).
+
+    transformers numbers those models' positions with ``create_position_ids_from_input_ids`` (a method
+    of the embeddings module, or a function of its modeling file): positions start at
+    ``padding_idx + 1``, so a table of ``max_position_embeddings`` rows holds that many fewer tokens.
+    """
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if not isinstance(padding_idx, int) or not isinstance(
+            getattr(module, "position_embeddings", None), torch.nn.Embedding
+        ):
+            continue
+        modeling_file = sys.modules.get(type(module).__module__)
+        if hasattr(module, "create_position_ids_from_input_ids") or hasattr(
+            modeling_file, "create_position_ids_from_input_ids"
+        ):
+            return padding_idx + 1
+    return 0
+
+
+def longest_input(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most tokens the reward model scores at once: the tokenizer's ``model_max_length`` and the
+    model's ``max_position_embeddings`` less its :func:`position_offset`, the smaller; ``None`` (no
+    cut) when neither is known."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    limits = [tokenizer.model_max_length, positions - position_offset(model) if positions else None]
+    # Tokenizers without a limit report a huge model_max_length.
+    known = [limit for limit in limits if isinstance(limit, int) and limit < 1_000_000_000]
+    return min(known) if known else None
+
+
 class RewardModelScorer:
     """Scores texts with a sequence-classification reward model: logit 0 at each text's last token.
 
@@ -282,10 +316,7 @@ class RewardModelScorer:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None)]
-        # Tokenizers without a limit report a huge model_max_length: no cut then.
-        known = [limit for limit in limits if isinstance(limit, int) and limit < 1_000_000_000]
-        self.max_length = min(known) if known else None
+        self.max_length = longest_input(model, tokenizer)
 
     @classmethod
     def load(

@@ -31,18 +31,21 @@ def test_registry_holds_every_mode_and_the_default_list(bench) -> None:
     expected = {"sft", "default", "padded", "padding_free", "prefix_shared", "precomputed"}
     assert expected | {"trl_ipo", "trl_ipo_precompute"} <= set(bench.MODES)
     assert set(bench.DEFAULT_MODES) <= set(bench.MODES) and set(bench.BASELINES) <= set(bench.DEFAULT_MODES)
-    assert bench.MODES["trl_ipo"].needs == "trl" and bench.MODES["default"].needs is None
+    assert bench.MODES["trl_ipo"].needs == ("trl",) and bench.MODES["default"].needs == ()
+    assert bench.MODES["trl_ipo_liger"].needs == ("trl", "liger_kernel") and bench.MODES["trl_ipo_liger"].cuda
+    assert bench.unavailable("default") is None
+    assert bench.unavailable("trl_ipo_liger") in ("liger_kernel not installed", "needs a CUDA device", None)
 
 
 def test_workload_pairs_are_text_of_the_requested_token_lengths(bench, tmp_path: Path) -> None:
     work = bench.Workload(hidden=32, layers=1, heads=2, vocab=600, prompt_max=12, completion_max=20, steps=1)
-    folder = bench.prepare(work, tmp_path)
-    config = json.loads((folder / "model" / "config.json").read_text())
+    model, folder = bench.prepare(work, tmp_path)
+    config = json.loads((model / "config.json").read_text())
     assert config["vocab_size"] == 600 and config["hidden_size"] == 32
     pairs = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
     lengths = json.loads((folder / "lengths.json").read_text())
     assert len(pairs) == len(lengths) == work.batch_size * (work.warmup + work.steps)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
     for pair, (prompt, chosen, rejected) in zip(pairs, lengths, strict=True):
         encoded = [len(tokenizer(pair[k], add_special_tokens=False)["input_ids"]) for k in pair]
         assert encoded == [prompt, chosen - 1, rejected - 1]  # completions: + EOS, as ipo_lightning adds it
@@ -51,7 +54,25 @@ def test_workload_pairs_are_text_of_the_requested_token_lengths(bench, tmp_path:
         assert pair["chosen"].startswith(" ") and pair["rejected"].startswith(" ")
     assert sum(prompt >= 9 for prompt, _, _ in lengths) >= len(lengths) // 2  # mostly within the jitter
     assert bench.real_tokens(lengths[:2]) == sum(2 * p + c + r for p, c, r in lengths[:2])
-    assert bench.prepare(work, tmp_path) == folder  # cached by the workload's key
+    assert bench.prepare(work, tmp_path) == (model, folder)  # cached by the workload's key
+    # Another length shares the model; repeated pairs are the first ones again.
+    repeated = bench.Workload(**{**vars(work), "prompt_max": 10, "unique_pairs": 3})
+    model_again, other = bench.prepare(repeated, tmp_path)
+    assert model_again == model and other != folder
+    lines = (other / "pairs.jsonl").read_text().splitlines()
+    assert len(lines) == repeated.num_pairs and len(set(lines)) == 3 and lines[3:6] == lines[:3]
+
+
+def test_qwen2_shape_is_built_as_named(bench, tmp_path: Path) -> None:
+    work = bench.Workload(model="qwen2-small", vocab=600, prompt_max=12, completion_max=20, steps=1)
+    model, _ = bench.prepare(work, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    shape = bench.QWEN2_SHAPES["qwen2-small"]
+    assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is True
+    assert config["num_key_value_heads"] == shape["num_key_value_heads"] == 2
+    assert config["vocab_size"] == shape["vocab_size"] > len(AutoTokenizer.from_pretrained(model)) == 600
+    with pytest.raises(ValueError, match="--model 'gpt9'"):
+        bench.prepare_model(bench.Workload(model="gpt9"), tmp_path)
 
 
 def test_cli_config_is_a_valid_fit_config(
@@ -61,9 +82,9 @@ def test_cli_config_is_a_valid_fit_config(
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as run_environment's PYTHONPATH does
 
-    work = bench.Workload(steps=5)
-    run = bench.Run(folder=tmp_path / "work", scratch=tmp_path / "scratch")
-    for batching, precomputed in ((None, False), ("padded", True)):
+    run = bench.Run(model=tmp_path / "model", pairs=tmp_path / "pairs.jsonl", scratch=tmp_path / "scratch")
+    for batching, precomputed, lean in ((None, False, 0), ("padded", True, 1)):
+        work = bench.Workload(steps=5, lean=lean, precision="bf16" if lean else "32")
         config = bench.cli_config(work, run, batching=batching, precomputed=precomputed)
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -74,6 +95,10 @@ def test_cli_config_is_a_valid_fit_config(
         assert printed["model"]["batching"] == (batching or "auto")  # the default, unless a mode names one
         assert printed["model"]["reference"] == ("precomputed" if precomputed else None)
         assert printed["trainer"]["max_steps"] == 7 and printed["data"]["batch_size"] == 8
+        assert printed["data"]["max_length"] == 48 + 80 and printed["data"]["max_prompt_length"] is None
+        assert printed["trainer"]["precision"] == ("bf16-mixed" if lean else None)
+        assert printed["trainer"]["enable_checkpointing"] is (False if lean else None)
+        assert printed["export"]["enabled"] is (not lean) and printed["wandb"]["enabled"] is (not lean)
         (clock,) = printed["trainer"]["callbacks"]
         assert clock["class_path"] == "step_clock.LightningStepClock"
         assert clock["init_args"]["out"] == str(run.clock)
@@ -86,7 +111,10 @@ def test_a_run_is_timed_from_the_last_warm_up_step(bench) -> None:
     out = bench.summarize_run("m", work, lengths, {"marks": marks, "peak_rss_mb": 123.0})
     assert out["pairs_per_s"] == 12 / (8.0 - 2.0) and out["pairs_per_cpu_s"] == 12 / (17.0 - 11.0)
     assert out["tokens_per_s"] == 12 * 70 / 6.0 and out["peak_rss_mb"] == 123.0
-    assert out["step_wall_s"] == [2.0, 1.0, 3.0] and out["steps"] == 3
+    assert out["step_wall_s"] == [2.0, 1.0, 3.0] and out["steps"] == 3 and "peak_cuda_alloc_mb" not in out
+    cuda = {"device": "GPU", "peak_cuda_alloc_mb": 5.0, "peak_cuda_reserved_mb": 6.0}
+    out = bench.summarize_run("m", work, lengths, {"marks": marks, "peak_rss_mb": 1.0, **cuda})
+    assert {k: out[k] for k in cuda} == cuda
     with pytest.raises(ValueError, match="m: 4 steps ran, expected 5"):
         bench.summarize_run("m", work, lengths, {"marks": marks[:4], "peak_rss_mb": 1.0})
 
@@ -114,6 +142,12 @@ def test_summary_ratios_are_medians_of_same_round_ratios(bench) -> None:
     )  # median of 1050/1000, 1150/1100, 1250/1200
     assert summary["padded"]["pairs_per_s"] == 4.0 and summary["padded"]["steps"] == 15
     assert summary["sft"]["vs_sft"] == 1.0 and "vs_trl_ipo" not in summary["padded"]
+    assert "mem_vs_sft" not in summary["padded"]  # no CUDA numbers in these runs
+    for r in runs:
+        r["peak_cuda_alloc_mb"] = 300.0 if r["mode"] == "padded" else 100.0 * (r["round"] + 1)
+    summary = {s["mode"]: s for s in bench._summaries(runs, ["sft", "padded"], 3, baselines=("sft",))}
+    assert summary["padded"]["mem_vs_sft"] == 1.5  # median of 3, 1.5, 1
+    assert summary["padded"]["peak_cuda_alloc_mb"] == 300.0 and "vs_padded" not in summary["sft"]
     # A round a mode did not finish is left out of its ratios.
     partial = [r for r in runs if (r["mode"], r["round"]) != ("padded", 2)]
     assert bench._summaries(partial, ["sft", "padded"], repeats=3)[1]["vs_sft"] == round((0.5 + 2.0) / 2, 3)

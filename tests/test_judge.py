@@ -20,7 +20,7 @@ from ipo_lightning.generation_metrics import win_rate
 from ipo_lightning.gold import gold_reward
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import polite_pairs, save_tiny_reward_model, write_jsonl
+from tests.helpers import polite_pairs, run_main, save_tiny_reward_model, write_jsonl
 
 USERS = [
     "tell me about the sea",
@@ -167,3 +167,47 @@ def test_the_judge_draws_the_val_fraction_held_out_prompts_the_run_validated_on(
     expected = [prompt.text for prompt in held_out_prompts(module, HELD_OUT_NAME, 10)]
     assert saved["val_set"] == HELD_OUT_NAME and [s["prompt"] for s in saved["samples"]] == expected
     assert saved["prompts"] == len(expected) >= 2
+
+
+BROKEN_REWARD = "tests.reward_fixtures_broken:reward"  # loading it fails (its module's import does)
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("missing", "{run}: no such run folder"),
+        ("no_export", "{run}: no hf_model/ export to judge"),
+        ("bad_yaml", "{run}/config.yaml: not valid YAML"),
+        ("no_val_set", "{run}: the run has no validation set"),
+    ],
+)
+def test_the_judge_reports_a_bad_run_folder_before_it_loads_the_reward(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], damage: str, expected: str
+) -> None:
+    run_dir = _chat_run(tmp_path, tiny_model_dir)
+    if damage == "missing":
+        run_dir = run_dir.parent / "version_9"
+    elif damage == "no_export":
+        shutil.rmtree(run_dir / "hf_model")
+    elif damage == "bad_yaml":
+        (run_dir / "config.yaml").write_text("model: {model_name_or_path: [unclosed\n")
+    else:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config["data"] = {**config["data"], "train": config["data"]["val"]["chat"], "val": {}}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()  # the setup's output
+    code, stderr = run_main(["judge", str(run_dir), "--reward", BROKEN_REWARD], capsys)
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]  # not data progress bars
+    assert len(errors) == 1 and errors[0].startswith("error: " + expected.format(run=run_dir)), stderr
+    assert "Traceback" not in stderr
+    assert not (run_dir / "judge.json").exists()
+
+
+def test_the_broken_reward_fixture_fails_to_load_on_a_sound_run_folder(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The counterpart of the test above: with nothing wrong in the run folder, the reward's own error shows.
+    run_dir = _chat_run(tmp_path, tiny_model_dir)
+    code, stderr = run_main(["judge", str(run_dir), "--reward", BROKEN_REWARD], capsys)
+    assert code == 2 and "ipo_lightning_no_such_dependency" in stderr and str(run_dir) not in stderr

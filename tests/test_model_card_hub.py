@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import http.server
+import json
 import math
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import huggingface_hub.constants
 import pytest
 import torch
 import wandb
@@ -316,3 +323,122 @@ def test_a_failed_upload_is_one_line_that_says_how_to_retry(tmp_path: Path) -> N
         f"the export is in {tmp_path / 'hf_model'}; retry with `hf upload me/m {plan.folder} .`"
     )
     assert "\n" not in message
+
+
+@contextlib.contextmanager
+def _whoami_hub(answer: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server that answers the hub's ``/api/whoami-v2`` with ``answer`` (404 otherwise):
+    its URL, and the Authorization headers it was sent."""
+    seen: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            seen.append(f"{self.path} {self.headers.get('Authorization', '')}".strip())
+            body = json.dumps(answer).encode() if self.path == "/api/whoami-v2" else b"{}"
+            self.send_response(200 if self.path == "/api/whoami-v2" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _fine_grained(*scoped: tuple[str, str, list[str]], global_: list[str] | None = None) -> dict[str, Any]:
+    """A whoami answer of user ``me`` (member of org ``lab``) for a fine-grained token with these
+    ``(entity type, entity name, permissions)`` scopes, in the shape the hub sends."""
+    return {
+        "type": "user",
+        "name": "me",
+        "orgs": [{"type": "org", "name": "lab"}],
+        "auth": {
+            "type": "access_token",
+            "accessToken": {
+                "displayName": "ci",
+                "role": "fineGrained",
+                "fineGrained": {
+                    "canReadGatedRepos": False,
+                    "global": global_ or ["discussion.write", "post.write"],
+                    "scoped": [
+                        {"entity": {"_id": "x", "type": kind, "name": name}, "permissions": permissions}
+                        for kind, name, permissions in scoped
+                    ],
+                },
+            },
+        },
+    }
+
+
+READ_ONLY = ["repo.content.read", "repo.access.read"]
+WRITE = [*READ_ONLY, "repo.write"]
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "scoped", "allowed"),
+    [
+        ("me/m", [("user", "me", WRITE)], True),
+        ("m", [("user", "me", WRITE)], True),  # no namespace: the token's user
+        ("lab/m", [("user", "me", WRITE), ("org", "lab", WRITE)], True),
+        ("me/m", [("model", "me/m", WRITE)], True),  # this repo only
+        ("me/m", [("user", "me", READ_ONLY)], False),
+        ("lab/m", [("user", "me", WRITE), ("org", "lab", READ_ONLY)], False),
+        ("lab/m", [("user", "me", WRITE)], False),  # the user's scope is not the org's
+        ("me/other", [("model", "me/m", WRITE)], False),
+        ("me/m", [], False),
+    ],
+)
+def test_a_fine_grained_token_must_grant_writing_to_the_repo_namespace(
+    monkeypatch: pytest.MonkeyPatch, repo_id: str, scoped: list[tuple[str, str, list[str]]], allowed: bool
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the local stand-in only
+    with _whoami_hub(_fine_grained(*scoped)) as (endpoint, seen):
+        if allowed:
+            check_hub_access(repo_id, token="hf_fine", endpoint=endpoint)
+        else:
+            namespace = repo_id.split("/")[0] if "/" in repo_id else "me"
+            with pytest.raises(ConfigError) as refused:
+                check_hub_access(repo_id, token="hf_fine", endpoint=endpoint)
+            message = str(refused.value)
+            assert message.startswith(
+                f"export.push_to_hub={repo_id}: the fine-grained Hugging Face token may not write to "
+                f"{namespace!r}"
+            )
+            assert "\n" not in message
+    assert seen == ["/api/whoami-v2 Bearer hf_fine"]  # the token was checked by the stand-in hub, once
+
+
+def test_a_write_token_passes_and_a_read_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    write = {"type": "user", "name": "me", "auth": {"accessToken": {"role": "write"}}}
+    with _whoami_hub(write) as (endpoint, _):
+        check_hub_access("lab/m", token="hf_w", endpoint=endpoint)
+    # A fine-grained token whose answer lists no scopes at all: nothing to judge, so it passes.
+    unlisted = {"type": "user", "name": "me", "auth": {"accessToken": {"role": "fineGrained"}}}
+    with _whoami_hub(unlisted) as (endpoint, _):
+        check_hub_access("me/m", token="hf_f", endpoint=endpoint)
+    read = {"type": "user", "name": "me", "auth": {"accessToken": {"role": "read"}}}
+    with _whoami_hub(read) as (endpoint, _), pytest.raises(ConfigError, match="token is read-only"):
+        check_hub_access("me/m", token="hf_r", endpoint=endpoint)
+
+
+@pytest.mark.slow
+def test_a_fine_grained_token_without_write_access_stops_the_fit_at_start_up(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    with _whoami_hub(_fine_grained(("user", "me", READ_ONLY))) as (endpoint, seen):
+        result = _fit_pushing(tmp_path, tiny_model_dir, HF_ENDPOINT=endpoint, HF_TOKEN="hf_fine")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = _error_lines(result)
+    assert line.startswith("error: export.push_to_hub=me/m: the fine-grained Hugging Face token may not")
+    assert "/api/whoami-v2 Bearer hf_fine" in seen  # the token was checked by the stand-in hub
+    assert _no_run_folder(tmp_path)

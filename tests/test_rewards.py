@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.gold import gold_reward
@@ -256,3 +261,40 @@ def test_validation_refuses_nonfinite_scores_from_a_reward_model(reward_dir: Pat
     reward = load_reward(str(broken), option=OPTION, device="cpu")
     with pytest.raises(RewardError, match=r"value 0 is nan, not a finite number$"):
         reward(PROMPTS, COMPLETIONS)
+
+
+def test_a_roberta_reward_model_scores_a_text_longer_than_its_position_table(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # RoBERTa's layout: pad id 1, 514 position rows, positions from pad + 1 = 2, so 512 tokens at most.
+    # The tiny tokenizer reports no model_max_length; its id 1 (EOS, never in these texts) is the pad.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(1)
+    assert tokenizer.pad_token_id == 1 and tokenizer.model_max_length > 1_000_000
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=1,
+        pad_token_id=1,
+        max_position_embeddings=514,
+        initializer_range=0.5,
+    )
+    folder = tmp_path / "roberta"
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompt, completion = "tell me about the sea " * 60, "thank you for the bread"
+    ids = AutoTokenizer.from_pretrained(folder)(prompt + completion)["input_ids"]
+    assert len(ids) > 514 and 1 not in ids
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with pytest.raises((IndexError, RuntimeError), match="out of"):  # 513 tokens reach position 514
+        model(input_ids=torch.tensor([ids[-513:]]))
+    expected = _direct_scores(folder, [ids[-512:]])  # the tokenizer adds no special tokens: the end
+
+    scores = load_reward(str(folder), option=OPTION, device="cpu")([prompt], [completion])
+    assert scores == pytest.approx(expected, abs=1e-5, rel=1e-5)
+    assert _direct_scores(folder, [ids[-400:]]) != pytest.approx(expected, abs=1e-3)  # the cut matters

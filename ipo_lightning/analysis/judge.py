@@ -56,7 +56,10 @@ def judge_run(
     """
     if prompts < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("--prompts, --max_new_tokens and --batch_size must be at least 1")
-    scorer = load_reward(reward, option=option, batch_size=batch_size)
+    # Every check of the run folder comes before the reward is loaded: a reward model takes long to
+    # load, and a mistyped run folder should be reported at once.
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run folder")
     run = load_run(run_dir)
     policy_dir = run_dir / "hf_model"
     if not policy_dir.is_dir():
@@ -70,6 +73,7 @@ def judge_run(
         )
     primary = data.val_set_names[0]
     held = held_out_prompts(data, primary, prompts)
+    scorer = load_reward(reward, option=option, batch_size=batch_size)
     options = EvalOptions(
         samples_per_prompt=0, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size
     )

@@ -67,5 +67,11 @@ def load_run(run_dir: str | Path) -> RunMetrics:
     with metrics_file.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     config_file = run_dir / "config.yaml"
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except yaml.YAMLError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserInputError(f"{config_file}: not valid YAML ({reason})") from None
+    if config is not None and not isinstance(config, dict):
+        raise UserInputError(f"{config_file}: not a mapping of settings (it holds a {type(config).__name__})")
     return RunMetrics(run_dir=run_dir, rows=rows, config=config or {})

@@ -17,11 +17,12 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from transformers import AutoTokenizer
+from peft import PeftModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from ipo_lightning.analysis.run_logs import RunMetrics
 from ipo_lightning.builtin import resolve_model_path
-from ipo_lightning.distributed import full_policy_state_dict
+from ipo_lightning.distributed import full_policy_state_dict, full_weights_for_local_forwards
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.hub import check_hub_access, push_export, push_plan
 from ipo_lightning.lora import is_lora, merged_copy
@@ -107,6 +108,8 @@ class HFExport(Callback):
         attribute = getattr(pl_module, "export_attribute", "policy")
         # Every rank takes part: under FSDP and ZeRO-3 the weights are gathered from all of them.
         state_dict = full_policy_state_dict(trainer, pl_module, attribute)
+        policy = _unwrapped(getattr(pl_module, attribute))
+        merged = _merged_lora(trainer, policy) if is_lora(policy) else None  # every rank, as above
         if not trainer.is_global_zero:
             return
         nonfinite = [name for name, tensor in state_dict.items() if not torch.isfinite(tensor).all()]
@@ -118,7 +121,6 @@ class HFExport(Callback):
             )
             self.export_dir = None
             return
-        policy = _unwrapped(getattr(pl_module, attribute))
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -128,11 +130,12 @@ class HFExport(Callback):
         staging = target.parent / f".{self.dirname}-{secrets.token_hex(4)}"
         staging.mkdir()  # unlike tempfile.mkdtemp's 0700, the umask decides
         try:
-            if is_lora(policy):
-                # Not gathered: LoRA is supported with DDP and one process, where weights are whole.
-                merged_copy(policy).save_pretrained(staging, safe_serialization=True)
-                if self.save_adapter:
-                    policy.save_pretrained(staging / ADAPTER_DIRNAME, safe_serialization=True)
+            if merged is not None:
+                merged.save_pretrained(staging, safe_serialization=True)
+                if self.save_adapter:  # the adapter's weights cut from the full state dict
+                    policy.save_pretrained(
+                        staging / ADAPTER_DIRNAME, state_dict=state_dict, safe_serialization=True
+                    )
             else:
                 policy.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(staging)
@@ -242,6 +245,18 @@ def _apply_umask(folder: Path) -> None:
     os.umask(umask)
     for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _merged_lora(trainer: L.Trainer, policy: PeftModel) -> PreTrainedModel | None:
+    """On rank 0 the LoRA ``policy`` with its adapters merged (:func:`merged_copy`), None elsewhere.
+
+    Call it on every rank: under FSDP the merge needs the policy's full weights, gathered for it on
+    every rank (one unsharded copy of the policy per device while it runs, plus the merged copy on
+    rank 0). DDP, ZeRO-2 and one process hold whole weights already. ZeRO-3 is refused with LoRA at
+    start-up (:func:`ipo_lightning.distributed.check_lora_strategy`).
+    """
+    with full_weights_for_local_forwards(trainer.strategy):
+        return merged_copy(policy) if trainer.is_global_zero else None
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ipo_lightning.data.eval_shards import WEIGHT
 from ipo_lightning.reference import PRECOMPUTED_KEYS as REF_LOGP_KEYS
 
 
@@ -28,6 +29,8 @@ class PairwiseCollator:
     - ``ref_{chosen,rejected}_logp_sum`` and ``ref_{chosen,rejected}_token_count`` FloatTensor [B], only
       if every feature carries them (precomputed reference log-prob sums and scored token counts, see
       ``ipo_lightning.precompute``).
+    - ``weight`` FloatTensor [B], only if every feature carries one: 1.0 for a pair that counts in the
+      evaluation metrics, 0.0 for a repeat that pads a rank's share (:mod:`ipo_lightning.data.eval_shards`).
 
     Padding is located by lengths, never by token id, so a pad id equal to EOS is safe.
 
@@ -64,4 +67,6 @@ class PairwiseCollator:
         if all(key in f for f in features for key in REF_LOGP_KEYS):
             for key in REF_LOGP_KEYS:
                 batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
+        if all(WEIGHT in f for f in features):
+            batch[WEIGHT] = torch.tensor([float(f[WEIGHT]) for f in features], dtype=torch.float32)
         return batch

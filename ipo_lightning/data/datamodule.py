@@ -13,11 +13,12 @@ import pyarrow.compute as pc
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data.collator import PairwiseCollator
+from ipo_lightning.data.eval_shards import eval_shards
 from ipo_lightning.data.formats import DATA_FORMATS, DataFormat, validate_columns
 from ipo_lightning.data.noise import FLIPPED_COLUMN, check_label_noise, flip_labels
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
@@ -392,18 +393,26 @@ class PreferenceDataModule(L.LightningDataModule):
             self._resume_position = (state_dict["epoch"], state_dict["batches_done"])
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per validation set, in ``val_set_names`` order (a list even for one set)."""
-        return [
-            self._loader(self._built(self.val_datasets, n, "validate"), self.val_batch_size)
-            for n in self.val_set_names
-        ]
+        """One loader per validation set, in ``val_set_names`` order (a list even for one set).
+
+        Each rank gets an equal share of a set, padded with weight-0 repeats (see
+        :mod:`~ipo_lightning.data.eval_shards`), so every pair counts once in the metrics.
+        """
+        return [self._eval_loader(self._built(self.val_datasets, n, "validate")) for n in self.val_set_names]
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One loader per test set, in ``test_set_names`` order (a list even for one set)."""
-        return [
-            self._loader(self._built(self.test_datasets, n, "test"), self.val_batch_size)
-            for n in self.test_set_names
-        ]
+        """One loader per test set, in ``test_set_names`` order (a list even for one set), split over
+        ranks as :meth:`val_dataloader` splits a set."""
+        return [self._eval_loader(self._built(self.test_datasets, n, "test")) for n in self.test_set_names]
+
+    def _eval_loader(self, dataset: datasets.Dataset) -> DataLoader:
+        trainer = self.trainer
+        padded, sampler = eval_shards(
+            dataset,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        return self._loader(padded, self.val_batch_size, sampler=sampler)
 
     @staticmethod
     def _built(sets: Mapping[str, datasets.Dataset], name: str, stage: str) -> datasets.Dataset:
@@ -413,9 +422,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _loader(
         self,
-        dataset: datasets.Dataset,
+        dataset: Dataset,
         batch_size: int,
-        sampler: ResumableDistributedSampler | None = None,
+        sampler: DistributedSampler | None = None,
         generator: torch.Generator | None = None,
     ) -> DataLoader:
         return DataLoader(

@@ -26,9 +26,10 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ipo_lightning.data.datamodule import load_tokenizer
+from ipo_lightning.data.eval_shards import WEIGHT, eval_shards
 from ipo_lightning.data.formats import (
     DATA_FORMATS,
     DataFormat,
@@ -200,10 +201,20 @@ class PromptDataModule(L.LightningDataModule):
         missing = [name for name in self.val_set_names if name not in self.val_datasets]
         if missing:
             raise ConfigError(f"data set {missing[0]!r} is not built: call setup('validate') first")
-        return [self._loader(self.val_datasets[name], self.val_batch_size) for name in self.val_set_names]
+        trainer = self.trainer
+        loaders = []
+        for name in self.val_set_names:
+            # Equal shares per rank, padded with weight-0 repeats: every prompt counts once.
+            padded, sampler = eval_shards(
+                self.val_datasets[name],
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+            )
+            loaders.append(self._loader(padded, self.val_batch_size, sampler=sampler))
+        return loaders
 
     def _loader(
-        self, dataset: datasets.Dataset, batch_size: int, sampler: ResumableDistributedSampler | None = None
+        self, dataset: Dataset, batch_size: int, sampler: DistributedSampler | None = None
     ) -> DataLoader:
         return DataLoader(
             dataset,
@@ -231,12 +242,16 @@ class PromptDataModule(L.LightningDataModule):
 
 
 def collate_prompts(rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor | list[Any]]:
-    """A batch of prompts: ``prompt_index`` [B] (long), ``prompt_ids`` and ``prompt_json`` (lists)."""
-    return {
+    """A batch of prompts: ``prompt_index`` [B] (long), ``prompt_ids`` and ``prompt_json`` (lists), and
+    ``weight`` [B] (float) when every row has one (validation, see :mod:`~ipo_lightning.data.eval_shards`)."""
+    batch: dict[str, Tensor | list[Any]] = {
         PROMPT_INDEX: torch.tensor([int(row[PROMPT_INDEX]) for row in rows], dtype=torch.long),
         PROMPT_IDS: [list(row[PROMPT_IDS]) for row in rows],
         PROMPT_COLUMN: [row[PROMPT_COLUMN] for row in rows],
     }
+    if all(WEIGHT in row for row in rows):
+        batch[WEIGHT] = torch.tensor([float(row[WEIGHT]) for row in rows], dtype=torch.float32)
+    return batch
 
 
 def distinct_prompts(

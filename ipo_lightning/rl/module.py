@@ -46,6 +46,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ipo_lightning.batching import Batching, BatchingOption
+from ipo_lightning.data.eval_shards import WEIGHT
 from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.data.prompts import held_out_prompt, reward_conversations
 from ipo_lightning.errors import ConfigError
@@ -396,6 +397,14 @@ class OnPolicyModule(L.LightningModule):
             "eos_rate": rollout.ended.flatten().float(),
         }
 
+    @staticmethod
+    def rollout_weights(rollout: Rollout, weight: Tensor) -> dict[str, Tensor]:
+        """Weights shaped like :meth:`rollout_values` from one weight per prompt (``weight`` [B]): each
+        of a prompt's samples, and each token of them for ``entropy``, weighs what the prompt does."""
+        per_sample = weight.float()[:, None].expand_as(rollout.rewards).flatten()
+        per_token = per_sample.repeat_interleave(rollout.lengths.flatten())
+        return {name: per_token if name == "entropy" else per_sample for name in ROLLOUT_METRICS}
+
     def rollout_loss(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """The method's loss of a rollout and the values of its :attr:`method_metrics`."""
         raise NotImplementedError
@@ -439,7 +448,9 @@ class OnPolicyModule(L.LightningModule):
         names = self._val_set_names()
         if names[dataloader_idx] not in self.val_metrics:
             self.val_metrics[names[dataloader_idx]] = PreferenceMetrics(ROLLOUT_METRICS).to(self.device)
-        self.val_metrics[names[dataloader_idx]].update(self.rollout_values(rollout))
+        weight = batch.get(WEIGHT)
+        weights = None if weight is None else self.rollout_weights(rollout, weight.to(self.device))
+        self.val_metrics[names[dataloader_idx]].update(self.rollout_values(rollout), weights)
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/<set>/<metric>`` for every set; the first (primary) set also as ``val/<metric>``."""

@@ -1,0 +1,104 @@
+"""A LoRA policy (its reference: the base with the adapters off) under the sharded strategies: FSDP on two
+CPU processes trains and exports what one process does; DeepSpeed ZeRO-3 is refused at start-up."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from ipo_lightning.lora import merged_copy
+from ipo_lightning.module import PreferenceModule
+from tests.helpers import REPO, fit_config, polite_pairs, run_clis, run_main, write_config, write_jsonl
+
+LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def _lora_config(tmp_path: Path, model_dir: Path, **sections: dict[str, object]) -> Path:
+    """A fit config of a LoRA policy of the tiny model; ``sections`` merged over it."""
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(8))
+    model = {"lora": LORA, **sections.pop("model", {})}
+    config = fit_config(tmp_path, model_dir, train, model=model, **sections)
+    return write_config(tmp_path / "config.yaml", config)
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero3.yaml", "deepspeed_zero2.yaml"])
+def test_lora_under_zero3_is_refused_at_start_up(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], strategy: str
+) -> None:
+    config = _lora_config(tmp_path, tiny_model_dir, trainer={"logger": False})
+    args = ["fit", "--config", str(config), "--config", str(REPO / "configs" / "strategy" / strategy)]
+    code, err = run_main(args, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    refused = "error: model.lora with trainer.strategy PreferenceDeepSpeedStrategy stage 3"
+    if strategy == "deepspeed_zero3.yaml":
+        assert lines[0].startswith(refused) and "configs/strategy/fsdp.yaml" in lines[0]
+    else:  # ZeRO-2 holds whole weights: LoRA passes this check (and meets the next one here)
+        assert not lines[0].startswith(refused)
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    config = _lora_config(
+        tmp_path,
+        tiny_model_dir,
+        trainer={"max_steps": 3, "limit_val_batches": 0, "enable_model_summary": False},
+        model={
+            "reference": "lora",
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+            "warmup_ratio": 0.0,
+        },
+        data={"batch_size": 2},
+        divergence={"every_n_steps": 0},
+        export={"save_adapter": True},
+        wandb={"enabled": False},
+    )
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    fsdp_args = ["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"), "--trainer.devices", "2"]
+    runs = {
+        single: [],
+        # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
+        fsdp: [*fsdp_args, "--trainer.accelerator", "cpu", "--data.batch_size", "1"],
+    }
+    commands = [
+        ["fit", "--config", str(config), *args, "--trainer.default_root_dir", str(root)]
+        for root, args in runs.items()
+    ]
+    for result in run_clis(tmp_path, *commands):
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+    single_losses, fsdp_losses = _train_losses(single / "version_0"), _train_losses(fsdp / "version_0")
+    assert len(single_losses) == 3 and single_losses[-1] < single_losses[0]  # it learned
+    assert fsdp_losses == pytest.approx(single_losses, rel=1e-5)
+    # The export: the merged model, a plain folder; the same weights as one process's, trained ones.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(single / "version_0" / "hf_model").state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(fsdp / "version_0" / "hf_model")
+    merged = exported.state_dict()
+    assert set(merged) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert max((merged[name] - base[name]).abs().max().item() for name in base) > 1e-3
+    # The unmerged adapter saved beside it loads on the base and merges to the export.
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), fsdp / "version_0" / "hf_model" / "adapter"
+    )
+    for name, tensor in adapter.merge_and_unload().state_dict().items():
+        torch.testing.assert_close(tensor, merged[name], msg=name)
+    # The FSDP checkpoint (state_dict_type full: one file) loads back into one process's module.
+    (checkpoint,) = (fsdp / "version_0" / "checkpoints").glob("*.ckpt")
+    restored = PreferenceModule.load_from_checkpoint(checkpoint)
+    for name, tensor in merged_copy(restored.policy).state_dict().items():
+        torch.testing.assert_close(tensor, merged[name], msg=name)
