@@ -4,7 +4,7 @@
 #   scale    DDP/FSDP/ZeRO-2/ZeRO-3 on a tiny Llama in float32                  -> scale.jsonl    (~100 s)
 #   qwen     the same on a random-init Qwen2.5-0.5B-shaped model, bf16-mixed    -> qwen.jsonl     (~150 s)
 #   packing  padding_free vs padded log-probs in bf16 (sdpa; flash-attn if any) -> packing.jsonl  (~20 s)
-#   bench    benchmarks/gpu_throughput.py, when the file exists                 -> bench.jsonl
+#   bench    benchmarks/gpu_throughput.py, when the file exists                 -> bench.jsonl    (~240 s)
 #
 #   bash scripts/gpu_check.sh                     # every part
 #   GPU_CHECK_ONLY=scale,packing bash scripts/gpu_check.sh
@@ -74,7 +74,12 @@ part scale 240 "$PY" scripts/gpu_check_scale.py --model tiny
 part qwen 330 "$PY" scripts/gpu_check_scale.py --model qwen
 part packing 120 "$PY" scripts/gpu_check_packing.py
 if [ -f benchmarks/gpu_throughput.py ]; then
-  part bench 200 "$PY" benchmarks/gpu_throughput.py --out "$OUT/bench.jsonl"
+  # The benchmark caps itself at --budget-s (GPU_CHECK_BENCH_BUDGET, default 210 s; --small on CPU).
+  BENCH_BUDGET="${GPU_CHECK_BENCH_BUDGET:-210}"
+  SMALL_FLAG=()
+  [ "$ACCELERATOR" = cpu ] && SMALL_FLAG=(--small)
+  part bench $((BENCH_BUDGET + 30)) "$PY" benchmarks/gpu_throughput.py --out "$OUT/bench.jsonl" \
+    --budget-s "$BENCH_BUDGET" "${SMALL_FLAG[@]}"
 fi
 say "all parts: $((SECONDS - TOTAL_START)) s, $([ $status -eq 0 ] && echo ok || echo FAILED)"
 rm -rf "$WORK"
