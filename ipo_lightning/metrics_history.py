@@ -187,7 +187,7 @@ class MetricsHistory(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mark()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException) -> None:
         # A stop raised at a batch start (the SLURM requeue's exit) may come before this callback's own
         # on_train_batch_start: the saving batch is over, so its rows belong to the history all the same.
         self._mark()

@@ -3,14 +3,18 @@ mid-epoch, the requeued relaunch resumes, and the run ends as an uninterrupted o
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.resume import check_same_run
 from tests.helpers import fit_config, run_clis, write_config, write_jsonl
 
 REWARD = "tests.reward_fixtures:length_reward"
@@ -134,3 +138,96 @@ def test_on_policy_runs_requeued_mid_epoch_end_as_uninterrupted_ones(
         assert len({row["train/kl"] for row in rows if row["train/kl"]}) > 1  # the policy moved
         weights = (run_dir / "hf_model" / "model.safetensors").read_bytes()
         assert weights == (straight / "hf_model" / "model.safetensors").read_bytes(), method
+
+
+# ------------------------------------------------------------------ run folders of earlier versions
+
+
+def test_saved_configs_of_earlier_versions_are_read_in_todays_terms(tmp_path: Path) -> None:
+    """``model.seed`` (renamed) is read as ``model.sampling_seed`` with a warning; a folder predating
+    ``model.disable_dropout`` ran with dropout, so it resumes only with it off; other gaps are named."""
+    on_policy = {"method": "rloo", "model": {"seed": 3, "beta": 0.05}}
+    write_config(tmp_path / "config.yaml", on_policy)
+    warnings: list[str] = []
+    check_same_run(tmp_path, {"method": "rloo", "model": {"sampling_seed": 3, "beta": 0.05}}, warnings.append)
+    assert warnings == [
+        f"{tmp_path / 'config.yaml'}: model.seed is now model.sampling_seed; read as model.sampling_seed=3"
+    ]
+    with pytest.raises(ConfigError) as error:
+        check_same_run(tmp_path, {"method": "rloo", "model": {"sampling_seed": 0, "beta": 0.05}})
+    assert str(error.value) == (
+        f"run folder {tmp_path} holds checkpoints of a run with model.sampling_seed=3 (written as "
+        "model.seed, its earlier name), this run has model.sampling_seed=0: pass --model.sampling_seed 3 "
+        "to resume it as it was, use another run.name (or --run.resume false to start over there)"
+    )
+
+    write_config(tmp_path / "config.yaml", {"model": {"loss_type": "ipo"}})  # before disable_dropout
+    check_same_run(tmp_path, {"model": {"loss_type": "ipo", "disable_dropout": False}})
+    with pytest.raises(ConfigError, match=r"model.disable_dropout=False \(its config.yaml predates "):
+        check_same_run(tmp_path, {"model": {"loss_type": "ipo", "disable_dropout": True}})
+    with pytest.raises(ConfigError, match=r"pass --model.disable_dropout false to resume it as it was"):
+        check_same_run(tmp_path, {"model": {"loss_type": "ipo", "disable_dropout": True}})
+    with pytest.raises(
+        ConfigError, match=r"model.beta=None \(its config.yaml, of an earlier version, has no "
+    ):
+        check_same_run(tmp_path, {"model": {"loss_type": "ipo", "disable_dropout": False, "beta": 0.5}})
+
+
+def _run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The CLI in this process: its exit code (0 for a fit that returns) and stderr."""
+    from ipo_lightning.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exit_info:
+        return int(exit_info.code or 0), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rerun_into_a_folder_of_an_earlier_version(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI resumes an on-policy folder whose config.yaml says ``model.seed`` (one warning line), and
+    refuses with one line and exit 2 when the seeds differ or the folder predates disable_dropout."""
+    config = yaml.safe_load(_config(tmp_path, tiny_model_dir, "rloo", "earlier", signal=False).read_text())
+    checkpoint = {"every_n_train_steps": 1, "save_last": True}
+    config["trainer"] |= {"max_steps": 1, "limit_val_batches": 0, "enable_checkpointing": True}
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint}
+    ]
+    config["generation"] = {"reward": None}
+    args = ["fit", "--config", str(write_config(tmp_path / "earlier.yaml", config))]
+    code, _ = _run_main(args, capsys)
+    assert code == 0
+    run_dir = tmp_path / "earlier" / "run"
+    saved_path = run_dir / "config.yaml"
+    current = yaml.safe_load(saved_path.read_text())
+    earlier = copy.deepcopy(current)  # what an earlier version wrote: model.seed
+    earlier["model"]["seed"] = earlier["model"].pop("sampling_seed")
+    write_config(saved_path, earlier)
+    weights = (run_dir / "hf_model" / "model.safetensors").read_bytes()
+
+    code, err = _run_main(args, capsys)
+    assert code == 0, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        f"warning: {saved_path}: model.seed is now model.sampling_seed; read as model.sampling_seed=0"
+    ]
+    assert (run_dir / "hf_model" / "model.safetensors").read_bytes() == weights  # resumed at its end
+
+    earlier["model"]["seed"] = 5
+    write_config(saved_path, earlier)
+    code, err = _run_main(args, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "model.sampling_seed=5 (written as model.seed" in errors[0]
+    assert "pass --model.sampling_seed 5 to resume it as it was" in errors[0]
+
+    del current["model"]["disable_dropout"]
+    write_config(saved_path, current)
+    code, err = _run_main(args, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1
+    assert "pass --model.disable_dropout false to resume it as it was" in errors[0]
+    code, err = _run_main([*args, "--model.disable_dropout", "false"], capsys)
+    assert code == 0, err[-3000:]
