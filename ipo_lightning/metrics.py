@@ -37,10 +37,12 @@ def log_eval_values(
     progress bar read them. Elsewhere (``validate``, ``test``) Lightning logs them itself.
     """
     trainer = module.trainer
-    direct = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+    # The same arguments for the whole fit, sanity check included: Lightning refuses a name logged
+    # with different ones. Loggers get nothing of a sanity check (nor would they from Lightning).
+    direct = trainer.state.fn == TrainerFn.FITTING
     for name, value in values.items():
         module.log(name, value, prog_bar=name in prog_bar, logger=not direct, sync_dist=False)
-    if direct and values:
+    if direct and values and not trainer.sanity_checking:
         row = {name: float(value) for name, value in values.items()}
         for logger in trainer.loggers:
             logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step)

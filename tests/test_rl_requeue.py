@@ -136,6 +136,9 @@ def test_on_policy_runs_requeued_mid_epoch_end_as_uninterrupted_ones(
         logged = [int(row["step"]) for row in rows if row["train/reward"]]
         assert logged == list(range(MAX_STEPS)), method  # every step once, the signalled one included
         assert len({row["train/kl"] for row in rows if row["train/kl"]}) > 1  # the policy moved
+        # The validation due at the checkpoint's step ran before the exit; its val/ and gen/ share a step.
+        assert [int(row["step"]) for row in rows if row["val/reward"]] == [2, 4], method
+        assert {2, 4} <= {int(row["step"]) for row in rows if row["gen/reward"]}, method
         weights = (run_dir / "hf_model" / "model.safetensors").read_bytes()
         assert weights == (straight / "hf_model" / "model.safetensors").read_bytes(), method
 
@@ -231,3 +234,19 @@ def test_rerun_into_a_folder_of_an_earlier_version(
     assert "pass --model.disable_dropout false to resume it as it was" in errors[0]
     code, err = _run_main([*args, "--model.disable_dropout", "false"], capsys)
     assert code == 0, err[-3000:]
+
+
+def test_a_renamed_option_on_the_command_line_or_in_a_config_names_its_new_name() -> None:
+    from ipo_lightning.cli_errors import short_parser_error
+
+    hint = "; model.seed is now model.sampling_seed (on-policy methods)"
+    assert short_parser_error("unrecognized arguments: --model.seed 3") == (
+        "unrecognized arguments: --model.seed 3" + hint
+    )
+    assert short_parser_error("Group 'model' does not accept option 'seed'.") == (
+        "Group 'model' does not accept option 'seed'." + hint
+    )
+    assert (
+        short_parser_error("unrecognized arguments: --model.seeds 3")
+        == "unrecognized arguments: --model.seeds 3"
+    )
