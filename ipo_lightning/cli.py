@@ -370,9 +370,14 @@ class PreferenceCLI(LightningCLI):
             checkpoint = find_resume_checkpoint(self.run_dir, on_unreadable=_warn_unreadable)
             if checkpoint is not None:
                 current = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
-                check_same_run(self.run_dir, current)
+                check_same_run(self.run_dir, current, warn=_warn)
                 rank_zero_info(f"Resuming from {checkpoint} (run.resume; --run.resume false starts over)")
                 config["ckpt_path"] = str(checkpoint)
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @rank_zero_only

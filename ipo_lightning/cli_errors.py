@@ -16,6 +16,8 @@ from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from ipo_lightning.resume import RENAMED_OPTIONS
+
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _EXPECTED = re.compile(r"Expected a (<class '[\w.]+'>|typing\.Literal\[.*?\])(?:\. Got|\n|$)", re.MULTILINE)
 _GIVEN = re.compile(r"(?:Given|Got) value: (.*?)(?:\. Got value:|\n|$)", re.MULTILINE)
@@ -31,7 +33,8 @@ def short_parser_error(message: str) -> str:
     """
     keys = _KEY.findall(message)
     if not keys:
-        return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+        line = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+        return line + _renamed_hint(line)
     # A class-typed option (class_path + init_args) reports its argument as a nested key.
     joiner = ".init_args." if "init_args=Namespace(" in message else "."
     option = joiner.join(keys[:2])
@@ -48,6 +51,17 @@ def short_parser_error(message: str) -> str:
     given = [value for value in _GIVEN.findall(message) if not value.startswith(("Namespace(", "NestedArg("))]
     line = f"{option} expects {' or '.join(expected)}" if expected else f"{option} has an invalid value"
     return line + (f", got {given[0]!r}" if given else "")
+
+
+def _renamed_hint(line: str) -> str:
+    """``; <old> is now <new>`` when ``line`` rejects an option an earlier version had (else empty)."""
+    for old, new in RENAMED_OPTIONS.items():
+        group, option = old.rsplit(".", 1)
+        if re.search(rf"--{re.escape(old)}(?=[\s=]|$)", line) or (
+            f"Group '{group}' does not accept option '{option}'" in line
+        ):
+            return f"; {old} is now {new} (on-policy methods)"
+    return ""
 
 
 def _debugging() -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -20,6 +22,30 @@ BASE_METRICS: tuple[str, ...] = (
     "logratio/margin",
 )
 IPO_METRICS: tuple[str, ...] = ("ipo/target_gap",)
+
+
+def log_eval_values(
+    module: L.LightningModule, values: Mapping[str, Tensor], prog_bar: Collection[str]
+) -> None:
+    """Log one evaluation's values (full names, e.g. ``val/loss``) with ``module.log``, named in
+    ``prog_bar`` on the progress bar.
+
+    A validation during ``fit`` goes to the loggers at ``trainer.global_step``, the optimizer steps
+    taken, where the generation evaluation and the divergence monitor log their measurements of the
+    same validation: Lightning's own step for it would be one less (validation runs before its step
+    counter advances). ``module.log`` still puts the values where checkpoint monitors and the
+    progress bar read them. Elsewhere (``validate``, ``test``) Lightning logs them itself.
+    """
+    trainer = module.trainer
+    # The same arguments for the whole fit, sanity check included: Lightning refuses a name logged
+    # with different ones. Loggers get nothing of a sanity check (nor would they from Lightning).
+    direct = trainer.state.fn == TrainerFn.FITTING
+    for name, value in values.items():
+        module.log(name, value, prog_bar=name in prog_bar, logger=not direct, sync_dist=False)
+    if direct and values and not trainer.sanity_checking:
+        row = {name: float(value) for name, value in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step)
 
 
 def metric_names(loss_type: str) -> tuple[str, ...]:
@@ -136,14 +162,16 @@ class EvalSetMetrics:
     def _log_eval_metrics(self, split: str) -> None:
         names = self._set_names(split)
         store = self._ensure_metrics(split)
+        values: dict[str, Tensor] = {}
         for index, set_name in enumerate(names):
             metrics = store[set_name]
             if metrics.update_count == 0:
                 continue  # e.g. a sanity check that did not reach this set
             for metric_name, value in metrics.compute().items():
                 if len(names) > 1:
-                    self.log(f"{split}/{set_name}/{metric_name}", value, sync_dist=False)
+                    values[f"{split}/{set_name}/{metric_name}"] = value
                 if index == 0:
-                    shown = metric_name in self.PROGRESS_BAR and split == "val"
-                    self.log(f"{split}/{metric_name}", value, prog_bar=shown, sync_dist=False)
+                    values[f"{split}/{metric_name}"] = value
             metrics.reset()
+        shown = {f"val/{name}" for name in self.PROGRESS_BAR} if split == "val" else set()
+        log_eval_values(self, values, shown)  # type: ignore[arg-type]

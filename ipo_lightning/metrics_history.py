@@ -187,6 +187,11 @@ class MetricsHistory(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mark()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException) -> None:
+        # A stop raised at a batch start (the SLURM requeue's exit) may come before this callback's own
+        # on_train_batch_start: the saving batch is over, so its rows belong to the history all the same.
+        self._mark()
+
     def state_dict(self) -> dict[str, Any]:
         # Called only while a checkpoint is being written. Flushed first: the rows the checkpoint counts
         # are on disk before it is (a kill right after it finds them), and a resumed run's first write

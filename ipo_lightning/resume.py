@@ -8,6 +8,7 @@ gives bitwise the same weights as an uninterrupted run on CPU in float32 (tested
 
 from __future__ import annotations
 
+import json
 import random
 import zipfile
 from collections.abc import Callable
@@ -122,6 +123,13 @@ def find_resume_checkpoint(
 CONFIG_FILE = "config.yaml"
 """The resolved config a run folder was started with (written by the CLI at fit start)."""
 _IGNORED_KEYS = ("ckpt_path",)
+RENAMED_OPTIONS: dict[str, str] = {"model.seed": "model.sampling_seed"}
+"""Options an earlier version wrote into ``config.yaml`` -> their names now, for options whose meaning
+did not change: the on-policy methods' ``model.seed`` seeded the training samples exactly as
+``model.sampling_seed`` does (``row_seed(seed, step, 0)`` per optimizer step)."""
+ADDED_OPTIONS: dict[str, Any] = {"model.disable_dropout": False}
+"""Options added since a run folder may have been started -> the value that states what runs did
+before the option existed (their dropout stayed on)."""
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -133,12 +141,24 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
-def check_same_run(run_dir: str | Path, config: dict[str, Any]) -> None:
+def _command_line_value(value: Any) -> str:
+    """``value`` as an option value is typed: ``false``, ``null``, ``0.5``, a string as it is."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_same_run(
+    run_dir: str | Path, config: dict[str, Any], warn: Callable[[str], None] | None = None
+) -> None:
     """Refuse to resume a run folder that another configuration started (one ConfigError naming the option).
 
     Resuming is automatic when a run folder holds checkpoints, and a folder name can repeat (two fits
     in one SLURM job both get ``slurm-<job id>``; a reused ``run.name``): resuming an IPO run's
     checkpoint into a DPO run would silently mix them. A requeued job runs the very same command.
+
+    A folder an earlier version started is read in today's terms first: a renamed option
+    (:data:`RENAMED_OPTIONS`) under its new name, with one line to ``warn``; an option it predates
+    (:data:`ADDED_OPTIONS`) as the value that states what that version did. Any remaining difference,
+    an option the folder's ``config.yaml`` lacks included, is refused with the value to pass.
     """
     saved_path = Path(run_dir) / CONFIG_FILE
     if not saved_path.is_file():
@@ -147,10 +167,34 @@ def check_same_run(run_dir: str | Path, config: dict[str, Any]) -> None:
     current = _flatten(config)
     for flat in (saved, current):  # a config without ``method`` is of the default method
         flat.setdefault(METHOD_OPTION, DEFAULT_METHOD)
+    renamed_from: dict[str, str] = {}
+    for old, new in RENAMED_OPTIONS.items():
+        if old in saved and old not in current and new not in saved:
+            saved[new] = saved.pop(old)
+            renamed_from[new] = old
+            if warn is not None:
+                warn(f"{saved_path}: {old} is now {new}; read as {new}={_command_line_value(saved[new])}")
+    predates = [key for key in ADDED_OPTIONS if key not in saved and key in current]
+    for key in predates:
+        saved[key] = ADDED_OPTIONS[key]
     for key in sorted(saved.keys() | current.keys()):
         if key in _IGNORED_KEYS or saved.get(key) == current.get(key):
             continue
+        if key in renamed_from:
+            origin = f" (written as {renamed_from[key]}, its earlier name)"
+        elif key in predates:
+            origin = f" (its {CONFIG_FILE} predates {key}: runs then behaved as {key}={saved[key]!r})"
+        elif key not in saved:
+            origin = f" (its {CONFIG_FILE}, of an earlier version, has no {key})"
+        else:
+            origin = ""
+        hint = (
+            f"pass --{key} {_command_line_value(saved[key])} to resume it as it was, "
+            if key in saved and not isinstance(saved[key], (dict, list))
+            else ""
+        )
         raise ConfigError(
-            f"run folder {run_dir} holds checkpoints of a run with {key}={saved.get(key)!r}, this run has "
-            f"{key}={current.get(key)!r}: use another run.name (or --run.resume false to start over there)"
+            f"run folder {run_dir} holds checkpoints of a run with {key}={saved.get(key)!r}{origin}, this "
+            f"run has {key}={current.get(key)!r}: {hint}use another run.name (or --run.resume false to start "
+            "over there)"
         )

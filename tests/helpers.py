@@ -73,6 +73,27 @@ class StepPacer(Callback):
         time.sleep(self.seconds)
 
 
+class SignalAtStep(Callback):
+    """Test callback: send ``signal_name`` to this very process as optimizer step ``step`` starts.
+
+    Stands in for SLURM's ``--signal`` at a known step, so a requeue test needs no timing: the
+    requeue callback under test sees its flag at the end of that step. A resumed run starts past
+    ``step`` and is not signalled again. It draws no random numbers.
+
+    Args:
+        step: ``trainer.global_step`` at the start of the batch that is signalled.
+        signal_name: the signal to send.
+    """
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR1") -> None:
+        self.step = step
+        self.signal_name = signal_name
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
 def quiet_trainer(root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
     """A CPU trainer without logger, progress bar, summary, checkpoints or sanity check."""
     options = {

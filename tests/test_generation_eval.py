@@ -250,6 +250,10 @@ def test_logged_metrics_equal_a_recomputation_from_the_samples_file(
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("gen/reward")]
     # Step 0, step 3 (every_n_steps), and after the validations at steps 2 and 4.
     assert [int(r["step"]) for r in rows] == [0, 2, 3, 4]
+    # Each validation's val/ values are at the step of its gen/ values: the optimizer steps taken.
+    validations = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/loss")]
+    assert [int(r["step"]) for r in validations] == [2, 4]
+    assert all(r["val/a/loss"] == r["val/loss"] and r["val/b/loss"] and r["epoch"] for r in validations)
     samples = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
     assert set(samples[0]) == {
         "step", "set", "prompt", "sample", "policy", "reference",

@@ -13,16 +13,21 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
+from ipo_lightning.analysis.methods_report import steps_trained
 from ipo_lightning.analysis.report import write_report
+from ipo_lightning.analysis.run_logs import RunMetrics, load_run
 
 JUDGE = {"reward": "ipo_lightning.gold:gold_reward", "prompts": 32}
 GEN = ("reward", "win_rate", "length", "eos_rate", "repetition")
 
 
-def _run(root: Path, name: str, config: dict[str, Any], *, gen_kl: bool, proxy: str = "flat") -> Path:
+def _run(
+    root: Path, name: str, config: dict[str, Any], *, gen_kl: bool, proxy: str = "flat", val_lag: int = 1
+) -> Path:
     """A run folder as fit writes it: measurements at steps 0, 50, 100 in separate rows, as the
     generation evaluation, validation, the divergence monitor and the perf callback log them.
-    Lightning's own rows (train/, val/) carry the steps taken before theirs, as in a real run."""
+    Lightning's own rows (train/) carry the steps taken before theirs, as in a real run; val/ rows
+    are ``val_lag`` steps before their validation's measurements (1: earlier versions, 0: this one)."""
     draw = random.Random(name)
     logger = CSVLogger(root / name, name="")
     for step in (0, 50, 100):
@@ -35,8 +40,8 @@ def _run(root: Path, name: str, config: dict[str, Any], *, gen_kl: bool, proxy: 
             logger.log_metrics({"divergence/seq_kl": draw.uniform(0, 5), "divergence/kl": 0.01}, step)
         logger.log_metrics(gen, step)
         if step:
-            logger.log_metrics({"val/reward": {"up": step / 10, "flat": 1.0}[proxy]}, step - 1)
-            logger.log_metrics({"val/rewards/accuracy": 0.6}, step - 1)
+            logger.log_metrics({"val/reward": {"up": step / 10, "flat": 1.0}[proxy]}, step - val_lag)
+            logger.log_metrics({"val/rewards/accuracy": 0.6}, step - val_lag)
     logger.log_metrics({"train/loss": 0.5}, 99)  # the 100th step's training row
     for step in (10, 60, 90):
         logger.log_metrics(
@@ -165,6 +170,41 @@ def test_proxy_vs_gold_section_shows_runs_trained_on_another_reward(tmp_path: Pa
     assert f"| rloo-rm | runs/gold-rm/x/hf_model | 100 | {proxy[100]:.3f} | {gold[100]:.3f} |" in markdown
     assert "| rloo | " not in markdown.split("## Proxy vs gold reward")[1].split("\n## ")[0]
     assert imread(tmp_path / "report" / "proxy_vs_gold.png").shape[0] > 100
+
+
+def test_run_folders_of_earlier_versions_read_as_this_versions(tmp_path: Path) -> None:
+    """val/ rows one step before their validation's gen/ rows (earlier versions) or at the same step
+    (this version): the same report either way."""
+    summaries = []
+    for lag in (1, 0):
+        root = tmp_path / f"lag{lag}"
+        runs = [
+            _run(root / "runs", name, _configs()[name], gen_kl=True, proxy="up", val_lag=lag)
+            for name in ("rloo", "rloo-rm")
+        ]
+        write_report(runs, root / "report")
+        text = (root / "report" / "summary.json").read_text()
+        summaries.append(json.loads(text.replace(str(root), "ROOT")))  # the run folders' own paths aside
+        assert [load_run(run).validation_step_offset() for run in runs] == [lag, lag]
+    assert summaries[0] == summaries[1]
+    assert [point["step"] for point in summaries[1]["proxy_gold"]] == [0, 50, 100]
+    assert summaries[1]["proxy_gold"][2]["proxy"] == 10.0  # val/reward of the step-100 validation
+
+    # The steps taken: a train/ row at s is the (s + 1)-th step; a val/ row as its layout says.
+    earlier = [
+        {"step": "49", "train/loss": "1"},
+        {"step": "50", "gen/reward": "1"},
+        {"step": "59", "val/loss": "1"},
+    ]
+    now = [
+        {"step": "49", "train/loss": "1"},
+        {"step": "50", "gen/reward": "1"},
+        {"step": "50", "val/loss": "1"},
+    ]
+    now.append({"step": "60", "val/loss": "1"})
+    earlier.insert(1, {"step": "49", "val/loss": "1"})
+    assert steps_trained(RunMetrics(tmp_path, earlier)) == 60
+    assert steps_trained(RunMetrics(tmp_path, now)) == 60
 
 
 def test_one_method_without_new_metrics_gets_no_methods_or_proxy_section(tmp_path: Path) -> None:

@@ -522,6 +522,9 @@ def test_fit_logs_the_rollout_and_generation_metrics(
     first = next(row for row in rows if row.get("train/kl"))
     assert abs(float(first["train/kl"])) < 1e-5
     assert _column(rows, "gen/reward") and _column(rows, "gen/win_rate")
+    # Each validation's val/ values are at the step of its gen/ values: the optimizer steps taken.
+    assert [step for step, _ in _column_steps(rows, "val/reward")] == [2, 4]
+    assert {2, 4} <= {step for step, _ in _column_steps(rows, "gen/reward")}
     # gen/kl of the policy's own samples: 0 at step 0 (the policy is the reference), then not.
     kl = _column_steps(rows, "gen/kl")
     assert kl[0] == (0, 0.0) and kl[-1][1] != 0.0

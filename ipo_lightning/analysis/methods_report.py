@@ -31,20 +31,22 @@ PROXY_REWARD = "val/reward"
 GOLD_REWARD = "gen/reward"
 GOLD_SPECS = ("builtin:gold", "ipo_lightning.gold:gold_reward")
 """The two spellings of the gold reward."""
-LIGHTNING_ROW_PREFIXES = ("train/", "val/")
-"""Rows that Lightning itself steps: at the number of optimizer steps taken *before* the step they
-belong to (the row of step 50's validation says 49), where the generation evaluation and the
-divergence monitor state the steps taken (50)."""
+TRAIN_PREFIX = "train/"
+"""A ``train/`` row at step ``s`` is of the step that ``s`` steps preceded: ``s + 1`` steps were taken.
+(``val/`` rows: :meth:`~ipo_lightning.analysis.run_logs.RunMetrics.validation_step_offset`.)"""
 
 
 def steps_trained(run: RunMetrics) -> int:
-    """Optimizer steps the run took, from its rows (a Lightning-stepped row at ``s`` means ``s + 1``)."""
-    steps = [
-        int(row["step"]) + any(row.get(c) and c.startswith(LIGHTNING_ROW_PREFIXES) for c in row)
-        for row in run.rows
-        if row.get("step")
-    ]
-    return max(steps, default=0)
+    """Optimizer steps the run took, from its rows (a ``train/`` row at ``s`` means ``s + 1``)."""
+    offset = run.validation_step_offset()
+
+    def taken(row: dict[str, str]) -> int:
+        names = [name for name, value in row.items() if value]
+        if any(name.startswith(TRAIN_PREFIX) for name in names):
+            return int(row["step"]) + 1
+        return int(row["step"]) + (offset if any(name.startswith("val/") for name in names) else 0)
+
+    return max((taken(row) for row in run.rows if row.get("step")), default=0)
 
 
 def method_of(run: RunMetrics) -> str:
@@ -208,7 +210,8 @@ class ProxyGoldPoint:
     step: int
     proxy: float | None
     """``val/reward``: the training reward of the policy's samples of the val prompts (its row is
-    one step earlier in metrics.csv, :data:`LIGHTNING_ROW_PREFIXES`)."""
+    one step earlier in metrics.csv of earlier versions,
+    :meth:`~ipo_lightning.analysis.run_logs.RunMetrics.validation_step_offset`)."""
     gold: float | None
     """``gen/reward``: the judge's reward of the policy's samples of the held-out prompts."""
 
@@ -219,8 +222,8 @@ def proxy_gold_points(runs: Mapping[str, RunMetrics]) -> list[ProxyGoldPoint]:
     for name, run in runs.items():
         if not trained_on_proxy(run):
             continue
-        # A validation row states the steps before its own; the generation evaluation's, its own.
-        proxy = {step + 1: value for step, value in run.by_step(PROXY_REWARD).items()}
+        offset = run.validation_step_offset()
+        proxy = {step + offset: value for step, value in run.by_step(PROXY_REWARD).items()}
         gold = run.by_step(GOLD_REWARD)
         for step in sorted(set(proxy) | set(gold)):
             points.append(ProxyGoldPoint(name, step, proxy.get(step), gold.get(step)))

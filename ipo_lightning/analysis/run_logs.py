@@ -43,6 +43,21 @@ class RunMetrics:
         """Step -> value of metric ``name``; a step logged more than once keeps its last value."""
         return dict(zip(*self.series(name), strict=True))
 
+    def validation_step_offset(self) -> int:
+        """What to add to the step of a ``val/`` row for the optimizer steps taken at that validation.
+
+        0 for run folders of this version, whose validation rows share the step of the generation
+        evaluation's and divergence monitor's rows of the same validation; 1 for earlier ones, where
+        Lightning stepped them one less. Told apart by those measurements, which follow every
+        validation by default: the steps of most ``val/`` rows are measured steps (0), or the steps
+        after them are (1).
+        """
+        val_steps = {int(row["step"]) for row in self.rows if _logs_prefix(row, "val/")}
+        measured = {int(row["step"]) for row in self.rows if _logs_prefix(row, ("gen/", "divergence/"))}
+        same = len(val_steps & measured)
+        before = len({step + 1 for step in val_steps} & measured)
+        return 1 if before > same else 0
+
     def last(self, name: str) -> float:
         """The last logged value of ``name`` (NaN if it was never logged)."""
         _, values = self.series(name)
@@ -56,6 +71,11 @@ class RunMetrics:
                 return default
             node = node[key]
         return node
+
+
+def _logs_prefix(row: dict[str, str], prefix: str | tuple[str, ...]) -> bool:
+    """Whether ``row`` holds a value of a column starting with ``prefix``."""
+    return bool(row.get("step")) and any(value and name.startswith(prefix) for name, value in row.items())
 
 
 def load_run(run_dir: str | Path) -> RunMetrics:

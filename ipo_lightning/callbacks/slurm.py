@@ -4,9 +4,14 @@ Lightning's own SLURM handler saves the checkpoint inside the signal handler, i.
 thread happens to be, possibly in the middle of a collective (a gradient all-reduce, a metric sync):
 the checkpoint's own barrier then pairs with the wrong collective on the other ranks and the job hangs
 or corrupts state at save. Here the signal handler only raises a flag; after the next optimizer step
-all ranks agree on the flag (one tiny all-reduce per step, only in SLURM jobs), save the checkpoint
-together, rank 0 requeues the job, and every rank exits. The checkpoint is Lightning's
-``hpc_ckpt_<N>.ckpt`` in the run folder, which the requeued job (same job id, same run folder) finds.
+all ranks agree on the flag (one tiny all-reduce per step, only in SLURM jobs) and save the checkpoint
+together, at the end of that step's batch, as ``ModelCheckpoint`` saves. The rest of that batch still
+runs: Lightning logs the step's ``train/*`` row and runs a validation (and the measurements after it)
+that is due at that step, and a resume from the checkpoint does neither again, so exiting earlier
+would lose them. At the start of the next batch rank 0 requeues the job and every rank exits; a run
+whose last step it was ends normally instead (nothing left to requeue for). The checkpoint is
+Lightning's ``hpc_ckpt_<N>.ckpt`` in the run folder, which the requeued job (same job id, same run
+folder) finds.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class SlurmRequeue(Callback):
 
     Active only in a SLURM batch job (Lightning's ``SLURMEnvironment.detect()``), during ``fit``.
     Pair it with ``#SBATCH --signal=SIGUSR1@90`` (see ``scripts/slurm/``): SLURM sends the signal 90 s
-    before the time limit, leaving time for the step in flight and the checkpoint.
+    before the time limit, leaving time for the step in flight, the checkpoint and a validation due
+    at that step.
 
     Args:
         auto_requeue: requeue the job on the signal (off: the signal is left to other handlers).
@@ -70,7 +76,7 @@ class SlurmRequeue(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         # Mid-accumulation the summed gradients are in no checkpoint: wait for the optimizer step.
-        if not self._active or trainer.fit_loop._should_accumulate():
+        if not self._active or self.checkpoint_path is not None or trainer.fit_loop._should_accumulate():
             return
         requested = self.requested
         if trainer.world_size > 1:
@@ -82,10 +88,18 @@ class SlurmRequeue(Callback):
         path = trainer.strategy.broadcast(str(folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"))
         trainer.save_checkpoint(path)  # every rank: sharded strategies gather or write their part
         self.checkpoint_path = Path(path)
-        if trainer.is_global_zero:
-            requeue_job()
         rank_zero_info(f"Requeue signal: checkpoint saved to {path}; the requeued job resumes from it.")
-        raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # The saving batch has logged its row and run its due validation (module docstring).
+        if self._active and self.checkpoint_path is not None:
+            if trainer.is_global_zero:
+                requeue_job()
+            raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active and self.checkpoint_path is not None:
+            rank_zero_info("Requeue signal in the last step: the run is complete, the job is not requeued.")
 
 
 def requeue_job() -> bool:

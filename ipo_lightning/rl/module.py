@@ -52,7 +52,7 @@ from ipo_lightning.data.prompts import held_out_prompt, reward_conversations
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.generation import generate_completions, row_seed
 from ipo_lightning.lora import LoraOptions, lora_options_dict
-from ipo_lightning.metrics import PreferenceMetrics
+from ipo_lightning.metrics import PreferenceMetrics, log_eval_values
 from ipo_lightning.model_options import (
     DEFAULT_ATTN_IMPLEMENTATION,
     DEFAULT_BATCHING,
@@ -455,16 +455,18 @@ class OnPolicyModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Log ``val/<set>/<metric>`` for every set; the first (primary) set also as ``val/<metric>``."""
         names = self._val_set_names()
+        values: dict[str, Tensor] = {}
         for index, set_name in enumerate(names):
             if set_name not in self.val_metrics:
                 continue  # e.g. a sanity check that did not reach this set
             metrics: PreferenceMetrics = self.val_metrics[set_name]
             for metric_name, value in metrics.compute().items():
                 if len(names) > 1:
-                    self.log(f"val/{set_name}/{metric_name}", value)
+                    values[f"val/{set_name}/{metric_name}"] = value
                 if index == 0:
-                    self.log(f"val/{metric_name}", value, prog_bar=metric_name == "reward")
+                    values[f"val/{metric_name}"] = value
             metrics.reset()
+        log_eval_values(self, values, {"val/reward"})
 
     def _val_set_names(self) -> list[str]:
         names = getattr(getattr(self.trainer, "datamodule", None), "val_set_names", None)
