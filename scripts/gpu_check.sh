@@ -41,6 +41,22 @@ if [ "$ACCELERATOR" != cpu ]; then
 fi
 say "python: $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>&1)"
 
+# The machine's own packages are not pinned (pyarrow, for one, is too big to carry): say their versions,
+# and stop at once, not after every part has failed, if the CLI cannot even be imported.
+say "packages: $("$PY" -c '
+from importlib.metadata import PackageNotFoundError, version
+def found(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "-"
+names = "transformers lightning datasets pyarrow fsspec jsonargparse trl deepspeed liger-kernel flash-attn"
+print(" ".join(f"{name} {found(name)}" for name in names.split()))' 2>&1)"
+if ! "$PY" -c "import ipo_lightning.cli" >>"$LOG" 2>&1; then
+  say "cannot import ipo_lightning.cli with these packages (the traceback is in $LOG)"
+  exit 1
+fi
+
 status=0
 TOTAL_START=$SECONDS
 # part NAME TIMEOUT COMMAND...: stdout (the JSON lines) to the terminal and the log, stderr to the log.

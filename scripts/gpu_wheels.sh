@@ -22,6 +22,7 @@ mkdir -p "$DEST"
 WHEELS=(
   jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0   # jsonargparse[signatures]
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19                          # datasets
+  fsspec==2026.9.0   # datasets pins fsspec <= 2026.9.0; the machine's may be newer
   hjson==3.1.0 msgpack==1.2.4 py-cpuinfo==9.0.0 einops==0.8.2                # deepspeed's
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   nvidia-ml-py==13.615.71
