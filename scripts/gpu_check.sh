@@ -4,6 +4,7 @@
 #   scale    DDP/FSDP/ZeRO-2/ZeRO-3 on a tiny Llama in float32                  -> scale.jsonl    (~100 s)
 #   qwen     the same on a random-init Qwen2.5-0.5B-shaped model, bf16-mixed    -> qwen.jsonl     (~150 s)
 #   packing  padding_free vs padded log-probs in bf16 (sdpa; flash-attn if any) -> packing.jsonl  (~20 s)
+#   rl       RLOO and online IPO steps (sampling included) in bf16 vs offline  -> rl.jsonl       (~40 s)
 #   bench    benchmarks/gpu_throughput.py, when the file exists                 -> bench.jsonl    (~240 s)
 #
 #   bash scripts/gpu_check.sh                     # every part
@@ -20,7 +21,7 @@ export OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 PY="${PYTHON:-python3}"
-ONLY=",${GPU_CHECK_ONLY:-kernels,scale,qwen,packing,bench},"
+ONLY=",${GPU_CHECK_ONLY:-kernels,scale,qwen,packing,rl,bench},"
 ACCELERATOR="${GPU_CHECK_ACCELERATOR:-gpu}"
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -73,6 +74,7 @@ part() {
 }
 
 kernels() {
+  set -o pipefail  # bash -c starts without it
   if [ "$ACCELERATOR" = cpu ]; then
     echo '{"check": "kernels", "ok": true, "skipped": "the kernel checks need CUDA"}' | tee -a "$OUT/kernels.jsonl"
     return 0
@@ -83,12 +85,23 @@ kernels() {
     | tee -a "$OUT/kernels.jsonl"
 }
 
-export -f kernels
+# The on-policy methods on the device: benchmarks/rl_step.py on the quickstart model (built in
+# seconds; builtin:gold's reference takes a minute and a half of SFT to build), one round.
+rl() {
+  set -o pipefail  # bash -c starts without it
+  local device=cuda dtype=bfloat16
+  [ "$ACCELERATOR" = cpu ] && device=cpu dtype=float32
+  "$PY" benchmarks/rl_step.py --model builtin:quickstart --data builtin:quickstart/train \
+    --device "$device" --dtype "$dtype" --repeats 1 | grep '^{' | tee -a "$OUT/rl.jsonl"
+}
+
+export -f kernels rl
 export PY ACCELERATOR
 part kernels 200 bash -c kernels
 part scale 240 "$PY" scripts/gpu_check_scale.py --model tiny
 part qwen 330 "$PY" scripts/gpu_check_scale.py --model qwen
 part packing 120 "$PY" scripts/gpu_check_packing.py
+part rl 150 bash -c rl
 if [ -f benchmarks/gpu_throughput.py ]; then
   # The benchmark caps itself at --budget-s (GPU_CHECK_BENCH_BUDGET, default 210 s; --small on CPU).
   BENCH_BUDGET="${GPU_CHECK_BENCH_BUDGET:-210}"
