@@ -22,7 +22,7 @@ from ipo_lightning.data.eval_shards import eval_shards
 from ipo_lightning.data.formats import DATA_FORMATS, DataFormat, validate_columns
 from ipo_lightning.data.noise import FLIPPED_COLUMN, check_label_noise, flip_labels
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
-from ipo_lightning.data.sampler import ResumableDistributedSampler
+from ipo_lightning.data.sampler import ResumableDistributedSampler, replicas
 from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source
 from ipo_lightning.data.subset import check_train_size, subset_rows
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
@@ -359,8 +359,7 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = ResumableDistributedSampler(
             self.train_dataset,
             batch_size=self.batch_size,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            **replicas(trainer),
             seed=self.seed,
         )
         if self._resume_position is not None:
@@ -409,8 +408,7 @@ class PreferenceDataModule(L.LightningDataModule):
         trainer = self.trainer
         padded, sampler = eval_shards(
             dataset,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            **replicas(trainer),
         )
         return self._loader(padded, self.val_batch_size, sampler=sampler)
 

@@ -11,8 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sized
 
+import lightning as L
 import torch
 from torch.utils.data import DistributedSampler
+
+
+def replicas(trainer: L.Trainer | None) -> dict[str, int]:
+    """The ``num_replicas`` and ``rank`` a sampler of ``trainer``'s data takes: its world size and this
+    process's global rank, or one replica without a trainer (a data module used on its own)."""
+    if trainer is None:
+        return {"num_replicas": 1, "rank": 0}
+    return {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> list[int]:

@@ -41,7 +41,7 @@ from ipo_lightning.data.formats import (
     validate_columns,
 )
 from ipo_lightning.data.preprocess import PROMPT_COLUMN, resolve_format
-from ipo_lightning.data.sampler import ResumableDistributedSampler
+from ipo_lightning.data.sampler import ResumableDistributedSampler, replicas
 from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source, record_line
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
 from ipo_lightning.errors import ConfigError, DataError
@@ -187,8 +187,7 @@ class PromptDataModule(L.LightningDataModule):
         sampler = ResumableDistributedSampler(
             self.train_dataset,
             batch_size=self.batch_size,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            **replicas(trainer),
             seed=self.seed,
         )
         if self._resume_position is not None:
@@ -207,8 +206,7 @@ class PromptDataModule(L.LightningDataModule):
             # Equal shares per rank, padded with weight-0 repeats: every prompt counts once.
             padded, sampler = eval_shards(
                 self.val_datasets[name],
-                num_replicas=trainer.world_size if trainer is not None else 1,
-                rank=trainer.global_rank if trainer is not None else 0,
+                **replicas(trainer),
             )
             loaders.append(self._loader(padded, self.val_batch_size, sampler=sampler))
         return loaders
