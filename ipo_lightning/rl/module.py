@@ -52,7 +52,7 @@ from ipo_lightning.data.prompts import held_out_prompt, reward_conversations
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.generation import generate_completions, row_seed
 from ipo_lightning.lora import LoraOptions, lora_options_dict
-from ipo_lightning.metrics import PreferenceMetrics, log_eval_values
+from ipo_lightning.metrics import EvalSetMetrics, PreferenceMetrics
 from ipo_lightning.model_options import (
     DEFAULT_ATTN_IMPLEMENTATION,
     DEFAULT_BATCHING,
@@ -130,7 +130,7 @@ def resolve_on_policy_options(config: Namespace) -> None:
 
 
 @with_shared_docs
-class OnPolicyModule(L.LightningModule):
+class OnPolicyModule(EvalSetMetrics, L.LightningModule):
     """Base of the on-policy methods (module docstring); subclasses define :meth:`rollout_loss`.
 
     A subclass's ``__init__`` declares ``model_name_or_path``, ``reward`` and the method's own options
@@ -174,6 +174,8 @@ class OnPolicyModule(L.LightningModule):
         samples_per_prompt: k, samples per prompt (set by the method).
         method_options: the method's own options, resolved, for the hyperparameters.
     """
+
+    PROGRESS_BAR = frozenset({"reward"})
 
     method_name: str = ""
     """The ``method`` value that selects the subclass (``rloo``, ``online``)."""
@@ -445,32 +447,14 @@ class OnPolicyModule(L.LightningModule):
         """Sample the validation prompts (a fixed seed per set) and accumulate the rollout metrics."""
         with torch.no_grad():
             rollout = self.rollout(batch, seed=self.step_seed(VALIDATION_STREAM - dataloader_idx))
-        names = self._val_set_names()
-        if names[dataloader_idx] not in self.val_metrics:
-            self.val_metrics[names[dataloader_idx]] = PreferenceMetrics(ROLLOUT_METRICS).to(self.device)
         weight = batch.get(WEIGHT)
         weights = None if weight is None else self.rollout_weights(rollout, weight.to(self.device))
-        self.val_metrics[names[dataloader_idx]].update(self.rollout_values(rollout), weights)
+        set_name = self._set_names("val")[dataloader_idx]
+        self.val_metrics[set_name].update(self.rollout_values(rollout), weights)
 
-    def on_validation_epoch_end(self) -> None:
-        """Log ``val/<set>/<metric>`` for every set; the first (primary) set also as ``val/<metric>``."""
-        names = self._val_set_names()
-        values: dict[str, Tensor] = {}
-        for index, set_name in enumerate(names):
-            if set_name not in self.val_metrics:
-                continue  # e.g. a sanity check that did not reach this set
-            metrics: PreferenceMetrics = self.val_metrics[set_name]
-            for metric_name, value in metrics.compute().items():
-                if len(names) > 1:
-                    values[f"val/{set_name}/{metric_name}"] = value
-                if index == 0:
-                    values[f"val/{metric_name}"] = value
-            metrics.reset()
-        log_eval_values(self, values, {"val/reward"})
-
-    def _val_set_names(self) -> list[str]:
-        names = getattr(getattr(self.trainer, "datamodule", None), "val_set_names", None)
-        return list(names) if names else ["val"]
+    def new_eval_metrics(self) -> PreferenceMetrics:
+        """The rollout metrics of one validation set (logged by :class:`EvalSetMetrics`)."""
+        return PreferenceMetrics(ROLLOUT_METRICS)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer and schedule of :func:`~ipo_lightning.module.policy_optimizers`."""
