@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
+from ipo_lightning.cli import main
 from ipo_lightning.run_folder import WANDB_ID_FILE
 from tests.helpers import (
     REPO,
@@ -140,15 +141,14 @@ def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The reference run: one process, global batch 4, SGD, 8 steps; returns its run folder."""
+    """The reference run: one process, global batch 4, SGD, 8 steps; returns its run folder.
+
+    It is fitted in this process through the CLI's entry point: the tests compare its numbers, and a
+    child would spend most of its time importing.
+    """
     tmp_path = tmp_path_factory.mktemp("single")
     config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH)
-    tracker = Processes()
-    try:
-        command = _command(config, "--trainer.devices", "1")
-        _run(tracker, command, subprocess_env(tmp_path), tmp_path / "log.txt")
-    finally:
-        tracker.close()
+    main(["fit", "--config", str(config), "--trainer.devices", "1"])
     return tmp_path / "runs" / "version_0"
 
 
