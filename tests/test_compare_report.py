@@ -88,7 +88,10 @@ def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
             sort_keys=False,
         )
     )
-    report = run_compare(load_spec(spec_file))
+    # The fits run one after another in child processes; the members' checks parse in this process.
+    with cli_runs_in_process() as parsed:
+        report = run_compare(load_spec(spec_file))
+    assert len(parsed) == 2
 
     run_dirs = {m: tmp_path / "runs" / "tiny" / m / "version_0" for m in ("ipo", "dpo-mean")}
     configs = {m: yaml.safe_load((d / "config.yaml").read_text()) for m, d in run_dirs.items()}
