@@ -361,7 +361,10 @@ def test_a_preference_and_on_policy_members_train_on_one_samples_budget(
             sort_keys=False,
         )
     )
-    report = run_compare(load_spec(spec_file), jobs=2)  # fits side by side, each into its fit.log
+    # The fits run side by side, each into its fit.log; the members' checks parse in this process.
+    with cli_runs_in_process() as parsed:
+        report = run_compare(load_spec(spec_file), jobs=2)
+    assert len(parsed) == 3
     summary = json.loads((report.parent / "summary.json").read_text())
     rows = {row["run"]: row for row in summary["methods"]}
     for member, (method, per_step, steps) in {
