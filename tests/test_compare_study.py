@@ -181,6 +181,7 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
         "trainer.max_steps": 3,
         "trainer.val_check_interval": 3,
         "trainer.check_val_every_n_epoch": None,
+        "trainer.limit_val_batches": 1,  # the report reads what was logged, however much was scored
         "trainer.enable_progress_bar": False,
         "trainer.enable_checkpointing": False,
         "trainer.callbacks": [],
@@ -202,7 +203,10 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
             }
         )
     )
-    report = run_compare(load_spec(path), jobs=2)
+    # The fits run in child processes; the member's check parses in this process.
+    with cli_runs_in_process() as parsed:
+        report = run_compare(load_spec(path), jobs=2)
+    assert len(parsed) == 1
     names = ["ipo-n32-seed0", "ipo-n32-seed1", "ipo-n64-seed0", "ipo-n64-seed1"]
     out = capsys.readouterr().out
     assert f"compare qs: 4 runs (1 members x 2 data.train_size x 2 seed): {', '.join(names)}" in out
