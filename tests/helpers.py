@@ -3,15 +3,18 @@ the environment and command line of a child ``python -m ipo_lightning`` process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +234,66 @@ def run_clis(
     if late:
         pytest.fail(f"{'; '.join(late)} did not finish within {timeout} s")
     return results
+
+
+_IN_PROCESS_CLI = threading.Lock()
+"""Held while the CLI runs in this process: its output is captured by swapping the process-wide
+``sys.stdout``/``sys.stderr``, so two runs from two threads would mix their output."""
+
+
+def run_cli_in_process(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m ipo_lightning ARGS`` in this process (``ipo_lightning.cli.main``, what
+    ``__main__`` calls): its exit code, stdout and stderr, as :func:`subprocess.run` with
+    ``capture_output=True, text=True`` gives them for the child process."""
+    from ipo_lightning.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with _IN_PROCESS_CLI, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exit_info:
+            # As the interpreter maps it: None is 0, a message is printed and exits with 1.
+            if isinstance(exit_info.code, str):
+                print(exit_info.code, file=sys.stderr)
+            code = exit_info.code if isinstance(exit_info.code, int) else int(exit_info.code is not None)
+    return subprocess.CompletedProcess(cli_command(*args), code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def cli_runs_in_process() -> Iterator[list[list[str]]]:
+    """While open, ``subprocess.run(cli_command(ARGS), capture_output=True, text=True[, check=...])``
+    from any code runs the CLI in this process (:func:`run_cli_in_process`) instead of starting a
+    child; every other ``subprocess.run`` call is left alone. Yields the command lines it ran so.
+
+    For tests of code that parses configs in child processes (``compare``'s member checks) whose
+    subject is the configs, not the processes: each child start costs seconds of imports.
+    """
+    real_run = subprocess.run
+    prefix = cli_command()
+    ran: list[list[str]] = []
+
+    def run(command: Any, *args: Any, **kwargs: Any) -> Any:
+        captured = kwargs.get("capture_output") is True and kwargs.get("text") is True
+        if (
+            not args
+            and captured
+            and set(kwargs) <= {"capture_output", "text", "check"}
+            and isinstance(command, (list, tuple))
+            and list(command[: len(prefix)]) == prefix
+        ):
+            ran.append(list(command))
+            result = run_cli_in_process(command[len(prefix) :])
+            if kwargs.get("check"):
+                result.check_returncode()
+            return result
+        return real_run(command, *args, **kwargs)
+
+    subprocess.run = run  # type: ignore[assignment]
+    try:
+        yield ran
+    finally:
+        subprocess.run = real_run  # type: ignore[assignment]
 
 
 def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

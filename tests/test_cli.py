@@ -111,17 +111,18 @@ def test_fit_writes_metrics_config_wandb_checkpoint_and_export(tmp_path: Path, t
     )
 
 
-@pytest.mark.slow
-def test_bad_data_exits_with_one_line_and_no_traceback(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_bad_data_exits_with_one_line_and_no_traceback(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     train = tmp_path / "train.jsonl"
     lines = [json.dumps(r) for r in polite_pairs(5)]
     lines[3] = '{"prompt": "hi", "chosen": "ok",'  # truncated record on line 4
     train.write_text("\n".join(lines) + "\n")
     config = _config(tmp_path, tiny_model_dir, train)
-    result = run_cli(tmp_path, "fit", "--config", str(config))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    code, err = run_main(["fit", "--config", str(config)], capsys)  # the CLI's entry point, in this process
+    assert code == 2
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "train.jsonl:4" in error_lines[0]
     # Nothing was written: not even an empty run folder.
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

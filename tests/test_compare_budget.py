@@ -20,7 +20,15 @@ from ipo_lightning.analysis.compare import (
 )
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import METHODS
-from tests.helpers import REPO, fit_config, polite_pairs, save_tiny_reward_model, write_config, write_jsonl
+from tests.helpers import (
+    REPO,
+    cli_runs_in_process,
+    fit_config,
+    polite_pairs,
+    save_tiny_reward_model,
+    write_config,
+    write_jsonl,
+)
 
 GOLD_JUDGE = {"reward": "ipo_lightning.gold:gold_reward", "prompts": 8, "samples_per_prompt": 2}
 
@@ -288,7 +296,10 @@ def test_shipped_gold_methods_resolve_to_the_planned_steps(
     reward.mkdir()  # stands in for the reward model's export: --print_config does not load it
     for member in ("rloo-rm", "online-ipo-rm"):
         spec.members[member]["model.reward"] = str(reward)
-    resolved = check_members(spec)
+    # The members' `fit --print_config` runs parse in this process: the configs are the subject here.
+    with cli_runs_in_process() as parsed:
+        resolved = check_members(spec)
+    assert len(parsed) == len(spec.members)
     for member, config in resolved.items():
         # Independently of the plan: one step's completions from the resolved options.
         k = {"preference": 2, "rloo": config["model"].get("samples_per_prompt"), "online": 2}[
@@ -350,7 +361,10 @@ def test_a_preference_and_on_policy_members_train_on_one_samples_budget(
             sort_keys=False,
         )
     )
-    report = run_compare(load_spec(spec_file), jobs=2)  # fits side by side, each into its fit.log
+    # The fits run side by side, each into its fit.log; the members' checks parse in this process.
+    with cli_runs_in_process() as parsed:
+        report = run_compare(load_spec(spec_file), jobs=2)
+    assert len(parsed) == 3
     summary = json.loads((report.parent / "summary.json").read_text())
     rows = {row["run"]: row for row in summary["methods"]}
     for member, (method, per_step, steps) in {

@@ -8,7 +8,6 @@ import math
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from ipo_lightning.cli import main
 from ipo_lightning.errors import ConfigError
 from tests.helpers import (
     REPO,
+    cli_runs_in_process,
     fit_config,
     polite_pairs,
     run_main,
@@ -88,7 +88,10 @@ def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
             sort_keys=False,
         )
     )
-    report = run_compare(load_spec(spec_file))
+    # The fits run one after another in child processes; the members' checks parse in this process.
+    with cli_runs_in_process() as parsed:
+        report = run_compare(load_spec(spec_file))
+    assert len(parsed) == 2
 
     run_dirs = {m: tmp_path / "runs" / "tiny" / m / "version_0" for m in ("ipo", "dpo-mean")}
     configs = {m: yaml.safe_load((d / "config.yaml").read_text()) for m, d in run_dirs.items()}
@@ -271,11 +274,7 @@ def test_allowed_member_options_and_names_load(tmp_path: Path, tiny_model_dir: P
         load_spec(spec_file)
 
 
-@pytest.mark.slow
-def test_members_are_compared_on_their_resolved_shared_options(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_members_are_compared_on_their_resolved_shared_options(tmp_path: Path, tiny_model_dir: Path) -> None:
     # Built directly, past load_spec's own checks: the resolved configs alone must catch it.
     fit = _fit_config(tmp_path, tiny_model_dir)
     different, same = (
@@ -287,16 +286,16 @@ def test_members_are_compared_on_their_resolved_shared_options(
         )
         for b_options in ({"trainer": {"max_steps": 7}}, {"model.beta": 0.3})
     )
-    # Two independent checks, each parsing its members in child processes: both at once.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        refused, accepted = pool.submit(check_members, different), pool.submit(check_members, same)
+    # The members' `fit --print_config` runs parse in this process: the resolved configs are the subject.
+    with cli_runs_in_process() as parsed:
         with pytest.raises(ConfigError) as caught:
-            refused.result()
+            check_members(different)
         assert str(caught.value) == (
             "compare member 'b': trainer.max_steps resolves to 7, but member 'a' has 4; all members must "
             "share seed, data and budget"
         )
-        accepted.result()  # b's own default_root_dir is not a difference
+        check_members(same)  # b's own default_root_dir is not a difference
+    assert len(parsed) == 4
 
 
 def _member_run(spec: CompareSpec, member: str, kl: float) -> None:

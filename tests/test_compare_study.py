@@ -12,7 +12,7 @@ import yaml
 
 from ipo_lightning.analysis.compare import CompareSpec, check_members, load_spec, main, run_compare
 from ipo_lightning.errors import ConfigError
-from tests.helpers import REPO, fit_config, polite_pairs, write_config, write_jsonl
+from tests.helpers import REPO, cli_runs_in_process, fit_config, polite_pairs, write_config, write_jsonl
 
 
 def _fit(tmp_path: Path, model_dir: Path) -> Path:
@@ -152,7 +152,6 @@ def test_study_files_that_would_unlock_anything_else_fail(
     assert str(caught.value).startswith(f"{path}: {expected}")
 
 
-@pytest.mark.slow
 def test_a_study_member_is_compared_on_its_resolved_config(tmp_path: Path, tiny_model_dir: Path) -> None:
     # Built directly, past load_spec's own checks: the resolved configs alone must catch it.
     spec = CompareSpec(
@@ -162,12 +161,14 @@ def test_a_study_member_is_compared_on_its_resolved_config(tmp_path: Path, tiny_
         runs_dir=tmp_path / "runs",
         study={"seed": [3, 4]},
     )
-    with pytest.raises(ConfigError) as caught:
+    # The members' `fit --print_config` runs parse in this process: the resolved configs are the subject.
+    with cli_runs_in_process() as parsed, pytest.raises(ConfigError) as caught:
         check_members(spec)
     assert str(caught.value) == (
         "compare member 'b': data.train_size resolves to 8, but member 'a' has null; all members must share "
         "seed, data and budget"
     )
+    assert len(parsed) == 2
 
 
 @pytest.mark.slow
@@ -180,6 +181,7 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
         "trainer.max_steps": 3,
         "trainer.val_check_interval": 3,
         "trainer.check_val_every_n_epoch": None,
+        "trainer.limit_val_batches": 1,  # the report reads what was logged, however much was scored
         "trainer.enable_progress_bar": False,
         "trainer.enable_checkpointing": False,
         "trainer.callbacks": [],
@@ -201,7 +203,10 @@ def test_a_size_by_seed_study_of_the_quickstart_runs_and_reports(
             }
         )
     )
-    report = run_compare(load_spec(path), jobs=2)
+    # The fits run in child processes; the member's check parses in this process.
+    with cli_runs_in_process() as parsed:
+        report = run_compare(load_spec(path), jobs=2)
+    assert len(parsed) == 1
     names = ["ipo-n32-seed0", "ipo-n32-seed1", "ipo-n64-seed0", "ipo-n64-seed1"]
     out = capsys.readouterr().out
     assert f"compare qs: 4 runs (1 members x 2 data.train_size x 2 seed): {', '.join(names)}" in out

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
+from ipo_lightning.cli import main
 from ipo_lightning.run_folder import WANDB_ID_FILE
 from tests.helpers import (
     REPO,
@@ -117,12 +119,6 @@ def processes() -> Iterator[Processes]:
         tracker.close()
 
 
-def _run(processes: Processes, command: list[str], env: dict[str, str], log: Path) -> None:
-    process = processes.start(command, env, log)
-    code = processes.wait(process, log, time.monotonic() + DEADLINE_S)
-    assert code == 0, log.read_text()[-4000:]
-
-
 def _train_losses(run_dir: Path) -> list[float]:
     with (run_dir / "metrics.csv").open() as handle:
         return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
@@ -140,27 +136,78 @@ def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The reference run: one process, global batch 4, SGD, 8 steps; returns its run folder."""
+    """The reference run: one process, global batch 4, SGD, 8 steps; returns its run folder.
+
+    It is fitted in this process through the CLI's entry point: the tests compare its numbers, and a
+    child would spend most of its time importing.
+    """
     tmp_path = tmp_path_factory.mktemp("single")
     config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH)
+    main(["fit", "--config", str(config), "--trainer.devices", "1"])
+    return tmp_path / "runs" / "version_0"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A finished multi-process fit: its folder (``runs/`` under it), exit code and combined output."""
+
+    folder: Path
+    code: int
+    log: Path
+
+
+JOBS = {
+    "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+    "fsdp": [
+        *("--config", str(REPO / "configs" / "strategy" / "fsdp.yaml")),
+        *("--trainer.accelerator", "cpu", "--trainer.devices", "2"),
+    ],
+    "ddp_bad_record": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
+}
+"""The independent two-process fits (2 ranks x batch 2) of the tests below, by name."""
+
+
+@pytest.fixture(scope="module")
+def two_process_jobs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> dict[str, Job]:
+    """The :data:`JOBS`, started at the same time and run to the end, each in its own folder.
+
+    Independent runs: together they keep both cores busy while each one's second rank starts up
+    (imports), which one run alone leaves to one core; the one-process reference fits in this process
+    meanwhile. ``ddp_bad_record``'s training file ends with a record that has no rejected reply
+    (record 16).
+    """
     tracker = Processes()
+    started = {}
     try:
-        command = _command(config, "--trainer.devices", "1")
-        _run(tracker, command, subprocess_env(tmp_path), tmp_path / "log.txt")
+        for name, args in JOBS.items():
+            folder = tmp_path_factory.mktemp(name)
+            config = _config(folder, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
+            if name == "ddp_bad_record":
+                with (folder / "train.jsonl").open("a") as handle:
+                    handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
+            log = folder / "log.txt"
+            started[name] = (folder, tracker.start(_command(config, *args), subprocess_env(folder), log), log)
+        deadline = time.monotonic() + DEADLINE_S * len(JOBS)  # each job's own deadline, one after another
+        # After every start: the in-process fit sets os.environ entries no child should inherit.
+        request.getfixturevalue("single_process_run")
+        return {
+            name: Job(folder, tracker.wait(process, log, deadline), log)
+            for name, (folder, process, log) in started.items()
+        }
     finally:
         tracker.close()
-    return tmp_path / "runs" / "version_0"
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(
-    tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
+    tiny_model_dir: Path, two_process_jobs: dict[str, Job], single_process_run: Path
 ) -> None:
     """2 ranks x batch 2 through the CLI = 1 process x batch 4: loss per step and final weights."""
-    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
-    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    _run(processes, _command(config, *args), subprocess_env(tmp_path), tmp_path / "log.txt")
-    runs = sorted((tmp_path / "runs").iterdir())
+    job = two_process_jobs["ddp"]
+    assert job.code == 0, job.log.read_text()[-4000:]
+    runs = sorted((job.folder / "runs").iterdir())
     assert [run.name for run in runs] == ["version_0"]  # one folder for both ranks: no version race
     run_dir = runs[0]
 
@@ -177,15 +224,13 @@ def test_ddp_two_processes_match_one_process(
 
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_process(
-    tmp_path: Path, tiny_model_dir: Path, single_process_run: Path, processes: Processes
+    two_process_jobs: dict[str, Job], single_process_run: Path
 ) -> None:
     """configs/strategy/fsdp.yaml on 2 CPU processes: sharded policy, reference left out of FSDP; the
     loss curve and the export (gathered to rank 0) equal one process's."""
-    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
-    fsdp = str(REPO / "configs" / "strategy" / "fsdp.yaml")
-    args = ["--config", fsdp, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
-    _run(processes, _command(config, *args), subprocess_env(tmp_path), tmp_path / "log.txt")
-    run_dir = tmp_path / "runs" / "version_0"
+    job = two_process_jobs["fsdp"]
+    assert job.code == 0, job.log.read_text()[-4000:]
+    run_dir = job.folder / "runs" / "version_0"
     # The checkpoint holds the full policy in one file (gathered), and no reference.
     (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -201,19 +246,13 @@ def test_fsdp_two_processes_match_one_process(
 
 
 @pytest.mark.slow
-def test_ddp_bad_record_stops_every_rank_with_one_line(
-    tmp_path: Path, tiny_model_dir: Path, processes: Processes
-) -> None:
+def test_ddp_bad_record_stops_every_rank_with_one_line(two_process_jobs: dict[str, Job]) -> None:
     """A bad record under DDP: every rank stops with the error (none waits at a barrier forever)."""
-    config = _config(tmp_path, tiny_model_dir, per_rank_batch=2)
-    with (tmp_path / "train.jsonl").open("a") as handle:
-        handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
-    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    log = tmp_path / "log.txt"
-    process = processes.start(_command(config, *args), subprocess_env(tmp_path), log)
-    assert processes.wait(process, log, time.monotonic() + DEADLINE_S) == 2
-    errors = {line for line in log.read_text().splitlines() if line.startswith("error:")}
-    assert len(errors) == 1 and "record 16" in errors.pop() and "Traceback" not in log.read_text()
+    job = two_process_jobs["ddp_bad_record"]
+    log = job.log.read_text()
+    assert job.code == 2, log[-4000:]
+    errors = {line for line in log.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "record 16" in errors.pop() and "Traceback" not in log
 
 
 def _slurm_env(tmp_path: Path, rank: int, port: int, fake_bin: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ import pytest
 
 from ipo_lightning.cli import main
 from ipo_lightning.evaluation import write_atomically
-from tests.helpers import fit_config, polite_pairs, run_cli, run_main, write_config, write_jsonl
+from tests.helpers import fit_config, polite_pairs, run_main, write_config, write_jsonl
 
 REWARD = "tests.test_generation_eval:distinct_tokens"
 
@@ -92,16 +92,17 @@ def test_evaluate_on_the_finished_run_repeats_the_last_measurement(
     assert code == 2 and err.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: no such run folder"
 
 
-@pytest.mark.slow
-def test_a_bad_reward_stops_the_cli_at_start_up_with_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_bad_reward_stops_the_cli_at_start_up_with_one_line(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = _config(tmp_path, tiny_model_dir, reward="tests.test_generation_eval:wrong_length")
-    result = run_cli(tmp_path, "fit", "--config", str(config))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+    code, err = run_main(["fit", "--config", str(config)], capsys)  # the CLI's entry point, in this process
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
         "error: --generation.reward 'tests.test_generation_eval:wrong_length': "
         "returned 1 values for 2 prompts"
     )
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
     assert not (tmp_path / "runs" / "version_0").exists()  # no run folder that looks started
 
 
