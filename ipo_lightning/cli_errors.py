@@ -60,7 +60,7 @@ def _renamed_hint(line: str) -> str:
         if re.search(rf"--{re.escape(old)}(?=[\s=]|$)", line) or (
             f"Group '{group}' does not accept option '{option}'" in line
         ):
-            return f"; {old} is now {new} (on-policy methods)"
+            return f"; {old} is now {new}"
     return ""
 
 

@@ -82,7 +82,9 @@ def check_hub_access(repo_id: str, token: str | None = None, endpoint: str | Non
     scopes = access.get("fineGrained")
     if role == "fineGrained" and isinstance(scopes, dict):  # without its scopes there is nothing to judge
         namespace = repo_id.split("/")[0] if "/" in repo_id else str(identity.get("name", ""))
-        if not fine_grained_can_write(scopes, repo_id, namespace):
+        # A repo id without a namespace is created under the token's user: the hub names it in full.
+        full_id = repo_id if "/" in repo_id else f"{namespace}/{repo_id}"
+        if not fine_grained_can_write(scopes, full_id, namespace):
             raise ConfigError(
                 f"{OPTION}={repo_id}: the fine-grained Hugging Face token may not write to {namespace!r} "
                 f"(it needs the repo.write permission on that user or organisation, or on {repo_id}); "

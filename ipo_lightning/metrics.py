@@ -46,6 +46,7 @@ def log_eval_values(
         row = {name: float(value) for name, value in values.items()}
         for logger in trainer.loggers:
             logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step)
+            logger.save()  # as Lightning saves after each of its own log calls: on disk at once
 
 
 def metric_names(loss_type: str) -> tuple[str, ...]:

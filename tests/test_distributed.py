@@ -340,7 +340,7 @@ def test_sbatch_script_launches_one_task_per_gpu_with_requeue(tmp_path: Path) ->
     """The sbatch template's header asks for the requeue signal, and its srun line sets the world last."""
     script = REPO / "scripts" / "slurm" / "train.sbatch"
     header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
-    assert "#SBATCH --signal=SIGUSR1@90" in header and "#SBATCH --requeue" in header
+    assert "#SBATCH --signal=SIGUSR1@300" in header and "#SBATCH --requeue" in header
     fake_bin, calls = tmp_path / "bin", tmp_path / "srun_args.txt"
     fake_bin.mkdir()
     (fake_bin / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{calls}"\n')

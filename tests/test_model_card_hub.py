@@ -390,6 +390,7 @@ WRITE = [*READ_ONLY, "repo.write"]
         ("m", [("user", "me", WRITE)], True),  # no namespace: the token's user
         ("lab/m", [("user", "me", WRITE), ("org", "lab", WRITE)], True),
         ("me/m", [("model", "me/m", WRITE)], True),  # this repo only
+        ("m", [("model", "me/m", WRITE)], True),  # this repo only, named without its namespace
         ("me/m", [("user", "me", READ_ONLY)], False),
         ("lab/m", [("user", "me", WRITE), ("org", "lab", READ_ONLY)], False),
         ("lab/m", [("user", "me", WRITE)], False),  # the user's scope is not the org's

@@ -185,7 +185,9 @@ def test_run_folders_of_earlier_versions_read_as_this_versions(tmp_path: Path) -
         write_report(runs, root / "report")
         text = (root / "report" / "summary.json").read_text()
         summaries.append(json.loads(text.replace(str(root), "ROOT")))  # the run folders' own paths aside
-        assert [load_run(run).validation_step_offset() for run in runs] == [lag, lag]
+        for run in runs:
+            validations = load_run(run).validation_steps()
+            assert validations and all(taken == step + lag for step, taken in validations.items())
     assert summaries[0] == summaries[1]
     assert [point["step"] for point in summaries[1]["proxy_gold"]] == [0, 50, 100]
     assert summaries[1]["proxy_gold"][2]["proxy"] == 10.0  # val/reward of the step-100 validation
@@ -205,6 +207,19 @@ def test_run_folders_of_earlier_versions_read_as_this_versions(tmp_path: Path) -
     earlier.insert(1, {"step": "49", "val/loss": "1"})
     assert steps_trained(RunMetrics(tmp_path, earlier)) == 60
     assert steps_trained(RunMetrics(tmp_path, now)) == 60
+
+    # A folder an earlier version started and this one resumed: each row read in its own layout; a
+    # row that no measurement places takes the run's majority layout.
+    resumed = [
+        {"step": "49", "val/loss": "1"},
+        {"step": "50", "gen/reward": "1"},
+        {"step": "99", "val/loss": "1"},
+        {"step": "100", "divergence/kl": "1"},
+        {"step": "150", "val/loss": "1"},
+        {"step": "150", "gen/reward": "1"},
+        {"step": "170", "val/loss": "1"},
+    ]
+    assert RunMetrics(tmp_path, resumed).validation_steps() == {49: 50, 99: 100, 150: 150, 170: 171}
 
 
 def test_one_method_without_new_metrics_gets_no_methods_or_proxy_section(tmp_path: Path) -> None:

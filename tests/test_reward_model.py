@@ -325,8 +325,9 @@ def test_ddp_fit_logs_synced_metrics_and_exports(tmp_path: Path, tiny_model_dir:
     run_dir = tmp_path / "runs" / "version_0"
     with (run_dir / "metrics.csv").open() as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("val/rm/accuracy")]
-    # 48 pairs, 16 per global batch (8 on each of 2 ranks): 3 optimizer steps per epoch.
-    assert [int(row["step"]) for row in rows] == [2, 5]
+    # 48 pairs, 16 per global batch (8 on each of 2 ranks): 3 optimizer steps per epoch, a validation
+    # at each epoch's end, its row at the steps taken by then.
+    assert [int(row["step"]) for row in rows] == [3, 6]
     assert float(rows[-1]["val/in_dist/rm/accuracy"]) == 1.0
     assert AutoModelForSequenceClassification.from_pretrained(run_dir / "hf_model").config.num_labels == 1
 

@@ -239,7 +239,7 @@ def test_rerun_into_a_folder_of_an_earlier_version(
 def test_a_renamed_option_on_the_command_line_or_in_a_config_names_its_new_name() -> None:
     from ipo_lightning.cli_errors import short_parser_error
 
-    hint = "; model.seed is now model.sampling_seed (on-policy methods)"
+    hint = "; model.seed is now model.sampling_seed"
     assert short_parser_error("unrecognized arguments: --model.seed 3") == (
         "unrecognized arguments: --model.seed 3" + hint
     )

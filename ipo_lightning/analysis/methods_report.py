@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ipo_lightning.analysis.budget import step_size
 from ipo_lightning.analysis.plots import plot_metrics_over_steps
-from ipo_lightning.analysis.run_logs import RunMetrics
+from ipo_lightning.analysis.run_logs import RunMetrics, logs_prefix
 from ipo_lightning.callbacks.performance import PEAK_MEMORY, STEP_TIME
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import DEFAULT_METHOD
@@ -33,18 +33,18 @@ GOLD_SPECS = ("builtin:gold", "ipo_lightning.gold:gold_reward")
 """The two spellings of the gold reward."""
 TRAIN_PREFIX = "train/"
 """A ``train/`` row at step ``s`` is of the step that ``s`` steps preceded: ``s + 1`` steps were taken.
-(``val/`` rows: :meth:`~ipo_lightning.analysis.run_logs.RunMetrics.validation_step_offset`.)"""
+(``val/`` rows: :meth:`~ipo_lightning.analysis.run_logs.RunMetrics.validation_steps`.)"""
 
 
 def steps_trained(run: RunMetrics) -> int:
     """Optimizer steps the run took, from its rows (a ``train/`` row at ``s`` means ``s + 1``)."""
-    offset = run.validation_step_offset()
+    validations = run.validation_steps()
 
     def taken(row: dict[str, str]) -> int:
-        names = [name for name, value in row.items() if value]
-        if any(name.startswith(TRAIN_PREFIX) for name in names):
-            return int(row["step"]) + 1
-        return int(row["step"]) + (offset if any(name.startswith("val/") for name in names) else 0)
+        step = int(row["step"])
+        if logs_prefix(row, TRAIN_PREFIX):
+            return step + 1
+        return validations[step] if logs_prefix(row, "val/") else step
 
     return max((taken(row) for row in run.rows if row.get("step")), default=0)
 
@@ -211,7 +211,7 @@ class ProxyGoldPoint:
     proxy: float | None
     """``val/reward``: the training reward of the policy's samples of the val prompts (its row is
     one step earlier in metrics.csv of earlier versions,
-    :meth:`~ipo_lightning.analysis.run_logs.RunMetrics.validation_step_offset`)."""
+    :meth:`~ipo_lightning.analysis.run_logs.RunMetrics.validation_steps`)."""
     gold: float | None
     """``gen/reward``: the judge's reward of the policy's samples of the held-out prompts."""
 
@@ -222,8 +222,8 @@ def proxy_gold_points(runs: Mapping[str, RunMetrics]) -> list[ProxyGoldPoint]:
     for name, run in runs.items():
         if not trained_on_proxy(run):
             continue
-        offset = run.validation_step_offset()
-        proxy = {step + offset: value for step, value in run.by_step(PROXY_REWARD).items()}
+        validations = run.validation_steps()
+        proxy = {validations[step]: value for step, value in run.by_step(PROXY_REWARD).items()}
         gold = run.by_step(GOLD_REWARD)
         for step in sorted(set(proxy) | set(gold)):
             points.append(ProxyGoldPoint(name, step, proxy.get(step), gold.get(step)))

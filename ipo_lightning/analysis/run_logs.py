@@ -43,20 +43,23 @@ class RunMetrics:
         """Step -> value of metric ``name``; a step logged more than once keeps its last value."""
         return dict(zip(*self.series(name), strict=True))
 
-    def validation_step_offset(self) -> int:
-        """What to add to the step of a ``val/`` row for the optimizer steps taken at that validation.
+    def validation_steps(self) -> dict[int, int]:
+        """Step of each ``val/`` row -> the optimizer steps taken at that validation.
 
-        0 for run folders of this version, whose validation rows share the step of the generation
-        evaluation's and divergence monitor's rows of the same validation; 1 for earlier ones, where
-        Lightning stepped them one less. Told apart by those measurements, which follow every
-        validation by default: the steps of most ``val/`` rows are measured steps (0), or the steps
-        after them are (1).
+        Equal for run folders of this version, whose validation rows share the step of the generation
+        evaluation's and divergence monitor's rows of the same validation; one more for earlier ones,
+        where Lightning stepped them one less. Told apart row by row, by those measurements (which
+        follow every validation by default), so a folder an earlier version started and this one
+        resumed reads right in both parts: a val step that is a measured step is of this version, one
+        whose next step is measured (and itself is not) is of an earlier one. A row with neither
+        takes the layout most rows of the run show (this version's when none tells).
         """
-        val_steps = {int(row["step"]) for row in self.rows if _logs_prefix(row, "val/")}
-        measured = {int(row["step"]) for row in self.rows if _logs_prefix(row, ("gen/", "divergence/"))}
-        same = len(val_steps & measured)
-        before = len({step + 1 for step in val_steps} & measured)
-        return 1 if before > same else 0
+        val_steps = sorted({int(row["step"]) for row in self.rows if logs_prefix(row, "val/")})
+        measured = {int(row["step"]) for row in self.rows if logs_prefix(row, ("gen/", "divergence/"))}
+        told = {step: 0 if step in measured else 1 for step in val_steps if {step, step + 1} & measured}
+        earlier = sum(told.values())
+        default = 1 if earlier > len(told) - earlier else 0
+        return {step: step + told.get(step, default) for step in val_steps}
 
     def last(self, name: str) -> float:
         """The last logged value of ``name`` (NaN if it was never logged)."""
@@ -73,7 +76,7 @@ class RunMetrics:
         return node
 
 
-def _logs_prefix(row: dict[str, str], prefix: str | tuple[str, ...]) -> bool:
+def logs_prefix(row: dict[str, str], prefix: str | tuple[str, ...]) -> bool:
     """Whether ``row`` holds a value of a column starting with ``prefix``."""
     return bool(row.get("step")) and any(value and name.startswith(prefix) for name, value in row.items())
 

@@ -40,9 +40,10 @@ class SlurmRequeue(Callback):
     """On the requeue signal, checkpoint at the next optimizer step, requeue the SLURM job and exit.
 
     Active only in a SLURM batch job (Lightning's ``SLURMEnvironment.detect()``), during ``fit``.
-    Pair it with ``#SBATCH --signal=SIGUSR1@90`` (see ``scripts/slurm/``): SLURM sends the signal 90 s
-    before the time limit, leaving time for the step in flight, the checkpoint and a validation due
-    at that step.
+    Pair it with ``#SBATCH --signal=SIGUSR1@300`` (see ``scripts/slurm/``): SLURM sends the signal 5
+    minutes before the time limit, leaving time for the step in flight, the checkpoint and a
+    validation due at that step (with its measurements); the requeue waits for them, since
+    ``scontrol requeue`` ends the running job.
 
     Args:
         auto_requeue: requeue the job on the signal (off: the signal is left to other handlers).
