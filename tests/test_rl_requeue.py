@@ -1,5 +1,6 @@
 """On-policy runs (RLOO, online IPO) through the CLI under a simulated SLURM job: the requeue signal
-mid-epoch, the requeued relaunch resumes, and the run ends as an uninterrupted one does."""
+mid-epoch or at an epoch's last step, the requeued relaunch resumes, and the run ends as an
+uninterrupted one does."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tests.helpers import fit_config, run_clis, write_config, write_jsonl
 
 REWARD = "tests.reward_fixtures:length_reward"
 PROMPTS, BATCH, MAX_STEPS = 6, 2, 5  # 3 steps per epoch: the run crosses an epoch boundary
-SIGNALLED_STEP = 1  # the requeue checkpoint is of step 2, mid-epoch, where a validation is due
+# The step whose end sees the signal: RLOO's checkpoint is of step 2, mid-epoch, where a validation is
+# due; online IPO's of step 3, the first epoch's last, so the epoch ends between save and exit.
+SIGNALLED_STEP = {"rloo": 1, "online": 2}
 JOB_ID = "4242"
 METHODS = {
     "rloo": {"samples_per_prompt": 2},
@@ -46,7 +49,8 @@ def _config(tmp_path: Path, model_dir: Path, method: str, name: str, *, signal: 
     )
     callbacks = []
     if signal:
-        callbacks.append({"class_path": "tests.helpers.SignalAtStep", "init_args": {"step": SIGNALLED_STEP}})
+        signal_step = {"step": SIGNALLED_STEP[method]}
+        callbacks.append({"class_path": "tests.helpers.SignalAtStep", "init_args": signal_step})
     config = fit_config(
         tmp_path,
         model_dir,
@@ -99,7 +103,7 @@ def _slurm_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_on_policy_runs_requeued_mid_epoch_end_as_uninterrupted_ones(
+def test_on_policy_runs_requeued_mid_epoch_or_at_its_end_finish_as_uninterrupted_ones(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """SIGUSR1 under SLURM: checkpoint at the step's end, ``scontrol requeue``, exit 3; the relaunch of
@@ -125,7 +129,7 @@ def test_on_policy_runs_requeued_mid_epoch_end_as_uninterrupted_ones(
         run_dir = tmp_path / f"{method}-requeued" / "run"
         (checkpoint,) = run_dir.glob("hpc_ckpt_*.ckpt")
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        assert state["global_step"] == SIGNALLED_STEP + 1, method
+        assert state["global_step"] == SIGNALLED_STEP[method] + 1, method
         assert f"Resuming from {checkpoint}" in result.stdout + result.stderr
 
         straight = tmp_path / f"{method}-straight" / "run"
