@@ -53,10 +53,15 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-# What the GPU machine has (docs of the machine) and what those packages pull in themselves.
+# What the GPU machine has (docs of the machine) and what those packages pull in themselves; the
+# versions where the machine's package list states them, checked against the wheels' requirements.
 DEVICE = """torch transformers lightning pytorch-lightning peft accelerate huggingface-hub tokenizers
 safetensors torchmetrics pyarrow pandas xxhash triton ninja numpy packaging pyyaml tqdm filelock fsspec
 psutil jinja2 typing-extensions regex requests httpx lightning-utilities sympy networkx setuptools""".split()
+DEVICE_VERSIONS = {"torch": "2.11.0", "transformers": "5.17.0", "lightning": "2.6.6",
+                   "pytorch-lightning": "2.6.6", "accelerate": "1.15.0", "huggingface-hub": "1.33.0",
+                   "tokenizers": "0.23.2", "safetensors": "0.8.0", "torchmetrics": "1.9.0",
+                   "numpy": "2.5.2", "triton": "3.6.0"}
 env = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
        "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
 folder = Path(sys.argv[1])
@@ -85,6 +90,10 @@ for name, (version, path) in wheels.items():
             missing.append(f"{name} {version} needs {requirement}")
         elif dep in wheels and not requirement.specifier.contains(wheels[dep][0], prereleases=True):
             missing.append(f"{name} {version} needs {requirement}, the wheel is {wheels[dep][0]}")
+        elif dep not in wheels and dep in DEVICE_VERSIONS and not requirement.specifier.contains(
+            DEVICE_VERSIONS[dep], prereleases=True
+        ):
+            missing.append(f"{name} {version} needs {requirement}, the GPU machine has {DEVICE_VERSIONS[dep]}")
     print(f"{path.stat().st_size / 2**20:7.2f} MiB  {path.name}")
 if missing:
     sys.exit("unmet requirements:\n  " + "\n  ".join(missing))
@@ -94,7 +103,8 @@ EOF
 # imports the modules that need nothing else, the compiled ones included; PYTHON imports the
 # torch-side packages from the pure-python wheels, with its own copies of the compiled ones.
 PY312="${PYTHON312:-$(command -v python3.12 || true)}"
-if [ -n "$PY312" ]; then
+# (a pyenv shim for a version that is not selected is on PATH but does not run)
+if [ -n "$PY312" ] && "$PY312" -c "" 2>/dev/null; then
   rm -rf /tmp/site_check312
   "$PY312" -m pip install -q --no-index --no-deps --target /tmp/site_check312 "$DEST"/*.whl
   # the two of the GPU machine's packages these import (not carried: the machine has them)
