@@ -525,7 +525,7 @@ class PreferenceModule(EvalSetMetrics, L.LightningModule):
         _, values = self.forward_pairs(batch)
         weight = batch.get(WEIGHT)
         weights = None if weight is None else dict.fromkeys(values, weight)
-        getattr(self, f"{split}_metrics")[self._set_names(split)[dataloader_idx]].update(values, weights)
+        self._ensure_metrics(split)[self._set_names(split)[dataloader_idx]].update(values, weights)
 
     # ------------------------------------------------------------------ metrics per eval set
 

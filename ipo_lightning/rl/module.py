@@ -450,7 +450,7 @@ class OnPolicyModule(EvalSetMetrics, L.LightningModule):
         weight = batch.get(WEIGHT)
         weights = None if weight is None else self.rollout_weights(rollout, weight.to(self.device))
         set_name = self._set_names("val")[dataloader_idx]
-        self.val_metrics[set_name].update(self.rollout_values(rollout), weights)
+        self._ensure_metrics("val")[set_name].update(self.rollout_values(rollout), weights)
 
     def new_eval_metrics(self) -> PreferenceMetrics:
         """The rollout metrics of one validation set (logged by :class:`EvalSetMetrics`)."""
