@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
-from ipo_lightning.analysis.methods_report import steps_trained
+from ipo_lightning.analysis.methods_report import method_options, steps_trained
 from ipo_lightning.analysis.report import write_report
 from ipo_lightning.analysis.run_logs import RunMetrics, load_run
 
@@ -124,6 +124,10 @@ def test_methods_table_holds_each_runs_method_budget_and_final_numbers(tmp_path:
     assert rows["ipo"]["options"] == "loss ipo, beta 0.5"
     assert rows["rloo"]["options"] == "beta 0.05, k 4"  # builtin:gold is the judge's reward
     assert rows["rloo-rm"]["options"] == "beta 0.05, k 4, reward runs/gold-rm/x/hf_model"
+    online = {"method": "online", "model": {"loss_type": "ipo", "beta": 0.5, "label_temperature": 0.0}}
+    assert method_options(RunMetrics(tmp_path, [], online)) == "loss ipo, beta 0.5"  # hard labels
+    online["model"]["label_temperature"] = 1.0
+    assert method_options(RunMetrics(tmp_path, [], online)) == "loss ipo, beta 0.5, label temperature 1"
     ipo = rows["ipo"]
     line = next(line for line in markdown.splitlines() if line.startswith("| ipo | preference |"))
     assert line.startswith(

@@ -82,6 +82,8 @@ def method_options(run: RunMetrics) -> str:
         parts.append(f"beta {beta:g}")
     if method_of(run) == "rloo" and (k := run.setting("model.samples_per_prompt")) is not None:
         parts.append(f"k {k}")
+    if method_of(run) == "online" and (temperature := run.setting("model.label_temperature")):
+        parts.append(f"label temperature {temperature:g}")  # soft labels (0, the default: hard ones)
     if trained_on_proxy(run):
         parts.append(f"reward {run.setting('model.reward')}")
     return ", ".join(parts) or "–"
