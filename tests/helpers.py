@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
 import io
 import json
 import os
@@ -396,3 +397,16 @@ def save_tiny_reward_model(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a CSV file (``metrics.csv``), as ``csv.DictReader`` reads them."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def without_timings(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``metrics.csv`` rows without their ``perf/`` values, which measure the machine, not the run."""
+    return [{name: value for name, value in row.items() if not name.startswith("perf/")} for row in rows]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import multiprocessing
 import os
 import random
@@ -29,7 +28,15 @@ from ipo_lightning.module import PreferenceModule
 from ipo_lightning.resume import RNGStateCheckpoint, checkpoint_problem, find_resume_checkpoint
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import cli_command, polite_pairs, subprocess_env, write_config, write_jsonl
+from tests.helpers import (
+    cli_command,
+    csv_rows,
+    polite_pairs,
+    subprocess_env,
+    without_timings,
+    write_config,
+    write_jsonl,
+)
 
 PAIRS, BATCH, EPOCHS = 12, 4, 2  # 3 batches per epoch, 6 optimizer steps
 
@@ -161,18 +168,6 @@ def test_resuming_a_folder_started_with_another_config_is_refused(tmp_path: Path
 # ---------------------------------------------------------------- metrics.csv history, corrupt checkpoints
 
 
-def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
-
-
-def _without_timings(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The rows without their ``perf/`` values, which measure the machine, not the run."""
-    return [{name: value for name, value in row.items() if not name.startswith("perf/")} for row in rows]
-
-
 def test_metrics_csv_keeps_the_rows_a_resume_continues_after(tmp_path: Path) -> None:
     """The first write keeps the history the checkpoint counted; new columns widen the header."""
     earlier = HistoryCSVLogger(tmp_path, name="", version="run")
@@ -183,17 +178,17 @@ def test_metrics_csv_keeps_the_rows_a_resume_continues_after(tmp_path: Path) -> 
 
     resumed = HistoryCSVLogger(tmp_path, name="", version="run")
     assert resumed.experiment is not None  # opened as the trainer opens it: nothing is deleted yet
-    assert len(_rows(tmp_path / "run" / "metrics.csv")[1]) == 5
+    assert len(csv_rows(tmp_path / "run" / "metrics.csv")[1]) == 5
     resumed.continue_history(3)  # the checkpoint was saved after 3 rows; rows 3 and 4 are logged again
     resumed.save()  # a checkpoint before the resumed run logged anything: the count includes the history
-    assert resumed.rows_logged == 3 and len(_rows(tmp_path / "run" / "metrics.csv")[1]) == 3
+    assert resumed.rows_logged == 3 and len(csv_rows(tmp_path / "run" / "metrics.csv")[1]) == 3
     resumed.log_metrics({"train/loss": 0.25, "val/loss": 0.5}, step=3)
     resumed.save()
     resumed.log_metrics({"train/loss": 0.2}, step=4)
     resumed.save()  # appended under the same header
     resumed.log_metrics({"divergence/kl": 0.1}, step=4)
     resumed.save()  # a new column: the whole file rewritten, every row kept
-    header, rows = _rows(tmp_path / "run" / "metrics.csv")
+    header, rows = csv_rows(tmp_path / "run" / "metrics.csv")
     assert header == ["divergence/kl", "step", "train/loss", "val/loss"]
     assert [(r["step"], r["train/loss"], r["val/loss"], r["divergence/kl"]) for r in rows] == [
         ("0", "1.0", "", ""),
@@ -208,7 +203,7 @@ def test_metrics_csv_keeps_the_rows_a_resume_continues_after(tmp_path: Path) -> 
     fresh = HistoryCSVLogger(tmp_path, name="", version="run")  # not a resume: a new file
     fresh.log_metrics({"train/loss": 9.0}, step=0)
     fresh.save()
-    assert _rows(tmp_path / "run" / "metrics.csv") == (
+    assert csv_rows(tmp_path / "run" / "metrics.csv") == (
         ["step", "train/loss"],
         [{"step": "0", "train/loss": "9.0"}],
     )
@@ -367,7 +362,7 @@ def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoi
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # a real kill -9: no hook of the run runs
     process.wait(timeout=60)
-    _, killed_rows = _rows(run_dir / "metrics.csv")
+    _, killed_rows = csv_rows(run_dir / "metrics.csv")
     checkpoint = find_resume_checkpoint(run_dir)
     assert checkpoint is not None
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -382,14 +377,14 @@ def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoi
     code, output = _finish(_fit_cli(config, tmp_path))
     assert code == 0, output[-3000:]
     assert f"Resuming from {checkpoint}" in output
-    header, rows = _rows(run_dir / "metrics.csv")
+    header, rows = csv_rows(run_dir / "metrics.csv")
     assert rows[:kept] == killed_rows[:kept]  # the earlier attempt's rows up to the checkpoint are kept
     assert {int(r["step"]) for r in rows[:kept] if r["train/loss"]} == set(range(stopped_at))
     assert any(r["val/loss"] for r in rows[at_save:kept])
-    straight_header, straight_rows = _rows(straight / "metrics.csv")
+    straight_header, straight_rows = csv_rows(straight / "metrics.csv")
     # No step twice, none missing, every value the same but the wall-clock timings (perf/).
     assert header == straight_header and any(r["perf/step_time"] for r in rows)
-    assert _without_timings(rows) == _without_timings(straight_rows)
+    assert without_timings(rows) == without_timings(straight_rows)
     weights = (run_dir / "hf_model" / "model.safetensors").read_bytes()
     assert weights == (straight / "hf_model" / "model.safetensors").read_bytes()  # bitwise
 
@@ -402,7 +397,7 @@ def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoi
     warnings = [line for line in output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and str(last) in warnings[0]
     assert f"Resuming from {run_dir / 'checkpoints' / f'step={CLI_STEPS}.ckpt'}" in output
-    assert _rows(run_dir / "metrics.csv") == (header, rows)
+    assert csv_rows(run_dir / "metrics.csv") == (header, rows)
 
     # No readable checkpoint at all: one line, exit 2, the folder's files untouched.
     for path in (run_dir / "checkpoints").glob("*.ckpt"):

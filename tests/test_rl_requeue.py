@@ -5,7 +5,6 @@ uninterrupted one does."""
 from __future__ import annotations
 
 import copy
-import csv
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.resume import check_same_run
-from tests.helpers import fit_config, run_clis, write_config, write_jsonl
+from tests.helpers import csv_rows, fit_config, run_clis, without_timings, write_config, write_jsonl
 
 REWARD = "tests.reward_fixtures:length_reward"
 PROMPTS, BATCH, MAX_STEPS = 6, 2, 5  # 3 steps per epoch: the run crosses an epoch boundary
@@ -28,18 +27,6 @@ METHODS = {
     "rloo": {"samples_per_prompt": 2},
     "online": {"loss_type": "ipo"},
 }
-
-
-def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
-
-
-def _without_timings(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The rows without their ``perf/`` values, which measure the machine, not the run."""
-    return [{name: value for name, value in row.items() if not name.startswith("perf/")} for row in rows]
 
 
 def _config(tmp_path: Path, model_dir: Path, method: str, name: str, *, signal: bool) -> Path:
@@ -133,10 +120,10 @@ def test_on_policy_runs_requeued_mid_epoch_or_at_its_end_finish_as_uninterrupted
         assert f"Resuming from {checkpoint}" in result.stdout + result.stderr
 
         straight = tmp_path / f"{method}-straight" / "run"
-        header, rows = _rows(run_dir / "metrics.csv")
-        straight_header, straight_rows = _rows(straight / "metrics.csv")
+        header, rows = csv_rows(run_dir / "metrics.csv")
+        straight_header, straight_rows = csv_rows(straight / "metrics.csv")
         assert header == straight_header, method
-        assert _without_timings(rows) == _without_timings(straight_rows), method
+        assert without_timings(rows) == without_timings(straight_rows), method
         logged = [int(row["step"]) for row in rows if row["train/reward"]]
         assert logged == list(range(MAX_STEPS)), method  # every step once, the signalled one included
         assert len({row["train/kl"] for row in rows if row["train/kl"]}) > 1  # the policy moved
