@@ -405,11 +405,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return [self._eval_loader(self._built(self.test_datasets, n, "test")) for n in self.test_set_names]
 
     def _eval_loader(self, dataset: datasets.Dataset) -> DataLoader:
-        trainer = self.trainer
-        padded, sampler = eval_shards(
-            dataset,
-            **replicas(trainer),
-        )
+        padded, sampler = eval_shards(dataset, **replicas(self.trainer))
         return self._loader(padded, self.val_batch_size, sampler=sampler)
 
     @staticmethod

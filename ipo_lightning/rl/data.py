@@ -200,14 +200,10 @@ class PromptDataModule(L.LightningDataModule):
         missing = [name for name in self.val_set_names if name not in self.val_datasets]
         if missing:
             raise ConfigError(f"data set {missing[0]!r} is not built: call setup('validate') first")
-        trainer = self.trainer
         loaders = []
         for name in self.val_set_names:
             # Equal shares per rank, padded with weight-0 repeats: every prompt counts once.
-            padded, sampler = eval_shards(
-                self.val_datasets[name],
-                **replicas(trainer),
-            )
+            padded, sampler = eval_shards(self.val_datasets[name], **replicas(self.trainer))
             loaders.append(self._loader(padded, self.val_batch_size, sampler=sampler))
         return loaders
 
