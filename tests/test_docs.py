@@ -598,6 +598,53 @@ def test_shipped_compare_files_load(path: Path, monkeypatch: pytest.MonkeyPatch)
     assert not problems, "\n".join(f"{path.relative_to(REPO)}: {p}" for p in problems)
 
 
+ALL_CONFIGS = sorted(path for path in (REPO / "configs").rglob("*.yaml"))
+
+
+def test_every_config_is_in_the_configs_table() -> None:
+    """docs/running.md's table of the shipped configs names every file in configs/ (``{a,b}`` spelled
+    out), and nothing that is not there."""
+    page = read_page(REPO / "docs" / "running.md")
+    listed: dict[str, int] = {}
+    for line, text in enumerate(page.prose, start=1):
+        cells = text.split("|")
+        if text.lstrip().startswith("|") and len(cells) > 2:
+            for span in re.findall(r"`([^`]+\.yaml)`", cells[1]):
+                for name in expand_braces(span):
+                    listed.setdefault(name, line)
+    shipped = {str(path.relative_to(REPO / "configs")) for path in ALL_CONFIGS}
+    missing = sorted(shipped - set(listed))
+    extra = [
+        f"{page.where(line)}: {name}: no such file in configs/"
+        for name, line in listed.items()
+        if name not in shipped
+    ]
+    assert not extra, "\n".join(extra)
+    assert not missing, f"{page.where(min(listed.values()))}: the configs table leaves out {missing}"
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=_ids_of(ALL_CONFIGS))
+def test_commands_in_config_comments(path: Path) -> None:
+    """The commands a config's comments give (``# python -m ipo_lightning fit --config ...``) name
+    options their subcommand has, and config files that exist."""
+    problems = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        comment = line.lstrip()
+        if not comment.startswith("#"):
+            continue
+        text = comment.lstrip("#").strip()
+        where = f"{path.relative_to(REPO)}:{number}"
+        problems += [
+            f"{where}: {name}: no such file"
+            for name in re.findall(r"(?<![\w/.-])(configs/[\w./-]+\.ya?ml)", text)
+            if not (REPO / name).is_file()
+        ]
+        for args in commands(text):
+            problems += [f"{where}: {problem}" for problem in command_problems(args)]
+    assert not problems, "\n".join(problems)
+
+
 def test_metric_names_are_the_logged_ones() -> None:
     page = read_page(REPO / "docs" / "metrics.md")
     logged = loggable_metrics()
