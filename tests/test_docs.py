@@ -572,15 +572,25 @@ def test_named_options_exist(path: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
+REPO_PATH = re.compile(
+    r"(?<![\w/.-])((?:configs|tests|scripts|benchmarks|ipo_lightning)/(?:[\w./-]|\{[\w.,/-]*\})+)(?![<\w])"
+)
+"""A path into the repository as pages write it, ``{a,b}`` alternatives included (a path continued by a
+``<placeholder>`` is cut before it)."""
+
+
 @pytest.mark.parametrize("path", PAGES, ids=_ids_of(PAGES))
-def test_named_config_files_exist(path: Path) -> None:
+def test_named_repo_files_exist(path: Path) -> None:
+    """Every ``configs/...``, ``tests/...``, ``scripts/...``, ``benchmarks/...`` or ``ipo_lightning/...``
+    path the page names, in prose or code, exists."""
     page = read_page(path)
     text = path.read_text(encoding="utf-8").splitlines()
     missing = [
-        f"{page.where(line)}: {name}: no such file"
+        f"{page.where(line)}: {name}: no such file or folder"
         for line, content in enumerate(text, start=1)
-        for name in re.findall(r"(?<![\w/.-])(configs/[\w./-]+\.ya?ml)", content)
-        if not (REPO / name).is_file()
+        for written in REPO_PATH.findall(content)
+        for name in expand_braces(written.rstrip("."))
+        if not (REPO / name).exists()
     ]
     assert not missing, "\n".join(missing)
 
