@@ -454,7 +454,17 @@ def yaml_problems(text: str) -> list[str]:
 # --- Metric names -------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _loggable_metrics() -> frozenset[str]:
+    return frozenset(_collect_metrics())
+
+
 def loggable_metrics() -> set[str]:
+    """Every metric name the code logs (see :func:`_collect_metrics`)."""
+    return set(_loggable_metrics())
+
+
+def _collect_metrics() -> set[str]:
     """Every metric name the code logs, as docs/metrics.md writes it: the module's own metrics without
     their ``train/``/``val/`` prefix, the callbacks' with theirs (``divergence/``, ``gen/``, ``perf/``)."""
     names: set[str] = set()
@@ -671,6 +681,37 @@ def test_metric_names_are_the_logged_ones() -> None:
     assert not undocumented, f"{page.where(1)}: logged but not documented: {undocumented}"
 
 
+SAMPLE_TABLES = frozenset({DIVERGENCE_PREFIX + "samples", GENERATION_PREFIX + "samples"})
+"""The W&B tables of samples the divergence monitor and the generation evaluation log (``PREFIX +
+"samples"`` in both): named like metrics, but tables."""
+
+
+def is_logged(name: str, logged: set[str]) -> bool:
+    """Whether a full metric name as a page writes it (``val/in_dist/rewards/accuracy``,
+    ``gen/ood/reward``) is one the code logs: as written, or with its set name dropped."""
+    if metric_form(name) in logged or name in SAMPLE_TABLES:
+        return True
+    with_set = re.match(r"^(train/|val/|test/|gen/|divergence/)([a-z_0-9]+)/(.+)$", name)
+    return bool(with_set) and metric_form(with_set.group(1) + with_set.group(3)) in logged
+
+
+@pytest.mark.parametrize("path", PAGES, ids=_ids_of(PAGES))
+def test_metric_names_on_every_page_are_logged(path: Path) -> None:
+    """A full metric name in a code span of any page (``train/``, ``val/``, ``gen/``, ``divergence/``,
+    ``perf/``...; wildcards and ``<placeholders>`` aside) is one the code logs."""
+    page = read_page(path)
+    logged = loggable_metrics()
+    full = r"(train|val|test|gen|divergence|perf|rm|rloo|online)/[a-z0-9_{},/]+"
+    unknown = [
+        f"{page.where(line)}: `{name}` is not a metric the code logs"
+        for line, span in page.spans()
+        if re.fullmatch(full, span) and not span.endswith("/")
+        for name in expand_braces(span)
+        if not is_logged(name, logged)
+    ]
+    assert not unknown, "\n".join(unknown)
+
+
 # --- The checks themselves ----------------------------------------------------------------------------
 
 
@@ -721,3 +762,5 @@ def test_metric_check_reads_names_as_written() -> None:
     logged = loggable_metrics()
     assert {"ipo/target_gap", "divergence/seq_kl_stderr", "gen/greedy_reward", "perf/step_time"} <= logged
     assert "divergence/kl_forward" not in logged
+    assert is_logged("val/in_dist/rewards/accuracy", logged) and is_logged("gen/ood/win_rate", logged)
+    assert not is_logged("val/in_dist/rewards/acc", logged) and not is_logged("gen/ood/winrate", logged)
