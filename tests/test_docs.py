@@ -605,6 +605,30 @@ def test_named_repo_files_exist(path: Path) -> None:
     assert not missing, "\n".join(missing)
 
 
+STATED_DEFAULT = re.compile(
+    r"`(?:--)?([a-z_]+(?:\.[a-z_0-9]+)+)`(?:,\s+|\s+\((?:default:?\s+)?)(-?[0-9][0-9.e-]*|true|false|null)(?=[,;)])"
+)
+"""An option followed by its default as pages write it: ```divergence.num_pairs` (64)``,
+```model.warmup_ratio` (default 0.1)``, ```divergence.max_new_tokens`, 64)``."""
+
+
+@pytest.mark.parametrize("path", PAGES, ids=_ids_of(PAGES))
+def test_stated_defaults_are_the_parsers(path: Path) -> None:
+    """A default a page states beside an option is that option's default in some method's fit parser."""
+    page = read_page(path)
+    wrong = []
+    for line, text in enumerate(page.prose, start=1):
+        for option, written in STATED_DEFAULT.findall(text):
+            if option.split(".")[0] not in sections():
+                continue
+            value = yaml.safe_load(written)
+            value = float(value) if isinstance(value, str) else value  # YAML 1.1 reads 1e-6 as a string
+            found = {method: lightning_parser(method, "fit").get_defaults().get(option) for method in METHODS}
+            if value not in found.values():
+                wrong.append(f"{page.where(line)}: {option} ({written}): the default is {found}")
+    assert not wrong, "\n".join(wrong)
+
+
 COMPARE_FILES = sorted((REPO / "configs" / "compare").glob("*.yaml"))
 
 
