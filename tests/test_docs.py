@@ -15,6 +15,7 @@ A failure names the page and line.
 from __future__ import annotations
 
 import argparse
+import ast
 import collections.abc
 import dataclasses
 import functools
@@ -627,6 +628,48 @@ def test_stated_defaults_are_the_parsers(path: Path) -> None:
             if value not in found.values():
                 wrong.append(f"{page.where(line)}: {option} ({written}): the default is {found}")
     assert not wrong, "\n".join(wrong)
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``a.b.c`` is an importable module, or an attribute path inside one."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("path", PAGES, ids=_ids_of(PAGES))
+def test_named_python_objects_exist(path: Path) -> None:
+    """Every ``ipo_lightning.x.y`` / ``tests.x.y`` a code span names, and every ``from ipo_lightning...
+    import`` of a ``python`` block, resolves (a file such as ``ipo_lightning.json`` aside)."""
+    page = read_page(path)
+    named = [
+        (line, reference)
+        for line, span in page.spans()
+        for reference in re.findall(r"(?<![\w.])((?:ipo_lightning|tests)(?:\.\w+)+)", span)
+        if not re.search(r"\.(json|jsonl|ya?ml|py|md|txt)$", reference)
+    ]
+    for block in page.blocks:
+        if block.lang == "python":
+            for node in ast.walk(ast.parse("\n".join(block.lines))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ipo_lightning"):
+                    named += [
+                        (block.line + node.lineno - 1, f"{node.module}.{alias.name}") for alias in node.names
+                    ]
+    missing = [
+        f"{page.where(line)}: {reference}: no such module or attribute"
+        for line, reference in named
+        if not resolves(reference)
+    ]
+    assert not missing, "\n".join(missing)
 
 
 COMPARE_FILES = sorted((REPO / "configs" / "compare").glob("*.yaml"))
