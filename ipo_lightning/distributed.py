@@ -192,7 +192,7 @@ def full_policy_state_dict(
 
 
 @contextmanager
-def full_weights_for_local_forwards(strategy: Strategy) -> Generator[None, None, None]:
+def full_weights_for_local_forwards(strategy: Strategy) -> Generator[bool, None, None]:
     """Inside: the LightningModule's submodules run plain forwards (and ``generate()``) with full weights,
     on this rank alone, so ranks may run different numbers of forwards and ``generate()`` calls.
 
@@ -206,12 +206,14 @@ def full_weights_for_local_forwards(strategy: Strategy) -> Generator[None, None,
     inside, where the modules are plain and local. All is undone on exit. The cost is one unsharded
     copy of the policy per rank while inside. Other strategies (DDP, one process, ZeRO-1/2) hold full
     weights already: nothing is done. ZeRO-3 is not handled.
+
+    Yields whether weights were gathered: if so, tensors read from them inside are freed on exit.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     root = strategy.model if isinstance(strategy, FSDPStrategy) else None
     if not isinstance(root, FSDP):
-        yield
+        yield False
         return
     with FSDP.summon_full_params(root, recurse=True, writeback=False):
         units = [
@@ -226,7 +228,7 @@ def full_weights_for_local_forwards(strategy: Strategy) -> Generator[None, None,
         for module in marked:
             setattr(module, _FSDP_MARK, False)
         try:
-            yield
+            yield True
         finally:
             for module in marked:
                 setattr(module, _FSDP_MARK, True)

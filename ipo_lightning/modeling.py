@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Literal
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     PretrainedConfig,
@@ -73,13 +76,67 @@ def causal_lm_class(
     return named[0] if named else classes[0]
 
 
+def position_offset(model: torch.nn.Module) -> int:
+    """How many rows of the model's learned position table come before the first token's: 0 for most
+    models, ``padding_idx + 1`` for RoBERTa-style ones (RoBERTa, XLM-R, CamemBERT, ESM, MPNet, ...).
+
+    transformers numbers those models' positions with ``create_position_ids_from_input_ids`` (a method
+    of the embeddings module, or a function of its modeling file): positions start at
+    ``padding_idx + 1``, so a table of ``max_position_embeddings`` rows holds that many fewer tokens.
+    """
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if not isinstance(padding_idx, int) or not isinstance(
+            getattr(module, "position_embeddings", None), torch.nn.Embedding
+        ):
+            continue
+        modeling_file = sys.modules.get(type(module).__module__)
+        if hasattr(module, "create_position_ids_from_input_ids") or hasattr(
+            modeling_file, "create_position_ids_from_input_ids"
+        ):
+            return padding_idx + 1
+    return 0
+
+
+def config_position_offset(config: PretrainedConfig) -> int:
+    """:func:`position_offset` of the model ``config`` describes, read from its base model built on the
+    meta device (modules only: no weights, no memory; a fraction of a second even for 70B configs).
+
+    0 for a config whose base model transformers does not know (remote code is not run for a check).
+    """
+    mapping = AutoModel._model_mapping  # the registry AutoModel.from_config itself reads
+    if type(config) not in mapping:
+        return 0
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(copy.deepcopy(config))
+    except (ImportError, ValueError):
+        # A base model that needs a missing extra or other settings: loading the model reports that.
+        return 0
+    return position_offset(skeleton)
+
+
+def context_size(config: PretrainedConfig, offset: int) -> int | None:
+    """The most tokens one row may hold: ``max_position_embeddings`` less the position ``offset``
+    (:func:`position_offset`); None when the config gives no position limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions - offset if isinstance(positions, int) else None
+
+
 def check_context_size(config: PretrainedConfig, max_length: int | None) -> None:
-    """Raise ConfigError if rows of ``max_length`` tokens do not fit the model's context."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and max_length is not None and max_length > limit:
+    """Raise ConfigError if rows of ``max_length`` tokens do not fit the model's context
+    (:func:`context_size`, which RoBERTa-style position numbering makes smaller than the table)."""
+    if max_length is None or getattr(config, "max_position_embeddings", None) is None:
+        return
+    offset = config_position_offset(config)
+    limit = context_size(config, offset)
+    if limit is not None and max_length > limit:
+        rows = f"max_position_embeddings={config.max_position_embeddings}"
+        if offset:
+            rows += f" less the {offset} position rows before the first token's"
         raise ConfigError(
-            f"data.max_length={max_length} exceeds the model's context size "
-            f"(max_position_embeddings={limit}); lower data.max_length"
+            f"data.max_length={max_length} exceeds the model's context size ({limit} tokens: {rows}); "
+            "lower data.max_length"
         )
 
 

@@ -19,7 +19,6 @@ import inspect
 import math
 import numbers
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from transformers import (
 
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.modeling import context_size, position_offset
 
 GOLD_SPEC = "builtin:gold"
 """The spec of the gold reward (``ipo_lightning.gold:gold_reward``); not the ``builtin:gold`` model."""
@@ -259,34 +259,11 @@ def _keep_the_end(ids: list[int], tokenizer: PreTrainedTokenizerBase, max_length
     return head + ids[len(ids) - (max_length - len(head)) :]
 
 
-def position_offset(model: torch.nn.Module) -> int:
-    """How many rows of the model's learned position table come before the first token's: 0 for most
-    models, ``padding_idx + 1`` for RoBERTa-style ones (RoBERTa, XLM-R, CamemBERT, ESM, MPNet, ...).
-
-    transformers numbers those models' positions with ``create_position_ids_from_input_ids`` (a method
-    of the embeddings module, or a function of its modeling file): positions start at
-    ``padding_idx + 1``, so a table of ``max_position_embeddings`` rows holds that many fewer tokens.
-    """
-    for module in model.modules():
-        padding_idx = getattr(module, "padding_idx", None)
-        if not isinstance(padding_idx, int) or not isinstance(
-            getattr(module, "position_embeddings", None), torch.nn.Embedding
-        ):
-            continue
-        modeling_file = sys.modules.get(type(module).__module__)
-        if hasattr(module, "create_position_ids_from_input_ids") or hasattr(
-            modeling_file, "create_position_ids_from_input_ids"
-        ):
-            return padding_idx + 1
-    return 0
-
-
 def longest_input(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The most tokens the reward model scores at once: the tokenizer's ``model_max_length`` and the
-    model's ``max_position_embeddings`` less its :func:`position_offset`, the smaller; ``None`` (no
-    cut) when neither is known."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    limits = [tokenizer.model_max_length, positions - position_offset(model) if positions else None]
+    model's :func:`~ipo_lightning.modeling.context_size`, the smaller; ``None`` (no cut) when neither is
+    known."""
+    limits = [tokenizer.model_max_length, context_size(model.config, position_offset(model))]
     # Tokenizers without a limit report a huge model_max_length.
     known = [limit for limit in limits if isinstance(limit, int) and limit < 1_000_000_000]
     return min(known) if known else None

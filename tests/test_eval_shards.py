@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ipo_lightning.data.collator import PairwiseCollator
-from ipo_lightning.data.eval_shards import WEIGHT, PaddedEvalSet, eval_shards
+from ipo_lightning.data.eval_shards import WEIGHT, PaddedEvalSet, eval_loaders, eval_shards
+from ipo_lightning.errors import ConfigError
 from ipo_lightning.metrics import PreferenceMetrics
 from ipo_lightning.reward_model import RewardMetrics
 from ipo_lightning.rl.data import PROMPT_INDEX, collate_prompts
@@ -39,6 +41,27 @@ def test_every_rank_gets_an_equal_share_and_every_item_counts_once(count: int, w
     for rank, share in enumerate(shares):
         plain = DistributedSampler(range(count), num_replicas=world, rank=rank, shuffle=False)
         assert [item["item"] for item in share] == list(plain)
+
+
+def test_eval_loaders_give_this_ranks_share_of_each_named_set_and_name_a_missing_one() -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # rank 0 of 2
+    sets = {"a": _items(5), "b": _items(2)}
+
+    def make_loader(
+        dataset: Dataset, batch_size: int, sampler: DistributedSampler | None = None
+    ) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+    loaders = eval_loaders(sets, ["b", "a"], "validate", trainer, make_loader, 2)
+    batches = [[batch["item"].tolist() for batch in loader] for loader in loaders]
+    assert batches == [[[0]], [[0, 2], [4]]]  # rank 0 of 2: positions 0, 2, 4 of each set, in name order
+    weights = [batch[WEIGHT].tolist() for batch in loaders[1]]
+    assert weights == [[1.0, 1.0], [1.0]]
+    # Without a trainer: one replica, the whole set.
+    (whole,) = eval_loaders(sets, ["a"], "test", None, make_loader, 8)
+    assert [batch["item"].tolist() for batch in whole] == [[0, 1, 2, 3, 4]]
+    with pytest.raises(ConfigError, match=r"^data set 'c' is not built: call setup\('test'\) first$"):
+        eval_loaders(sets, ["a", "c"], "test", trainer, make_loader, 2)
 
 
 def test_the_padded_view_copies_items_and_refuses_positions_past_its_end() -> None:

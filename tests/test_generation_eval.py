@@ -5,10 +5,12 @@ step 0, and a bad reward stopping the run at start-up."""
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import random
 import statistics
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,6 +208,7 @@ def _fit(
     lr: float,
     steps: int = 4,
     data_class: type[PreferenceDataModule] = PreferenceDataModule,
+    before: tuple[Callback, ...] = (),
     **module_options: Any,
 ) -> Path:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(16))
@@ -230,7 +234,7 @@ def _fit(
         max_steps=steps,
         val_check_interval=2,
         logger=logger,
-        callbacks=[evaluation],
+        callbacks=[*before, evaluation],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -348,6 +352,55 @@ def test_gen_kl_with_the_lora_and_the_precomputed_reference(
     # model scoring twice would give exactly 0), the policy moved.
     assert [int(r["step"]) for r in rows] == [0, 2]
     assert float(rows[0]["gen/kl"]) == 0.0 and abs(float(rows[1]["gen/kl"])) > 1e-6
+
+
+class _LoadsAtTrainStart(Callback):
+    """Notes how many models were loaded when training starts, before the first measurement."""
+
+    def __init__(self, loads: list[weakref.ref]) -> None:
+        self.loads = loads
+        self.before_training = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.before_training = len(self.loads)
+
+
+@pytest.mark.slow
+def test_the_precomputed_reference_is_loaded_once_per_run_and_scores_as_a_live_one(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[weakref.ref] = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls: type, *args: Any, **kwargs: Any) -> Any:
+        model = real(cls, *args, **kwargs)
+        loads.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    samples = {}
+    for reference in ("precomputed", None):
+        evaluation = GenerationEval(
+            reward=REWARD, prompts=2, samples_per_prompt=2, greedy=False, max_new_tokens=5, every_n_steps=1,
+            sets=["a"],
+        )  # fmt: skip
+        marker = _LoadsAtTrainStart(loads)
+        L.seed_everything(0)
+        (tmp_path / str(reference)).mkdir()
+        run = _fit(
+            tmp_path / str(reference), tiny_model_dir, evaluation, lr=5e-2, steps=3, before=(marker,),
+            reference=reference,
+        )  # fmt: skip
+        samples[reference] = [json.loads(line) for line in (run / "generation_samples.jsonl").open()]
+        if reference == "precomputed":
+            during = loads[marker.before_training :]
+            assert sorted({s["step"] for s in samples[reference]}) == [0, 1, 2, 3]  # four measurements
+            assert len(during) == 1  # ... and one reference read from disk for all of them
+            gc.collect()
+            assert during[0]() is None  # freed when the fit ended
+    # The same numbers as with the reference model in memory all along.
+    assert any(s["policy_logratio"] != 0.0 for s in samples["precomputed"])
+    assert samples["precomputed"] == samples[None]
 
 
 @pytest.mark.parametrize(

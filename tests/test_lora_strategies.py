@@ -4,13 +4,19 @@ CPU processes trains and exports what one process does; DeepSpeed ZeRO-3 is refu
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
+from torch.distributed.fsdp._flat_param import FlatParamHandle
 from transformers import AutoModelForCausalLM
 
+from ipo_lightning.callbacks import HFExport
 from ipo_lightning.lora import merged_copy
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import REPO, fit_config, polite_pairs, run_clis, run_main, write_config, write_jsonl
@@ -42,6 +48,37 @@ def test_lora_under_zero3_is_refused_at_start_up(
         assert not lines[0].startswith(refused)
 
 
+class ExportGathers(Callback):
+    """Test callback: records on rank 0 which FSDP units' weights are all-gathered (FSDP's own
+    ``FlatParamHandle._all_gather_flat_param``, wrapped and called) while :class:`HFExport` exports,
+    and writes ``{"gathers": N, "units": M}`` (M distinct units) to ``export_gathers.json`` in the run
+    folder.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        (export,) = [callback for callback in trainer.callbacks if isinstance(callback, HFExport)]
+        export_hook = export.on_fit_end
+        real_gather = FlatParamHandle._all_gather_flat_param
+        gathered: list[int] = []
+
+        def counted_gather(handle: FlatParamHandle, *args: Any, **kwargs: Any) -> Any:
+            gathered.append(id(handle))
+            return real_gather(handle, *args, **kwargs)
+
+        def counted_export(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            FlatParamHandle._all_gather_flat_param = counted_gather
+            try:
+                export_hook(trainer, pl_module)
+            finally:
+                FlatParamHandle._all_gather_flat_param = real_gather
+            run_dir = Path(trainer.log_dir)  # every rank: log_dir is a broadcast
+            if trainer.is_global_zero:
+                counts = {"gathers": len(gathered), "units": len(set(gathered))}
+                (run_dir / "export_gathers.json").write_text(json.dumps(counts))
+
+        export.on_fit_end = counted_export
+
+
 def _train_losses(run_dir: Path) -> list[float]:
     with (run_dir / "metrics.csv").open() as handle:
         return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
@@ -51,10 +88,16 @@ def _train_losses(run_dir: Path) -> list[float]:
 def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
+    counter = {"class_path": f"{__name__}.ExportGathers"}
     config = _lora_config(
         tmp_path,
         tiny_model_dir,
-        trainer={"max_steps": 3, "limit_val_batches": 0, "enable_model_summary": False},
+        trainer={
+            "max_steps": 3,
+            "limit_val_batches": 0,
+            "enable_model_summary": False,
+            "callbacks": [counter],
+        },
         model={
             "reference": "lora",
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
@@ -79,6 +122,10 @@ def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
     for result in run_clis(tmp_path, *commands):
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
+    # The export gathered each FSDP unit's weights once (the merge and the state dict share them).
+    counts = json.loads((fsdp / "version_0" / "export_gathers.json").read_text())
+    assert counts["units"] >= 1 and counts["gathers"] == counts["units"], counts
+    assert json.loads((single / "version_0" / "export_gathers.json").read_text())["gathers"] == 0
     single_losses, fsdp_losses = _train_losses(single / "version_0"), _train_losses(fsdp / "version_0")
     assert len(single_losses) == 3 and single_losses[-1] < single_losses[0]  # it learned
     assert fsdp_losses == pytest.approx(single_losses, rel=1e-5)

@@ -25,7 +25,15 @@ from ipo_lightning.methods import METHODS, method_from_argv
 from ipo_lightning.resume import RNGStateCheckpoint, find_resume_checkpoint
 from ipo_lightning.reward_model import RewardMetrics, RewardModelModule, reward_model_loss
 from ipo_lightning.rewards import load_reward
-from tests.helpers import fit_config, polite_pairs, run_cli, run_main, write_config, write_jsonl
+from tests.helpers import (
+    fit_config,
+    polite_pairs,
+    run_cli,
+    run_main,
+    save_tiny_reward_model,
+    write_config,
+    write_jsonl,
+)
 
 
 def _log_sigmoid(x: float) -> float:
@@ -452,3 +460,48 @@ def test_lora_trains_adapters_and_the_score_head_and_exports_a_merged_classifier
     assert info["method"] == "reward_model" and info["lora"] == lora
     card = (export / "README.md").read_text()
     assert "- **LoRA**: rank 4, alpha 8.0, target modules all-linear; merged into the weights" in card
+
+
+def test_a_roberta_reward_model_trains_at_its_context_size_and_refuses_one_token_more(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # RoBERTa numbers positions from pad + 1, so its table of 256 + pad + 1 rows holds 256 tokens.
+    folder = save_tiny_reward_model(tmp_path / "roberta", tiny_model_dir, architecture="roberta")
+    model_config = AutoConfig.from_pretrained(folder)
+    limit = model_config.max_position_embeddings - model_config.pad_token_id - 1
+    assert limit == 256
+    # Long enough that every row is cut to data.max_length tokens.
+    long_pairs = [
+        {
+            "prompt": f"tell me about the sea {i} " * 40,
+            "chosen": "the sea is lovely " * 80,
+            "rejected": "no " * 300,
+        }
+        for i in range(4)
+    ]
+    train = write_jsonl(tmp_path / "long.jsonl", long_pairs)
+
+    def config_file(max_length: int) -> Path:
+        config = fit_config(
+            tmp_path,
+            folder,
+            train,
+            method="reward_model",
+            trainer={"max_steps": 1, "enable_checkpointing": False},
+            data={"batch_size": 2, "max_length": max_length, "max_prompt_length": 128},
+            wandb={"enabled": False},
+            export={"enabled": False},
+        )
+        return write_config(tmp_path / f"rm_{max_length}.yaml", config)
+
+    code, err = run_main(["fit", "--config", str(config_file(limit + 1))], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert f"data.max_length={limit + 1} exceeds the model's context size ({limit} tokens" in errors[0]
+
+    cli = PreferenceCLI(args=["fit", "--config", str(config_file(limit))])
+    assert cli.trainer.global_step == 1
+    assert next(iter(cli.datamodule.train_dataloader()))["input_ids"].shape[1] == limit
+    with (tmp_path / "runs" / "version_0" / "metrics.csv").open() as handle:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert len(losses) == 1 and math.isfinite(losses[0])

@@ -56,3 +56,28 @@ def test_plot_writes_a_png_with_one_panel_per_metric(tmp_path: Path) -> None:
     height, width = image.shape[:2]
     assert width > 1.8 * height  # two panels side by side
     assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def _validated_run(root: Path, val_lag: int) -> Path:
+    """A metrics.csv with validations at steps 50 and 100, each followed by a generation measurement:
+    ``val/`` rows ``val_lag`` steps before their ``gen/`` rows (1: the layout of earlier versions)."""
+    logger = CSVLogger(root, name="")
+    logger.log_metrics({"gen/reward": 0.1}, step=0)
+    for step, loss in ((50, 0.6), (100, 0.4)):
+        logger.log_metrics({"train/loss": loss + 0.1}, step=step - 1)
+        logger.log_metrics({"val/loss": loss}, step=step - val_lag)
+        logger.log_metrics({"gen/reward": 1.0 - loss}, step=step)
+    logger.save()
+    return Path(logger.log_dir)
+
+
+def test_plots_draw_old_layout_validations_at_the_steps_taken(tmp_path: Path) -> None:
+    old, new = (load_run(_validated_run(tmp_path / f"lag{lag}", lag)) for lag in (1, 0))
+    assert [int(row["step"]) for row in old.rows if row.get("val/loss")] == [49, 99]  # as logged
+    assert old.series("val/loss") == new.series("val/loss") == ([50, 100], [0.6, 0.4])
+    assert old.series("train/loss") == new.series("train/loss") == ([49, 99], [0.7, 0.5])
+    images = []
+    for label, run in (("old", old), ("new", new)):
+        panels = [("val/loss", "loss"), ("gen/reward", "reward")]
+        images.append(imread(plot_metrics_over_steps({"run": run}, panels, tmp_path / f"{label}.png")))
+    assert images[0].shape == images[1].shape and (images[0] == images[1]).all()  # the same points drawn

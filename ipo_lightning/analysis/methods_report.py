@@ -224,8 +224,7 @@ def proxy_gold_points(runs: Mapping[str, RunMetrics]) -> list[ProxyGoldPoint]:
     for name, run in runs.items():
         if not trained_on_proxy(run):
             continue
-        validations = run.validation_steps()
-        proxy = {validations[step]: value for step, value in run.by_step(PROXY_REWARD).items()}
+        proxy = run.by_step(PROXY_REWARD)  # at the steps taken, as the plot draws it
         gold = run.by_step(GOLD_REWARD)
         for step in sorted(set(proxy) | set(gold)):
             points.append(ProxyGoldPoint(name, step, proxy.get(step), gold.get(step)))

@@ -17,6 +17,9 @@ import yaml
 
 from ipo_lightning.errors import UserInputError
 
+VAL_PREFIX = "val/"
+"""Names of the validation metrics (one row per validation, per set)."""
+
 
 @dataclass
 class RunMetrics:
@@ -29,7 +32,12 @@ class RunMetrics:
     """``config.yaml`` of the run (empty when the folder has none)."""
 
     def series(self, name: str) -> tuple[list[int], list[float]]:
-        """Steps and values of metric ``name``, in logging order (empty lists if never logged)."""
+        """Steps and values of metric ``name``, in logging order (empty lists if never logged).
+
+        A ``val/`` metric's step is the optimizer steps taken at its validation
+        (:meth:`validation_steps`), so it lines up with the ``gen/`` and ``divergence/`` values of that
+        validation in every folder layout; other metrics keep the step of their row.
+        """
         steps: list[int] = []
         values: list[float] = []
         for row in self.rows:
@@ -37,6 +45,9 @@ class RunMetrics:
             if value not in (None, ""):
                 steps.append(int(row["step"]))
                 values.append(float(value))
+        if name.startswith(VAL_PREFIX):
+            taken = self.validation_steps()
+            steps = [taken[step] for step in steps]
         return steps, values
 
     def by_step(self, name: str) -> dict[int, float]:
@@ -54,7 +65,7 @@ class RunMetrics:
         whose next step is measured (and itself is not) is of an earlier one. A row with neither
         takes the layout most rows of the run show (this version's when none tells).
         """
-        val_steps = sorted({int(row["step"]) for row in self.rows if logs_prefix(row, "val/")})
+        val_steps = sorted({int(row["step"]) for row in self.rows if logs_prefix(row, VAL_PREFIX)})
         measured = {int(row["step"]) for row in self.rows if logs_prefix(row, ("gen/", "divergence/"))}
         told = {step: 0 if step in measured else 1 for step in val_steps if {step, step + 1} & measured}
         earlier = sum(told.values())

@@ -17,7 +17,6 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ipo_lightning.analysis.run_logs import RunMetrics
@@ -107,9 +106,11 @@ class HFExport(Callback):
         # A module may export another model than its policy (a reward model's classifier).
         attribute = getattr(pl_module, "export_attribute", "policy")
         # Every rank takes part: under FSDP and ZeRO-3 the weights are gathered from all of them.
-        state_dict = full_policy_state_dict(trainer, pl_module, attribute)
         policy = _unwrapped(getattr(pl_module, attribute))
-        merged = _merged_lora(trainer, policy) if is_lora(policy) else None  # every rank, as above
+        if is_lora(policy):
+            state_dict, merged = _merged_lora(trainer, pl_module, attribute)
+        else:
+            state_dict, merged = full_policy_state_dict(trainer, pl_module, attribute), None
         if not trainer.is_global_zero:
             return
         nonfinite = [name for name, tensor in state_dict.items() if not torch.isfinite(tensor).all()]
@@ -247,16 +248,26 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _merged_lora(trainer: L.Trainer, policy: PeftModel) -> PreTrainedModel | None:
-    """On rank 0 the LoRA ``policy`` with its adapters merged (:func:`merged_copy`), None elsewhere.
+def _merged_lora(
+    trainer: L.Trainer, pl_module: L.LightningModule, attribute: str
+) -> tuple[dict[str, torch.Tensor] | None, PreTrainedModel | None]:
+    """On rank 0 the LoRA policy ``pl_module.<attribute>``'s full state dict and the policy with its
+    adapters merged (:func:`merged_copy`); ``(None, None)`` elsewhere.
 
-    Call it on every rank: under FSDP the merge needs the policy's full weights, gathered for it on
-    every rank (one unsharded copy of the policy per device while it runs, plus the merged copy on
-    rank 0). DDP, ZeRO-2 and one process hold whole weights already. ZeRO-3 is refused with LoRA at
-    start-up (:func:`ipo_lightning.distributed.check_lora_strategy`).
+    Call it on every rank: under FSDP both come from one gather of the policy's full weights on every
+    rank (one unsharded copy of the policy per device while it runs; on rank 0 also the merged copy
+    and a CPU copy of the state dict, as FSDP's own full state dict holds it). DDP, ZeRO-2 and one
+    process hold whole weights already. ZeRO-3 is refused with LoRA at start-up
+    (:func:`ipo_lightning.distributed.check_lora_strategy`).
     """
-    with full_weights_for_local_forwards(trainer.strategy):
-        return merged_copy(policy) if trainer.is_global_zero else None
+    with full_weights_for_local_forwards(trainer.strategy) as gathered:
+        if not trainer.is_global_zero:
+            return None, None
+        policy = getattr(pl_module, attribute)  # the plain peft model while the weights are gathered
+        state_dict = policy.state_dict()
+        if gathered:  # the gathered weights are freed on exit; the state dict outlives it
+            state_dict = {name: tensor.detach().to("cpu", copy=True) for name, tensor in state_dict.items()}
+        return state_dict, merged_copy(policy)
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:

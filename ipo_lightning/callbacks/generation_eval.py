@@ -13,8 +13,9 @@ into ``trainer.callback_metrics``.
 
 ``gen/kl`` is the sampled sequence KL(pi || ref) of the policy's own samples: each is scored
 teacher-forced under the policy and under the reference (the frozen model, the LoRA policy with its
-adapters off, or with ``model.reference=precomputed`` the reference loaded for each measurement)
-through the divergence monitor's scoring path (:func:`ipo_lightning.evaluation.sample_logprobs`), and
+adapters off, or with ``model.reference=precomputed`` the reference loaded at the first measurement
+and kept in CPU memory for the run, on the device only while a measurement runs) through the
+divergence monitor's scoring path (:func:`ipo_lightning.evaluation.sample_logprobs`), and
 ``log pi(y|x) - log ref(y|x)`` (``policy_logratio`` in the samples file) is averaged.
 
 The schedule is the divergence monitor's (:mod:`ipo_lightning.callbacks.schedule`: step 0, every
@@ -141,6 +142,8 @@ class GenerationEval(Callback):
         self._reward: RewardFunction | None = None
         self._prompts: dict[str, list[HeldOutPrompt]] = {}
         self._reference: dict[str, list[PromptResult]] = {}
+        self._cpu_reference: torch.nn.Module | None = None
+        """With ``model.reference=precomputed``: the reference, loaded once per run and kept on the CPU."""
         self.last_results: dict[str, SetResult] = {}
         """The latest measurement's per-set metrics and samples rows."""
 
@@ -211,6 +214,11 @@ class GenerationEval(Callback):
                 f"{type(error).__name__}: {message}"
             ) from None
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Free the kept reference (``model.reference=precomputed``) when the fit ends."""
+        if stage == "fit":
+            self._cpu_reference = None
+
     # ------------------------------------------------------------------ when
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -269,7 +277,7 @@ class GenerationEval(Callback):
                 )
                 policy_logps[name] = sample_logprobs(pl_module.policy, prompts[name], own[name], **scoring)
             # The reference scores the policy's samples (gen/kl) and, once per run, draws its own.
-            with _reference_model(pl_module) as reference:
+            with self._reference_model(pl_module) as reference:
                 for name, indices in mine.items():
                     if not self._reference:
                         reference_parts[name] = judge_prompts(
@@ -288,6 +296,34 @@ class GenerationEval(Callback):
             for name in self._prompts
         }
 
+    @contextmanager
+    def _reference_model(self, pl_module: L.LightningModule) -> Iterator[torch.nn.Module]:
+        """A reference to generate with and score under: the frozen reference model, the LoRA policy with
+        its adapters off, or (``model.reference=precomputed``, no reference in memory) the reference read
+        from disk at the first measurement and kept on the CPU between measurements (``gen/kl`` needs it
+        every time; the device holds it only while a measurement runs, the point of precomputing)."""
+        from ipo_lightning.modeling import load_causal_lm
+        from ipo_lightning.reference import AdapterReference, _adapters_off
+
+        reference = getattr(pl_module, "reference", None)
+        if isinstance(reference, AdapterReference):
+            with _adapters_off(pl_module.policy):
+                yield pl_module.policy
+        elif reference is not None:
+            yield reference.model
+        else:
+            if self._cpu_reference is None:
+                hp = pl_module.hparams
+                self._cpu_reference = load_causal_lm(
+                    hp.reference_name_or_path or hp.model_name_or_path,
+                    dtype=hp.reference_dtype or hp.dtype,
+                    trust_remote_code=hp.trust_remote_code,
+                )
+            try:
+                yield self._cpu_reference.to(pl_module.device)
+            finally:
+                self._cpu_reference.to("cpu")
+
     def _write_samples(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
         """Append the rows to the samples file in the run folder (rank 0) and log a W&B table."""
         self.samples_file.append(trainer, rows)
@@ -305,33 +341,6 @@ def _sharded(trainer: L.Trainer) -> bool:
     if isinstance(strategy, DeepSpeedStrategy):
         return strategy.config.get("zero_optimization", {}).get("stage") == 3
     return False
-
-
-@contextmanager
-def _reference_model(pl_module: L.LightningModule) -> Iterator[torch.nn.Module]:
-    """A reference to generate with and score under: the frozen reference model, the LoRA policy with
-    its adapters off, or (``model.reference=precomputed``, no reference in memory) the reference loaded
-    for the occasion (every measurement: ``gen/kl`` needs it)."""
-    from ipo_lightning.modeling import load_causal_lm
-    from ipo_lightning.reference import AdapterReference, _adapters_off
-
-    reference = getattr(pl_module, "reference", None)
-    if isinstance(reference, AdapterReference):
-        with _adapters_off(pl_module.policy):
-            yield pl_module.policy
-    elif reference is not None:
-        yield reference.model
-    else:
-        hp = pl_module.hparams
-        model = load_causal_lm(
-            hp.reference_name_or_path or hp.model_name_or_path,
-            dtype=hp.reference_dtype or hp.dtype,
-            trust_remote_code=hp.trust_remote_code,
-        ).to(pl_module.device)
-        try:
-            yield model
-        finally:
-            del model
 
 
 def _all_gather(

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.data.collator import PairwiseCollator
-from ipo_lightning.data.eval_shards import eval_shards
+from ipo_lightning.data.eval_shards import eval_loaders
 from ipo_lightning.data.formats import DATA_FORMATS, DataFormat, validate_columns
 from ipo_lightning.data.noise import FLIPPED_COLUMN, check_label_noise, flip_labels
 from ipo_lightning.data.preprocess import drop_counts, kept_pairs, tokenize_source
@@ -397,22 +397,16 @@ class PreferenceDataModule(L.LightningDataModule):
         Each rank gets an equal share of a set, padded with weight-0 repeats (see
         :mod:`~ipo_lightning.data.eval_shards`), so every pair counts once in the metrics.
         """
-        return [self._eval_loader(self._built(self.val_datasets, n, "validate")) for n in self.val_set_names]
+        return eval_loaders(
+            self.val_datasets, self.val_set_names, "validate", self.trainer, self._loader, self.val_batch_size
+        )
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per test set, in ``test_set_names`` order (a list even for one set), split over
         ranks as :meth:`val_dataloader` splits a set."""
-        return [self._eval_loader(self._built(self.test_datasets, n, "test")) for n in self.test_set_names]
-
-    def _eval_loader(self, dataset: datasets.Dataset) -> DataLoader:
-        padded, sampler = eval_shards(dataset, **replicas(self.trainer))
-        return self._loader(padded, self.val_batch_size, sampler=sampler)
-
-    @staticmethod
-    def _built(sets: Mapping[str, datasets.Dataset], name: str, stage: str) -> datasets.Dataset:
-        if name not in sets:
-            raise ConfigError(f"data set {name!r} is not built: call setup({stage!r}) first")
-        return sets[name]
+        return eval_loaders(
+            self.test_datasets, self.test_set_names, "test", self.trainer, self._loader, self.val_batch_size
+        )
 
     def _loader(
         self,

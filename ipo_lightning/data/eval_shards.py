@@ -10,16 +10,21 @@ and count for nothing: the synced means equal those of one process over the N it
 The padding lives in the dataset view (:class:`PaddedEvalSet`) rather than the sampler, because a
 sampler's indices never reach the collator; the view's length is a multiple of W, so the plain
 ``DistributedSampler`` of :func:`eval_shards` deals it out without padding again, and Lightning keeps
-it (it replaces only samplers that are not a ``DistributedSampler``).
+it (it replaces only samplers that are not a ``DistributedSampler``). :func:`eval_loaders` builds every
+data module's val/test loaders this way.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from torch.utils.data import Dataset, DistributedSampler
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ipo_lightning.data.sampler import replicas
+from ipo_lightning.errors import ConfigError
 
 WEIGHT = "weight"
 """Batch key (and item field) of the per-item weights: 1.0 for a real item, 0.0 for a repeat."""
@@ -76,3 +81,34 @@ def eval_shards(
     padded = PaddedEvalSet(dataset, num_replicas)
     sampler = DistributedSampler(padded, num_replicas=num_replicas, rank=rank, shuffle=False)
     return padded, sampler
+
+
+class MakeLoader(Protocol):
+    """A data module's loader factory: ``(dataset, batch_size, sampler=...) -> DataLoader``."""
+
+    def __call__(
+        self, dataset: Dataset, batch_size: int, sampler: DistributedSampler | None = None
+    ) -> DataLoader: ...
+
+
+def eval_loaders(
+    sets: Mapping[str, MapSet],
+    names: Sequence[str],
+    stage: str,
+    trainer: L.Trainer | None,
+    make_loader: MakeLoader,
+    batch_size: int,
+) -> list[DataLoader]:
+    """One loader per set of ``names`` (in that order), each over this rank's :func:`eval_shards` share
+    under ``trainer`` (one replica without a trainer), built by the data module's ``make_loader``.
+
+    Raises:
+        ConfigError: a set of ``names`` missing from ``sets``: ``setup(stage)`` has not built it.
+    """
+    loaders = []
+    for name in names:
+        if name not in sets:
+            raise ConfigError(f"data set {name!r} is not built: call setup({stage!r}) first")
+        padded, sampler = eval_shards(sets[name], **replicas(trainer))
+        loaders.append(make_loader(padded, batch_size, sampler=sampler))
+    return loaders

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ipo_lightning.data.datamodule import load_tokenizer
-from ipo_lightning.data.eval_shards import WEIGHT, eval_shards
+from ipo_lightning.data.eval_shards import WEIGHT, eval_loaders
 from ipo_lightning.data.formats import (
     DATA_FORMATS,
     DataFormat,
@@ -196,16 +196,11 @@ class PromptDataModule(L.LightningDataModule):
         return self._loader(self.train_dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per validation set, in ``val_set_names`` order (a list even for one set)."""
-        missing = [name for name in self.val_set_names if name not in self.val_datasets]
-        if missing:
-            raise ConfigError(f"data set {missing[0]!r} is not built: call setup('validate') first")
-        loaders = []
-        for name in self.val_set_names:
-            # Equal shares per rank, padded with weight-0 repeats: every prompt counts once.
-            padded, sampler = eval_shards(self.val_datasets[name], **replicas(self.trainer))
-            loaders.append(self._loader(padded, self.val_batch_size, sampler=sampler))
-        return loaders
+        """One loader per validation set, in ``val_set_names`` order (a list even for one set); each rank
+        gets an equal share, padded with weight-0 repeats, so every prompt counts once."""
+        return eval_loaders(
+            self.val_datasets, self.val_set_names, "validate", self.trainer, self._loader, self.val_batch_size
+        )
 
     def _loader(
         self, dataset: Dataset, batch_size: int, sampler: DistributedSampler | None = None
