@@ -134,7 +134,30 @@ def merged_copy(policy: PeftModel) -> PreTrainedModel:
 
     The copy (not an in-place merge and unmerge) keeps the training weights bit-exact: ``W + BA - BA``
     is not ``W`` in floating point. It costs a second copy of the model for the duration of the export.
+
+    The copy carries no forward or backward hooks. A hook left on the policy by a callback (an
+    activation logger, say) is often a bound method, and deep-copying it would copy its owner, the
+    callback, and whatever that holds (the trainer, a process group): that can fail, and an export
+    never wants it.
     """
-    merged = copy.deepcopy(policy).merge_and_unload()
+    no_hooks = {id(hooks): type(hooks)() for module in policy.modules() for hooks in _hook_dicts(module)}
+    merged = copy.deepcopy(policy, memo=no_hooks).merge_and_unload()
     merged.eval()
     return merged
+
+
+# The tables nn.Module keeps its forward and backward hooks in (state-dict hooks stay: saving may use them).
+_CALL_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _hook_dicts(module: nn.Module) -> list[dict[int, Any]]:
+    """The module's forward and backward hook tables that it has (``_CALL_HOOK_TABLES``)."""
+    return [table for name in _CALL_HOOK_TABLES if isinstance(table := vars(module).get(name), dict)]

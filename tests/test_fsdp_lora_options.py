@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
 from safetensors.torch import load_file
-from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -42,8 +41,8 @@ class BackwardLayerForwards(Callback):
     none runs. Each layer's MLP is watched as it is entered: the checkpoint wraps the layer's
     ``forward`` (so the layer's own hooks run once), and the recompute stops once it has what the
     backward needs (so a hook at the MLP's exit may not run). At the end of training rank ``r`` writes
-    its count to ``<folder>/rank<r>.txt`` and the hooks are removed (the export deep-copies the policy,
-    hooks included).
+    its count to ``<folder>/rank<r>.txt``. The hooks stay on the policy, bound to this callback, which
+    Lightning has bound to the LightningModule: the export's merged copy must leave them behind.
 
     Args:
         folder: where each rank writes its count.
@@ -53,13 +52,12 @@ class BackwardLayerForwards(Callback):
         self.folder = folder
         self.count = 0
         self.in_backward = False
-        self.handles: list[RemovableHandle] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Hooks on the modules themselves, which FSDP's units wrap and still call.
         for module in pl_module.policy.modules():
             if isinstance(module, LlamaDecoderLayer):
-                self.handles.append(module.mlp.register_forward_pre_hook(self._entered))
+                module.mlp.register_forward_pre_hook(self._entered)
 
     def _entered(self, *args: object) -> None:
         self.count += int(self.in_backward)
@@ -71,8 +69,6 @@ class BackwardLayerForwards(Callback):
         self.in_backward = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for handle in self.handles:
-            handle.remove()
         (Path(self.folder) / f"rank{trainer.global_rank}.txt").write_text(str(self.count))
 
 

@@ -149,3 +149,33 @@ def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
     restored = PreferenceModule.load_from_checkpoint(checkpoint)
     for name, tensor in merged_copy(restored.policy).state_dict().items():
         torch.testing.assert_close(tensor, merged[name], msg=name)
+
+
+class _ActivationLogger:
+    """A callback-like owner of a forward hook that deep copy cannot copy (it holds a Python module)."""
+
+    def __init__(self) -> None:
+        self.library = torch  # a module object: copy.deepcopy refuses it ("cannot pickle 'module'")
+        self.calls = 0
+
+    def record(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        self.calls += 1
+
+
+def test_the_merged_export_copy_leaves_the_policys_hooks_behind(tiny_model_dir: Path) -> None:
+    module = PreferenceModule(str(tiny_model_dir), lora={"rank": 4, "target_modules": ["q_proj"]})
+    module.configure_model()
+    logger = _ActivationLogger()
+    layer = module.policy.get_base_model().model.layers[0]
+    layer.register_forward_hook(logger.record)
+
+    merged = merged_copy(module.policy)  # copying the hook would copy its owner and fail
+
+    ids = torch.tensor([[1, 2, 3]])
+    merged(input_ids=ids)
+    assert logger.calls == 0  # the copy runs without the hook
+    module.policy(input_ids=ids)
+    assert logger.calls == 1  # the policy keeps it
+    # The merged weights are the policy's (adapters start at B = 0, so merged q_proj equals the base's).
+    base = module.policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base)
