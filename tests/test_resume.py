@@ -32,6 +32,7 @@ from tests.helpers import (
     cli_command,
     csv_rows,
     polite_pairs,
+    quiet_trainer,
     subprocess_env,
     without_timings,
     write_config,
@@ -423,3 +424,31 @@ def test_cli_trainers_write_checkpoints_atomically() -> None:
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     own = TorchCheckpointIO()
     assert _plugins([own], "auto") == [own]
+
+
+def _trained_weights(model_dir: Path, train: Path, val: Path | None, root: Path) -> dict[str, torch.Tensor]:
+    """The policy's weights after 2 epochs with dropout on, validating after every step when ``val``."""
+    L.seed_everything(0)
+    module = PreferenceModule(str(model_dir), beta=0.5, attn_implementation="eager", disable_dropout=False)
+    data = PreferenceDataModule(
+        train=DataSource(path=str(train)),
+        val={"held": DataSource(path=str(val))} if val else None,
+        tokenizer_name_or_path=str(model_dir),
+        max_length=48,
+        max_prompt_length=24,
+        batch_size=BATCH,
+    )
+    trainer = quiet_trainer(root, max_steps=-1, max_epochs=EPOCHS, val_check_interval=1 if val else None)
+    trainer.fit(module, datamodule=data)
+    return module.policy.state_dict()
+
+
+def test_validating_does_not_change_what_training_draws(tmp_path: Path, dropout_model_dir: Path) -> None:
+    # Dropout draws from the global torch RNG; a validation loader that took its worker seed from it
+    # would shift every later dropout mask, so how often a run validates would change its weights.
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(PAIRS))
+    val = write_jsonl(tmp_path / "val.jsonl", polite_pairs(4, offset=PAIRS))
+    unvalidated = _trained_weights(dropout_model_dir, train, None, tmp_path / "plain")
+    validated = _trained_weights(dropout_model_dir, train, val, tmp_path / "validated")
+    for name, expected in unvalidated.items():
+        assert torch.equal(expected, validated[name]), name

@@ -365,14 +365,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self._resume_position is not None:
             sampler.skip_batches(*self._resume_position)
             self._resume_position = None
-        # The loader's own generator draws the worker base seed, which would otherwise come from the
-        # global torch RNG at every new epoch iterator and shift dropout after a resume.
-        return self._loader(
-            self.train_dataset,
-            self.batch_size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return self._loader(self.train_dataset, self.batch_size, sampler=sampler)
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in its epoch, saved in every checkpoint for an exact resume.
@@ -413,13 +406,15 @@ class PreferenceDataModule(L.LightningDataModule):
         dataset: Dataset,
         batch_size: int,
         sampler: DistributedSampler | None = None,
-        generator: torch.Generator | None = None,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            generator=generator,
+            # Every loader's own generator draws its iterator's worker base seed, which would otherwise
+            # come from the global torch RNG at each new iterator (each epoch, each validation) and
+            # shift the dropout masks after it: a resume, or validating more often, would change training.
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
