@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,7 @@ def run_clis(
     timeout: float = 300,
     env: Mapping[str, str] | None = None,
     envs: Sequence[Mapping[str, str]] | None = None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[subprocess.CompletedProcess[str]]:
     """Run independent ``python -m ipo_lightning ARGS`` commands at the same time, each as
     :func:`run_cli` runs one (``env`` added to every child's, ``envs[i]`` to command i's); their
@@ -202,6 +203,10 @@ def run_clis(
 
     The test process only waits on its children, so a second child uses a core it would leave idle.
     Output goes to files rather than pipes: a child never blocks on a full pipe while another is waited on.
+
+    ``meanwhile`` is called in this process once every child has started (so nothing it sets in
+    ``os.environ`` reaches them), before they are waited on: a one-process fit to compare with them
+    runs there without a child's start-up. Should it raise, the children are killed.
     """
     started = []
     for index, args in enumerate(commands):
@@ -216,6 +221,16 @@ def run_clis(
             start_new_session=True,
         )
         started.append((args, process, output, errors))
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    except BaseException:
+        for _, process, output, errors in started:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            output.close()
+            errors.close()
+        raise
     deadline = time.monotonic() + timeout
     results, late = [], []
     for args, process, output, errors in started:
