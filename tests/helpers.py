@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,7 @@ def run_clis(
     timeout: float = 300,
     env: Mapping[str, str] | None = None,
     envs: Sequence[Mapping[str, str]] | None = None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[subprocess.CompletedProcess[str]]:
     """Run independent ``python -m ipo_lightning ARGS`` commands at the same time, each as
     :func:`run_cli` runs one (``env`` added to every child's, ``envs[i]`` to command i's); their
@@ -202,6 +203,10 @@ def run_clis(
 
     The test process only waits on its children, so a second child uses a core it would leave idle.
     Output goes to files rather than pipes: a child never blocks on a full pipe while another is waited on.
+
+    ``meanwhile`` is called in this process once every child has started (so nothing it sets in
+    ``os.environ`` reaches them), before they are waited on: a one-process fit to compare with them
+    runs there without a child's start-up. Should it raise, the children are killed.
     """
     started = []
     for index, args in enumerate(commands):
@@ -216,6 +221,16 @@ def run_clis(
             start_new_session=True,
         )
         started.append((args, process, output, errors))
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    except BaseException:
+        for _, process, output, errors in started:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            output.close()
+            errors.close()
+        raise
     deadline = time.monotonic() + timeout
     results, late = [], []
     for args, process, output, errors in started:
@@ -242,15 +257,22 @@ _IN_PROCESS_CLI = threading.Lock()
 ``sys.stdout``/``sys.stderr``, so two runs from two threads would mix their output."""
 
 
-def run_cli_in_process(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+def run_cli_in_process(args: Sequence[str], capture: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``python -m ipo_lightning ARGS`` in this process (``ipo_lightning.cli.main``, what
     ``__main__`` calls): its exit code, stdout and stderr, as :func:`subprocess.run` with
-    ``capture_output=True, text=True`` gives them for the child process."""
+    ``capture_output=True, text=True`` gives them for the child process.
+
+    ``capture=False``: the output goes to this process's stdout and stderr, and the result holds
+    neither, as :func:`subprocess.run` without ``capture_output`` gives them.
+    """
     from ipo_lightning.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with _IN_PROCESS_CLI, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _IN_PROCESS_CLI, contextlib.ExitStack() as redirect:
+        if capture:
+            redirect.enter_context(contextlib.redirect_stdout(out))
+            redirect.enter_context(contextlib.redirect_stderr(err))
         try:
             main(list(args))
         except SystemExit as exit_info:
@@ -258,17 +280,22 @@ def run_cli_in_process(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
             if isinstance(exit_info.code, str):
                 print(exit_info.code, file=sys.stderr)
             code = exit_info.code if isinstance(exit_info.code, int) else int(exit_info.code is not None)
+    if not capture:
+        return subprocess.CompletedProcess(cli_command(*args), code)
     return subprocess.CompletedProcess(cli_command(*args), code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager
-def cli_runs_in_process() -> Iterator[list[list[str]]]:
+def cli_runs_in_process(fits: bool = False) -> Iterator[list[list[str]]]:
     """While open, ``subprocess.run(cli_command(ARGS), capture_output=True, text=True[, check=...])``
     from any code runs the CLI in this process (:func:`run_cli_in_process`) instead of starting a
     child; every other ``subprocess.run`` call is left alone. Yields the command lines it ran so.
 
     For tests of code that parses configs in child processes (``compare``'s member checks) whose
     subject is the configs, not the processes: each child start costs seconds of imports.
+
+    ``fits=True``: ``subprocess.run(cli_command(ARGS)[, check=...])`` without captured output
+    (``compare``'s fits one after another) runs in this process too, its output going to this one's.
     """
     real_run = subprocess.run
     prefix = cli_command()
@@ -276,15 +303,16 @@ def cli_runs_in_process() -> Iterator[list[list[str]]]:
 
     def run(command: Any, *args: Any, **kwargs: Any) -> Any:
         captured = kwargs.get("capture_output") is True and kwargs.get("text") is True
+        uncaptured = fits and not {"capture_output", "text"} & set(kwargs)
         if (
             not args
-            and captured
+            and (captured or uncaptured)
             and set(kwargs) <= {"capture_output", "text", "check"}
             and isinstance(command, (list, tuple))
             and list(command[: len(prefix)]) == prefix
         ):
             ran.append(list(command))
-            result = run_cli_in_process(command[len(prefix) :])
+            result = run_cli_in_process(command[len(prefix) :], capture=captured)
             if kwargs.get("check"):
                 result.check_returncode()
             return result

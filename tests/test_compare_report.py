@@ -69,10 +69,8 @@ def _fit_config(tmp_path: Path, model_dir: Path) -> Path:
 
 @pytest.mark.slow
 def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec_file = tmp_path / "compare.yaml"
     spec_file.write_text(
         yaml.safe_dump(
@@ -88,10 +86,11 @@ def test_compare_runs_every_member_on_the_same_data_and_reports_their_numbers(
             sort_keys=False,
         )
     )
-    # The fits run one after another in child processes; the members' checks parse in this process.
-    with cli_runs_in_process() as parsed:
+    # The members' checks and then the fits, one after another, run the CLI in this process.
+    with cli_runs_in_process(fits=True) as ran:
         report = run_compare(load_spec(spec_file))
-    assert len(parsed) == 2
+    assert [command[3] for command in ran] == ["fit"] * 4
+    assert ["--print_config" in command for command in ran] == [True, True, False, False]
 
     run_dirs = {m: tmp_path / "runs" / "tiny" / m / "version_0" for m in ("ipo", "dpo-mean")}
     configs = {m: yaml.safe_load((d / "config.yaml").read_text()) for m, d in run_dirs.items()}
@@ -338,12 +337,9 @@ def test_a_failed_report_leaves_the_previous_report_whole(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == [tmp_path / "runs"]
 
 
-@pytest.mark.slow
 def test_compare_checks_every_member_before_training(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec_file = tmp_path / "compare.yaml"
     spec = {
         "name": "x",
@@ -352,9 +348,10 @@ def test_compare_checks_every_member_before_training(
         "members": {"good": {"model.beta": 0.5}, "typo": {"model.betta": 0.5}},
     }
     spec_file.write_text(yaml.safe_dump(spec))
-    # The CLI's entry point in this process (the members are still parsed in child processes).
-    code, stderr = run_main(["compare", "--config", str(spec_file)], capsys)
-    assert code == 2
+    # The CLI's entry point in this process, and the members' checks parse in it too.
+    with cli_runs_in_process() as parsed:
+        code, stderr = run_main(["compare", "--config", str(spec_file)], capsys)
+    assert code == 2 and len(parsed) == 2
     assert "error: compare member 'typo'" in stderr and "betta" in stderr
     assert not (tmp_path / "runs").exists()  # nothing trained
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ipo_lightning.cli import main
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
 from tests.helpers import polite_pairs, run_clis, write_config, write_jsonl
@@ -50,29 +51,14 @@ def test_ddp_shards_the_measurement_and_logs_what_one_process_logs(
     }
     config_path = write_config(tmp_path / "config.yaml", config)
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    # Independent fits: both at once.
+    single_args = ["--trainer.default_root_dir", str(single), "--trainer.devices", "1"]
+    ddp_args = ["--trainer.default_root_dir", str(ddp), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    # Independent fits, both at once: the one-process fit in this process (the CLI's entry point)
+    # while the two-process one runs.
     results = run_clis(
         tmp_path,
-        [
-            "fit",
-            "--config",
-            str(config_path),
-            "--trainer.default_root_dir",
-            str(single),
-            "--trainer.devices",
-            "1",
-        ],
-        [
-            "fit",
-            "--config",
-            str(config_path),
-            "--trainer.default_root_dir",
-            str(ddp),
-            "--trainer.devices",
-            "2",
-            "--trainer.strategy",
-            "ddp",
-        ],
+        ["fit", "--config", str(config_path), *ddp_args],
+        meanwhile=lambda: main(["fit", "--config", str(config_path), *single_args]),
     )
     for result in results:
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

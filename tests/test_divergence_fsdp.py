@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ipo_lightning.cli import main
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
 from tests.helpers import REPO, polite_pairs, run_clis, write_config, write_jsonl
@@ -76,10 +77,10 @@ def test_fsdp_measures_what_one_process_measures(tmp_path: Path, tiny_model_dir:
             "1",
         ],
     }
-    # Independent fits: both at once.
-    for result in run_clis(
-        tmp_path, *[["fit", *args, "--trainer.default_root_dir", str(root)] for root, args in runs.items()]
-    ):
+    commands = {root: ["fit", *args, "--trainer.default_root_dir", str(root)] for root, args in runs.items()}
+    # Independent fits, both at once: the one-process fit in this process (the CLI's entry point)
+    # while the two-process one runs.
+    for result in run_clis(tmp_path, commands[fsdp], meanwhile=lambda: main(commands[single])):
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
     single_rows = _divergence_rows(single / "version_0")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import REPO, polite_pairs, run_clis, write_config, write_jsonl
+from tests.helpers import REPO, polite_pairs, run_cli_in_process, run_clis, write_config, write_jsonl
 
 TWO_PROCESSES = {
     "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
@@ -72,14 +73,21 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
     }
     config_path = write_config(tmp_path / "config.yaml", config)
     runs = {"single": ["--trainer.devices", "1"], **TWO_PROCESSES}
-    commands = [
-        ["fit", "--config", str(config_path), *extra, "--trainer.default_root_dir", str(tmp_path / name)]
+    fit = ["fit", "--config", str(config_path)]
+    commands = {
+        name: [*fit, *extra, "--trainer.default_root_dir", str(tmp_path / name)]
         for name, extra in runs.items()
-    ]
-    results = run_clis(tmp_path, *commands)
+    }
+    # The one-process fit runs in this process (the CLI's entry point) while the others run.
+    single: list[subprocess.CompletedProcess[str]] = []
+    results = run_clis(
+        tmp_path,
+        *(commands[name] for name in TWO_PROCESSES),
+        meanwhile=lambda: single.append(run_cli_in_process(commands["single"])),
+    )
     failed = {
         name: (result.stdout + result.stderr)[-3000:]
-        for name, result in zip(runs, results, strict=True)
+        for name, result in zip(runs, [*single, *results], strict=True)
         if result.returncode != 0
     }
     return tmp_path, failed

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,12 +33,10 @@ from ipo_lightning.hub import HubPushError, check_hub_access, check_repo_id, pus
 from ipo_lightning.model_card import CONFIG_FILENAME, build_model_card
 from ipo_lightning.module import DPO_DEFAULT_BETA, IPO_DEFAULT_BETA, PreferenceModule
 from tests.helpers import (
-    cli_command,
     fit_config,
     polite_pairs,
     quiet_trainer,
     run_main,
-    subprocess_env,
     write_config,
     write_jsonl,
 )
@@ -241,43 +238,71 @@ def test_bad_repo_id_stops_the_fit_at_start_up_with_one_line(
     assert _no_run_folder(tmp_path)
 
 
-def _fit_pushing(tmp_path: Path, model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m ipo_lightning fit --export.push_to_hub me/m`` in a child with ``env`` (no token
-    from the environment or a login unless ``env`` gives one, hub lookups allowed)."""
+def _fit_pushing(
+    tmp_path: Path,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> tuple[int, str, str]:
+    """``fit --export.push_to_hub me/m`` through the CLI's entry point in this process, hub lookups
+    allowed: with ``token`` as HF_TOKEN (none, and no login, when None) and the hub at ``endpoint``
+    (huggingface_hub's default when None). Its exit code, stdout and stderr.
+
+    What the HF_HOME, HF_TOKEN and HF_ENDPOINT variables of a child would set, set in this process:
+    the child's start-up would cost seconds of imports, and its subject is the start-up check.
+    """
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(4))
     config = write_config(
         tmp_path / "c.yaml", fit_config(tmp_path, model_dir, train, wandb={"enabled": False})
     )
-    child_env = subprocess_env(tmp_path, HF_HOME=str(tmp_path / "hf_home"), **env)
-    child_env.pop("HF_HUB_OFFLINE", None)
-    if "HF_TOKEN" not in env:
-        child_env.pop("HF_TOKEN", None)
-    command = cli_command("fit", "--config", str(config), "--export.push_to_hub", "me/m")
-    return subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=300)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # An HF_HOME of its own: no login's token file.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(variable, raising=False)
+    if token is not None:
+        monkeypatch.setenv("HF_TOKEN", token)
+    if endpoint is not None:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    capsys.readouterr()
+    try:
+        main(["fit", "--config", str(config), "--export.push_to_hub", "me/m"])
+        code = 0
+    except SystemExit as exit_info:
+        code = int(exit_info.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def _error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
-    assert "Traceback" not in result.stderr
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+def _error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.slow
-def test_no_token_stops_the_fit_at_start_up(tmp_path: Path, tiny_model_dir: Path) -> None:
-    result = _fit_pushing(tmp_path, tiny_model_dir)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert _error_lines(result) == [
+def test_no_token_stops_the_fit_at_start_up(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _fit_pushing(tmp_path, tiny_model_dir, monkeypatch, capsys)
+    assert code == 2, err[-3000:]
+    assert _error_lines(err) == [
         "error: export.push_to_hub=me/m: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN"
     ]
     assert _no_run_folder(tmp_path)
-    assert "Epoch" not in result.stdout + result.stderr
+    assert "Epoch" not in out + err
 
 
-@pytest.mark.slow
-def test_unreachable_hub_stops_the_fit_at_start_up(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_unreachable_hub_stops_the_fit_at_start_up(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    result = _fit_pushing(tmp_path, tiny_model_dir, HF_ENDPOINT=endpoint, HF_TOKEN="hf_unchecked")
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = _error_lines(result)
+    code, _, err = _fit_pushing(
+        tmp_path, tiny_model_dir, monkeypatch, capsys, token="hf_unchecked", endpoint=endpoint
+    )
+    assert code == 2, err[-3000:]
+    (line,) = _error_lines(err)
     assert line.startswith(f"error: export.push_to_hub=me/m: cannot reach {endpoint} (")
     assert "refused" in line.lower()
     assert _no_run_folder(tmp_path)
@@ -432,14 +457,15 @@ def test_a_write_token_passes_and_a_read_token_is_refused(monkeypatch: pytest.Mo
         check_hub_access("me/m", token="hf_r", endpoint=endpoint)
 
 
-@pytest.mark.slow
 def test_a_fine_grained_token_without_write_access_stops_the_fit_at_start_up(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with _whoami_hub(_fine_grained(("user", "me", READ_ONLY))) as (endpoint, seen):
-        result = _fit_pushing(tmp_path, tiny_model_dir, HF_ENDPOINT=endpoint, HF_TOKEN="hf_fine")
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = _error_lines(result)
+        code, _, err = _fit_pushing(
+            tmp_path, tiny_model_dir, monkeypatch, capsys, token="hf_fine", endpoint=endpoint
+        )
+    assert code == 2, err[-3000:]
+    (line,) = _error_lines(err)
     assert line.startswith("error: export.push_to_hub=me/m: the fine-grained Hugging Face token may not")
     assert "/api/whoami-v2 Bearer hf_fine" in seen  # the token was checked by the stand-in hub
     assert _no_run_folder(tmp_path)

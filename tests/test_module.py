@@ -76,7 +76,8 @@ def _train_and_measure_margin(tmp_path: Path, tiny_model_dir: Path, loss_type: s
         lr_schedule="constant",
         warmup_ratio=0.0,
     )
-    quiet_trainer(tmp_path, max_steps=250).fit(module, datamodule=datamodule)
+    # By step 100 the IPO margin is within 1e-4 of its target and the DPO one past 15 (5x the bound below).
+    quiet_trainer(tmp_path, max_steps=100).fit(module, datamodule=datamodule)
     module.eval()
     with torch.no_grad():
         _, values = module.forward_pairs(next(iter(datamodule.train_dataloader())))

@@ -33,6 +33,7 @@ from tests.helpers import (
     csv_rows,
     polite_pairs,
     quiet_trainer,
+    run_cli_in_process,
     subprocess_env,
     without_timings,
     write_config,
@@ -341,9 +342,18 @@ def _finish(process: subprocess.Popen[str]) -> tuple[int, str]:
     return process.returncode, output
 
 
+def _fit_in_process(config: Path, caplog: pytest.LogCaptureFixture) -> str:
+    """``fit --config CONFIG`` through the CLI's entry point in this process, to a successful end: its
+    output, Lightning's log lines (``Resuming from ...``) included."""
+    caplog.clear()
+    result = run_cli_in_process(["fit", "--config", str(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr + caplog.text
+
+
 @pytest.mark.slow
 def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoint(
-    tmp_path: Path, tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_model_dir: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """kill -9 after a checkpoint, rerun: metrics.csv and weights as an uninterrupted run's. Then a
     truncated last.ckpt falls back to the intact checkpoint of the same step; none readable: exit 2."""
@@ -375,8 +385,8 @@ def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoi
 
     code, output = _finish(straight_process)
     assert code == 0, output[-3000:]
-    code, output = _finish(_fit_cli(config, tmp_path))
-    assert code == 0, output[-3000:]
+    # The reruns need no process of their own: the CLI's entry point in this process.
+    output = _fit_in_process(config, caplog)
     assert f"Resuming from {checkpoint}" in output
     header, rows = csv_rows(run_dir / "metrics.csv")
     assert rows[:kept] == killed_rows[:kept]  # the earlier attempt's rows up to the checkpoint are kept
@@ -393,8 +403,7 @@ def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoi
     # nothing trained or logged twice.
     last = run_dir / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    code, output = _finish(_fit_cli(config, tmp_path))
-    assert code == 0, output[-3000:]
+    output = _fit_in_process(config, caplog)
     warnings = [line for line in output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and str(last) in warnings[0]
     assert f"Resuming from {run_dir / 'checkpoints' / f'step={CLI_STEPS}.ckpt'}" in output
@@ -404,7 +413,7 @@ def test_killed_cli_run_resumes_with_its_history_and_survives_a_corrupt_checkpoi
     for path in (run_dir / "checkpoints").glob("*.ckpt"):
         path.write_bytes(path.read_bytes()[:100])
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    # The CLI's own entry point in this process: it stops before training, so no child is needed.
+    capfd.readouterr()  # the output below is this run's only
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config)])
     output = "".join(capfd.readouterr())

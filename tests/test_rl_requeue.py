@@ -15,7 +15,15 @@ import yaml
 from ipo_lightning.callbacks.slurm import REQUEUE_EXIT_CODE
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.resume import check_same_run
-from tests.helpers import csv_rows, fit_config, run_clis, without_timings, write_config, write_jsonl
+from tests.helpers import (
+    csv_rows,
+    fit_config,
+    run_cli_in_process,
+    run_clis,
+    without_timings,
+    write_config,
+    write_jsonl,
+)
 
 REWARD = "tests.reward_fixtures:length_reward"
 PROMPTS, BATCH, MAX_STEPS = 6, 2, 5  # 3 steps per epoch: the run crosses an epoch boundary
@@ -96,21 +104,26 @@ def test_on_policy_runs_requeued_mid_epoch_or_at_its_end_finish_as_uninterrupted
     """SIGUSR1 under SLURM: checkpoint at the step's end, ``scontrol requeue``, exit 3; the relaunch of
     the same command resumes. Weights and every logged value (but timings) equal the uninterrupted
     run's, bitwise: on one CPU process in float32 the resumed run does the very same operations."""
-    slurm = _slurm_env(tmp_path)
-    commands, envs = [], []
-    for method in METHODS:
-        for name, signal in ((f"{method}-straight", False), (f"{method}-requeued", True)):
-            commands.append(
-                ["fit", "--config", str(_config(tmp_path, tiny_model_dir, method, name, signal=signal))]
-            )
-            envs.append(slurm if signal else {})
-    first = run_clis(tmp_path, *commands, envs=envs)
-    for result, env in zip(first, envs, strict=True):
-        assert result.returncode == (REQUEUE_EXIT_CODE if env else 0), result.stderr[-3000:]
+    slurm = [_slurm_env(tmp_path)] * len(METHODS)
+
+    def command(method: str, name: str, signal: bool) -> list[str]:
+        return ["fit", "--config", str(_config(tmp_path, tiny_model_dir, method, name, signal=signal))]
+
+    straight = [command(method, f"{method}-straight", False) for method in METHODS]
+    requeued = [command(method, f"{method}-requeued", True) for method in METHODS]
+
+    def fit_straight() -> None:
+        """The uninterrupted runs, outside SLURM: the CLI's entry point in this process."""
+        for args in straight:
+            result = run_cli_in_process(args)
+            assert result.returncode == 0, result.stderr[-3000:]
+
+    first = run_clis(tmp_path, *requeued, envs=slurm, meanwhile=fit_straight)
+    for result in first:
+        assert result.returncode == REQUEUE_EXIT_CODE, result.stderr[-3000:]
     assert (tmp_path / "scontrol_calls.txt").read_text().split() == ["requeue", JOB_ID] * len(METHODS)
 
-    requeued = [(command, env) for command, env in zip(commands, envs, strict=True) if env]
-    second = run_clis(tmp_path, *(command for command, _ in requeued), envs=[env for _, env in requeued])
+    second = run_clis(tmp_path, *requeued, envs=slurm)
     for method, result in zip(METHODS, second, strict=True):
         assert result.returncode == 0, result.stderr[-3000:]
         run_dir = tmp_path / f"{method}-requeued" / "run"

@@ -3,41 +3,38 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO
 
 
-def _collected(tmp_path: Path, *selections: tuple[str, ...]) -> list[set[str]]:
-    """The test ids ``pytest --collect-only`` lists with each of ``selections`` (extra arguments); the
-    collections are independent, so they run at the same time."""
-    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
-    processes = [
-        subprocess.Popen(
-            [*command, *args],
-            cwd=REPO,
-            env=subprocess_env(tmp_path),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args in selections
-    ]
+class _Selected:
+    """pytest plugin: the ids of the tests a session selects (what ``--collect-only -q`` lists)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.ids = {item.nodeid for item in session.items}
+
+
+def _collected(monkeypatch: pytest.MonkeyPatch, *selections: tuple[str, ...]) -> list[set[str]]:
+    """The test ids ``pytest --collect-only`` selects from the repository root with each of
+    ``selections`` (extra arguments).
+
+    Each collection is a pytest session in this process: the test modules it imports are mostly
+    imported already, where a child process would import torch, transformers and every test module again.
+    """
+    monkeypatch.chdir(REPO)
     collected = []
-    try:
-        for process in processes:
-            stdout, stderr = process.communicate(timeout=300)
-            assert process.returncode == 0, stdout[-2000:] + stderr[-2000:]
-            collected.append({line for line in stdout.splitlines() if "::" in line})
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    for args in selections:
+        selected = _Selected()
+        # No fault handler of its own: its teardown would switch off this session's.
+        options = ["--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:faulthandler"]
+        code = pytest.main([*options, *args], plugins=[selected])
+        assert code == pytest.ExitCode.OK, (args, code)
+        collected.append(selected.ids)
     return collected
 
 
@@ -49,12 +46,12 @@ def _make_recipe(target: str) -> str:
 
 
 @pytest.mark.slow
-def test_the_fast_tier_is_a_strict_subset_of_the_full_suite(tmp_path: Path) -> None:
+def test_the_fast_tier_is_a_strict_subset_of_the_full_suite(monkeypatch: pytest.MonkeyPatch) -> None:
     full_recipe, fast_recipe = _make_recipe("test"), _make_recipe("test-fast")
     pytest_args = full_recipe.split("pytest", 1)[1].split()
     assert "-m" not in pytest_args and "--durations=15" in pytest_args  # everything, timed
     assert '-m "not slow"' in fast_recipe and "--durations" in fast_recipe
-    full, fast = _collected(tmp_path, (), ("-m", "not slow"))
+    full, fast = _collected(monkeypatch, (), ("-m", "not slow"))
     assert fast < full  # a strict subset: the slow tests are only in the full suite
     slow = full - fast
     assert any("test_distributed.py" in test for test in slow)
