@@ -147,11 +147,19 @@ def load_reward(
         from ipo_lightning.gold import gold_reward
 
         return RewardFunction(spec, option, _ignore_conversations(gold_reward))
-    if _CALLABLE_SPEC.match(spec) and not Path(spec).expanduser().exists():
+    if not names_reward_model(spec):
         return RewardFunction(spec, option, _ignore_conversations(_load_callable(spec, option)))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return RewardFunction(spec, option, RewardModelScorer.load(spec, option, device, batch_size))
+
+
+def names_reward_model(spec: str) -> bool:
+    """Whether :func:`load_reward` reads ``spec`` as a reward model's folder or hub id (not the gold
+    reward, not a ``module:function``; an existing path wins over a ``module:function`` reading)."""
+    if spec == GOLD_SPEC:
+        return False
+    return not _CALLABLE_SPEC.match(spec) or Path(spec).expanduser().exists()
 
 
 def _ignore_conversations(function: Callable[..., Any]) -> ScoreFn:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoTokenizer
 
@@ -25,10 +25,17 @@ from ipo_lightning.errors import ConfigError, DataError
 from ipo_lightning.losses import preference_loss
 from ipo_lightning.rewards import RewardFunction, load_reward
 from ipo_lightning.rl.data import PromptDataModule, collate_prompts
-from ipo_lightning.rl.module import OnPolicyModule
+from ipo_lightning.rl.module import OnPolicyModule, resolve_on_policy_options
 from ipo_lightning.rl.online import OnlineModule, online_loss, online_preferences
 from ipo_lightning.rl.rloo import RLOOModule, rloo_advantages, rloo_loss
-from tests.helpers import fit_config, polite_pairs, run_main, write_config, write_jsonl
+from tests.helpers import (
+    fit_config,
+    polite_pairs,
+    run_main,
+    save_tiny_reward_model,
+    write_config,
+    write_jsonl,
+)
 
 REWARD = "tests.reward_fixtures:length_reward"
 
@@ -464,6 +471,38 @@ def test_hyperparameters_are_the_resolved_arguments(tiny_model_dir: Path) -> Non
     assert (dpo.hparams.beta, dpo.hparams.length_normalize) == (0.1, False)
 
 
+def test_label_temperature_defaults_by_reward(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # A reward model's own Bradley-Terry probability is the label (T = 1); a function's scale is not a
+    # probability, so it gets hard labels (T = 0). An explicit value wins.
+    reward_model = save_tiny_reward_model(tmp_path / "rm", tiny_model_dir)
+    expected = {
+        str(reward_model): 1.0,
+        "org/reward-model": 1.0,  # a hub id, as load_reward reads it
+        REWARD: 0.0,
+        "builtin:gold": 0.0,
+        "ipo_lightning.gold:gold_reward": 0.0,
+    }
+    for reward, temperature in expected.items():
+        assert OnlineModule(str(tiny_model_dir), reward).hparams.label_temperature == temperature, reward
+        config = Namespace(
+            model=Namespace(
+                reward=reward,
+                label_temperature=None,
+                sampling_seed=0,
+                reference="separate",
+                lora=None,
+                batching="padded",
+                loss_type="ipo",
+                beta=None,
+                length_normalize=None,
+            )
+        )
+        resolve_on_policy_options(config)  # what the CLI writes to config.yaml
+        assert config.model.label_temperature == temperature, reward
+    explicit = OnlineModule(str(tiny_model_dir), str(reward_model), label_temperature=0.0)
+    assert explicit.hparams.label_temperature == 0.0
+
+
 # ----------------------------------------------------------------------------------- fits
 
 
@@ -605,6 +644,7 @@ def test_cli_fit_with_the_method(method: str, tiny_model_dir: Path, tmp_path: Pa
     assert saved["model"]["sampling_seed"] == 7  # null: seed_everything, so replicates sample differently
     if method == "online":
         assert (saved["model"]["beta"], saved["model"]["length_normalize"]) == (1.0, True)
+        assert saved["model"]["label_temperature"] == 0.0  # null: a reward function's hard labels
     rows = _read_metrics(str(run))
     assert (
         len(_column(rows, "train/reward")) == 2

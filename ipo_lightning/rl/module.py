@@ -79,7 +79,7 @@ from ipo_lightning.reference import (
     ignore_missing_reference_keys,
     resolve_reference_strategy,
 )
-from ipo_lightning.rewards import RewardFunction, load_reward
+from ipo_lightning.rewards import RewardFunction, load_reward, names_reward_model
 from ipo_lightning.rl.data import PROMPT_IDS, PROMPT_INDEX
 from ipo_lightning.rl.rollout import Rollout, completion_rows, score_rows
 from ipo_lightning.schedule import LRSchedule
@@ -100,12 +100,20 @@ def on_policy_layout(batching: Batching) -> Batching:
     return "padding_free" if batching == "prefix_shared" else batching
 
 
+def default_label_temperature(reward: str) -> float:
+    """``label_temperature``'s default for the reward spec ``reward``: 1 for a reward model, whose
+    Bradley-Terry probability sigmoid(r_1 - r_2) is the label it was fitted to predict (hard labels
+    train every pair to the full margin, however close, and over-optimise a learnt reward); 0 (hard
+    labels) for a reward function, whose scale says nothing of a probability."""
+    return 1.0 if names_reward_model(reward) else 0.0
+
+
 def resolve_on_policy_options(config: Namespace) -> None:
     """Fill the ``model`` defaults that depend on other options in the parsed config (the on-policy
     methods' ``resolve``, see :mod:`ipo_lightning.methods`): the reference strategy from ``lora``, the
     layout from ``batching: auto``, ``sampling_seed`` from ``seed_everything`` and, for online
-    IPO/DPO, ``beta`` and ``length_normalize`` from ``loss_type``, so the saved ``config.yaml`` states
-    the values used."""
+    IPO/DPO, ``beta`` and ``length_normalize`` from ``loss_type`` and ``label_temperature`` from
+    ``reward``, so the saved ``config.yaml`` states the values used."""
     model = config.model
     if model.sampling_seed is None:
         # LightningCLI has set seed_everything to an int by now (True: a drawn one); False/None: 0.
@@ -127,6 +135,8 @@ def resolve_on_policy_options(config: Namespace) -> None:
             model.beta = default_beta(model.loss_type)
         if model.length_normalize is None:
             model.length_normalize = default_length_normalize(model.loss_type)
+    if "label_temperature" in model and model.label_temperature is None:
+        model.label_temperature = default_label_temperature(model.reward)
 
 
 @with_shared_docs

@@ -29,7 +29,7 @@ from ipo_lightning.errors import ConfigError
 from ipo_lightning.losses import PreferenceLossOutput, check_loss_options, preference_loss
 from ipo_lightning.model_options import with_shared_docs
 from ipo_lightning.module import default_beta, default_length_normalize
-from ipo_lightning.rl.module import OnPolicyModule
+from ipo_lightning.rl.module import OnPolicyModule, default_label_temperature
 from ipo_lightning.rl.rollout import Rollout
 
 OnlineLossType = Literal["ipo", "dpo"]
@@ -108,7 +108,8 @@ class OnlineModule(OnPolicyModule):
         length_normalize: average log-probs over completion tokens; default (null): true for ipo,
             false for dpo (as offline).
         label_temperature: T of the soft label p = sigmoid(|r_1 - r_2| / T) of the higher-reward
-            sample; 0: hard labels (p = 1, a tie 0.5).
+            sample; 0: hard labels (p = 1, a tie 0.5). Default (null): 1 when ``reward`` is a reward
+            model (p is then its own Bradley-Terry probability), 0 for a reward function.
     """
 
     method_name = "online"
@@ -122,7 +123,7 @@ class OnlineModule(OnPolicyModule):
         loss_type: OnlineLossType = "ipo",
         beta: float | None = None,
         length_normalize: bool | None = None,
-        label_temperature: float = 0.0,
+        label_temperature: float | None = None,
         **kwargs: Any,
     ) -> None:
         if loss_type not in ("ipo", "dpo"):
@@ -132,6 +133,8 @@ class OnlineModule(OnPolicyModule):
             check_loss_options(loss_type, beta)
         except ValueError as error:
             raise ConfigError(f"model: {error}") from None
+        if label_temperature is None:
+            label_temperature = default_label_temperature(reward)
         if label_temperature < 0:
             raise ConfigError(f"model.label_temperature must be >= 0, got {label_temperature}")
         if length_normalize is None:
