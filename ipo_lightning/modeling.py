@@ -102,16 +102,20 @@ def config_position_offset(config: PretrainedConfig) -> int:
     """:func:`position_offset` of the model ``config`` describes, read from its base model built on the
     meta device (modules only: no weights, no memory; a fraction of a second even for 70B configs).
 
-    0 for a config whose base model transformers does not know (remote code is not run for a check).
+    0 for a config whose base model transformers does not know, or cannot build from this config
+    alone: the check is advisory, and loading the model reports what is wrong with it.
     """
+    # Remote code is not run for a check; a remote config named like a built-in one (the registry
+    # matches class names) must not get the built-in model built from it.
+    if getattr(config, "auto_map", None) or not type(config).__module__.startswith("transformers."):
+        return 0
     mapping = AutoModel._model_mapping  # the registry AutoModel.from_config itself reads
     if type(config) not in mapping:
         return 0
     try:
         with torch.device("meta"):
             skeleton = AutoModel.from_config(copy.deepcopy(config))
-    except (ImportError, ValueError):
-        # A base model that needs a missing extra or other settings: loading the model reports that.
+    except Exception:  # noqa: BLE001 - some base models need settings or extras a config alone lacks
         return 0
     return position_offset(skeleton)
 

@@ -192,7 +192,7 @@ def check_policy_options(
             "round away in 16-bit weights; prefer dtype float32 with trainer.precision bf16-mixed, "
             "and model.reference_dtype for a lighter reference"
         )
-    # Fail fast on a wrong model path or a too long max_length: only the config is read here.
+    # Fail fast on a wrong model path or a too long max_length: no weights are read here.
     model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
     check_context_size(model_config, max_length)
     # Resolved before save_hyperparameters, so the run records the layout it used.

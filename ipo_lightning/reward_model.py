@@ -257,7 +257,7 @@ class RewardModelModule(EvalSetMetrics, L.LightningModule):
         check_schedule_options(
             warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps
         )
-        # Fail fast on a wrong model path or a too long max_length: only the config is read here.
+        # Fail fast on a wrong model path or a too long max_length: no weights are read here.
         self.model_config = load_model_config(model_name_or_path, trust_remote_code=trust_remote_code)
         check_context_size(self.model_config, max_length)
         self.lora_options = lora

@@ -14,7 +14,13 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    RobertaConfig,
+)
 
 from ipo_lightning.cli import PreferenceCLI, main
 from ipo_lightning.data import PreferenceDataModule
@@ -22,6 +28,7 @@ from ipo_lightning.data.sources import DataSource
 from ipo_lightning.errors import ConfigError, DataError
 from ipo_lightning.gold.pairs import bayes_accuracy
 from ipo_lightning.methods import METHODS, method_from_argv
+from ipo_lightning.modeling import check_context_size, config_position_offset
 from ipo_lightning.resume import RNGStateCheckpoint, find_resume_checkpoint
 from ipo_lightning.reward_model import RewardMetrics, RewardModelModule, reward_model_loss
 from ipo_lightning.rewards import load_reward
@@ -505,3 +512,25 @@ def test_a_roberta_reward_model_trains_at_its_context_size_and_refuses_one_token
     with (tmp_path / "runs" / "version_0" / "metrics.csv").open() as handle:
         losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
     assert len(losses) == 1 and math.isfinite(losses[0])
+
+
+class LlamaConfig(PretrainedConfig):
+    """A remote-code config named like a built-in one (the auto registry matches class names)."""
+
+    model_type = "llama"
+
+
+def test_the_position_offset_comes_from_transformers_own_models_only() -> None:
+    assert config_position_offset(RobertaConfig()) == RobertaConfig().pad_token_id + 1 == 2
+    assert config_position_offset(AutoConfig.for_model("llama")) == 0
+    # Remote code is never built for the check: not a look-alike class, not a config with auto_map.
+    look_alike = LlamaConfig(max_position_embeddings=64)
+    assert config_position_offset(look_alike) == 0
+    mapped = RobertaConfig(auto_map={"AutoModel": "custom.Model"})
+    assert config_position_offset(mapped) == 0
+    # A built-in base model that a config alone cannot build (dbrx needs more settings) is skipped.
+    assert config_position_offset(AutoConfig.for_model("dbrx")) == 0
+    # Without an offset the limit is max_position_embeddings itself.
+    check_context_size(look_alike, 64)
+    with pytest.raises(ConfigError, match=r"data.max_length=65 exceeds the model's context size \(64 tokens"):
+        check_context_size(look_alike, 65)
