@@ -13,11 +13,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
-from torch.distributed.fsdp._flat_param import FlatParamHandle
 from transformers import AutoModelForCausalLM
 
 from ipo_lightning.callbacks import HFExport
-from ipo_lightning.lora import merged_copy
+from ipo_lightning.lora import _CALL_HOOK_TABLES, merged_copy
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import REPO, fit_config, polite_pairs, run_clis, run_main, write_config, write_jsonl
 
@@ -56,12 +55,15 @@ class ExportGathers(Callback):
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # FSDP's private internals, imported here so a move in torch fails this test only.
+        from torch.distributed.fsdp._flat_param import FlatParamHandle
+
         (export,) = [callback for callback in trainer.callbacks if isinstance(callback, HFExport)]
         export_hook = export.on_fit_end
         real_gather = FlatParamHandle._all_gather_flat_param
         gathered: list[int] = []
 
-        def counted_gather(handle: FlatParamHandle, *args: Any, **kwargs: Any) -> Any:
+        def counted_gather(handle: Any, *args: Any, **kwargs: Any) -> Any:
             gathered.append(id(handle))
             return real_gather(handle, *args, **kwargs)
 
@@ -179,3 +181,9 @@ def test_the_merged_export_copy_leaves_the_policys_hooks_behind(tiny_model_dir: 
     # The merged weights are the policy's (adapters start at B = 0, so merged q_proj equals the base's).
     base = module.policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base)
+
+
+def test_the_merged_copy_knows_every_call_hook_table_of_a_module() -> None:
+    # nn.Module's hook tables are private; one torch adds later must not be deep-copied again unseen.
+    tables = {name for name in vars(torch.nn.Linear(1, 1)) if "hook" in name and "state_dict" not in name}
+    assert tables - {"_is_full_backward_hook"} == set(_CALL_HOOK_TABLES)
