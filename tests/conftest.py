@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+# A suite started inside a SLURM job must not make the fits it runs in this process SLURM tasks of
+# that job (children get an environment without them too: tests.helpers.subprocess_env).
+for _name in [name for name in os.environ if name.startswith("SLURM_")]:
+    del os.environ[_name]
 
 # Two cores are shared with subprocess tests: one thread each keeps timings sane.
 torch.set_num_threads(1)

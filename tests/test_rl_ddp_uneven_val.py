@@ -122,7 +122,9 @@ def test_uneven_validation_prompts_under_ddp_count_once(runs: Path, method: str)
     assert {row[0] for row in single_rows} == set(VAL_PROMPTS) and len(single_rows) == 7 * k
 
     # val/reward is the mean over the 7 prompts' samples, computed here in float64; the float32
-    # mean of 7k rewards of magnitude <= 20 is within 1e-5 of it. Counting the repeat would move it.
+    # mean of 7k rewards of magnitude <= 20 is within 1e-5 of it. Counting the repeat would move it:
+    # the repeated prompt's mean reward is more than 8e-3 from the 7 prompts' mean on this data, so an
+    # 8-prompt mean differs by more than 1e-3 (a property of these prompts, checked by the assert).
     expected_reward = statistics.fmean(row[2] for row in single_rows)
     with_repeat = statistics.fmean(row[2] for row in ddp_rows)
     assert abs(with_repeat - expected_reward) > 1e-3

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ipo_lightning.analysis.budget import step_size
 from ipo_lightning.analysis.plots import plot_metrics_over_steps
-from ipo_lightning.analysis.run_logs import RunMetrics, logs_prefix
+from ipo_lightning.analysis.run_logs import VAL_PREFIX, RunMetrics, logs_prefix
 from ipo_lightning.callbacks.performance import PEAK_MEMORY, STEP_TIME
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import DEFAULT_METHOD
@@ -44,7 +44,7 @@ def steps_trained(run: RunMetrics) -> int:
         step = int(row["step"])
         if logs_prefix(row, TRAIN_PREFIX):
             return step + 1
-        return validations[step] if logs_prefix(row, "val/") else step
+        return validations[step] if logs_prefix(row, VAL_PREFIX) else step
 
     return max((taken(row) for row in run.rows if row.get("step")), default=0)
 
