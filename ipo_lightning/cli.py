@@ -340,12 +340,15 @@ class PreferenceCLI(LightningCLI):
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run the subcommand; a run stopped before it started leaves no run folder behind."""
+        """Run the subcommand; a run stopped before it started leaves no run folder behind, and the
+        W&B run it logged to ends with it."""
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
             self._discard_unstarted_run_folder(self.trainer)
+            _finish_wandb_runs(self.trainer, exit_code=1)
             raise
+        _finish_wandb_runs(self.trainer, exit_code=0)
 
     def _discard_unstarted_run_folder(self, trainer: Trainer | None) -> None:
         """Remove the run folder this start created if start-up never completed (rank 0 only)."""
@@ -357,9 +360,7 @@ class PreferenceCLI(LightningCLI):
             configs = [callback for callback in trainer.callbacks if isinstance(callback, SaveAndLogConfig)]
             if not configs or any(callback.started for callback in configs):
                 return
-        for logger in trainer.loggers if trainer is not None else []:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                logger._experiment.finish(exit_code=1)  # W&B stops writing into the folder first
+        _finish_wandb_runs(trainer, exit_code=1)  # W&B stops writing into the folder first
         discard_run_folder(folder)
 
     def before_fit(self) -> None:
@@ -373,6 +374,16 @@ class PreferenceCLI(LightningCLI):
                 check_same_run(self.run_dir, current, warn=_warn)
                 rank_zero_info(f"Resuming from {checkpoint} (run.resume; --run.resume false starts over)")
                 config["ckpt_path"] = str(checkpoint)
+
+
+def _finish_wandb_runs(trainer: Trainer | None, exit_code: int) -> None:
+    """End the W&B runs of ``trainer``'s loggers that started. A process's exit would end them too;
+    ending them here writes their last records before ``main`` returns, and a second ``main`` in the
+    same process (a notebook, a test) starts its own run instead of joining this one (Lightning's
+    WandbLogger adopts any W&B run in progress)."""
+    for logger in trainer.loggers if trainer is not None else []:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish(exit_code=exit_code)
 
 
 @rank_zero_only

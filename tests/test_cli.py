@@ -304,3 +304,27 @@ def test_fit_imports_no_subcommand_module(monkeypatch: pytest.MonkeyPatch) -> No
     assert not [m for m in sys.modules if m.startswith("ipo_lightning.analysis")]
     with pytest.raises(ImportError, match="matplotlib"):
         cli._tool("report")  # the one that draws plots needs it
+
+
+@pytest.mark.slow
+def test_each_fit_in_one_process_ends_its_own_wandb_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # Lightning's WandbLogger adopts a W&B run in progress: a second fit in the same process (a
+    # notebook, a sweep script) would log into the first fit's run unless each fit ends its own.
+    import wandb
+
+    train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(4))
+    records = []
+    for name in ("first", "second"):
+        config = fit_config(
+            tmp_path / name,
+            tiny_model_dir,
+            train,
+            trainer={"max_steps": 1},
+            divergence={"enabled": False},
+            export={"enabled": False},
+        )
+        main(["fit", "--config", str(write_config(tmp_path / f"{name}.yaml", config))])
+        assert wandb.run is None  # ended with the fit
+        (record,) = (tmp_path / name / "runs" / "version_0" / "wandb").glob("offline-run-*/run-*.wandb")
+        records.append(record)
+    assert records[0].stem != records[1].stem  # two runs, each in its own run folder
