@@ -438,3 +438,14 @@ def csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def without_timings(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     """``metrics.csv`` rows without their ``perf/`` values, which measure the machine, not the run."""
     return [{name: value for name, value in row.items() if not name.startswith("perf/")} for row in rows]
+
+
+def logged_values(metrics_csv: Path, prefixes: tuple[str, ...]) -> dict[tuple[int, str], float]:
+    """Every value ``metrics_csv`` holds for a metric starting with one of ``prefixes``, by (step, name)."""
+    values = {}
+    with metrics_csv.open(encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            for name, value in row.items():
+                if value and name.startswith(prefixes):
+                    values[int(row["step"]), name] = float(value)
+    return values

@@ -5,7 +5,6 @@ process does with the same global batch."""
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from tests.helpers import REPO, fit_config, polite_pairs, run_clis, write_config, write_jsonl
+from tests.helpers import REPO, fit_config, logged_values, polite_pairs, run_clis, write_config, write_jsonl
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 STEPS, LAYERS = 3, 2  # the tiny model's decoder layers
@@ -74,13 +73,7 @@ class BackwardLayerForwards(Callback):
 
 def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
     """Every logged ``train/`` and ``val/`` value by (step, name)."""
-    values = {}
-    with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            for name, value in row.items():
-                if value and name.startswith(("train/", "val/")):
-                    values[int(row["step"]), name] = float(value)
-    return values
+    return logged_values(run_dir / "metrics.csv", ("train/", "val/"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ train exactly what one process does with the same global batch of prompts."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import fit_config, run_clis, write_config, write_jsonl
+from tests.helpers import fit_config, logged_values, run_clis, write_config, write_jsonl
 from tests.reward_fixtures import RECORD_DIR_VAR
 
 REWARD = "tests.reward_fixtures:recorded_length_reward"
@@ -77,13 +76,7 @@ def _calls(run_dir: Path) -> list[list[list]]:
 
 def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
     """Every logged ``train/`` and ``val/`` value by (step, name)."""
-    values = {}
-    with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            for name, value in row.items():
-                if value and name.startswith(("train/", "val/")):
-                    values[int(row["step"]), name] = float(value)
-    return values
+    return logged_values(run_dir / "metrics.csv", ("train/", "val/"))
 
 
 @pytest.mark.slow

@@ -4,14 +4,13 @@ for nothing. ``val/*`` and ``gen/*`` (the generation evaluation of the same prom
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import fit_config, run_clis, write_config, write_jsonl
+from tests.helpers import fit_config, logged_values, run_clis, write_config, write_jsonl
 from tests.reward_fixtures import RECORD_DIR_VAR
 
 METHODS = {"rloo": 4, "online": 2}
@@ -97,13 +96,7 @@ def _validation_rows(run: Path) -> list[list]:
 
 def _logged(run: Path) -> dict[tuple[int, str], float]:
     """Every logged ``val/`` and ``gen/`` value by (step, name)."""
-    values = {}
-    with (run / "version_0" / "metrics.csv").open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            for name, value in row.items():
-                if value and name.startswith(("val/", "gen/")):
-                    values[int(row["step"]), name] = float(value)
-    return values
+    return logged_values(run / "version_0" / "metrics.csv", ("val/", "gen/"))
 
 
 @pytest.mark.slow
