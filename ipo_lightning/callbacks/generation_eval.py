@@ -314,11 +314,13 @@ class GenerationEval(Callback):
         else:
             if self._cpu_reference is None:
                 hp = pl_module.hparams
+                # Loaded as the module loads a separate reference (same attention kernel), frozen.
                 self._cpu_reference = load_causal_lm(
                     hp.reference_name_or_path or hp.model_name_or_path,
                     dtype=hp.reference_dtype or hp.dtype,
+                    attn_implementation=hp.attn_implementation,
                     trust_remote_code=hp.trust_remote_code,
-                )
+                ).requires_grad_(False)
             try:
                 yield self._cpu_reference.to(pl_module.device)
             finally:
