@@ -7,6 +7,8 @@ Use them by class path (``configs/strategy/fsdp.yaml``, ``deepspeed_zero{2,3}.ya
   real parameters. The reference is left out of FSDP (``ignored_states``) and replicated on every
   device: in FSDP units its frozen weights would share flat parameters and state-dict hooks with the
   trained ones (a full state dict then failed with a KeyError on the reference's keys).
+- :class:`~ipo_lightning.fsdp2.PreferenceFSDP2Strategy` (``fsdp2.yaml``): FSDP2, where the reference is
+  sharded too (:mod:`ipo_lightning.fsdp2`).
 - :class:`PreferenceDeepSpeedStrategy`: DeepSpeed that loads the models without ``deepspeed.zero.Init``:
   inside it, ``from_pretrained`` and the copy of the policy made for the reference see empty
   partitioned tensors (the classic ZeRO-3 failure). The engine partitions the full models when it is
@@ -28,6 +30,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strate
 from torch import nn
 from transformers import PreTrainedModel
 
+from ipo_lightning import fsdp2
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.reference import FrozenReference
 
@@ -171,11 +174,14 @@ def full_policy_state_dict(
 
     Call it on every rank: FSDP and DeepSpeed ZeRO-3 keep each weight in pieces across ranks, so
     gathering is collective. Under FSDP the root's full state dict is taken (a nested unit's own
-    ``state_dict`` returns its local shard) and the policy's keys are cut out of it. DDP, ZeRO-1/2 and
-    one process hold full weights everywhere and just return them on rank 0.
+    ``state_dict`` returns its local shard) and the policy's keys are cut out of it; FSDP2 gathers the
+    model's own (:func:`ipo_lightning.fsdp2.full_state_dict`). DDP, ZeRO-1/2 and one process hold full
+    weights everywhere and just return them on rank 0.
     """
     strategy: Strategy = trainer.strategy
     model: nn.Module = getattr(pl_module, attribute)
+    if fsdp2.is_sharded(strategy):
+        return fsdp2.full_state_dict(trainer, model)
     if isinstance(strategy, FSDPStrategy):
         with _full_state_dict_context(strategy.model, offload_to_cpu=strategy.root_device.type != "cpu"):
             full = strategy.model.state_dict()
@@ -204,13 +210,18 @@ def full_weights_for_local_forwards(strategy: Strategy) -> Generator[bool, None,
     ``synced_gpus``: an all-reduce per decoding step that waits for every rank, and so hangs when ranks
     make different numbers of ``generate()`` calls (prompts split unevenly). The marks are cleared while
     inside, where the modules are plain and local. All is undone on exit. The cost is one unsharded
-    copy of the policy per rank while inside. Other strategies (DDP, one process, ZeRO-1/2) hold full
-    weights already: nothing is done. ZeRO-3 is not handled.
+    copy of the policy per rank while inside. FSDP2 gathers its units in place
+    (:func:`ipo_lightning.fsdp2.local_forwards`). Other strategies (DDP, one process, ZeRO-1/2) hold
+    full weights already: nothing is done. ZeRO-3 is not handled.
 
     Yields whether weights were gathered: if so, tensors read from them inside are freed on exit.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    if fsdp2.is_sharded(strategy):
+        with fsdp2.local_forwards(strategy.lightning_module) as gathered:
+            yield gathered
+        return
     root = strategy.model if isinstance(strategy, FSDPStrategy) else None
     if not isinstance(root, FSDP):
         yield False
@@ -236,8 +247,7 @@ def full_weights_for_local_forwards(strategy: Strategy) -> Generator[bool, None,
                 parent._modules[name] = unit
 
 
-_FSDP_MARK = "_is_fsdp_managed_module"
-"""The attribute FSDP sets on every module it manages (read by ``generate()`` to sync ranks)."""
+_FSDP_MARK = fsdp2.FSDP_MARK
 
 
 _FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")
@@ -280,19 +290,41 @@ def check_strategy(strategy: Any) -> None:
 
 
 def check_lora_strategy(strategy: Any, lora: Any) -> None:
-    """Refuse a LoRA policy (``model.lora`` set) under DeepSpeed ZeRO-3, with one message naming both.
+    """Refuse a LoRA policy (``model.lora`` set) under DeepSpeed ZeRO-3 or FSDP2, with one message
+    naming both.
 
-    ZeRO-3 keeps every weight in pieces across ranks, and the export merges the adapters into the base
-    weights of the whole model (:func:`ipo_lightning.lora.merged_copy`), which it would see empty.
-    FSDP (gathered for the merge), ZeRO-2, DDP and one process merge whole weights. ``strategy`` is
-    the raw ``trainer.strategy`` value (a name, a class path with init args, or a strategy object).
+    The export merges the adapters into the base weights of the whole model
+    (:func:`ipo_lightning.lora.merged_copy`, a copy of the policy). ZeRO-3 keeps every weight in pieces
+    across ranks, which the copy would see empty; FSDP2's units carry their sharding state, which a copy
+    cannot take along. A LoRA policy's reference is its own base, so FSDP2's sharded reference gains it
+    nothing over FSDP. FSDP (gathered for the merge), ZeRO-2, DDP and one process merge whole weights.
+    ``strategy`` is the raw ``trainer.strategy`` value (a name, a class path with init args, or a
+    strategy object).
     """
-    if lora is None or _deepspeed_stage(strategy) != 3:
+    if lora is None:
         return
-    raise ConfigError(
-        "model.lora with trainer.strategy PreferenceDeepSpeedStrategy stage 3: ZeRO-3 holds the base "
-        "weights in pieces, and the export merges the adapters into them; use --config "
-        "configs/strategy/fsdp.yaml or configs/strategy/deepspeed_zero2.yaml"
+    if _deepspeed_stage(strategy) == 3:
+        raise ConfigError(
+            "model.lora with trainer.strategy PreferenceDeepSpeedStrategy stage 3: ZeRO-3 holds the base "
+            "weights in pieces, and the export merges the adapters into them; use --config "
+            "configs/strategy/fsdp.yaml or configs/strategy/deepspeed_zero2.yaml"
+        )
+    if _is_fsdp2(strategy):
+        raise ConfigError(
+            "model.lora with trainer.strategy PreferenceFSDP2Strategy: the export merges the adapters into "
+            "a copy of the policy, which FSDP2's units do not allow (and a LoRA policy's reference is its "
+            "own base, with nothing to shard); use --config configs/strategy/fsdp.yaml"
+        )
+
+
+def _is_fsdp2(strategy: Any) -> bool:
+    """Whether a ``trainer.strategy`` value (object or class path) is FSDP2's strategy."""
+    if fsdp2.is_sharded(strategy):
+        return True
+    class_path = _field(strategy, "class_path")
+    return (
+        isinstance(class_path, str)
+        and class_path.rsplit(".", 1)[-1] == fsdp2.PreferenceFSDP2Strategy.__name__
     )
 
 

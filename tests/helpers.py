@@ -77,6 +77,31 @@ class StepPacer(Callback):
         time.sleep(self.seconds)
 
 
+class ShardSizes(Callback):
+    """Test callback: each rank writes how many elements of each top-level submodule's parameters it
+    holds (a sharded parameter counts its local shard) to ``<folder>/shards_rank<rank>.json`` when
+    training starts, beside each submodule's full element count. It draws no random numbers.
+
+    Args:
+        folder: where the files go.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from torch.distributed.tensor import DTensor
+
+        sizes: dict[str, dict[str, int]] = {}
+        for name, child in pl_module.named_children():
+            params = list(child.parameters())
+            if params:
+                local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+                sizes[name] = {"local": local, "full": sum(p.numel() for p in params)}
+        path = Path(self.folder) / f"shards_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(sizes))
+
+
 class SignalAtStep(Callback):
     """Test callback: send ``signal_name`` to this very process as optimizer step ``step`` starts.
 

@@ -7,6 +7,7 @@ wait has a deadline, so a hang fails the test instead of the suite. One thread p
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -43,12 +44,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(tmp_path: Path, model_dir: Path, *, per_rank_batch: int, wandb: bool = False, pace: bool = False):
+def _config(
+    tmp_path: Path,
+    model_dir: Path,
+    *,
+    per_rank_batch: int,
+    wandb: bool = False,
+    pace: bool = False,
+    step_checkpoints: bool = False,
+    shard_sizes: bool = False,
+):
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(PAIRS))
     callbacks = []
     if pace:
         marker = str(tmp_path / "steps.txt")
         callbacks.append({"class_path": "tests.helpers.StepPacer", "init_args": {"marker": marker}})
+    if step_checkpoints:  # one checkpoint per epoch's end (4 steps) under <tmp_path>/steps, all kept
+        every = {
+            "dirpath": str(tmp_path / "steps"),
+            "every_n_train_steps": PAIRS // GLOBAL_BATCH,
+            "save_top_k": -1,
+        }
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": every})
+    if shard_sizes:
+        callbacks.append({"class_path": "tests.helpers.ShardSizes", "init_args": {"folder": str(tmp_path)}})
     config = fit_config(
         tmp_path,
         model_dir,
@@ -136,13 +155,14 @@ def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The reference run: one process, global batch 4, SGD, 8 steps; returns its run folder.
+    """The reference run: one process, global batch 4, SGD, 8 steps; returns its run folder. It also
+    keeps the checkpoint of step 4 (the end of epoch 0) in ``steps/`` beside ``runs/``.
 
     It is fitted in this process through the CLI's entry point: the tests compare its numbers, and a
     child would spend most of its time importing.
     """
     tmp_path = tmp_path_factory.mktemp("single")
-    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH)
+    config = _config(tmp_path, tiny_model_dir, per_rank_batch=GLOBAL_BATCH, step_checkpoints=True)
     main(["fit", "--config", str(config), "--trainer.devices", "1"])
     return tmp_path / "runs" / "version_0"
 
@@ -156,6 +176,10 @@ class Job:
     log: Path
 
 
+FSDP2_ARGS = [
+    *("--config", str(REPO / "configs" / "strategy" / "fsdp2.yaml")),
+    *("--trainer.accelerator", "cpu", "--trainer.devices", "2"),
+]
 JOBS = {
     "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
     "fsdp": [
@@ -163,6 +187,7 @@ JOBS = {
         *("--trainer.accelerator", "cpu", "--trainer.devices", "2"),
     ],
     "ddp_bad_record": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
+    "fsdp2": FSDP2_ARGS,
 }
 """The independent two-process fits (2 ranks x batch 2) of the tests below, by name."""
 
@@ -176,22 +201,31 @@ def two_process_jobs(
     Independent runs: together they keep both cores busy while each one's second rank starts up
     (imports), which one run alone leaves to one core; the one-process reference fits in this process
     meanwhile. ``ddp_bad_record``'s training file ends with a record that has no rejected reply
-    (record 16).
+    (record 16). ``fsdp2`` records its ranks' shard sizes (:class:`tests.helpers.ShardSizes`). Once the
+    reference fit is done, ``fsdp2_resumed`` resumes from its step-4 checkpoint under FSDP2.
     """
     tracker = Processes()
     started = {}
+
+    def start(name: str, args: list[str]) -> None:
+        folder = tmp_path_factory.mktemp(name)
+        config = _config(
+            folder, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2, shard_sizes=name == "fsdp2"
+        )
+        if name == "ddp_bad_record":
+            with (folder / "train.jsonl").open("a") as handle:
+                handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
+        log = folder / "log.txt"
+        started[name] = (folder, tracker.start(_command(config, *args), subprocess_env(folder), log), log)
+
     try:
         for name, args in JOBS.items():
-            folder = tmp_path_factory.mktemp(name)
-            config = _config(folder, tiny_model_dir, per_rank_batch=GLOBAL_BATCH // 2)
-            if name == "ddp_bad_record":
-                with (folder / "train.jsonl").open("a") as handle:
-                    handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
-            log = folder / "log.txt"
-            started[name] = (folder, tracker.start(_command(config, *args), subprocess_env(folder), log), log)
-        deadline = time.monotonic() + DEADLINE_S * len(JOBS)  # each job's own deadline, one after another
+            start(name, args)
+        deadline = time.monotonic() + DEADLINE_S * (len(JOBS) + 1)  # each job's own deadline, in turn
         # After every start: the in-process fit sets os.environ entries no child should inherit.
-        request.getfixturevalue("single_process_run")
+        single = request.getfixturevalue("single_process_run")
+        (step_4,) = (single.parents[1] / "steps").glob("*step=4.ckpt")
+        start("fsdp2_resumed", [*FSDP2_ARGS, "--ckpt_path", str(step_4)])
         return {
             name: Job(folder, tracker.wait(process, log, deadline), log)
             for name, (folder, process, log) in started.items()
@@ -241,6 +275,57 @@ def test_fsdp_two_processes_match_one_process(
         torch.tensor(_train_losses(single_process_run)),
         rtol=1e-4,
         atol=1e-6,
+    )
+    _assert_same_weights(_weights(run_dir), _weights(single_process_run))
+
+
+def _checkpoint_state(folder: Path, pattern: str = "*.ckpt") -> dict[str, torch.Tensor]:
+    (checkpoint,) = folder.glob(pattern)
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process_with_the_reference_sharded(
+    two_process_jobs: dict[str, Job], single_process_run: Path
+) -> None:
+    """configs/strategy/fsdp2.yaml on 2 CPU processes: policy and reference both sharded, each rank
+    holding its half; the loss curve, the export and the checkpoint (one full file, no reference)
+    equal one process's."""
+    job = two_process_jobs["fsdp2"]
+    assert job.code == 0, job.log.read_text()[-4000:]
+    run_dir = job.folder / "runs" / "version_0"
+    ranks = [json.loads((job.folder / f"shards_rank{rank}.json").read_text()) for rank in (0, 1)]
+    for name in ("policy", "reference"):
+        full = ranks[0][name]["full"]
+        assert sum(rank[name]["local"] for rank in ranks) == full, name
+        assert all(rank[name]["local"] < 0.6 * full for rank in ranks), name  # about half each
+    torch.testing.assert_close(
+        torch.tensor(_train_losses(run_dir)),
+        torch.tensor(_train_losses(single_process_run)),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    _assert_same_weights(_weights(run_dir), _weights(single_process_run))
+    state = _checkpoint_state(run_dir / "checkpoints")
+    assert not any(key.startswith("reference.") for key in state)
+    expected = _checkpoint_state(single_process_run.parents[1] / "steps", f"*step={MAX_STEPS}.ckpt")
+    assert state.keys() == expected.keys()
+    _assert_same_weights(state, expected)
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_a_checkpoint_where_one_process_left_it(
+    two_process_jobs: dict[str, Job], single_process_run: Path
+) -> None:
+    """FSDP2 on 2 processes resumed from one process's step-4 checkpoint (weights, optimizer, loops and
+    random states into the sharded module) trains steps 5-8 as that process did."""
+    job = two_process_jobs["fsdp2_resumed"]
+    assert job.code == 0, job.log.read_text()[-4000:]
+    run_dir = job.folder / "runs" / "version_0"
+    losses, single = _train_losses(run_dir), _train_losses(single_process_run)
+    assert len(losses) == MAX_STEPS // 2
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(single[MAX_STEPS // 2 :]), rtol=1e-4, atol=1e-6
     )
     _assert_same_weights(_weights(run_dir), _weights(single_process_run))
 

@@ -1,5 +1,5 @@
-"""The divergence monitor under configs/strategy/fsdp.yaml: two CPU processes with a sharded policy log
-what one process without FSDP logs."""
+"""The divergence monitor under configs/strategy/fsdp.yaml and fsdp2.yaml: two CPU processes with a
+sharded policy (and, under FSDP2, a sharded reference) log what one process without FSDP logs."""
 
 from __future__ import annotations
 
@@ -25,11 +25,18 @@ def _samples(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-@pytest.mark.slow
-def test_fsdp_measures_what_one_process_measures(tmp_path: Path, tiny_model_dir: Path) -> None:
+STRATEGIES = ("fsdp.yaml", "fsdp2.yaml")
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, dict[str, str]]:
+    """One fit in one process and one on two processes per strategy config of :data:`STRATEGIES`, all at
+    the same time: the folder holding their run folders (``single`` and each config's name) and what
+    failed (run -> its output's tail)."""
+    tmp_path = tmp_path_factory.mktemp("divergence_fsdp")
     # A reference unlike the policy: every metric is non-zero at step 0, where both runs hold the same
     # weights. 6 pairs in batches of 2 and 3 prompts split unevenly over 2 ranks, so the ranks run
-    # different numbers of forwards and generate() calls while the policy is sharded.
+    # different numbers of forwards and generate() calls while the weights are sharded.
     reference_dir = save_tiny_model(
         tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
     )
@@ -60,29 +67,41 @@ def test_fsdp_measures_what_one_process_measures(tmp_path: Path, tiny_model_dir:
         "export": {"enabled": False},
     }
     config_path = write_config(tmp_path / "config.yaml", config)
-    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    runs = {
-        single: ["--config", str(config_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1"],
-        fsdp: [
-            "--config",
-            str(config_path),
-            "--config",
-            str(REPO / "configs" / "strategy" / "fsdp.yaml"),
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            "2",
+    fit = ["fit", "--config", str(config_path)]
+    single = [*fit, "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+    sharded = {
+        name: [
+            *(*fit, "--config", str(REPO / "configs" / "strategy" / name)),
+            *("--trainer.accelerator", "cpu", "--trainer.devices", "2"),
             # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
-            "--data.batch_size",
-            "1",
-        ],
+            *("--data.batch_size", "1"),
+        ]
+        for name in STRATEGIES
     }
-    commands = {root: ["fit", *args, "--trainer.default_root_dir", str(root)] for root, args in runs.items()}
-    # Independent fits, both at once: the one-process fit in this process (the CLI's entry point)
-    # while the two-process one runs.
-    for result in run_clis(tmp_path, commands[fsdp], meanwhile=lambda: main(commands[single])):
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    commands = {
+        name: [*args, "--trainer.default_root_dir", str(tmp_path / name)]
+        for name, args in {"single": single, **sharded}.items()
+    }
+    # The one-process fit runs in this process (the CLI's entry point) while the others run.
+    results = run_clis(
+        tmp_path, *(commands[name] for name in STRATEGIES), meanwhile=lambda: main(commands["single"])
+    )
+    failed = {
+        name: (result.stdout + result.stderr)[-3000:]
+        for name, result in zip(STRATEGIES, results, strict=True)
+        if result.returncode != 0
+    }
+    return tmp_path, failed
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_run_measures_what_one_process_measures(
+    fits: tuple[Path, dict[str, str]], strategy: str
+) -> None:
+    tmp_path, failed = fits
+    assert strategy not in failed, failed[strategy]
+    single, fsdp = tmp_path / "single", tmp_path / strategy
     single_rows = _divergence_rows(single / "version_0")
     fsdp_rows = _divergence_rows(fsdp / "version_0")
     assert [row["step"] for row in single_rows] == [row["step"] for row in fsdp_rows] == ["0", "1"]

@@ -28,6 +28,10 @@ TWO_PROCESSES = {
         "--data.batch_size",
         "1",
     ],
+    "fsdp2": [
+        *("--config", str(REPO / "configs" / "strategy" / "fsdp2.yaml")),
+        *("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "1"),
+    ],
 }
 
 

@@ -47,6 +47,20 @@ def test_lora_under_zero3_is_refused_at_start_up(
         assert not lines[0].startswith(refused)
 
 
+def test_lora_under_fsdp2_is_refused_at_start_up(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _lora_config(tmp_path, tiny_model_dir, trainer={"logger": False})
+    fsdp2 = str(REPO / "configs" / "strategy" / "fsdp2.yaml")
+    code, err = run_main(
+        ["fit", "--config", str(config), "--config", fsdp2, "--trainer.accelerator", "cpu"], capsys
+    )
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: model.lora with trainer.strategy PreferenceFSDP2Strategy")
+    assert "configs/strategy/fsdp.yaml" in lines[0]
+
+
 class ExportGathers(Callback):
     """Test callback: records on rank 0 which FSDP units' weights are all-gathered (FSDP's own
     ``FlatParamHandle._all_gather_flat_param``, wrapped and called) while :class:`HFExport` exports,

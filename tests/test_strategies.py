@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import yaml
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -28,6 +25,7 @@ STRATEGY_CONFIGS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
 EXPECTED_CLASS = {
     "ddp.yaml": "lightning.pytorch.strategies.DDPStrategy",
     "fsdp.yaml": "ipo_lightning.distributed.PreferenceFSDPStrategy",
+    "fsdp2.yaml": "ipo_lightning.fsdp2.PreferenceFSDP2Strategy",
     "deepspeed_zero2.yaml": "ipo_lightning.distributed.PreferenceDeepSpeedStrategy",
     "deepspeed_zero3.yaml": "ipo_lightning.distributed.PreferenceDeepSpeedStrategy",
 }
@@ -97,19 +95,6 @@ def test_deepspeed_strategy_instantiates() -> None:
     from ipo_lightning.distributed import PreferenceDeepSpeedStrategy
 
     assert PreferenceDeepSpeedStrategy(stage=3).zero_stage_3
-
-
-@pytest.fixture
-def single_process_group() -> Iterator[None]:
-    """A one-process gloo group, enough for FSDP to wrap and gather (destroyed afterwards)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_shards_the_policy_and_leaves_the_reference_frozen(

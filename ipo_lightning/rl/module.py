@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -314,7 +314,7 @@ class OnPolicyModule(EvalSetMetrics, L.LightningModule):
     def setup(self, stage: str) -> None:
         """Take the tokenizer from the data, check lengths against it and load the reward."""
         strategy = self.trainer.strategy
-        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
             # Sampling runs generate() on this process's policy, which sharded weights do not allow.
             raise ConfigError(
                 f"trainer.strategy: the on-policy methods sample with the whole policy on each process; "

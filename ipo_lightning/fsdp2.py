@@ -1,0 +1,250 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): the policy and the frozen reference both sharded.
+
+Use it by class path (``configs/strategy/fsdp2.yaml``). :class:`PreferenceFSDP2Strategy` is Lightning's
+``ModelParallelStrategy`` used for FSDP2 alone, over every device (no tensor parallelism). After the
+LightningModule's ``configure_model`` it shards each Hugging Face model the module holds
+(:func:`shard_models`): every decoder layer (the model's no-split classes) is one unit, then the model
+root. FSDP2 shards each parameter on its own, so frozen and trained weights never share a flat
+parameter (FSDP1's problem, which makes :class:`~ipo_lightning.distributed.PreferenceFSDPStrategy` keep
+the reference whole on every device): the reference is sharded too, and costs each device 1/W of its
+size instead of a full copy. Its forwards gather layer by layer, as the policy's do.
+
+What the other sharded strategies do, this one does the same way:
+
+- checkpoints hold the full policy in one file written by rank 0, never the reference;
+- the export gathers the full weights to rank 0 (:func:`full_state_dict`);
+- the divergence monitor and the generation evaluation gather every unit's full weights once per
+  measurement and then run local forwards (:func:`local_forwards`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from transformers import PreTrainedModel
+
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.reference import REFERENCE_ATTRIBUTE
+
+FSDP_MARK = "_is_fsdp_managed_module"
+"""The attribute FSDP (1 and 2) sets on every module it manages; ``generate()`` reads it to sync ranks."""
+
+
+class PreferenceFSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over all devices for a policy + frozen reference pair (module docstring).
+
+    Checkpoints are one file in the layout one process writes (the full weights; the optimizer state
+    keyed by each parameter's position in the optimizer, as ``Optimizer.state_dict`` keys it), so a
+    checkpoint written here resumes on one process and one process's resumes here.
+
+    Args:
+        shard_reference: shard the separate reference model too (``model.reference: separate``); false
+            keeps a whole copy on every device, which skips its per-layer gathers at the cost of memory.
+        process_group_backend: the ``torch.distributed`` backend (default: nccl on GPUs, gloo on CPUs).
+        timeout: how long a collective may wait for the other ranks.
+    """
+
+    def __init__(
+        self,
+        shard_reference: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=False, process_group_backend=process_group_backend, timeout=timeout
+        )
+        self.shard_reference = shard_reference
+
+    def setup_environment(self) -> None:
+        """One data-parallel mesh dimension over every process (Lightning's default would make it the
+        number of nodes and put the devices of a node in tensor parallelism)."""
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def setup(self, trainer: L.Trainer) -> None:
+        """Shard the module's models (once: a later validate or test finds them sharded), then let
+        Lightning move, convert and build the optimizer over the sharded parameters."""
+        assert self.lightning_module is not None
+        shard_models(self.lightning_module, self.device_mesh["data_parallel"], self.shard_reference)
+        super().setup(trainer)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The full optimizer state on rank 0 (empty elsewhere), keyed by optimizer position."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = _plain(optimizer)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self.model, optimizer, options=options)
+        if self.global_rank != 0:
+            return {}
+        position = {name: index for index, name in enumerate(self._parameter_names(optimizer))}
+        return _rekeyed(state, position)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a full checkpoint into the sharded module (each rank keeps its shards) and optimizers.
+
+        The reference's weights are never saved, so the file is checked for every key of the module's
+        own state dict (policy, metrics) and then loaded without Lightning's strict check, which would
+        ask for the reference's parameters too. Returns the rest of the checkpoint (loops, callbacks).
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        assert self.lightning_module is not None and self.model is not None
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        stored = checkpoint.pop("state_dict")
+        missing = sorted(set(self.lightning_module.state_dict()) - set(stored))
+        if missing:
+            raise ConfigError(
+                f"checkpoint {path} lacks {len(missing)} of the module's weights, e.g. {missing[0]}: it "
+                "was written for another model"
+            )
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, stored, options=options)
+        for optimizer, saved in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+            optimizer = _plain(optimizer)
+            if not saved["state"]:
+                # No per-parameter state yet (plain SGD, or no step taken), which torch's loader cannot
+                # place; the groups' settings are all there is.
+                for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+                    group.update({key: value for key, value in saved_group.items() if key != "params"})
+                continue
+            name = dict(enumerate(self._parameter_names(optimizer)))
+            set_optimizer_state_dict(self.model, optimizer, _rekeyed(saved, name), options=options)
+        return checkpoint
+
+    def _parameter_names(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """The module's name of each parameter of ``optimizer``, in the optimizer's order."""
+        assert self.model is not None
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _plain(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a ``LightningOptimizer``."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def _rekeyed(state: dict[str, Any], key: dict[Any, Any]) -> dict[str, Any]:
+    """An optimizer state dict with each parameter's key (its name or position) mapped through ``key``."""
+    return {
+        "state": {key[param]: value for param, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [key[param] for param in group["params"]]} for group in state["param_groups"]
+        ],
+    }
+
+
+def shard_models(module: nn.Module, mesh: Any, shard_reference: bool = True) -> None:
+    """``fully_shard`` every outermost Hugging Face model inside ``module``: each of its no-split layers
+    (decoder layers) as a unit, then the model itself. Models already sharded are left as they are.
+
+    With ``shard_reference`` false the reference (under ``module.reference``) is not sharded.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for name, model in _outermost_models(module):
+        if isinstance(model, FSDPModule):
+            continue
+        if not shard_reference and name.split(".", 1)[0] == REFERENCE_ATTRIBUTE:
+            continue
+        layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+        for layer in model.modules():
+            if layer is not model and type(layer).__name__ in layer_classes:
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+
+def _outermost_models(module: nn.Module) -> Iterator[tuple[str, PreTrainedModel]]:
+    """The Hugging Face models in ``module`` that no other Hugging Face model in it contains."""
+    found: list[str] = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel) and not any(name.startswith(f"{outer}.") for outer in found):
+            found.append(name)
+            yield name, sub
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether ``strategy`` is this module's FSDP2 strategy."""
+    return isinstance(strategy, PreferenceFSDP2Strategy)
+
+
+def full_state_dict(trainer: L.Trainer, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) state dict of ``model`` on rank 0, in CPU memory; None elsewhere.
+
+    Collective: every rank must call it (each weight is gathered from its shards).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    return state if trainer.is_global_zero else None
+
+
+@contextmanager
+def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
+    """Inside: every FSDP2 unit in ``module`` holds its full weights and forwards run on this rank alone,
+    so ranks may run different numbers of forwards and ``generate()`` calls.
+
+    On entry every unit is gathered (``unshard``, a collective every rank must enter, in the same
+    order) and told not to reshard after a forward, so later forwards find their weights in place and
+    communicate nothing. FSDP's mark that ``generate()`` reads to sync every decoding step across ranks
+    (:data:`FSDP_MARK`) is cleared, because with ranks generating apart that sync would hang. On exit
+    the marks and each unit's resharding setting are restored and every unit is resharded. Costs one
+    unsharded copy of the sharded models per rank while inside. Forwards inside must not need
+    gradients: a backward would reduce-scatter, which is collective.
+
+    Yields whether any unit was gathered.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
+    if not units:
+        yield False
+        return
+    settings = [_resharding(unit) for unit in units]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    marked = [sub for sub in module.modules() if getattr(sub, FSDP_MARK, False)]
+    for sub in marked:
+        setattr(sub, FSDP_MARK, False)
+    try:
+        yield True
+    finally:
+        for sub in marked:
+            setattr(sub, FSDP_MARK, True)
+        for unit, setting in zip(units, settings, strict=True):
+            _restore_resharding(unit, setting)
+            unit.reshard()
+
+
+def _resharding(unit: Any) -> tuple[bool, list[Any]]:
+    """A unit's resharding setting: FSDP's automatic root choice and each parameter group's post-forward
+    mesh (None: keep the full weights after a forward). ``set_reshard_after_forward`` overwrites both,
+    and FSDP2 has no public getter."""
+    state = unit._get_fsdp_state()
+    return state._auto_reshard_after_forward, [
+        group.post_forward_mesh_info for group in state._fsdp_param_groups
+    ]
+
+
+def _restore_resharding(unit: Any, setting: tuple[bool, list[Any]]) -> None:
+    state = unit._get_fsdp_state()
+    state._auto_reshard_after_forward, meshes = setting
+    for group, mesh_info in zip(state._fsdp_param_groups, meshes, strict=True):
+        group.post_forward_mesh_info = mesh_info

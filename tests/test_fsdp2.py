@@ -1,0 +1,159 @@
+"""FSDP2 (ipo_lightning.fsdp2) in one process: what gets sharded, local forwards, and checkpoints in
+the layout one process writes. Two processes against one: tests/test_distributed.py and the divergence
+and generation tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
+from transformers.distributed.fsdp import is_fsdp_managed_module
+
+from ipo_lightning.batching import batch_scores
+from ipo_lightning.data.collator import PairwiseCollator
+from ipo_lightning.errors import ConfigError
+from ipo_lightning.fsdp2 import PreferenceFSDP2Strategy, _resharding, local_forwards, shard_models
+from ipo_lightning.module import PreferenceModule
+
+FEATURES = [
+    {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12]},
+    {"prompt_ids": [13, 14], "chosen_ids": [15, 16, 17], "rejected_ids": [18]},
+]
+
+
+def _module(model_dir: Path, *, sharded: bool, shard_reference: bool = True) -> PreferenceModule:
+    module = PreferenceModule(str(model_dir), beta=0.5)
+    module.configure_model()
+    if sharded:
+        shard_models(module, init_device_mesh("cpu", (1,)), shard_reference)
+    return module
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    return PairwiseCollator(pad_token_id=0)(FEATURES)
+
+
+def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def test_shard_models_makes_every_decoder_layer_and_model_a_unit(
+    tiny_model_dir: Path, single_process_group: None
+) -> None:
+    module = _module(tiny_model_dir, sharded=True)
+    for model in (module.policy, module.reference.model):
+        assert isinstance(model, FSDPModule)
+        assert all(isinstance(layer, FSDPModule) for layer in model.model.layers)
+        assert all(isinstance(param, DTensor) for param in model.parameters())
+    shard_models(module, init_device_mesh("cpu", (1,)))  # a later validate/test: left as it is
+    module.train()  # what Lightning does at fit start: the reference stays frozen
+    assert not any(sub.training for sub in module.reference.modules())
+    assert not any(param.requires_grad for param in module.reference.parameters())
+    assert not any(key.startswith("reference.") for key in module.state_dict())
+
+    kept = _module(tiny_model_dir, sharded=True, shard_reference=False)
+    assert isinstance(kept.policy, FSDPModule)
+    assert not any(isinstance(sub, FSDPModule) for sub in kept.reference.modules())
+
+
+def test_local_forwards_run_the_full_weights_and_restore_every_unit(
+    tiny_model_dir: Path, single_process_group: None
+) -> None:
+    """Inside, the sharded policy scores and samples as the plain model does with no FSDP mark for
+    ``generate()`` to sync on; on exit the marks, the resharding settings and the shards are back."""
+    module = _module(tiny_model_dir, sharded=True)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    batch = _batch()
+    rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    prompt = torch.tensor([[5, 6, 7]])
+    units = [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
+    settings = [_resharding(unit) for unit in units]
+    marked = [sub for sub in module.modules() if is_fsdp_managed_module(sub)]
+    assert module.policy.model.embed_tokens in marked
+    module.policy.eval()
+    with torch.no_grad():
+        expected = batch_scores(plain, *rows, batching="prefix_shared").token_logps
+        expected_tokens = plain.generate(prompt, max_new_tokens=4, do_sample=False)
+        with local_forwards(module) as gathered:
+            assert gathered
+            assert not any(is_fsdp_managed_module(sub) for sub in module.modules())
+            assert not any(isinstance(param, DTensor) for param in module.policy.parameters())
+            for _ in range(2):  # forwards after the first find the weights in place
+                scores = batch_scores(module.policy, *rows, batching="prefix_shared").token_logps
+                torch.testing.assert_close(scores, expected)
+            assert torch.equal(
+                module.policy.generate(prompt, max_new_tokens=4, do_sample=False), expected_tokens
+            )
+    assert [sub for sub in module.modules() if is_fsdp_managed_module(sub)] == marked
+    assert [_resharding(unit) for unit in units] == settings
+    assert all(isinstance(param, DTensor) for param in module.policy.parameters())
+    with local_forwards(torch.nn.Linear(2, 2)) as gathered:  # nothing sharded: nothing to do
+        assert not gathered
+
+
+def _strategy(module: PreferenceModule, optimizer: torch.optim.Optimizer) -> PreferenceFSDP2Strategy:
+    strategy = PreferenceFSDP2Strategy()
+    strategy.connect(module)
+    strategy.optimizers = [optimizer]
+    return strategy
+
+
+def _trained(module: PreferenceModule) -> torch.optim.Optimizer:
+    """One AdamW step on the policy (state for every parameter)."""
+    optimizer = torch.optim.AdamW(list(module.policy.parameters()), lr=1e-2)
+    loss, _ = module.forward_pairs(_batch())
+    loss.backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_checkpoints_hold_what_one_process_saves_and_load_back(
+    tiny_model_dir: Path, tmp_path: Path, single_process_group: None
+) -> None:
+    """The optimizer state of a sharded module equals a plain module's ``Optimizer.state_dict`` after the
+    same step (keys are optimizer positions); a plain module's checkpoint loads into a fresh sharded
+    module: weights, moments and step."""
+    plain = _module(tiny_model_dir, sharded=False)
+    plain_optimizer = _trained(plain)
+    sharded = _module(tiny_model_dir, sharded=True)
+    sharded_optimizer = _trained(sharded)
+    saved = _strategy(sharded, sharded_optimizer).optimizer_state(sharded_optimizer)
+    expected = plain_optimizer.state_dict()
+    assert saved["param_groups"] == expected["param_groups"]
+    assert saved["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(saved["state"][index][name], value, msg=f"{index}.{name}")
+
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": plain.state_dict(), "optimizer_states": [expected], "global_step": 1}, path)
+    fresh = _module(tiny_model_dir, sharded=True)
+    optimizer = torch.optim.AdamW(list(fresh.policy.parameters()), lr=1e-2)
+    strategy = _strategy(fresh, optimizer)
+    rest = strategy.load_checkpoint(path)
+    assert rest["global_step"] == 1 and "state_dict" not in rest
+    loaded = _full(fresh.policy)
+    for name, value in plain.policy.state_dict().items():
+        torch.testing.assert_close(loaded[name], value, msg=name)
+    reloaded = strategy.optimizer_state(optimizer)
+    for index, state in expected["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(reloaded["state"][index][name], value, msg=f"{index}.{name}")
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(
+    tiny_model_dir: Path, tmp_path: Path, single_process_group: None
+) -> None:
+    module = _module(tiny_model_dir, sharded=True)
+    state = {key: value for key, value in _full(module).items() if "layers.1." not in key}
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": state, "optimizer_states": []}, path)
+    strategy = _strategy(module, torch.optim.SGD(list(module.policy.parameters()), lr=0.1))
+    with pytest.raises(ConfigError, match=r"other\.ckpt lacks \d+ of the module's weights, e\.g\. policy\."):
+        strategy.load_checkpoint(path)
