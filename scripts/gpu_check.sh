@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CUDA checks for a GPU machine, in parts (estimated wall time on one H200, machine start not included):
 #   kernels  log-prob kernels, bf16 quickstart, log-prob memory benchmark     -> kernels.jsonl  (~90 s)
-#   scale    DDP/FSDP/ZeRO-2/ZeRO-3 on a tiny Llama in float32                  -> scale.jsonl    (~100 s)
-#   qwen     the same on a random-init Qwen2.5-0.5B-shaped model, bf16-mixed    -> qwen.jsonl     (~150 s)
+#   scale    DDP/FSDP/FSDP2/ZeRO-2/ZeRO-3 on a tiny Llama in float32            -> scale.jsonl    (~120 s)
+#   qwen     the same on a random-init Qwen2.5-0.5B-shaped model, bf16-mixed    -> qwen.jsonl     (~180 s)
 #   packing  padding_free vs padded log-probs in bf16 (sdpa; flash-attn if any) -> packing.jsonl  (~20 s)
 #   rl       RLOO and online IPO steps (sampling included) in bf16 vs offline  -> rl.jsonl       (~40 s)
 #   bench    benchmarks/gpu_throughput.py, when the file exists                 -> bench.jsonl    (~240 s)

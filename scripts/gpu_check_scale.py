@@ -1,6 +1,6 @@
 """CUDA checks of the scale-out strategies (needs 1+ GPUs; 2 make the sharding real). One JSON line each.
 
-For each of ``configs/strategy/{ddp,fsdp,deepspeed_zero2,deepspeed_zero3}.yaml`` (DeepSpeed ones skipped
+For each of ``configs/strategy/{ddp,fsdp,fsdp2,deepspeed_zero2,deepspeed_zero3}.yaml`` (DeepSpeed ones skipped
 with a reason when the package is missing, or on CPU, where Lightning refuses it): a few optimizer
 steps of IPO through the real CLI, on ``min(2, GPUs)`` devices, then:
 
@@ -48,7 +48,7 @@ from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("OUT", "gpu_check_out"))
-STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+STRATEGIES = ("ddp", "fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 # GPU_CHECK_ACCELERATOR=cpu dry-runs this script on a CPU machine (2 gloo processes), to check the script.
 ACCELERATOR = os.environ.get("GPU_CHECK_ACCELERATOR", "gpu")
 SMALL = os.environ.get("GPU_CHECK_SMALL", "0") == "1"
