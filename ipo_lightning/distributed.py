@@ -290,41 +290,20 @@ def check_strategy(strategy: Any) -> None:
 
 
 def check_lora_strategy(strategy: Any, lora: Any) -> None:
-    """Refuse a LoRA policy (``model.lora`` set) under DeepSpeed ZeRO-3 or FSDP2, with one message
-    naming both.
+    """Refuse a LoRA policy (``model.lora`` set) under DeepSpeed ZeRO-3, with one message naming both.
 
-    The export merges the adapters into the base weights of the whole model
-    (:func:`ipo_lightning.lora.merged_copy`, a copy of the policy). ZeRO-3 keeps every weight in pieces
-    across ranks, which the copy would see empty; FSDP2's units carry their sharding state, which a copy
-    cannot take along. A LoRA policy's reference is its own base, so FSDP2's sharded reference gains it
-    nothing over FSDP. FSDP (gathered for the merge), ZeRO-2, DDP and one process merge whole weights.
+    ZeRO-3 keeps every weight in pieces across ranks, and the export merges the adapters into the base
+    weights of the whole model (:func:`ipo_lightning.lora.merged_copy`), which it would see empty.
+    FSDP and FSDP2 (gathered for the merge), ZeRO-2, DDP and one process merge whole weights.
     ``strategy`` is the raw ``trainer.strategy`` value (a name, a class path with init args, or a
     strategy object).
     """
-    if lora is None:
+    if lora is None or _deepspeed_stage(strategy) != 3:
         return
-    if _deepspeed_stage(strategy) == 3:
-        raise ConfigError(
-            "model.lora with trainer.strategy PreferenceDeepSpeedStrategy stage 3: ZeRO-3 holds the base "
-            "weights in pieces, and the export merges the adapters into them; use --config "
-            "configs/strategy/fsdp.yaml or configs/strategy/deepspeed_zero2.yaml"
-        )
-    if _is_fsdp2(strategy):
-        raise ConfigError(
-            "model.lora with trainer.strategy PreferenceFSDP2Strategy: the export merges the adapters into "
-            "a copy of the policy, which FSDP2's units do not allow (and a LoRA policy's reference is its "
-            "own base, with nothing to shard); use --config configs/strategy/fsdp.yaml"
-        )
-
-
-def _is_fsdp2(strategy: Any) -> bool:
-    """Whether a ``trainer.strategy`` value (object or class path) is FSDP2's strategy."""
-    if fsdp2.is_sharded(strategy):
-        return True
-    class_path = _field(strategy, "class_path")
-    return (
-        isinstance(class_path, str)
-        and class_path.rsplit(".", 1)[-1] == fsdp2.PreferenceFSDP2Strategy.__name__
+    raise ConfigError(
+        "model.lora with trainer.strategy PreferenceDeepSpeedStrategy stage 3: ZeRO-3 holds the base "
+        "weights in pieces, and the export merges the adapters into them; use --config "
+        "configs/strategy/fsdp.yaml or configs/strategy/deepspeed_zero2.yaml"
     )
 
 

@@ -204,9 +204,11 @@ def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
     order) and told not to reshard after a forward, so later forwards find their weights in place and
     communicate nothing. FSDP's mark that ``generate()`` reads to sync every decoding step across ranks
     (:data:`FSDP_MARK`) is cleared, because with ranks generating apart that sync would hang. On exit
-    the marks and each unit's resharding setting are restored and every unit is resharded. Costs one
-    unsharded copy of the sharded models per rank while inside. Forwards inside must not need
-    gradients: a backward would reduce-scatter, which is collective.
+    every unit is resharded and its state put back as it was on entry: the marks, the resharding
+    setting, and the order of forwards FSDP records to prefetch in the next backward (each local
+    forward appends to it, so ranks that ran different numbers would prefetch different units and
+    their collectives would not match). Costs one unsharded copy of the sharded models per rank while
+    inside. Forwards inside must not need gradients: a backward would reduce-scatter, a collective.
 
     Yields whether any unit was gathered.
     """
@@ -216,7 +218,12 @@ def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
     if not units:
         yield False
         return
+    inner = {id(sub) for unit in units for sub in unit.modules() if sub is not unit}
+    for unit in units:
+        if id(unit) not in inner:  # a root: settle its FSDP set-up now, not in a forward inside
+            unit._get_fsdp_state()._lazy_init()
     settings = [_resharding(unit) for unit in units]
+    records = _forward_records(units)
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
@@ -231,6 +238,8 @@ def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
         for unit, setting in zip(units, settings, strict=True):
             _restore_resharding(unit, setting)
             unit.reshard()
+        for record, length in records:
+            del record[length:]
 
 
 def _resharding(unit: Any) -> tuple[bool, list[Any]]:
@@ -248,3 +257,15 @@ def _restore_resharding(unit: Any, setting: tuple[bool, list[Any]]) -> None:
     state._auto_reshard_after_forward, meshes = setting
     for group, mesh_info in zip(state._fsdp_param_groups, meshes, strict=True):
         group.post_forward_mesh_info = mesh_info
+
+
+def _forward_records(units: list[Any]) -> list[tuple[list[Any], int]]:
+    """The lists in which FSDP2 records forwards for backward prefetching (the root's order of units
+    and each parameter group's positions in it), each with its length now."""
+    lists: dict[int, list[Any]] = {}
+    for unit in units:
+        state = unit._get_fsdp_state()
+        lists[id(state._comm_ctx.post_forward_order)] = state._comm_ctx.post_forward_order
+        for group in state._fsdp_param_groups:
+            lists[id(group._post_forward_indices)] = group._post_forward_indices
+    return [(record, len(record)) for record in lists.values()]

@@ -11,6 +11,7 @@ import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
@@ -144,6 +145,43 @@ def merged_copy(policy: PeftModel) -> PreTrainedModel:
     merged = copy.deepcopy(policy, memo=no_hooks).merge_and_unload()
     merged.eval()
     return merged
+
+
+def merged_from_state_dict(policy: PeftModel, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """As :func:`merged_copy`, for a policy whose modules cannot be copied (FSDP2 shards them in place):
+    a twin of ``policy`` is built on the meta device, takes the tensors of ``state_dict`` (the policy's
+    full state dict, on the CPU) and the policy's non-persistent buffers (rotary tables), then merges.
+
+    Raises:
+        RuntimeError: a tensor of the twin was in neither, so the merge would read uninitialised memory.
+    """
+    base = policy.get_base_model()
+    with torch.device("meta"):
+        twin = get_peft_model(
+            _plain_class(base)._from_config(base.config), copy.deepcopy(policy.active_peft_config)
+        )
+    twin.load_state_dict(state_dict, strict=True, assign=True)
+    buffers = dict(policy.named_buffers())
+    for name, buffer in list(twin.named_buffers()):
+        if buffer.is_meta and name in buffers:
+            owner, _, attribute = name.rpartition(".")
+            twin.get_submodule(owner)._buffers[attribute] = buffers[name].detach().to("cpu", copy=True)
+    twin.get_base_model().tie_weights()
+    empty = [name for name, tensor in [*twin.named_parameters(), *twin.named_buffers()] if tensor.is_meta]
+    if empty:
+        raise RuntimeError(
+            f"merging the adapters: {len(empty)} tensors of the policy were not filled, e.g. {empty[0]}"
+        )
+    merged = twin.merge_and_unload()
+    merged.eval()
+    return merged
+
+
+def _plain_class(model: nn.Module) -> type[PreTrainedModel]:
+    """The Hugging Face class of ``model``, under the subclass FSDP2 makes of it in place."""
+    return next(
+        cls for cls in type(model).__mro__ if issubclass(cls, PreTrainedModel) and "FSDP" not in cls.__name__
+    )
 
 
 # The tables nn.Module keeps its forward and backward hooks in (state-dict hooks stay: saving may use them).

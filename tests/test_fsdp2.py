@@ -18,7 +18,14 @@ from transformers.distributed.fsdp import is_fsdp_managed_module
 from ipo_lightning.batching import batch_scores
 from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.fsdp2 import PreferenceFSDP2Strategy, _resharding, local_forwards, shard_models
+from ipo_lightning.fsdp2 import (
+    PreferenceFSDP2Strategy,
+    _forward_records,
+    _resharding,
+    local_forwards,
+    shard_models,
+)
+from ipo_lightning.lora import LoraOptions, merged_copy, merged_from_state_dict
 from ipo_lightning.module import PreferenceModule
 
 FEATURES = [
@@ -66,14 +73,19 @@ def test_local_forwards_run_the_full_weights_and_restore_every_unit(
     tiny_model_dir: Path, single_process_group: None
 ) -> None:
     """Inside, the sharded policy scores and samples as the plain model does with no FSDP mark for
-    ``generate()`` to sync on; on exit the marks, the resharding settings and the shards are back."""
+    ``generate()`` to sync on; on exit the marks, the resharding settings, FSDP's record of forwards
+    (which the next backward's prefetching reads) and the shards are as on entry."""
     module = _module(tiny_model_dir, sharded=True)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     batch = _batch()
     rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     prompt = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        module.forward_pairs(batch)  # a sharded forward first, as training runs before a measurement
     units = [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
     settings = [_resharding(unit) for unit in units]
+    records = [(record, len(record)) for record, _ in _forward_records(units)]
+    assert any(length for _, length in records)
     marked = [sub for sub in module.modules() if is_fsdp_managed_module(sub)]
     assert module.policy.model.embed_tokens in marked
     module.policy.eval()
@@ -92,6 +104,7 @@ def test_local_forwards_run_the_full_weights_and_restore_every_unit(
             )
     assert [sub for sub in module.modules() if is_fsdp_managed_module(sub)] == marked
     assert [_resharding(unit) for unit in units] == settings
+    assert [len(record) for record, _ in records] == [length for _, length in records]  # as on entry
     assert all(isinstance(param, DTensor) for param in module.policy.parameters())
     with local_forwards(torch.nn.Linear(2, 2)) as gathered:  # nothing sharded: nothing to do
         assert not gathered
@@ -157,3 +170,36 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(
     strategy = _strategy(module, torch.optim.SGD(list(module.policy.parameters()), lr=0.1))
     with pytest.raises(ConfigError, match=r"other\.ckpt lacks \d+ of the module's weights, e\.g\. policy\."):
         strategy.load_checkpoint(path)
+
+
+def test_the_merge_from_a_state_dict_equals_the_merge_of_a_copy(
+    tiny_model_dir: Path, single_process_group: None
+) -> None:
+    """:func:`merged_from_state_dict` on a policy sharded in place (FSDP2 classes) gives the weights
+    :func:`merged_copy` gives for the same plain policy, rotary tables included."""
+    options = LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules="all-linear")
+    plain = PreferenceModule(str(tiny_model_dir), lora=options)
+    plain.configure_model()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in plain.policy.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero, where merging changes nothing
+                param.copy_(torch.randn(param.shape, generator=generator))
+    expected = merged_copy(plain.policy)
+    sharded = PreferenceModule(str(tiny_model_dir), lora=options)
+    sharded.configure_model()
+    sharded.policy.load_state_dict(plain.policy.state_dict())
+    shard_models(sharded, init_device_mesh("cpu", (1,)))
+    assert isinstance(sharded.policy.get_base_model(), FSDPModule)
+    merged = merged_from_state_dict(sharded.policy, _full(sharded.policy))
+    assert type(merged) is type(expected)
+    actual = merged.state_dict()
+    assert actual.keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(actual[name], tensor, msg=name)
+    for (name, buffer), (_, expected_buffer) in zip(
+        merged.named_buffers(), expected.named_buffers(), strict=True
+    ):
+        torch.testing.assert_close(buffer, expected_buffer, msg=name)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(actual[name], base[name]) for name in base)

@@ -47,20 +47,6 @@ def test_lora_under_zero3_is_refused_at_start_up(
         assert not lines[0].startswith(refused)
 
 
-def test_lora_under_fsdp2_is_refused_at_start_up(
-    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config = _lora_config(tmp_path, tiny_model_dir, trainer={"logger": False})
-    fsdp2 = str(REPO / "configs" / "strategy" / "fsdp2.yaml")
-    code, err = run_main(
-        ["fit", "--config", str(config), "--config", fsdp2, "--trainer.accelerator", "cpu"], capsys
-    )
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err
-    assert lines[0].startswith("error: model.lora with trainer.strategy PreferenceFSDP2Strategy")
-    assert "configs/strategy/fsdp.yaml" in lines[0]
-
-
 class ExportGathers(Callback):
     """Test callback: records on rank 0 which FSDP units' weights are all-gathered (FSDP's own
     ``FlatParamHandle._all_gather_flat_param``, wrapped and called) while :class:`HFExport` exports,
@@ -101,7 +87,7 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
+def test_lora_under_fsdp_and_fsdp2_trains_and_exports_what_one_process_does(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     counter = {"class_path": f"{__name__}.ExportGathers"}
@@ -124,13 +110,13 @@ def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
         export={"save_adapter": True},
         wandb={"enabled": False},
     )
-    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    fsdp_args = ["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"), "--trainer.devices", "2"]
-    runs = {
-        single: [],
+    single = tmp_path / "single"
+    sharded = {name: tmp_path / name for name in ("fsdp", "fsdp2")}
+    runs = {single: []}
+    for name, root in sharded.items():
+        strategy = ["--config", str(REPO / "configs" / "strategy" / f"{name}.yaml"), "--trainer.devices", "2"]
         # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
-        fsdp: [*fsdp_args, "--trainer.accelerator", "cpu", "--data.batch_size", "1"],
-    }
+        runs[root] = [*strategy, "--trainer.accelerator", "cpu", "--data.batch_size", "1"]
     commands = [
         ["fit", "--config", str(config), *args, "--trainer.default_root_dir", str(root)]
         for root, args in runs.items()
@@ -138,33 +124,33 @@ def test_lora_under_fsdp_trains_and_exports_what_one_process_does(
     for result in run_clis(tmp_path, *commands):
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
-    # The export gathered each FSDP unit's weights once (the merge and the state dict share them).
-    counts = json.loads((fsdp / "version_0" / "export_gathers.json").read_text())
+    # The FSDP export gathered each FSDP unit's weights once (the merge and the state dict share them).
+    counts = json.loads((sharded["fsdp"] / "version_0" / "export_gathers.json").read_text())
     assert counts["units"] >= 1 and counts["gathers"] == counts["units"], counts
     assert json.loads((single / "version_0" / "export_gathers.json").read_text())["gathers"] == 0
-    single_losses, fsdp_losses = _train_losses(single / "version_0"), _train_losses(fsdp / "version_0")
+    single_losses = _train_losses(single / "version_0")
     assert len(single_losses) == 3 and single_losses[-1] < single_losses[0]  # it learned
-    assert fsdp_losses == pytest.approx(single_losses, rel=1e-5)
-    # The export: the merged model, a plain folder; the same weights as one process's, trained ones.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     expected = AutoModelForCausalLM.from_pretrained(single / "version_0" / "hf_model").state_dict()
-    exported = AutoModelForCausalLM.from_pretrained(fsdp / "version_0" / "hf_model")
-    merged = exported.state_dict()
-    assert set(merged) == set(expected)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    assert max((merged[name] - base[name]).abs().max().item() for name in base) > 1e-3
-    # The unmerged adapter saved beside it loads on the base and merges to the export.
-    adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), fsdp / "version_0" / "hf_model" / "adapter"
-    )
-    for name, tensor in adapter.merge_and_unload().state_dict().items():
-        torch.testing.assert_close(tensor, merged[name], msg=name)
-    # The FSDP checkpoint (state_dict_type full: one file) loads back into one process's module.
-    (checkpoint,) = (fsdp / "version_0" / "checkpoints").glob("*.ckpt")
-    restored = PreferenceModule.load_from_checkpoint(checkpoint)
-    for name, tensor in merged_copy(restored.policy).state_dict().items():
-        torch.testing.assert_close(tensor, merged[name], msg=name)
+    for name, root in sharded.items():
+        assert _train_losses(root / "version_0") == pytest.approx(single_losses, rel=1e-5), name
+        # The export: the merged model, a plain folder; the same weights as one process's, trained ones.
+        merged = AutoModelForCausalLM.from_pretrained(root / "version_0" / "hf_model").state_dict()
+        assert set(merged) == set(expected), name
+        for key, tensor in expected.items():
+            torch.testing.assert_close(merged[key], tensor, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+        assert max((merged[key] - base[key]).abs().max().item() for key in base) > 1e-3
+        # The unmerged adapter saved beside it loads on the base and merges to the export.
+        adapter = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), root / "version_0" / "hf_model" / "adapter"
+        )
+        for key, tensor in adapter.merge_and_unload().state_dict().items():
+            torch.testing.assert_close(tensor, merged[key], msg=f"{name}: {key}")
+        # The checkpoint (one file of full weights) loads back into one process's module.
+        (checkpoint,) = (root / "version_0" / "checkpoints").glob("*.ckpt")
+        restored = PreferenceModule.load_from_checkpoint(checkpoint)
+        for key, tensor in merged_copy(restored.policy).state_dict().items():
+            torch.testing.assert_close(tensor, merged[key], msg=f"{name}: {key}")
 
 
 class _ActivationLogger:

@@ -19,12 +19,13 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from ipo_lightning import fsdp2
 from ipo_lightning.analysis.run_logs import RunMetrics
 from ipo_lightning.builtin import resolve_model_path
 from ipo_lightning.distributed import full_policy_state_dict, full_weights_for_local_forwards
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.hub import check_hub_access, push_export, push_plan
-from ipo_lightning.lora import is_lora, merged_copy
+from ipo_lightning.lora import is_lora, merged_copy, merged_from_state_dict
 from ipo_lightning.model_card import CARD_FILENAME, CONFIG_FILENAME, build_model_card
 
 ADAPTER_DIRNAME = "adapter"
@@ -256,10 +257,16 @@ def _merged_lora(
 
     Call it on every rank: under FSDP both come from one gather of the policy's full weights on every
     rank (one unsharded copy of the policy per device while it runs; on rank 0 also the merged copy
-    and a CPU copy of the state dict, as FSDP's own full state dict holds it). DDP, ZeRO-2 and one
-    process hold whole weights already. ZeRO-3 is refused with LoRA at start-up
-    (:func:`ipo_lightning.distributed.check_lora_strategy`).
+    and a CPU copy of the state dict, as FSDP's own full state dict holds it). Under FSDP2 the full
+    state dict is gathered to rank 0's CPU memory and the merge rebuilds the policy from it
+    (:func:`merged_from_state_dict`). DDP, ZeRO-2 and one process hold whole weights already. ZeRO-3
+    is refused with LoRA at start-up (:func:`ipo_lightning.distributed.check_lora_strategy`).
     """
+    if fsdp2.is_sharded(trainer.strategy):  # its units cannot be copied: merge from the gathered weights
+        state_dict = full_policy_state_dict(trainer, pl_module, attribute)
+        if state_dict is None:
+            return None, None
+        return state_dict, merged_from_state_dict(getattr(pl_module, attribute), state_dict)
     with full_weights_for_local_forwards(trainer.strategy) as gathered:
         if not trainer.is_global_zero:
             return None, None
