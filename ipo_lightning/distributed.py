@@ -198,9 +198,13 @@ def full_policy_state_dict(
 
 
 @contextmanager
-def full_weights_for_local_forwards(strategy: Strategy) -> Generator[bool, None, None]:
+def full_weights_for_local_forwards(
+    strategy: Strategy | None, module: nn.Module | None = None
+) -> Generator[bool, None, None]:
     """Inside: the LightningModule's submodules run plain forwards (and ``generate()``) with full weights,
     on this rank alone, so ranks may run different numbers of forwards and ``generate()`` calls.
+    ``module`` (FSDP2 only) limits the gathering to that part of it, e.g. the policy alone; no
+    ``strategy`` (a module used outside a trainer) holds its weights whole.
 
     Under FSDP (``FullyShardedDataParallel``, as :class:`PreferenceFSDPStrategy` wraps the module) every
     unit's full parameters are gathered once on entry, a collective that every rank must enter
@@ -219,7 +223,7 @@ def full_weights_for_local_forwards(strategy: Strategy) -> Generator[bool, None,
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if fsdp2.is_sharded(strategy):
-        with fsdp2.local_forwards(strategy.lightning_module) as gathered:
+        with fsdp2.local_forwards(module or strategy.lightning_module) as gathered:
             yield gathered
         return
     root = strategy.model if isinstance(strategy, FSDPStrategy) else None
@@ -304,6 +308,28 @@ def check_lora_strategy(strategy: Any, lora: Any) -> None:
         "model.lora with trainer.strategy PreferenceDeepSpeedStrategy stage 3: ZeRO-3 holds the base "
         "weights in pieces, and the export merges the adapters into them; use --config "
         "configs/strategy/fsdp.yaml or configs/strategy/deepspeed_zero2.yaml"
+    )
+
+
+def check_on_policy_strategy(strategy: Any) -> None:
+    """Refuse a strategy the on-policy methods cannot sample under, with one message naming it.
+
+    Sampling runs ``generate()`` on each process's whole policy inside the training step. FSDP2 gathers
+    the policy there (:func:`full_weights_for_local_forwards`); FSDP cannot (the training step runs
+    inside its root unit's forward, where it refuses to gather), nor can DeepSpeed. ``strategy`` is the
+    raw ``trainer.strategy`` value or the strategy object.
+    """
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        name = type(strategy).__name__
+    else:
+        class_path = _field(strategy, "class_path")
+        name = class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else ""
+        if not ("FSDPStrategy" in name or "DeepSpeed" in name) or "FSDP2" in name:
+            return
+    raise ConfigError(
+        f"trainer.strategy {name}: the on-policy methods sample with the whole policy on each process, "
+        "which it cannot gather during a training step; use one device, ddp or "
+        "configs/strategy/fsdp2.yaml"
     )
 
 

@@ -21,7 +21,9 @@ from transformers import AutoTokenizer
 from ipo_lightning.callbacks import GenerationEval
 from ipo_lightning.data.sources import DataSource
 from ipo_lightning.data.tokenize import PairTokenizer
+from ipo_lightning.distributed import check_on_policy_strategy
 from ipo_lightning.errors import ConfigError, DataError
+from ipo_lightning.fsdp2 import PreferenceFSDP2Strategy
 from ipo_lightning.losses import preference_loss
 from ipo_lightning.rewards import RewardFunction, load_reward
 from ipo_lightning.rl.data import PromptDataModule, collate_prompts
@@ -29,6 +31,7 @@ from ipo_lightning.rl.module import OnPolicyModule, resolve_on_policy_options
 from ipo_lightning.rl.online import OnlineModule, online_loss, online_preferences
 from ipo_lightning.rl.rloo import RLOOModule, rloo_advantages, rloo_loss
 from tests.helpers import (
+    REPO,
     fit_config,
     polite_pairs,
     run_main,
@@ -696,3 +699,27 @@ def test_kl_budget_on_prompt_data_is_refused(tiny_model_dir: Path, tmp_path: Pat
         .splitlines()[-1]
         .startswith("error: kl_budget.max_kl watches divergence/kl, measured on held-out preference pairs")
     )
+
+
+def test_strategies_that_cannot_gather_for_sampling_are_refused_at_start_up(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """FSDP and DeepSpeed are refused before anything loads, with one line naming the strategy and the
+    ones that work; FSDP2, DDP and one device pass."""
+    prompts = _prompt_file(tmp_path)
+    model = {"reward": REWARD, "max_new_tokens": 6}
+    config = fit_config(tmp_path, tiny_model_dir, prompts, model=model, wandb={"enabled": False})
+    args = ["fit", "--config", str(write_config(tmp_path / "c.yaml", config)), "--method", "rloo"]
+    args += ["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"), "--trainer.accelerator", "cpu"]
+    code, err = run_main(args, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: trainer.strategy PreferenceFSDPStrategy: the on-policy methods sample")
+    assert "configs/strategy/fsdp2.yaml" in lines[0]
+    strategies = REPO / "configs" / "strategy"
+    zero2 = yaml.safe_load((strategies / "deepspeed_zero2.yaml").read_text())["trainer"]["strategy"]
+    with pytest.raises(ConfigError, match="trainer.strategy PreferenceDeepSpeedStrategy: the on-policy"):
+        check_on_policy_strategy(zero2)
+    fsdp2 = yaml.safe_load((strategies / "fsdp2.yaml").read_text())["trainer"]["strategy"]
+    for passes in (fsdp2, PreferenceFSDP2Strategy(), "ddp", "auto", None):
+        check_on_policy_strategy(passes)

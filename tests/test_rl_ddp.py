@@ -1,5 +1,5 @@
-"""The on-policy methods under DDP: two CPU processes (gloo) through the real CLI sample, reward, log and
-train exactly what one process does with the same global batch of prompts."""
+"""The on-policy methods under DDP (and RLOO under FSDP2): two CPU processes (gloo) through the real CLI
+sample, reward, log and train exactly what one process does with the same global batch of prompts."""
 
 from __future__ import annotations
 
@@ -17,12 +17,20 @@ REWARD = "tests.reward_fixtures:recorded_length_reward"
 GLOBAL_BATCH, STEPS = 4, 3  # 8 prompts: 2 steps per epoch, so the third step starts a new shuffle
 
 
+STRATEGIES = {
+    "single": None,
+    "ddp": "ddp",
+    "fsdp2": {"class_path": "ipo_lightning.fsdp2.PreferenceFSDP2Strategy"},
+}
+"""Each run's ``trainer.strategy`` (one process: Lightning's default)."""
+
+
 def _fit(
     tmp_path: Path, model_dir: Path, method: str, name: str, devices: int
 ) -> tuple[list[str], dict[str, str]]:
     """The CLI arguments and extra environment of one fit of ``method`` on ``devices`` processes
-    (per-rank batch ``GLOBAL_BATCH / devices``) into ``tmp_path/name``; each process's reward calls
-    land in ``tmp_path/name/records``."""
+    (per-rank batch ``GLOBAL_BATCH / devices``) with the strategy of run ``name`` (:data:`STRATEGIES`)
+    into ``tmp_path/name``; each process's reward calls land in ``tmp_path/name/records``."""
     prompts = [{"prompt": f"Human: tell me about {topic}. Assistant:"} for topic in range(8)]
     train = write_jsonl(tmp_path / "train.jsonl", prompts)
     val = write_jsonl(
@@ -44,7 +52,7 @@ def _fit(
             "num_sanity_val_steps": 0,
             "enable_checkpointing": False,
             "enable_model_summary": False,
-            **({"strategy": "ddp"} if devices > 1 else {}),
+            **({"strategy": STRATEGIES[name]} if STRATEGIES[name] else {}),
         },
         model={
             "reward": REWARD,
@@ -84,12 +92,19 @@ def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
 def test_two_processes_sample_log_and_train_what_one_process_does(
     method: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    runs = {"single": 1, "ddp": 2}
+    # Under FSDP2 the policy is gathered for sampling and sharded for the loss's forward and backward.
+    runs = {"single": 1, "ddp": 2, **({"fsdp2": 2} if method == "rloo" else {})}
     fits = [_fit(tmp_path, tiny_model_dir, method, name, devices=devices) for name, devices in runs.items()]
     results = run_clis(tmp_path, *(args for args, _ in fits), envs=[env for _, env in fits])  # side by side
     for result in results:
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    single, ddp = (tmp_path / name / "version_0" for name in runs)
+    single = tmp_path / "single" / "version_0"
+    for name in [name for name in runs if name != "single"]:
+        _assert_same_run(tmp_path / name / "version_0", single, tiny_model_dir, method)
+
+
+def _assert_same_run(ddp: Path, single: Path, tiny_model_dir: Path, method: str) -> None:
+    """A two-process run ``ddp`` sampled, logged and trained what the one-process run ``single`` did."""
     assert len(list((ddp.parent / "records").glob("*.jsonl"))) == 2
 
     # The same samples and rewards, call by call: 3 training steps of 4 prompts, then validation

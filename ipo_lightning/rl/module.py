@@ -41,7 +41,6 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -49,6 +48,7 @@ from ipo_lightning.batching import Batching, BatchingOption
 from ipo_lightning.data.eval_shards import WEIGHT
 from ipo_lightning.data.preprocess import PROMPT_COLUMN
 from ipo_lightning.data.prompts import held_out_prompt, reward_conversations
+from ipo_lightning.distributed import check_on_policy_strategy, full_weights_for_local_forwards
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.generation import generate_completions, row_seed
 from ipo_lightning.lora import LoraOptions, lora_options_dict
@@ -109,11 +109,14 @@ def default_label_temperature(reward: str) -> float:
 
 
 def resolve_on_policy_options(config: Namespace) -> None:
-    """Fill the ``model`` defaults that depend on other options in the parsed config (the on-policy
-    methods' ``resolve``, see :mod:`ipo_lightning.methods`): the reference strategy from ``lora``, the
-    layout from ``batching: auto``, ``sampling_seed`` from ``seed_everything`` and, for online
-    IPO/DPO, ``beta`` and ``length_normalize`` from ``loss_type`` and ``label_temperature`` from
-    ``reward``, so the saved ``config.yaml`` states the values used."""
+    """Refuse a strategy the on-policy methods cannot sample under
+    (:func:`~ipo_lightning.distributed.check_on_policy_strategy`), then fill the ``model`` defaults that
+    depend on other options in the parsed config (the on-policy methods' ``resolve``, see
+    :mod:`ipo_lightning.methods`): the reference strategy from ``lora``, the layout from
+    ``batching: auto``, ``sampling_seed`` from ``seed_everything`` and, for online IPO/DPO, ``beta`` and
+    ``length_normalize`` from ``loss_type`` and ``label_temperature`` from ``reward``, so the saved
+    ``config.yaml`` states the values used."""
+    check_on_policy_strategy(config.get("trainer", {}).get("strategy"))
     model = config.model
     if model.sampling_seed is None:
         # LightningCLI has set seed_everything to an int by now (True: a drawn one); False/None: 0.
@@ -313,13 +316,7 @@ class OnPolicyModule(EvalSetMetrics, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer from the data, check lengths against it and load the reward."""
-        strategy = self.trainer.strategy
-        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
-            # Sampling runs generate() on this process's policy, which sharded weights do not allow.
-            raise ConfigError(
-                f"trainer.strategy: the on-policy methods sample with the whole policy on each process; "
-                f"{type(strategy).__name__} shards it (use one device or ddp)"
-            )
+        check_on_policy_strategy(self.trainer.strategy)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "tokenizer"):
             raise ConfigError("an on-policy method needs its prompts from a PromptDataModule")
@@ -356,16 +353,19 @@ class OnPolicyModule(EvalSetMetrics, L.LightningModule):
             held_out_prompt(self.tokenizer, raw, ids)
             for raw, ids in zip(batch[PROMPT_COLUMN], prompt_ids, strict=True)
         ]
-        completions = generate_completions(
-            self.policy,
-            self.tokenizer,
-            prompt_ids,
-            k=k,
-            seed=seed,
-            max_new_tokens=hp.max_new_tokens,
-            batch_size=hp.generation_batch_size,
-            prompt_indices=[int(index) for index in batch[PROMPT_INDEX]],
-        )
+        # Under FSDP2 the policy's full weights are gathered for sampling: ranks end their samples
+        # apart, so their generate() calls run different numbers of forwards.
+        with full_weights_for_local_forwards(self._trainer and self._trainer.strategy, self.policy):
+            completions = generate_completions(
+                self.policy,
+                self.tokenizer,
+                prompt_ids,
+                k=k,
+                seed=seed,
+                max_new_tokens=hp.max_new_tokens,
+                batch_size=hp.generation_batch_size,
+                prompt_indices=[int(index) for index in batch[PROMPT_INDEX]],
+            )
         flat = [completion for row in completions for completion in row]
         flat_prompts = [prompt for prompt in prompts for _ in range(k)]
         scores = self.reward_function(
