@@ -24,7 +24,7 @@ from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -35,6 +35,10 @@ from transformers import PreTrainedModel
 
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.reference import REFERENCE_ATTRIBUTE
+
+GatherDType = Literal["auto", "float32", "bfloat16", "float16"]
+_AUTO_GATHER_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""``gather_dtype: auto`` by ``trainer.precision``; any other precision gathers the weights' own dtype."""
 
 FSDP_MARK = "_is_fsdp_managed_module"
 """The attribute FSDP (1 and 2) sets on every module it manages; ``generate()`` reads it to sync ranks."""
@@ -50,6 +54,10 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
     Args:
         shard_reference: shard the separate reference model too (``model.reference: separate``); false
             keeps a whole copy on every device, which skips its per-layer gathers at the cost of memory.
+        gather_dtype: the dtype weights are gathered and computed in (FSDP2's ``MixedPrecisionPolicy``
+            ``param_dtype``; gradients are still reduced and stored in float32): ``auto`` is bfloat16
+            under ``trainer.precision: bf16-mixed`` (half the bytes of float32 weights per gather, the
+            dtype autocast computes in anyway), float16 under ``16-mixed``, else the weights' own.
         process_group_backend: the ``torch.distributed`` backend (default: nccl on GPUs, gloo on CPUs).
         timeout: how long a collective may wait for the other ranks.
     """
@@ -57,6 +65,7 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
     def __init__(
         self,
         shard_reference: bool = True,
+        gather_dtype: GatherDType = "auto",
         process_group_backend: str | None = None,
         timeout: timedelta = default_pg_timeout,
     ) -> None:
@@ -64,6 +73,7 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
             save_distributed_checkpoint=False, process_group_backend=process_group_backend, timeout=timeout
         )
         self.shard_reference = shard_reference
+        self.gather_dtype = gather_dtype
 
     def setup_environment(self) -> None:
         """One data-parallel mesh dimension over every process (Lightning's default would make it the
@@ -76,7 +86,8 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
         """Shard the module's models (once: a later validate or test finds them sharded), then let
         Lightning move, convert and build the optimizer over the sharded parameters."""
         assert self.lightning_module is not None
-        shard_models(self.lightning_module, self.device_mesh["data_parallel"], self.shard_reference)
+        dtype = resolve_gather_dtype(self.gather_dtype, str(trainer.precision))
+        shard_models(self.lightning_module, self.device_mesh["data_parallel"], self.shard_reference, dtype)
         super().setup(trainer)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -150,13 +161,27 @@ def _rekeyed(state: dict[str, Any], key: dict[Any, Any]) -> dict[str, Any]:
     }
 
 
-def shard_models(module: nn.Module, mesh: Any, shard_reference: bool = True) -> None:
+def resolve_gather_dtype(gather_dtype: GatherDType, precision: str) -> torch.dtype | None:
+    """The dtype of :class:`PreferenceFSDP2Strategy`'s ``gather_dtype`` under ``trainer.precision``
+    (None: the weights' own)."""
+    if gather_dtype == "auto":
+        return _AUTO_GATHER_DTYPES.get(precision)
+    return getattr(torch, gather_dtype)
+
+
+def shard_models(
+    module: nn.Module, mesh: Any, shard_reference: bool = True, gather_dtype: torch.dtype | None = None
+) -> None:
     """``fully_shard`` every outermost Hugging Face model inside ``module``: each of its no-split layers
     (decoder layers) as a unit, then the model itself. Models already sharded are left as they are.
 
-    With ``shard_reference`` false the reference (under ``module.reference``) is not sharded.
+    With ``shard_reference`` false the reference (under ``module.reference``) is not sharded. A
+    ``gather_dtype`` gathers and computes in that dtype, reducing gradients in float32.
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    reduce_dtype = torch.float32 if gather_dtype is not None else None
+    policy = MixedPrecisionPolicy(param_dtype=gather_dtype, reduce_dtype=reduce_dtype)
 
     for name, model in _outermost_models(module):
         if isinstance(model, FSDPModule):
@@ -166,8 +191,8 @@ def shard_models(module: nn.Module, mesh: Any, shard_reference: bool = True) -> 
         layer_classes = set(getattr(model, "_no_split_modules", None) or [])
         for layer in model.modules():
             if layer is not model and type(layer).__name__ in layer_classes:
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def _outermost_models(module: nn.Module) -> Iterator[tuple[str, PreTrainedModel]]:

@@ -23,6 +23,7 @@ from ipo_lightning.fsdp2 import (
     _forward_records,
     _resharding,
     local_forwards,
+    resolve_gather_dtype,
     shard_models,
 )
 from ipo_lightning.lora import LoraOptions, merged_copy, merged_from_state_dict
@@ -203,3 +204,27 @@ def test_the_merge_from_a_state_dict_equals_the_merge_of_a_copy(
         torch.testing.assert_close(buffer, expected_buffer, msg=name)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.equal(actual[name], base[name]) for name in base)
+
+
+def test_gather_dtype_follows_the_precision_and_gathers_in_it(
+    tiny_model_dir: Path, single_process_group: None
+) -> None:
+    """``auto`` gathers bfloat16 under bf16-mixed (float16 under 16-mixed, else the weights' dtype); the
+    shards stay float32 (what the optimizer updates) and the gathered weights are bfloat16."""
+    assert resolve_gather_dtype("auto", "bf16-mixed") is torch.bfloat16
+    assert resolve_gather_dtype("auto", "16-mixed") is torch.float16
+    assert resolve_gather_dtype("auto", "32-true") is None
+    assert resolve_gather_dtype("float32", "bf16-mixed") is torch.float32
+    module = PreferenceModule(str(tiny_model_dir), beta=0.5)
+    module.configure_model()
+    shard_models(module, init_device_mesh("cpu", (1,)), gather_dtype=torch.bfloat16)
+    assert {param.dtype for param in module.parameters()} == {torch.float32}
+    with torch.no_grad(), local_forwards(module):
+        assert {param.dtype for param in module.policy.parameters()} == {torch.bfloat16}
+        assert {param.dtype for param in module.reference.parameters()} == {torch.bfloat16}
+        logps = module.reference.sequence_logprobs(
+            *(_batch()[key] for key in ("input_ids", "attention_mask", "completion_mask")),
+            length_normalize=True,
+            chunk_size=64,
+        )
+    assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
