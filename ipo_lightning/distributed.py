@@ -239,19 +239,12 @@ def full_weights_for_local_forwards(
         ]
         for parent, name, unit in units:
             parent._modules[name] = unit.module  # plain assignment: no nn.Module bookkeeping to undo
-        marked = [module for module in root.module.modules() if getattr(module, _FSDP_MARK, False)]
-        for module in marked:
-            setattr(module, _FSDP_MARK, False)
         try:
-            yield True
+            with fsdp2.fsdp_marks_cleared(root.module):
+                yield True
         finally:
-            for module in marked:
-                setattr(module, _FSDP_MARK, True)
             for parent, name, unit in reversed(units):
                 parent._modules[name] = unit
-
-
-_FSDP_MARK = fsdp2.FSDP_MARK
 
 
 _FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")

@@ -253,19 +253,29 @@ def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
-    marked = [sub for sub in module.modules() if getattr(sub, FSDP_MARK, False)]
-    for sub in marked:
-        setattr(sub, FSDP_MARK, False)
     try:
-        yield True
+        with fsdp_marks_cleared(module):
+            yield True
     finally:
-        for sub in marked:
-            setattr(sub, FSDP_MARK, True)
         for unit, setting in zip(units, settings, strict=True):
             _restore_resharding(unit, setting)
             unit.reshard()
         for record, length in records:
             del record[length:]
+
+
+@contextmanager
+def fsdp_marks_cleared(module: nn.Module) -> Generator[None, None, None]:
+    """Inside: no submodule of ``module`` carries FSDP's :data:`FSDP_MARK`, from which ``generate()``
+    syncs every decoding step across ranks (which hangs when ranks generate apart); restored on exit."""
+    marked = [sub for sub in module.modules() if getattr(sub, FSDP_MARK, False)]
+    for sub in marked:
+        setattr(sub, FSDP_MARK, False)
+    try:
+        yield
+    finally:
+        for sub in marked:
+            setattr(sub, FSDP_MARK, True)
 
 
 def _resharding(unit: Any) -> tuple[bool, list[Any]]:

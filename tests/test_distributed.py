@@ -147,6 +147,10 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "hf_model" / "model.safetensors")
 
 
+def _assert_same_losses(actual: list[float], expected: list[float]) -> None:
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=1e-4, atol=1e-6)
+
+
 def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
@@ -248,7 +252,7 @@ def test_ddp_two_processes_match_one_process(
     single_losses, ddp_losses = _train_losses(single_process_run), _train_losses(run_dir)
     assert len(ddp_losses) == MAX_STEPS and ddp_losses[-1] < ddp_losses[0]
     # train/loss is the mean over all pairs of the step on both ranks (torchmetrics sync).
-    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), rtol=1e-4, atol=1e-6)
+    _assert_same_losses(ddp_losses, single_losses)
     _assert_same_weights(_weights(run_dir), _weights(single_process_run))
     start = load_file(tiny_model_dir / "model.safetensors")
     assert not torch.equal(start["lm_head.weight"], _weights(run_dir)["lm_head.weight"])
@@ -270,12 +274,7 @@ def test_fsdp_two_processes_match_one_process(
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert state["policy.lm_head.weight"].shape == _weights(run_dir)["lm_head.weight"].shape
     assert not any(key.startswith("reference.") for key in state)
-    torch.testing.assert_close(
-        torch.tensor(_train_losses(run_dir)),
-        torch.tensor(_train_losses(single_process_run)),
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    _assert_same_losses(_train_losses(run_dir), _train_losses(single_process_run))
     _assert_same_weights(_weights(run_dir), _weights(single_process_run))
 
 
@@ -299,12 +298,7 @@ def test_fsdp2_two_processes_match_one_process_with_the_reference_sharded(
         full = ranks[0][name]["full"]
         assert sum(rank[name]["local"] for rank in ranks) == full, name
         assert all(rank[name]["local"] < 0.6 * full for rank in ranks), name  # about half each
-    torch.testing.assert_close(
-        torch.tensor(_train_losses(run_dir)),
-        torch.tensor(_train_losses(single_process_run)),
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    _assert_same_losses(_train_losses(run_dir), _train_losses(single_process_run))
     _assert_same_weights(_weights(run_dir), _weights(single_process_run))
     state = _checkpoint_state(run_dir / "checkpoints")
     assert not any(key.startswith("reference.") for key in state)
