@@ -6,10 +6,9 @@ import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import lightning as L
-import pyarrow.compute as pc
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -27,6 +26,10 @@ from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, l
 from ipo_lightning.data.subset import check_train_size, subset_rows
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
 from ipo_lightning.errors import ConfigError, DataError, UserInputError
+
+if TYPE_CHECKING:
+    # Types only: datasets (with pandas and pyarrow) loads where data is loaded, not for --help.
+    import datasets
 
 HELD_OUT_NAME = "val"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -432,6 +435,8 @@ def _plain(value: DataSource | Mapping[str, DataSource] | None) -> dict | None:
 
 def _min_preference_prob(dataset: datasets.Dataset) -> float:
     """Smallest ``preference_prob`` of a non-empty tokenised set, read as one Arrow column."""
+    import pyarrow.compute as pc
+
     return pc.min(dataset.with_format("arrow")["preference_prob"]).as_py()
 
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
@@ -45,6 +44,10 @@ from ipo_lightning.data.sampler import ResumableDistributedSampler, replicas
 from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source, record_line
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
 from ipo_lightning.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    # Types only: datasets (with pandas and pyarrow) loads where data is loaded, not for --help.
+    import datasets
 
 PROMPT_IDS = "prompt_ids"
 PROMPT_INDEX = "prompt_index"
@@ -155,6 +158,8 @@ class PromptDataModule(L.LightningDataModule):
         Raises:
             DataError: a malformed record (file, line and field named), or no prompt at all.
         """
+        import datasets
+
         if self.tokenizer is None:
             raise ConfigError("data.tokenizer_name_or_path is not set (normally linked from the model path)")
         loaded = load_source(source, cache_dir=self.cache_dir)
