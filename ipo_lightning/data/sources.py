@@ -5,7 +5,9 @@ step (normalising, tokenising) is cached by fingerprint: a second run with the s
 does no work again.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: for a class whose annotations are strings,
+# jsonargparse (the CLI's parser) runs its module's TYPE_CHECKING block to resolve them, which
+# would import datasets for every --help. The annotations naming datasets are quoted instead.
 
 import json
 from dataclasses import dataclass
@@ -64,7 +66,7 @@ class LoadedSource:
             name the line of a record, not only its index.
     """
 
-    dataset: datasets.Dataset
+    dataset: "datasets.Dataset"
     label: str
     jsonl_file: str | None = None
 
@@ -119,7 +121,7 @@ def _load_file(file: Path, cache_dir: str | None) -> LoadedSource:
     return LoadedSource(dataset, str(file), jsonl)
 
 
-def records_dataset(records: list[dict]) -> datasets.Dataset:
+def records_dataset(records: list[dict]) -> "datasets.Dataset":
     """An in-memory dataset of ``records`` whose columns may mix value types (every column is Json)."""
     import datasets
 

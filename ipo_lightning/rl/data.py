@@ -14,7 +14,9 @@ batches are drawn by the preference data's :class:`~ipo_lightning.data.sampler.R
 (one shuffle per epoch shared by all ranks, resumed mid-epoch from a checkpoint).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: for a class whose annotations are strings,
+# jsonargparse (the CLI's parser) runs its module's TYPE_CHECKING block to resolve them, which
+# would import datasets for every --help. The annotations naming datasets are quoted instead.
 
 import json
 from collections.abc import Mapping, Sequence
@@ -152,7 +154,7 @@ class PromptDataModule(L.LightningDataModule):
                 if name not in self.val_datasets:
                     self.val_datasets[name] = self.build(name, source)
 
-    def build(self, name: str, source: DataSource) -> datasets.Dataset:
+    def build(self, name: str, source: DataSource) -> "datasets.Dataset":
         """The distinct prompts of ``source``, tokenised (see module docstring).
 
         Raises:
