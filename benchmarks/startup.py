@@ -16,12 +16,12 @@ The commands (``--commands`` picks some of them, by name)::
     print_config   python -m ipo_lightning fit --config configs/quickstart.yaml --print_config
 
 ``--repo`` times another checkout of the project with the same script (its ``ipo_lightning`` is
-imported and its ``configs/quickstart.yaml`` read), e.g. a worktree of an older commit, so two
-versions are compared in the same machine state. ``--save NAME`` also writes the JSON lines to
-``benchmarks/results/NAME.jsonl``::
+imported and its ``configs/quickstart.yaml`` read), e.g. a worktree of an older commit; given twice,
+both are timed in one run, their runs taking turns, so the two versions meet the same machine state.
+``--save NAME`` also writes the JSON lines to ``benchmarks/results/NAME.jsonl``::
 
-    python benchmarks/startup.py                               # this checkout, 3 runs per command
-    python benchmarks/startup.py --repo ../main --repeats 5    # another checkout
+    python benchmarks/startup.py                                         # this checkout, 3 runs each
+    python benchmarks/startup.py --repo ../main --repo . --repeats 5     # before and after
     python benchmarks/startup.py --save startup_cpu_2cores
 """
 
@@ -106,48 +106,62 @@ def time_once(command: Command, python: str, repo: Path) -> Timing:
     return Timing(wall=wall, cpu=usage.ru_utime + usage.ru_stime)
 
 
-def measure(commands: list[Command], repeats: int, python: str, repo: Path) -> list[dict[str, Any]]:
-    """Time every command ``repeats`` times, taking turns; one summary per command, in order.
+def measure(commands: list[Command], repeats: int, python: str, repos: list[Path]) -> list[dict[str, Any]]:
+    """Time every command in every checkout ``repeats`` times, taking turns; one summary per checkout and
+    command, in that order.
 
-    Each summary: ``command`` (its name), ``runs``, median ``wall_s`` and ``cpu_s``, and, when the floor
-    is among the commands, ``wall_vs_floor`` and ``cpu_vs_floor`` (the medians' ratios to the floor's).
+    Round ``r`` runs every (checkout, command) pair once, starting at a different pair each round, so
+    a change in the machine's load falls on all of them alike. Each summary: ``repo``, ``command`` (its
+    name), ``runs``, median ``wall_s`` and ``cpu_s``, and, when the floor is among the commands,
+    ``wall_vs_floor`` and ``cpu_vs_floor``: the medians' ratios to the same checkout's floor.
     """
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
-    timings: dict[str, list[Timing]] = {command.name: [] for command in commands}
+    pairs = [(repo, command) for repo in repos for command in commands]
+    timings: dict[tuple[Path, str], list[Timing]] = {(repo, command.name): [] for repo, command in pairs}
     for round_index in range(repeats):
-        shift = round_index % len(commands)  # a different command goes first in every round
-        for command in commands[shift:] + commands[:shift]:
-            timings[command.name].append(time_once(command, python, repo))
-    summaries = [
-        {
-            "command": command.name,
-            "runs": len(timings[command.name]),
-            "wall_s": statistics.median(t.wall for t in timings[command.name]),
-            "cpu_s": statistics.median(t.cpu for t in timings[command.name]),
-        }
-        for command in commands
-    ]
-    floor = next((s for s in summaries if s["command"] == FLOOR), None)
-    if floor is not None:
-        for summary in summaries:
-            summary["wall_vs_floor"] = summary["wall_s"] / floor["wall_s"]
-            summary["cpu_vs_floor"] = summary["cpu_s"] / floor["cpu_s"] if floor["cpu_s"] else None
+        shift = round_index % len(pairs)
+        for repo, command in pairs[shift:] + pairs[:shift]:
+            timings[repo, command.name].append(time_once(command, python, repo))
+    summaries = []
+    for repo in repos:
+        rows = [
+            {
+                "repo": str(repo),
+                "command": command.name,
+                "runs": len(timings[repo, command.name]),
+                "wall_s": statistics.median(t.wall for t in timings[repo, command.name]),
+                "cpu_s": statistics.median(t.cpu for t in timings[repo, command.name]),
+            }
+            for command in commands
+        ]
+        floor = next((row for row in rows if row["command"] == FLOOR), None)
+        if floor is not None:
+            for row in rows:
+                row["wall_vs_floor"] = row["wall_s"] / floor["wall_s"]
+                row["cpu_vs_floor"] = row["cpu_s"] / floor["cpu_s"] if floor["cpu_s"] else None
+        summaries += rows
     return summaries
 
 
 def markdown(summaries: list[dict[str, Any]], commands: list[Command]) -> str:
-    """The summaries as a Markdown table (the ratio columns only when the floor was timed)."""
-    shown = {command.name: command.shown() for command in commands}
+    """The summaries as a Markdown table, a command's checkouts side by side in consecutive rows (the
+    checkout column only for several, the ratio columns only when the floor was timed)."""
+    repos = list(dict.fromkeys(s["repo"] for s in summaries))
     ratios = all("wall_vs_floor" in s for s in summaries)
-    header = "| command | wall s | CPU s |" + (" wall vs floor | CPU vs floor |" if ratios else "")
-    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
-    for s in summaries:
-        row = f"| `{shown[s['command']]}` | {s['wall_s']:.2f} | {s['cpu_s']:.2f} |"
-        if ratios:
-            cpu = "-" if s["cpu_vs_floor"] is None else f"{s['cpu_vs_floor']:.2f}x"
-            row += f" {s['wall_vs_floor']:.2f}x | {cpu} |"
-        lines.append(row)
+    header = ["command", *(["checkout"] if len(repos) > 1 else []), "wall s", "CPU s"]
+    header += ["wall vs floor", "CPU vs floor"] if ratios else []
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    by_key = {(s["repo"], s["command"]): s for s in summaries}
+    for command in commands:
+        for repo in repos:
+            s = by_key[repo, command.name]
+            row = [f"`{command.shown()}`", *([Path(repo).name] if len(repos) > 1 else [])]
+            row += [f"{s['wall_s']:.2f}", f"{s['cpu_s']:.2f}"]
+            if ratios:
+                cpu = "-" if s["cpu_vs_floor"] is None else f"{s['cpu_vs_floor']:.2f}x"
+                row += [f"{s['wall_vs_floor']:.2f}x", cpu]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -175,7 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--commands", default=",".join(names), help=f"comma-separated, from {', '.join(names)}"
     )
-    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to time (default: this one)")
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        action="append",
+        help="a checkout to time; give it twice to compare two in one run (default: this one)",
+    )
     parser.add_argument("--python", default=sys.executable, help="the interpreter (default: this one)")
     parser.add_argument(
         "--save", metavar="NAME", help="also write the JSON lines to benchmarks/results/NAME.jsonl"
@@ -185,19 +204,22 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in chosen if name not in names]
     if unknown:
         parser.error(f"--commands: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
-    if not (args.repo / "ipo_lightning").is_dir():
-        parser.error(f"--repo {args.repo}: no ipo_lightning package there")
+    repos = [repo.resolve() for repo in args.repo or [REPO]]
+    for repo in repos:
+        if not (repo / "ipo_lightning").is_dir():
+            parser.error(f"--repo {repo}: no ipo_lightning package there")
     commands = [command for command in COMMANDS if command.name in chosen]
-    repo = args.repo.resolve()
     try:
-        summaries = measure(commands, args.repeats, args.python, repo)
+        summaries = measure(commands, args.repeats, args.python, repos)
     except ValueError as error:
         parser.error(str(error))
     except RuntimeError as error:
         sys.exit(f"error: {error}")
-    about = context(repo)
+    about = {str(repo): context(repo) for repo in repos}
     lines = [
-        json.dumps({**{k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}, **about})
+        json.dumps(
+            {**{k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}, **about[s["repo"]]}
+        )
         for s in summaries
     ]
     print("\n".join(lines), flush=True)

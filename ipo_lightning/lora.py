@@ -8,18 +8,14 @@ the reference free: it is the same base with the adapters switched off (see
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import PreTrainedModel
 
 from ipo_lightning.errors import ConfigError
-
-if TYPE_CHECKING:
-    # peft is imported where adapters are made: a full fine-tuning run never loads it.
-    from peft import PeftModel
-    from transformers import PreTrainedModel
 
 ALL_LINEAR = "all-linear"
 
@@ -92,8 +88,6 @@ def apply_lora(
     Raises:
         ConfigError: ``target_modules`` names no module of the model, or peft knows no default for it.
     """
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(
         r=options.rank,
         lora_alpha=options.alpha,
@@ -132,9 +126,7 @@ def _head_names(model: nn.Module) -> list[str]:
 
 def is_lora(model: nn.Module | None) -> bool:
     """Whether ``model`` is a peft model (a LoRA policy)."""
-    # A peft model exists only once peft has been imported; a full fine-tuning run does not import it.
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
+    return isinstance(model, PeftModel)
 
 
 def merged_copy(policy: PeftModel) -> PreTrainedModel:

@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from transformers import get_scheduler
 
 from ipo_lightning.errors import ConfigError
 
@@ -37,10 +38,6 @@ def build_scheduler(
     """A per-optimizer-step scheduler: ``warmup_steps`` (or ``warmup_ratio * total_steps``) of
     linear warm-up from 0, then ``schedule`` down to ``min_lr_ratio`` of the peak (cosine) or 0
     (linear), or flat (constant)."""
-    # Here, not at the top: transformers.optimization imports peft (through trainer_utils) when it is
-    # installed, which the options' readers (--help, the model's signature) need not pay for.
-    from transformers import get_scheduler
-
     check_schedule_options(warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
     total_steps = max(total_steps, 1)
     warmup = warmup_steps if warmup_steps is not None else int(round(warmup_ratio * total_steps))
