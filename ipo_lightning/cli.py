@@ -27,12 +27,9 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. What it adds to th
 
 from __future__ import annotations
 
-import importlib
 import netrc
 import os
 import sys
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,14 +44,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ipo_lightning.callbacks import DivergenceMonitor, GenerationEval, HFExport, KLBudget
-from ipo_lightning.callbacks.nonfinite import DIVERGED_EXIT_CODE, NonFiniteGuard, TrainingDiverged
+from ipo_lightning.callbacks.nonfinite import NonFiniteGuard
 from ipo_lightning.callbacks.performance import StepPerformance
 from ipo_lightning.callbacks.slurm import SlurmRequeue
 from ipo_lightning.checkpoint_io import AtomicCheckpointIO
 from ipo_lightning.cli_checks import check_checkpoint_file, check_optimizer
 from ipo_lightning.cli_errors import OneLineErrorParser
 from ipo_lightning.distributed import check_lora_strategy, check_strategy
-from ipo_lightning.errors import ConfigError, UserInputError
+
+# The entry point lives in ipo_lightning.entry, so that the tools start without Lightning; these names
+# stay importable from here.
+from ipo_lightning.entry import TOOLS, main  # noqa: F401
+from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import DEFAULT_METHOD, METHOD_OPTION, METHODS, Method, method_from_argv
 from ipo_lightning.metrics_history import HistoryCSVLogger, MetricsHistory
 from ipo_lightning.module import DEFAULT_LR
@@ -69,15 +70,6 @@ from ipo_lightning.run_folder import (
 )
 
 DEFAULT_ROOT_DIR = "runs"
-
-
-def _quiet_expected_warnings() -> None:
-    """Silence Lightning warnings that are expected here and would only alarm CLI users."""
-    # The frozen reference is in eval mode on purpose (the policy is put in train mode explicitly).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-USER_ERROR_EXIT_CODE = 2
 
 
 @dataclass
@@ -406,37 +398,3 @@ def _plugins(plugins: Any, strategy: Any) -> list[Any]:
     if SLURMEnvironment.detect() and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
-
-
-TOOLS = ("compare", "report", "judge", "evaluate")
-"""Subcommands beside Lightning's (modules of :mod:`ipo_lightning.analysis`): they read runs or launch
-fits, so they are not Trainer methods."""
-
-
-def _tool(name: str | None) -> Callable[[list[str]], None] | None:
-    """The ``main`` of subcommand ``name``, or None for Lightning's own (``fit``, ...). Imported only
-    when named: ``fit`` then needs none of their packages (the reports' matplotlib)."""
-    if name not in TOOLS:
-        return None
-    return importlib.import_module(f"ipo_lightning.analysis.{name}").main
-
-
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``python -m ipo_lightning`` and the ``ipo-lightning`` script."""
-    _quiet_expected_warnings()
-    argv = sys.argv[1:] if args is None else list(args)
-    try:
-        tool = _tool(argv[0] if argv else None)
-        if tool is not None:
-            tool(argv[1:])
-            return
-        PreferenceCLI(args=args)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
-    except TrainingDiverged as error:
-        # A failed run, not bad input: its own exit code, one line (every process stops alike, rank 0
-        # says so) and no traceback (it is not a bug).
-        if getattr(rank_zero_only, "rank", 0) == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(DIVERGED_EXIT_CODE)

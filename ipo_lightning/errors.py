@@ -1,6 +1,8 @@
-"""Errors caused by the user's input, as opposed to bugs.
+"""Errors caused by the user's input, as opposed to bugs, and a training run that diverged.
 
-The CLI prints these as one clear line and exits non-zero, without a traceback wall.
+The CLI prints these as one clear line and exits non-zero, without a traceback wall. They live in this
+dependency-free module so the entry point (:mod:`ipo_lightning.entry`) catches them without importing
+Lightning.
 """
 
 from __future__ import annotations
@@ -16,3 +18,14 @@ class DataError(UserInputError):
 
 class ConfigError(UserInputError):
     """A configuration value that is inconsistent or unusable."""
+
+
+DIVERGED_EXIT_CODE = 1
+"""Exit code of a run stopped by the non-finite guard: a failed run, not bad input (that is 2)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; the message names the step and what.
+
+    Raised by :class:`~ipo_lightning.callbacks.nonfinite.NonFiniteGuard`.
+    """

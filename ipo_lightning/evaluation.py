@@ -38,13 +38,11 @@ from transformers import PreTrainedTokenizerBase
 from ipo_lightning.batching import Batching
 from ipo_lightning.data.prompts import HeldOutPrompt, reward_conversations
 from ipo_lightning.divergence.sampling import sequence_logprobs
+from ipo_lightning.eval_options import EvalOptions
 from ipo_lightning.generation import Completion, generate_completions, generate_with_greedy
 from ipo_lightning.generation_metrics import WinRate, set_metrics, win_rate
 from ipo_lightning.modeling import eval_mode
 from ipo_lightning.rewards import RewardFunction
-
-DEFAULT_PROMPTS = 64
-"""Held-out prompts judged per set when none is given (the first N distinct prompts)."""
 
 SAMPLE_FIELDS = (
     "step",
@@ -64,25 +62,6 @@ of the policy sample, null when the samples were not scored)."""
 
 KL = "kl"
 """Metric name of the sampled sequence KL(pi || ref): mean ``policy_logratio`` of the set's samples."""
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """How each model generates; the defaults are those of every command and of ``--generation.*``.
-
-    Attributes:
-        samples_per_prompt: sampled completions per prompt (k); 0: none, the greedy completion only.
-        greedy: also one greedy completion per prompt (``greedy_reward``).
-        max_new_tokens: longest completion.
-        batch_size: rows (prompt x sample) per ``generate`` call.
-        seed: base seed of the per-sample generators.
-    """
-
-    samples_per_prompt: int = 4
-    greedy: bool = True
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
 
 from ipo_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    # Types only: a method's classes import Lightning when it is loaded, not this registry.
+    from jsonargparse import Namespace
+    from lightning.pytorch import LightningDataModule, LightningModule
 
 DEFAULT_METHOD = "preference"
 METHOD_OPTION = "method"

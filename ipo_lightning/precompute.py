@@ -45,10 +45,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import lightning as L
-import pyarrow.compute as pc
 import torch
 import transformers
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -66,6 +65,10 @@ from ipo_lightning.data.datamodule import PreferenceDataModule
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.modeling import load_causal_lm
 from ipo_lightning.reference import REF_CHOSEN_COUNT, REF_CHOSEN_SUM, REF_REJECTED_COUNT, REF_REJECTED_SUM
+
+if TYPE_CHECKING:
+    # Types only: datasets (with pandas and pyarrow) loads where data is loaded, not for --help.
+    import datasets
 
 # Editing how log-probs are computed must invalidate every cache file (as preprocess.CODE_VERSION does).
 CODE_VERSION = hashlib.sha256(
@@ -146,6 +149,8 @@ def reference_identity(name_or_path: str) -> str:
 
 def pairs_fingerprint(dataset: datasets.Dataset) -> str:
     """sha256 of the token ids of every pair, in row order (see module docstring)."""
+    import pyarrow.compute as pc
+
     table = dataset.select_columns(list(ID_COLUMNS)).with_format("arrow")[0 : len(dataset)]
     digest = hashlib.sha256(f"{len(dataset)}\0".encode())
     for name in ID_COLUMNS:

@@ -295,15 +295,15 @@ def test_fit_imports_no_subcommand_module(monkeypatch: pytest.MonkeyPatch) -> No
     """``fit`` runs where the reports' packages are missing (a GPU machine without matplotlib)."""
     import sys
 
-    from ipo_lightning import cli
+    from ipo_lightning import entry
 
     for name in [m for m in sys.modules if m.startswith(("ipo_lightning.analysis", "matplotlib"))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    assert cli._tool("fit") is None and cli._tool(None) is None
+    assert entry._tool("fit") is None and entry._tool(None) is None
     assert not [m for m in sys.modules if m.startswith("ipo_lightning.analysis")]
     with pytest.raises(ImportError, match="matplotlib"):
-        cli._tool("report")  # the one that draws plots needs it
+        entry._tool("report")  # the one that draws plots needs it
 
 
 @pytest.mark.slow

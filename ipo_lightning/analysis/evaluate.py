@@ -16,30 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ipo_lightning.analysis.run_logs import RunMetrics, load_run
-from ipo_lightning.analysis.run_models import (
-    judge_policy_and_reference,
-    load_run_model,
-    reference_path,
-    run_data_module,
-)
 from ipo_lightning.builtin import resolve_model_path
-from ipo_lightning.cli_checks import check_checkpoint_file
-from ipo_lightning.data.prompts import held_out_prompts
 from ipo_lightning.errors import ConfigError, UserInputError
-from ipo_lightning.evaluation import (
-    DEFAULT_PROMPTS,
-    EvalOptions,
-    SetResult,
-    metric_names,
-    set_result,
-    write_atomically,
-)
-from ipo_lightning.rewards import load_reward
+from ipo_lightning.eval_options import DEFAULT_PROMPTS, EvalOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from ipo_lightning.evaluation import SetResult
 
 RESULT_FILE = "generation_eval.json"
 SAMPLES_FILE = "generation_eval_samples.jsonl"
@@ -50,6 +37,11 @@ SHOWN = (
 
 def _policy_from_checkpoint(checkpoint: Path, run: RunMetrics) -> torch.nn.Module:
     """The policy weights of a Lightning checkpoint of the run, in the run's model architecture."""
+    import torch
+
+    from ipo_lightning.analysis.run_models import load_run_model
+    from ipo_lightning.cli_checks import check_checkpoint_file
+
     if run.setting("model.lora"):
         raise ConfigError(
             f"--checkpoint {checkpoint}: a LoRA run's checkpoint; evaluate its hf_model/ export"
@@ -94,6 +86,18 @@ def evaluate_run(
     Raises:
         UserInputError: no run folder, no config, no export, no reward, an unknown set, a bad reward.
     """
+    # The models' packages (torch, transformers, Lightning), only here: --help and argument errors
+    # come without them.
+    from ipo_lightning.analysis.run_models import (
+        judge_policy_and_reference,
+        load_run_model,
+        reference_path,
+        run_data_module,
+    )
+    from ipo_lightning.data.prompts import held_out_prompts
+    from ipo_lightning.evaluation import metric_names, set_result, write_atomically
+    from ipo_lightning.rewards import load_reward
+
     run = load_run(run_dir)
     if not run.config:
         raise ConfigError(f"{run_dir}: no config.yaml here; evaluate reads the run's models and data from it")

@@ -23,12 +23,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ipo_lightning.analysis.run_logs import load_run
-from ipo_lightning.analysis.run_models import judge_policy_and_reference, load_run_model, run_data_module
-from ipo_lightning.data.prompts import held_out_prompts
 from ipo_lightning.errors import ConfigError
-from ipo_lightning.evaluation import DEFAULT_PROMPTS, EvalOptions, greedy_win_rate, write_atomically
+from ipo_lightning.eval_options import DEFAULT_PROMPTS, EvalOptions
 from ipo_lightning.generation_metrics import WinRate
-from ipo_lightning.rewards import load_reward
 
 RESULT_FILE = "judge.json"
 _DEFAULTS = EvalOptions()
@@ -54,6 +51,13 @@ def judge_run(
         batch_size: Prompts per generation batch and texts per reward-model batch.
         option: How errors name the reward option.
     """
+    # The models' packages (torch, transformers, Lightning), only here: --help and argument errors
+    # come without them.
+    from ipo_lightning.analysis.run_models import judge_policy_and_reference, load_run_model, run_data_module
+    from ipo_lightning.data.prompts import held_out_prompts
+    from ipo_lightning.evaluation import greedy_win_rate, write_atomically
+    from ipo_lightning.rewards import load_reward
+
     if prompts < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("--prompts, --max_new_tokens and --batch_size must be at least 1")
     # Every check of the run folder comes before the reward is loaded: a reward model takes long to

@@ -21,9 +21,9 @@ from pathlib import Path
 from ipo_lightning.analysis.budget import step_size
 from ipo_lightning.analysis.plots import plot_metrics_over_steps
 from ipo_lightning.analysis.run_logs import VAL_PREFIX, RunMetrics, logs_prefix
-from ipo_lightning.callbacks.performance import PEAK_MEMORY, STEP_TIME
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.methods import DEFAULT_METHOD
+from ipo_lightning.perf_metrics import PEAK_MEMORY, STEP_TIME
 
 GEN_KL = "gen/kl"
 SEQ_KL = "divergence/seq_kl"

@@ -57,9 +57,8 @@ from ipo_lightning.callbacks.schedule import DEFAULT_EVERY_N_STEPS, MeasurementS
 from ipo_lightning.data.prompts import HeldOutPrompt, held_out_prompts, reward_conversations
 from ipo_lightning.distributed import full_weights_for_local_forwards
 from ipo_lightning.errors import ConfigError
+from ipo_lightning.eval_options import DEFAULT_PROMPTS, EvalOptions
 from ipo_lightning.evaluation import (
-    DEFAULT_PROMPTS,
-    EvalOptions,
     PromptResult,
     SetResult,
     judge_prompts,

@@ -13,7 +13,7 @@ the weights and its own state untouched (the learning-rate schedule moves on), u
 step stops the run. Non-finite weights always stop it: skipping cannot undo an update. Stopping raises
 :class:`TrainingDiverged` at that step, so nothing runs after it: no checkpoint, no validation and no
 export; the checkpoints already on disk are from earlier, finite steps. The CLI prints its message as
-one line and exits with :data:`DIVERGED_EXIT_CODE`.
+one line and exits with code 1 (:data:`~ipo_lightning.errors.DIVERGED_EXIT_CODE`).
 
 Every process of a multi-process run takes the same decision: the flags are summed across processes
 (two small all-reduces per step, before the update and after it) before anyone acts, so no process
@@ -38,17 +38,11 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ipo_lightning.errors import ConfigError
+from ipo_lightning.errors import ConfigError, TrainingDiverged
 
-DIVERGED_EXIT_CODE = 1
-"""Exit code of a run stopped by the guard: a failed run, not bad input (that is 2)."""
 JUMP_MIN_HISTORY = 2
 """Steps seen before the loss-jump check starts (a too high learning rate blows up within a few steps);
 the median is over the steps seen so far until ``loss_jump_window`` of them have been."""
-
-
-class TrainingDiverged(RuntimeError):
-    """Training produced a non-finite loss, gradient or weight; the message names the step and what."""
 
 
 class NonFiniteGuard(Callback):

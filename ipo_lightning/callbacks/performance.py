@@ -29,9 +29,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-PREFIX = "perf/"
-STEP_TIME = PREFIX + "step_time"
-PEAK_MEMORY = PREFIX + "peak_memory_gb"
+from ipo_lightning.perf_metrics import PEAK_MEMORY, STEP_TIME
+
 _GIB = 2**30
 
 

@@ -1,15 +1,16 @@
 """The LightningDataModule: preference records in, padded pairwise batches out."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: for a class whose annotations are strings,
+# jsonargparse (the CLI's parser) runs its module's TYPE_CHECKING block to resolve them, which
+# would import datasets for every --help. The annotations naming datasets are quoted instead.
 
 import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import lightning as L
-import pyarrow.compute as pc
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -27,6 +28,10 @@ from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, l
 from ipo_lightning.data.subset import check_train_size, subset_rows
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
 from ipo_lightning.errors import ConfigError, DataError, UserInputError
+
+if TYPE_CHECKING:
+    # Types only: datasets (with pandas and pyarrow) loads where data is loaded, not for --help.
+    import datasets
 
 HELD_OUT_NAME = "val"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -189,7 +194,7 @@ class PreferenceDataModule(L.LightningDataModule):
         built += [(f"test/{name}", dataset) for name, dataset in self.test_datasets.items()]
         return [name for name, dataset in built if len(dataset) and _min_preference_prob(dataset) < 1.0]
 
-    def stage_sets(self, stage: str) -> dict[str, datasets.Dataset]:
+    def stage_sets(self, stage: str) -> "dict[str, datasets.Dataset]":
         """The built sets ``stage`` runs on, by label, in loader order.
 
         ``fit``: ``train`` and ``val/<name>``; ``validate``: ``val/<name>``; ``test``: ``test/<name>``.
@@ -298,11 +303,11 @@ class PreferenceDataModule(L.LightningDataModule):
     def _load(self, source: DataSource) -> LoadedSource:
         return load_source(source, cache_dir=self.cache_dir)
 
-    def _tokenized(self, source: DataSource) -> datasets.Dataset:
+    def _tokenized(self, source: DataSource) -> "datasets.Dataset":
         loaded = self._load(source)
         return tokenize_source(loaded, self._pair_tokenizer(), self.format, self.columns, self.num_proc)
 
-    def _build(self, name: str, source: DataSource) -> datasets.Dataset:
+    def _build(self, name: str, source: DataSource) -> "datasets.Dataset":
         return self._finish(name, self._tokenized(source))
 
     def _build_train(self) -> None:
@@ -333,7 +338,7 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         self.train_dataset = train_dataset
 
-    def _finish(self, name: str, tokenized: datasets.Dataset) -> datasets.Dataset:
+    def _finish(self, name: str, tokenized: "datasets.Dataset") -> "datasets.Dataset":
         """Count and report the dropped pairs of set ``name``, return the kept ones."""
         counts = drop_counts(tokenized)
         self.dropped[name] = counts
@@ -430,8 +435,10 @@ def _plain(value: DataSource | Mapping[str, DataSource] | None) -> dict | None:
     return {name: dataclasses.asdict(source) for name, source in value.items()}
 
 
-def _min_preference_prob(dataset: datasets.Dataset) -> float:
+def _min_preference_prob(dataset: "datasets.Dataset") -> float:
     """Smallest ``preference_prob`` of a non-empty tokenised set, read as one Arrow column."""
+    import pyarrow.compute as pc
+
     return pc.min(dataset.with_format("arrow")["preference_prob"]).as_py()
 
 

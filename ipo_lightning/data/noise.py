@@ -7,10 +7,12 @@ claim on their own data (train with and without, compare held-out accuracy on cl
 from __future__ import annotations
 
 import random
-
-import datasets
+from typing import TYPE_CHECKING
 
 from ipo_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
 
 FLIPPED_COLUMN = "label_flipped"
 MAX_LABEL_NOISE = 0.5

@@ -12,14 +12,13 @@ carries a hash of the source of this module and the modules it calls (``CODE_VER
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from ipo_lightning.data import formats
 from ipo_lightning.data import tokenize as tokenize_module
@@ -28,18 +27,31 @@ from ipo_lightning.data.sources import LoadedSource, record_line
 from ipo_lightning.data.tokenize import PairTokenizer
 from ipo_lightning.errors import DataError
 
+if TYPE_CHECKING:
+    # Types only: datasets (with pandas and pyarrow) loads where data is loaded, not for --help.
+    import datasets
+
 DROP_COLUMN = "drop_reason"
 PROMPT_COLUMN = "prompt_json"
 """The normalised prompt as JSON (a string, or a list of chat messages), for generation and rewards."""
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-FEATURES = datasets.Features(
-    {
-        **{name: datasets.List(datasets.Value("int32")) for name in ID_COLUMNS},
-        "preference_prob": datasets.Value("float32"),
-        PROMPT_COLUMN: datasets.Value("string"),
-        DROP_COLUMN: datasets.Value("string"),
-    }
-)
+
+
+@functools.cache
+def features() -> datasets.Features:
+    """The columns of :func:`tokenize_source`'s output and their types (built once, on first use)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            **{name: datasets.List(datasets.Value("int32")) for name in ID_COLUMNS},
+            "preference_prob": datasets.Value("float32"),
+            PROMPT_COLUMN: datasets.Value("string"),
+            DROP_COLUMN: datasets.Value("string"),
+        }
+    )
+
+
 CODE_VERSION = hashlib.sha256(
     b"".join(Path(module).read_bytes() for module in (__file__, formats.__file__, tokenize_module.__file__))
 ).hexdigest()[:16]
@@ -67,7 +79,7 @@ class RecordProcessor:
 
     def __call__(self, batch: Mapping[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         """Process a batch of records (column -> values) whose 0-based record numbers are ``indices``."""
-        out: dict[str, list[Any]] = {name: [] for name in FEATURES}
+        out: dict[str, list[Any]] = {name: [] for name in features()}
         names = list(batch)
         for position, index in enumerate(indices):
             record = {name: batch[name][position] for name in names}
@@ -145,7 +157,7 @@ def tokenize_source(
         with_indices=True,
         batched=True,
         remove_columns=dataset.column_names,
-        features=FEATURES,
+        features=features(),
         # More processes than shards of work only costs start-up time.
         num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 2 * num_proc else None,
         desc=f"Tokenising {loaded.label}",

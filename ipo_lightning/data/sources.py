@@ -5,16 +5,21 @@ step (normalising, tokenising) is cached by fingerprint: a second run with the s
 does no work again.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: for a class whose annotations are strings,
+# jsonargparse (the CLI's parser) runs its module's TYPE_CHECKING block to resolve them, which
+# would import datasets for every --help. The annotations naming datasets are quoted instead.
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from ipo_lightning.builtin import resolve_data_path
 from ipo_lightning.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    # Types only: datasets (with pandas and pyarrow) loads where data is loaded, not for --help.
+    import datasets
 
 JSON_SUFFIXES = (".json", ".jsonl")
 FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -61,7 +66,7 @@ class LoadedSource:
             name the line of a record, not only its index.
     """
 
-    dataset: datasets.Dataset
+    dataset: "datasets.Dataset"
     label: str
     jsonl_file: str | None = None
 
@@ -94,6 +99,8 @@ def load_source(source: DataSource, cache_dir: str | None = None) -> LoadedSourc
 
 def _load_file(file: Path, cache_dir: str | None) -> LoadedSource:
     builder = FILE_SUFFIXES.get(file.suffix.lower())
+    import datasets
+
     if builder is None:
         raise DataError(f"{file}: unsupported data file type {file.suffix!r}; use .jsonl, .json or .parquet")
     if builder == "json":
@@ -114,8 +121,10 @@ def _load_file(file: Path, cache_dir: str | None) -> LoadedSource:
     return LoadedSource(dataset, str(file), jsonl)
 
 
-def records_dataset(records: list[dict]) -> datasets.Dataset:
+def records_dataset(records: list[dict]) -> "datasets.Dataset":
     """An in-memory dataset of ``records`` whose columns may mix value types (every column is Json)."""
+    import datasets
+
     names = list(dict.fromkeys(name for record in records for name in record))
     features = datasets.Features({name: datasets.Json() for name in names})
     return datasets.Dataset.from_list(records, features=features)
@@ -123,6 +132,8 @@ def records_dataset(records: list[dict]) -> datasets.Dataset:
 
 def _load_folder(folder: Path, split: str, cache_dir: str | None) -> LoadedSource:
     label = f"{folder} (split {split})"
+    import datasets
+
     if (folder / datasets.config.DATASET_STATE_JSON_FILENAME).is_file():
         # A single saved Dataset: it has no splits, so `split` does not apply.
         return LoadedSource(datasets.load_from_disk(str(folder)), str(folder))
@@ -146,6 +157,8 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None) -> LoadedSourc
 
 def _load_hub(name: str, subset: str | None, split: str, cache_dir: str | None) -> LoadedSource:
     label = f"{name}" + (f" (subset {subset}, split {split})" if subset else f" (split {split})")
+    import datasets
+
     try:
         dataset = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir)
     except Exception as error:  # network, auth, missing split: all one message

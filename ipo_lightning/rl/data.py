@@ -14,13 +14,14 @@ batches are drawn by the preference data's :class:`~ipo_lightning.data.sampler.R
 (one shuffle per epoch shared by all ranks, resumed mid-epoch from a checkpoint).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: for a class whose annotations are strings,
+# jsonargparse (the CLI's parser) runs its module's TYPE_CHECKING block to resolve them, which
+# would import datasets for every --help. The annotations naming datasets are quoted instead.
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
@@ -45,6 +46,10 @@ from ipo_lightning.data.sampler import ResumableDistributedSampler, replicas
 from ipo_lightning.data.sources import DataSource, LoadedSource, check_source, load_source, record_line
 from ipo_lightning.data.tokenize import PairTokenizer, check_lengths
 from ipo_lightning.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    # Types only: datasets (with pandas and pyarrow) loads where data is loaded, not for --help.
+    import datasets
 
 PROMPT_IDS = "prompt_ids"
 PROMPT_INDEX = "prompt_index"
@@ -149,12 +154,14 @@ class PromptDataModule(L.LightningDataModule):
                 if name not in self.val_datasets:
                     self.val_datasets[name] = self.build(name, source)
 
-    def build(self, name: str, source: DataSource) -> datasets.Dataset:
+    def build(self, name: str, source: DataSource) -> "datasets.Dataset":
         """The distinct prompts of ``source``, tokenised (see module docstring).
 
         Raises:
             DataError: a malformed record (file, line and field named), or no prompt at all.
         """
+        import datasets
+
         if self.tokenizer is None:
             raise ConfigError("data.tokenizer_name_or_path is not set (normally linked from the model path)")
         loaded = load_source(source, cache_dir=self.cache_dir)
