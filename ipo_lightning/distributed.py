@@ -180,7 +180,7 @@ def full_policy_state_dict(
     """
     strategy: Strategy = trainer.strategy
     model: nn.Module = getattr(pl_module, attribute)
-    if fsdp2.is_sharded(strategy):
+    if fsdp2.is_fsdp2(strategy):
         return fsdp2.full_state_dict(trainer, model)
     if isinstance(strategy, FSDPStrategy):
         with _full_state_dict_context(strategy.model, offload_to_cpu=strategy.root_device.type != "cpu"):
@@ -222,7 +222,7 @@ def full_weights_for_local_forwards(
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    if fsdp2.is_sharded(strategy):
+    if fsdp2.is_fsdp2(strategy):
         with fsdp2.local_forwards(module or strategy.lightning_module) as gathered:
             yield gathered
         return

@@ -56,8 +56,9 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
             keeps a whole copy on every device, which skips its per-layer gathers at the cost of memory.
         gather_dtype: the dtype weights are gathered and computed in (FSDP2's ``MixedPrecisionPolicy``
             ``param_dtype``; gradients are still reduced and stored in float32): ``auto`` is bfloat16
-            under ``trainer.precision: bf16-mixed`` (half the bytes of float32 weights per gather, the
-            dtype autocast computes in anyway), float16 under ``16-mixed``, else the weights' own.
+            under ``trainer.precision: bf16-mixed`` (half the bytes of float32 weights per gather;
+            autocast runs the matmuls in bf16 anyway, but norms and embeddings then also compute from
+            bf16 weights), float16 under ``16-mixed``, else the weights' own.
         process_group_backend: the ``torch.distributed`` backend (default: nccl on GPUs, gloo on CPUs).
         timeout: how long a collective may wait for the other ranks.
     """
@@ -95,6 +96,10 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         optimizer = _plain(optimizer)
+        if not optimizer.state:
+            # Before its first step (a checkpoint at step 0) torch's gatherer would run a step with lr 0
+            # to create the state, which Adam counts as a step; there is nothing to gather either.
+            return optimizer.state_dict() if self.global_rank == 0 else {}
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, optimizer, options=options)
         if self.global_rank != 0:
@@ -119,16 +124,19 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         stored = checkpoint.pop("state_dict")
-        missing = sorted(set(self.lightning_module.state_dict()) - set(stored))
-        if missing and self.lightning_module.strict_loading:
-            raise ConfigError(
-                f"checkpoint {path} lacks {len(missing)} of the module's weights, e.g. {missing[0]}: it "
-                "was written for another model"
-            )
+        if self.lightning_module.strict_loading:
+            _check_keys(path, set(self.lightning_module.state_dict()), set(stored))
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.model, stored, options=options)
-        for optimizer, saved in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+        saved_states = checkpoint.get("optimizer_states", [])
+        if self.optimizers and len(saved_states) != len(self.optimizers):
+            raise ConfigError(
+                f"checkpoint {path} holds {len(saved_states)} optimizer states for {len(self.optimizers)} "
+                "optimizers (a weights-only checkpoint cannot resume training)"
+            )
+        for optimizer, saved in zip(self.optimizers, saved_states, strict=False):
             optimizer = _plain(optimizer)
+            _check_groups(path, optimizer, saved)
             if not saved["state"]:
                 # No per-parameter state yet (plain SGD, or no step taken), which torch's loader cannot
                 # place; the groups' settings are all there is.
@@ -144,6 +152,31 @@ class PreferenceFSDP2Strategy(ModelParallelStrategy):
         assert self.model is not None
         names = {id(param): name for name, param in self.model.named_parameters()}
         return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _check_keys(path: Path, expected: set[str], stored: set[str]) -> None:
+    """Refuse a checkpoint whose weights are not the module's own (the reference's are never saved)."""
+    for keys, what in (
+        (expected - stored, "lacks {} of the module's weights"),
+        (stored - expected, "holds {} weights the module has not"),
+    ):
+        if keys:
+            raise ConfigError(
+                f"checkpoint {path} {what.format(len(keys))}, e.g. {min(keys)}: it was written for another "
+                "model"
+            )
+
+
+def _check_groups(path: Path, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Refuse an optimizer state whose parameter groups differ from the optimizer's, as
+    ``Optimizer.load_state_dict`` does for one process."""
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+    if sizes != saved_sizes:
+        raise ConfigError(
+            f"checkpoint {path}: its optimizer state has parameter groups of sizes {saved_sizes}, the "
+            f"optimizer {sizes}: it was written with another optimizer set-up"
+        )
 
 
 def _plain(optimizer: Any) -> torch.optim.Optimizer:
@@ -192,7 +225,10 @@ def shard_models(
         for layer in model.modules():
             if layer is not model and type(layer).__name__ in layer_classes:
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        # FSDP keeps a root's weights gathered from its forward to its backward; a frozen model (the
+        # reference) has no backward, so its root would stay gathered for good: reshard it after forward.
+        frozen = not any(param.requires_grad for param in model.parameters())
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if frozen else None)
 
 
 def _outermost_models(module: nn.Module) -> Iterator[tuple[str, PreTrainedModel]]:
@@ -204,7 +240,7 @@ def _outermost_models(module: nn.Module) -> Iterator[tuple[str, PreTrainedModel]
             yield name, sub
 
 
-def is_sharded(strategy: Any) -> bool:
+def is_fsdp2(strategy: Any) -> bool:
     """Whether ``strategy`` is this module's FSDP2 strategy."""
     return isinstance(strategy, PreferenceFSDP2Strategy)
 
@@ -230,11 +266,13 @@ def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
     order) and told not to reshard after a forward, so later forwards find their weights in place and
     communicate nothing. FSDP's mark that ``generate()`` reads to sync every decoding step across ranks
     (:data:`FSDP_MARK`) is cleared, because with ranks generating apart that sync would hang. On exit
-    every unit is resharded and its state put back as it was on entry: the marks, the resharding
-    setting, and the order of forwards FSDP records to prefetch in the next backward (each local
-    forward appends to it, so ranks that ran different numbers would prefetch different units and
-    their collectives would not match). Costs one unsharded copy of the sharded models per rank while
-    inside. Forwards inside must not need gradients: a backward would reduce-scatter, a collective.
+    every unit is resharded and the marks and resharding settings are put back as they were. A root
+    that has not run a forward yet is set up on entry, as FSDP would in its first forward: set up
+    inside, it would take the setting made for the local forwards for its own, reshard after every
+    training forward from then on, and the backward's gathers would depend on how many local forwards
+    each rank had run (2 processes measuring unevenly then training hit mismatched collectives).
+    Costs one unsharded copy of the sharded models per rank while inside. Forwards inside must not need
+    gradients: a backward would reduce-scatter, a collective.
 
     Yields whether any unit was gathered.
     """
@@ -249,7 +287,6 @@ def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
         if id(unit) not in inner:  # a root: settle its FSDP set-up now, not in a forward inside
             unit._get_fsdp_state()._lazy_init()
     settings = [_resharding(unit) for unit in units]
-    records = _forward_records(units)
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
@@ -260,8 +297,6 @@ def local_forwards(module: nn.Module) -> Generator[bool, None, None]:
         for unit, setting in zip(units, settings, strict=True):
             _restore_resharding(unit, setting)
             unit.reshard()
-        for record, length in records:
-            del record[length:]
 
 
 @contextmanager
@@ -293,15 +328,3 @@ def _restore_resharding(unit: Any, setting: tuple[bool, list[Any]]) -> None:
     state._auto_reshard_after_forward, meshes = setting
     for group, mesh_info in zip(state._fsdp_param_groups, meshes, strict=True):
         group.post_forward_mesh_info = mesh_info
-
-
-def _forward_records(units: list[Any]) -> list[tuple[list[Any], int]]:
-    """The lists in which FSDP2 records forwards for backward prefetching (the root's order of units
-    and each parameter group's positions in it), each with its length now."""
-    lists: dict[int, list[Any]] = {}
-    for unit in units:
-        state = unit._get_fsdp_state()
-        lists[id(state._comm_ctx.post_forward_order)] = state._comm_ctx.post_forward_order
-        for group in state._fsdp_param_groups:
-            lists[id(group._post_forward_indices)] = group._post_forward_indices
-    return [(record, len(record)) for record in lists.values()]

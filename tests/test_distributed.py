@@ -191,7 +191,11 @@ JOBS = {
         *("--trainer.accelerator", "cpu", "--trainer.devices", "2"),
     ],
     "ddp_bad_record": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
-    "fsdp2": FSDP2_ARGS,
+    # With the divergence monitor, which reads no random numbers here (no samples): one measurement
+    # before the first training forward and one mid-run, each split unevenly over the ranks (8 pairs in
+    # batches of 8: rank 0 runs the one batch), then training goes on with the same numbers.
+    "fsdp2": [*FSDP2_ARGS, "--divergence.enabled", "true", "--divergence.every_n_steps", "3"]
+    + ["--divergence.num_pairs", "8", "--divergence.batch_size", "8", "--divergence.sample_prompts", "0"],
 }
 """The independent two-process fits (2 ranks x batch 2) of the tests below, by name."""
 

@@ -20,7 +20,6 @@ from ipo_lightning.data.collator import PairwiseCollator
 from ipo_lightning.errors import ConfigError
 from ipo_lightning.fsdp2 import (
     PreferenceFSDP2Strategy,
-    _forward_records,
     _resharding,
     local_forwards,
     resolve_gather_dtype,
@@ -74,8 +73,8 @@ def test_local_forwards_run_the_full_weights_and_restore_every_unit(
     tiny_model_dir: Path, single_process_group: None
 ) -> None:
     """Inside, the sharded policy scores and samples as the plain model does with no FSDP mark for
-    ``generate()`` to sync on; on exit the marks, the resharding settings, FSDP's record of forwards
-    (which the next backward's prefetching reads) and the shards are as on entry."""
+    ``generate()`` to sync on; on exit the marks, the resharding settings and the shards are as on
+    entry."""
     module = _module(tiny_model_dir, sharded=True)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     batch = _batch()
@@ -85,8 +84,6 @@ def test_local_forwards_run_the_full_weights_and_restore_every_unit(
         module.forward_pairs(batch)  # a sharded forward first, as training runs before a measurement
     units = [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
     settings = [_resharding(unit) for unit in units]
-    records = [(record, len(record)) for record, _ in _forward_records(units)]
-    assert any(length for _, length in records)
     marked = [sub for sub in module.modules() if is_fsdp_managed_module(sub)]
     assert module.policy.model.embed_tokens in marked
     module.policy.eval()
@@ -105,7 +102,6 @@ def test_local_forwards_run_the_full_weights_and_restore_every_unit(
             )
     assert [sub for sub in module.modules() if is_fsdp_managed_module(sub)] == marked
     assert [_resharding(unit) for unit in units] == settings
-    assert [len(record) for record, _ in records] == [length for _, length in records]  # as on entry
     assert all(isinstance(param, DTensor) for param in module.policy.parameters())
     with local_forwards(torch.nn.Linear(2, 2)) as gathered:  # nothing sharded: nothing to do
         assert not gathered
@@ -131,8 +127,12 @@ def test_checkpoints_hold_what_one_process_saves_and_load_back(
     tiny_model_dir: Path, tmp_path: Path, single_process_group: None
 ) -> None:
     """The optimizer state of a sharded module equals a plain module's ``Optimizer.state_dict`` after the
-    same step (keys are optimizer positions); a plain module's checkpoint loads into a fresh sharded
-    module: weights, moments and step."""
+    same step (keys are optimizer positions), and before any step it is the untouched empty state; a
+    plain module's checkpoint loads into a fresh sharded module: weights, moments and step."""
+    untouched = _module(tiny_model_dir, sharded=True)
+    optimizer = torch.optim.AdamW(list(untouched.policy.parameters()), lr=1e-2)
+    assert _strategy(untouched, optimizer).optimizer_state(optimizer) == optimizer.state_dict()
+    assert not optimizer.state  # saving took no step (torch's gatherer takes one with lr 0)
     plain = _module(tiny_model_dir, sharded=False)
     plain_optimizer = _trained(plain)
     sharded = _module(tiny_model_dir, sharded=True)
@@ -161,16 +161,38 @@ def test_checkpoints_hold_what_one_process_saves_and_load_back(
             torch.testing.assert_close(reloaded["state"][index][name], value, msg=f"{index}.{name}")
 
 
-def test_a_checkpoint_of_another_model_is_refused_by_name(
+def test_a_checkpoint_of_another_model_or_optimizer_is_refused_by_name(
     tiny_model_dir: Path, tmp_path: Path, single_process_group: None
 ) -> None:
+    """As one process refuses them: missing or extra weights, other parameter groups, no optimizer
+    state to resume from."""
     module = _module(tiny_model_dir, sharded=True)
-    state = {key: value for key, value in _full(module).items() if "layers.1." not in key}
-    path = tmp_path / "other.ckpt"
-    torch.save({"state_dict": state, "optimizer_states": []}, path)
-    strategy = _strategy(module, torch.optim.SGD(list(module.policy.parameters()), lr=0.1))
-    with pytest.raises(ConfigError, match=r"other\.ckpt lacks \d+ of the module's weights, e\.g\. policy\."):
-        strategy.load_checkpoint(path)
+    full = _full(module)
+    optimizer = torch.optim.SGD(list(module.policy.parameters()), lr=0.1)
+    strategy = _strategy(module, optimizer)
+    state = optimizer.state_dict()
+    two_groups = {
+        "state": {},
+        "param_groups": [{**group, "params": group["params"][:1]} for group in [state["param_groups"][0]]]
+        + [{**state["param_groups"][0], "params": state["param_groups"][0]["params"][1:]}],
+    }
+    cases = {
+        "lacks": ({k: v for k, v in full.items() if "layers.1." not in k}, [state]),
+        "extra": ({**full, "policy.extra.weight": torch.zeros(1)}, [state]),
+        "groups": (full, [two_groups]),
+        "no_optimizer": (full, []),
+    }
+    expected = {
+        "lacks": r"lacks \d+ of the module's weights, e\.g\. policy\.model\.layers\.1\.",
+        "extra": r"holds 1 weights the module has not, e\.g\. policy\.extra\.weight",
+        "groups": r"parameter groups of sizes \[1, \d+\], the optimizer \[\d+\]",
+        "no_optimizer": r"holds 0 optimizer states for 1 optimizers",
+    }
+    for name, (weights, optimizer_states) in cases.items():
+        path = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": weights, "optimizer_states": optimizer_states}, path)
+        with pytest.raises(ConfigError, match=rf"checkpoint .*{name}\.ckpt.*{expected[name]}"):
+            strategy.load_checkpoint(path)
 
 
 def test_the_merge_from_a_state_dict_equals_the_merge_of_a_copy(

@@ -262,7 +262,7 @@ def _merged_lora(
     (:func:`merged_from_state_dict`). DDP, ZeRO-2 and one process hold whole weights already. ZeRO-3
     is refused with LoRA at start-up (:func:`ipo_lightning.distributed.check_lora_strategy`).
     """
-    if fsdp2.is_sharded(trainer.strategy):  # its units cannot be copied: merge from the gathered weights
+    if fsdp2.is_fsdp2(trainer.strategy):  # its units cannot be copied: merge from the gathered weights
         state_dict = full_policy_state_dict(trainer, pl_module, attribute)
         if state_dict is None:
             return None, None
