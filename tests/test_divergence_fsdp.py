@@ -1,5 +1,6 @@
-"""The divergence monitor under configs/strategy/fsdp.yaml and fsdp2.yaml: two CPU processes with a
-sharded policy (and, under FSDP2, a sharded reference) log what one process without FSDP logs."""
+"""The divergence monitor and the generation evaluation under configs/strategy/fsdp.yaml and fsdp2.yaml:
+two CPU processes with a sharded policy (and, under FSDP2, a sharded reference) log what one process
+without FSDP logs. (The generation evaluation under DDP: tests/test_generation_eval_ddp.py.)"""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(handle) if row.get("divergence/kl")]
 
 
+def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [row for row in csv.DictReader(handle) if row.get("gen/reward")]
+
+
+def _generation_samples(root: Path) -> list[dict]:
+    lines = (root / "version_0" / "generation_samples.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def _samples(run_dir: Path) -> list[dict]:
     lines = (run_dir / "divergence_samples.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -36,7 +47,8 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
     tmp_path = tmp_path_factory.mktemp("divergence_fsdp")
     # A reference unlike the policy: every metric is non-zero at step 0, where both runs hold the same
     # weights. 6 pairs in batches of 2 and 3 prompts split unevenly over 2 ranks, so the ranks run
-    # different numbers of forwards and generate() calls while the weights are sharded.
+    # different numbers of forwards and generate() calls while the weights are sharded; the generation
+    # evaluation's 3 prompts (2 samples each) split the same way.
     reference_dir = save_tiny_model(
         tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
     )
@@ -44,7 +56,7 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
     config = {
         "seed_everything": 0,
         "trainer": {
-            "max_steps": 2,
+            "max_steps": 1,
             "limit_val_batches": 0,
             "enable_progress_bar": False,
             "enable_checkpointing": False,
@@ -64,7 +76,16 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
             "sample_prompts": 3,
             "max_new_tokens": 4,
         },
+        "generation": {
+            "reward": "tests.test_generation_eval:distinct_tokens",
+            "prompts": 3,
+            "samples_per_prompt": 2,
+            "max_new_tokens": 6,
+            "batch_size": 4,
+            "every_n_steps": 1,
+        },
         "export": {"enabled": False},
+        "wandb": {"enabled": False},
     }
     config_path = write_config(tmp_path / "config.yaml", config)
     fit = ["fit", "--config", str(config_path)]
@@ -104,21 +125,28 @@ def test_sharded_run_measures_what_one_process_measures(
     single, fsdp = tmp_path / "single", tmp_path / strategy
     single_rows = _divergence_rows(single / "version_0")
     fsdp_rows = _divergence_rows(fsdp / "version_0")
-    assert [row["step"] for row in single_rows] == [row["step"] for row in fsdp_rows] == ["0", "1", "2"]
+    assert [row["step"] for row in single_rows] == [row["step"] for row in fsdp_rows] == ["0", "1"]
     names = [name for name in single_rows[0] if name.startswith("divergence/") and single_rows[0][name]]
     assert {"divergence/kl", "divergence/seq_kl", "divergence/logratio/margin_std"} <= set(names)
     for name in names:  # step 0: the same weights, so the same numbers
         expected = float(single_rows[0][name])
         assert expected != 0.0, name
         assert float(fsdp_rows[0][name]) == pytest.approx(expected, rel=1e-5), name
-    # Steps 1 and 2: after optimizer steps on the sharded policy (each after an uneven measurement),
-    # the measurements see the trained weights.
+    # Step 1: after one optimizer step on the sharded policy, the measurement sees the trained weights.
     assert float(fsdp_rows[1]["divergence/kl"]) != pytest.approx(
         float(fsdp_rows[0]["divergence/kl"]), rel=1e-3
     )
-    for step in (1, 2):
-        for name in ("divergence/kl", "divergence/kl_reverse", "divergence/logratio/margin_mean"):
-            actual, expected = float(fsdp_rows[step][name]), float(single_rows[step][name])
-            assert actual == pytest.approx(expected, rel=1e-4), (step, name)
+    for name in ("divergence/kl", "divergence/kl_reverse", "divergence/logratio/margin_mean"):
+        assert float(fsdp_rows[1][name]) == pytest.approx(float(single_rows[1][name]), rel=1e-4), name
     # Rank 0 wrote the samples of all three prompts, the ones one process draws.
     assert _samples(fsdp / "version_0")[:3] == _samples(single / "version_0")[:3]
+
+    # The generation evaluation at step 0: each rank generates and scores its prompts with the full
+    # weights, gathered exactly, so the numbers and samples are one process's.
+    single_gen, fsdp_gen = _gen_rows(single / "version_0"), _gen_rows(fsdp / "version_0")
+    assert [row["step"] for row in single_gen] == [row["step"] for row in fsdp_gen] == ["0", "1"]
+    assert float(single_gen[0]["gen/win_rate"]) != 0.5  # policy and reference differ
+    for name in [column for column in single_gen[0] if column.startswith("gen/") and single_gen[0][column]]:
+        assert float(fsdp_gen[0][name]) == pytest.approx(float(single_gen[0][name]), rel=1e-9), name
+    first = [[row for row in _generation_samples(run) if row["step"] == 0] for run in (single, fsdp)]
+    assert len(first[0]) == 3 * 2 and first[1] == first[0]

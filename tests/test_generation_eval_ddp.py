@@ -1,5 +1,5 @@
-"""The generation evaluation under DDP and FSDP (configs/strategy/fsdp.yaml): two CPU processes, each
-judging a share of the prompts, log and write what one process does."""
+"""The generation evaluation under DDP: two CPU processes, each judging a share of the prompts, log and
+write what one process does. (Under FSDP and FSDP2: tests/test_divergence_fsdp.py.)"""
 
 from __future__ import annotations
 
@@ -12,27 +12,9 @@ import pytest
 
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import REPO, polite_pairs, run_cli_in_process, run_clis, write_config, write_jsonl
+from tests.helpers import polite_pairs, run_cli_in_process, run_clis, write_config, write_jsonl
 
-TWO_PROCESSES = {
-    "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
-    "fsdp": [
-        "--config",
-        str(REPO / "configs" / "strategy" / "fsdp.yaml"),
-        # After the strategy config, which names GPUs.
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
-        "--data.batch_size",
-        "1",
-    ],
-    "fsdp2": [
-        *("--config", str(REPO / "configs" / "strategy" / "fsdp2.yaml")),
-        *("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "1"),
-    ],
-}
+TWO_PROCESSES = {"ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"]}
 
 
 def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -43,12 +25,12 @@ def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, dict[str, str]]:
     """The fits the cases compare, one process and two per strategy of :data:`TWO_PROCESSES`, all at the
-    same time: the folder holding their run folders (``single``, ``ddp``, ``fsdp``) and what failed (run ->
-    its output's tail)."""
+    same time: the folder holding their run folders (``single``, ``ddp``) and what failed (run -> its
+    output's tail)."""
     tmp_path = tmp_path_factory.mktemp("generation_fits")
     # A reference other than the policy: wins and losses at step 0, not only ties. Three prompts split
     # unevenly (two and one) over two ranks, so the ranks make different numbers of generate() calls
-    # (rank 0 two policy calls, of 4 and 2 rows; rank 1 one, of 3 rows) with the policy sharded under FSDP.
+    # (rank 0 two policy calls, of 4 and 2 rows; rank 1 one, of 3 rows).
     reference_dir = save_tiny_model(
         tmp_path / "reference", CORPUS, vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=1
     )
@@ -110,8 +92,7 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
     assert [row["step"] for row in single] == [row["step"] for row in two] == ["0", "1"]
     assert float(single[0]["gen/win_rate"]) != 0.5  # policy and reference differ
     assert float(single[0]["gen/kl"]) != 0.0  # and the KL of the split-scored samples is compared below
-    # Step 0 holds the same weights in all runs (after it, DDP has trained on twice the pairs). Under
-    # FSDP each rank generates and scores with the policy's full weights, gathered exactly.
+    # Step 0 holds the same weights in all runs (after it, DDP has trained on twice the pairs).
     for name in [column for column in single[0] if column.startswith("gen/")]:
         assert float(two[0][name]) == pytest.approx(float(single[0][name]), rel=1e-9), name
 
