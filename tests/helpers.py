@@ -80,8 +80,8 @@ class StepPacer(Callback):
 class ShardSizes(Callback):
     """Test callback: each rank writes how many elements of each top-level submodule's parameters it
     holds (a sharded parameter counts its local shard) to ``<folder>/shards_rank<rank>.json`` after
-    the first training step (after a forward, a backward and an optimizer step, so a unit FSDP kept
-    gathered counts whole), beside each submodule's full element count. It draws no random numbers.
+    the fit's first training step (after a forward, a backward and an optimizer step, so a unit FSDP
+    kept gathered counts whole), beside each submodule's full element count. It draws no random numbers.
 
     Args:
         folder: where the files go.
@@ -89,10 +89,12 @@ class ShardSizes(Callback):
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
+        self.written = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step != 1:
+        if self.written:
             return
+        self.written = True
         from torch.distributed.tensor import DTensor
 
         sizes: dict[str, dict[str, int]] = {}

@@ -191,11 +191,6 @@ JOBS = {
         *("--trainer.accelerator", "cpu", "--trainer.devices", "2"),
     ],
     "ddp_bad_record": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
-    # With the divergence monitor, which reads no random numbers here (no samples): one measurement
-    # before the first training forward and one mid-run, each split unevenly over the ranks (8 pairs in
-    # batches of 8: rank 0 runs the one batch), then training goes on with the same numbers.
-    "fsdp2": [*FSDP2_ARGS, "--divergence.enabled", "true", "--divergence.every_n_steps", "3"]
-    + ["--divergence.num_pairs", "8", "--divergence.batch_size", "8", "--divergence.sample_prompts", "0"],
 }
 """The independent two-process fits (2 ranks x batch 2) of the tests below, by name."""
 
@@ -209,8 +204,8 @@ def two_process_jobs(
     Independent runs: together they keep both cores busy while each one's second rank starts up
     (imports), which one run alone leaves to one core; the one-process reference fits in this process
     meanwhile. ``ddp_bad_record``'s training file ends with a record that has no rejected reply
-    (record 16). ``fsdp2`` records its ranks' shard sizes (:class:`tests.helpers.ShardSizes`). Once the
-    reference fit is done, ``fsdp2_resumed`` resumes from its step-4 checkpoint under FSDP2.
+    (record 16). Once the reference fit is done, ``fsdp2`` resumes from its step-4 checkpoint under
+    FSDP2 and records its ranks' shard sizes (:class:`tests.helpers.ShardSizes`).
     """
     tracker = Processes()
     started = {}
@@ -233,7 +228,7 @@ def two_process_jobs(
         # After every start: the in-process fit sets os.environ entries no child should inherit.
         single = request.getfixturevalue("single_process_run")
         (step_4,) = (single.parents[1] / "steps").glob("*step=4.ckpt")
-        start("fsdp2_resumed", [*FSDP2_ARGS, "--ckpt_path", str(step_4)])
+        start("fsdp2", [*FSDP2_ARGS, "--ckpt_path", str(step_4)])
         return {
             name: Job(folder, tracker.wait(process, log, deadline), log)
             for name, (folder, process, log) in started.items()
@@ -288,12 +283,13 @@ def _checkpoint_state(folder: Path, pattern: str = "*.ckpt") -> dict[str, torch.
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_match_one_process_with_the_reference_sharded(
+def test_fsdp2_resumes_one_process_checkpoint_and_trains_as_it_did_with_the_reference_sharded(
     two_process_jobs: dict[str, Job], single_process_run: Path
 ) -> None:
-    """configs/strategy/fsdp2.yaml on 2 CPU processes: policy and reference both sharded, each rank
-    holding its half; the loss curve, the export and the checkpoint (one full file, no reference)
-    equal one process's."""
+    """configs/strategy/fsdp2.yaml on 2 CPU processes, resumed from one process's step-4 checkpoint
+    (weights, optimizer, loops and random states into the sharded module): policy and reference both
+    sharded, each rank holding its half after a step; steps 5-8, the export and the final checkpoint
+    (one full file, no reference) equal that process's."""
     job = two_process_jobs["fsdp2"]
     assert job.code == 0, job.log.read_text()[-4000:]
     run_dir = job.folder / "runs" / "version_0"
@@ -302,28 +298,15 @@ def test_fsdp2_two_processes_match_one_process_with_the_reference_sharded(
         full = ranks[0][name]["full"]
         assert sum(rank[name]["local"] for rank in ranks) == full, name
         assert all(rank[name]["local"] < 0.6 * full for rank in ranks), name  # about half each
-    _assert_same_losses(_train_losses(run_dir), _train_losses(single_process_run))
+    losses, single = _train_losses(run_dir), _train_losses(single_process_run)
+    assert len(losses) == MAX_STEPS // 2
+    _assert_same_losses(losses, single[MAX_STEPS // 2 :])
     _assert_same_weights(_weights(run_dir), _weights(single_process_run))
     state = _checkpoint_state(run_dir / "checkpoints")
     assert not any(key.startswith("reference.") for key in state)
     expected = _checkpoint_state(single_process_run.parents[1] / "steps", f"*step={MAX_STEPS}.ckpt")
     assert state.keys() == expected.keys()
     _assert_same_weights(state, expected)
-
-
-@pytest.mark.slow
-def test_fsdp2_resumes_a_checkpoint_where_one_process_left_it(
-    two_process_jobs: dict[str, Job], single_process_run: Path
-) -> None:
-    """FSDP2 on 2 processes resumed from one process's step-4 checkpoint (weights, optimizer, loops and
-    random states into the sharded module) trains steps 5-8 as that process did."""
-    job = two_process_jobs["fsdp2_resumed"]
-    assert job.code == 0, job.log.read_text()[-4000:]
-    run_dir = job.folder / "runs" / "version_0"
-    losses, single = _train_losses(run_dir), _train_losses(single_process_run)
-    assert len(losses) == MAX_STEPS // 2
-    _assert_same_losses(losses, single[MAX_STEPS // 2 :])
-    _assert_same_weights(_weights(run_dir), _weights(single_process_run))
 
 
 @pytest.mark.slow

@@ -250,3 +250,27 @@ def test_gather_dtype_follows_the_precision_and_gathers_in_it(
             chunk_size=64,
         )
     assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
+
+
+def test_a_root_first_run_in_local_forwards_is_set_up_as_a_training_forward_sets_it_up(
+    tiny_model_dir: Path, single_process_group: None
+) -> None:
+    """A measurement before the first training forward (step 0) must leave each root as its first
+    training forward would have: not resharding after forward (FSDP's choice for a root it sets up
+    itself), the reference's root resharding. A root set up inside would keep the local forwards'
+    setting, and with 2 processes, one of which ran no local forward, their collectives then differ."""
+    first_trained, first_measured = (_module(tiny_model_dir, sharded=True) for _ in range(2))
+    batch = _batch()
+    with torch.no_grad():
+        first_trained.forward_pairs(batch)
+        with local_forwards(first_measured):
+            first_measured.forward_pairs(batch)
+    for module in (first_trained, first_measured):
+        module.forward_pairs(batch)[0].backward()
+    trained, measured = (
+        [_resharding(root) for root in (module.policy, module.reference.model)]
+        for module in (first_trained, first_measured)
+    )
+    assert measured == trained
+    assert trained[0][1] == [None]  # the policy root stays gathered until its backward
+    assert trained[1][1] != [None]  # the frozen reference's root reshards after forward
