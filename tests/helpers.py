@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning as L
@@ -479,3 +481,17 @@ def logged_values(metrics_csv: Path, prefixes: tuple[str, ...]) -> dict[tuple[in
                 if value and name.startswith(prefixes):
                     values[int(row["step"]), name] = float(value)
     return values
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as module ``name`` (benchmarks are scripts, not a package),
+    taken out of ``sys.modules`` again on exit."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

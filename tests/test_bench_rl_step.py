@@ -3,8 +3,7 @@ are asserted: only that every number is produced, consistent and positive)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -14,19 +13,13 @@ import torch
 import ipo_lightning.rl.module as on_policy
 from ipo_lightning.generation import generate_completions
 from ipo_lightning.rl.rollout import score_rows
-from tests.helpers import REPO, polite_pairs, write_jsonl
+from tests.helpers import benchmark_module, polite_pairs, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("rl_step", REPO / "benchmarks" / "rl_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
+def bench() -> Iterator[ModuleType]:
+    with benchmark_module("rl_step") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _setup(bench: ModuleType, model_dir: Path, tmp_path: Path, **overrides: object):

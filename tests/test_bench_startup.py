@@ -3,26 +3,20 @@ every number is produced and consistent, and the table shows them)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, benchmark_module
 
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("startup", REPO / "benchmarks" / "startup.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
+def bench() -> Iterator[ModuleType]:
+    with benchmark_module("startup") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_table_shows_each_checkout_and_the_ratio_to_its_floor(bench: ModuleType) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -13,19 +13,13 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from tests.helpers import REPO
+from tests.helpers import REPO, benchmark_module
 
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
+def bench() -> Iterator[ModuleType]:
+    with benchmark_module("throughput") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_registry_holds_every_mode_and_the_default_list(bench) -> None:

@@ -14,6 +14,7 @@ from ipo_lightning.cli import main
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
 from tests.helpers import REPO, polite_pairs, run_clis, write_config, write_jsonl
+from tests.test_generation_eval import SPLIT_GENERATION
 
 
 def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -76,14 +77,7 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
             "sample_prompts": 3,
             "max_new_tokens": 4,
         },
-        "generation": {
-            "reward": "tests.test_generation_eval:distinct_tokens",
-            "prompts": 3,
-            "samples_per_prompt": 2,
-            "max_new_tokens": 6,
-            "batch_size": 4,
-            "every_n_steps": 1,
-        },
+        "generation": SPLIT_GENERATION,
         "export": {"enabled": False},
         "wandb": {"enabled": False},
     }

@@ -34,6 +34,15 @@ from ipo_lightning.rewards import load_reward
 from tests.helpers import polite_pairs, write_jsonl
 
 REWARD = "tests.test_generation_eval:distinct_tokens"
+SPLIT_GENERATION = {
+    "reward": REWARD,
+    "prompts": 3,
+    "samples_per_prompt": 2,
+    "max_new_tokens": 6,
+    "batch_size": 4,
+    "every_n_steps": 1,
+}
+"""The ``generation`` section of the multi-process tests: 3 prompts, which 2 ranks split unevenly."""
 
 
 def distinct_tokens(prompts: list[str], completions: list[str]) -> list[float]:

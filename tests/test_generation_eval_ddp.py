@@ -13,6 +13,7 @@ import pytest
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
 from tests.helpers import polite_pairs, run_cli_in_process, run_clis, write_config, write_jsonl
+from tests.test_generation_eval import SPLIT_GENERATION
 
 TWO_PROCESSES = {"ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"]}
 
@@ -47,14 +48,7 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
         "model": {"model_name_or_path": str(tiny_model_dir), "reference_name_or_path": str(reference_dir)},
         "data": {"train": {"path": str(train)}, "max_length": 64, "max_prompt_length": 32, "batch_size": 2},
         "divergence": {"enabled": False},
-        "generation": {
-            "reward": "tests.test_generation_eval:distinct_tokens",
-            "prompts": 3,
-            "samples_per_prompt": 2,
-            "max_new_tokens": 6,
-            "batch_size": 4,
-            "every_n_steps": 1,
-        },
+        "generation": SPLIT_GENERATION,
         "export": {"enabled": False},
     }
     config_path = write_config(tmp_path / "config.yaml", config)
