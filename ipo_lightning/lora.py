@@ -179,8 +179,12 @@ def merged_from_state_dict(policy: PeftModel, state_dict: dict[str, torch.Tensor
 
 def _plain_class(model: nn.Module) -> type[PreTrainedModel]:
     """The Hugging Face class of ``model``, under the subclass FSDP2 makes of it in place."""
+    from torch.distributed.fsdp import FSDPModule
+
     return next(
-        cls for cls in type(model).__mro__ if issubclass(cls, PreTrainedModel) and "FSDP" not in cls.__name__
+        cls
+        for cls in type(model).__mro__
+        if issubclass(cls, PreTrainedModel) and not issubclass(cls, FSDPModule)
     )
 
 

@@ -103,39 +103,39 @@ def test_two_processes_sample_log_and_train_what_one_process_does(
         _assert_same_run(tmp_path / name / "version_0", single, tiny_model_dir, method)
 
 
-def _assert_same_run(ddp: Path, single: Path, tiny_model_dir: Path, method: str) -> None:
-    """A two-process run ``ddp`` sampled, logged and trained what the one-process run ``single`` did."""
-    assert len(list((ddp.parent / "records").glob("*.jsonl"))) == 2
+def _assert_same_run(two: Path, single: Path, tiny_model_dir: Path, method: str) -> None:
+    """A two-process run ``two`` sampled, logged and trained what the one-process run ``single`` did."""
+    assert len(list((two.parent / "records").glob("*.jsonl"))) == 2
 
     # The same samples and rewards, call by call: 3 training steps of 4 prompts, then validation
     # (1 call per rank, 2 per single process over its 2 batches of 2 prompts).
-    single_calls, ddp_calls = _calls(single), _calls(ddp)
+    single_calls, two_calls = _calls(single), _calls(two)
     k = 4 if method == "rloo" else 2
-    assert [len(call) for call in ddp_calls] == [GLOBAL_BATCH * k] * STEPS + [4 * k]
-    assert ddp_calls[:STEPS] == single_calls[:STEPS]
-    assert ddp_calls[STEPS] == sorted(single_calls[STEPS] + single_calls[STEPS + 1])
-    assert len({json.dumps(call) for call in ddp_calls[:STEPS]}) == STEPS  # each step draws anew
+    assert [len(call) for call in two_calls] == [GLOBAL_BATCH * k] * STEPS + [4 * k]
+    assert two_calls[:STEPS] == single_calls[:STEPS]
+    assert two_calls[STEPS] == sorted(single_calls[STEPS] + single_calls[STEPS + 1])
+    assert len({json.dumps(call) for call in two_calls[:STEPS]}) == STEPS  # each step draws anew
 
     # train/* per step is the mean over both ranks' samples (torchmetrics sums values and counts over
     # the ranks), val/* over both ranks' prompts. Rewards are exact. Log-prob values (kl, loss, ...) come
     # from forwards over batches of other shapes and float32 sums in another order: a few ulp of values
     # up to ~30 (measured: at most 2e-6 apart), so 1e-5; a wrong split or seed moves them by ~0.1.
-    single_metrics, ddp_metrics = _metrics(single), _metrics(ddp)
-    assert single_metrics.keys() == ddp_metrics.keys()
+    single_metrics, two_metrics = _metrics(single), _metrics(two)
+    assert single_metrics.keys() == two_metrics.keys()
     assert {name for _, name in single_metrics} >= {"train/loss", "train/reward", "train/kl", "val/reward"}
     assert len({step for step, name in single_metrics if name == "train/loss"}) == STEPS
     for key, value in single_metrics.items():
-        assert ddp_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+        assert two_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
-    # The trained weights: DDP's all-reduce averages the two ranks' gradients of their per-rank mean
-    # losses, which is the gradient of the global mean (equal per-rank batches); only the float32
-    # summation order differs, by ~1e-7 of a gradient, times lr 0.02 over 3 steps (measured: at most
-    # 1e-8 apart, while training moved weights by 8e-3 to 6e-2).
+    # The trained weights: DDP's all-reduce (FSDP2's reduce-scatter) averages the two ranks' gradients
+    # of their per-rank mean losses, which is the gradient of the global mean (equal per-rank batches);
+    # only the float32 summation order differs, by ~1e-7 of a gradient, times lr 0.02 over 3 steps
+    # (measured under DDP: at most 1e-8 apart, while training moved weights by 8e-3 to 6e-2).
     start = load_file(tiny_model_dir / "model.safetensors")
     single_weights = load_file(single / "hf_model" / "model.safetensors")
-    ddp_weights = load_file(ddp / "hf_model" / "model.safetensors")
-    assert single_weights.keys() == ddp_weights.keys()
+    two_weights = load_file(two / "hf_model" / "model.safetensors")
+    assert single_weights.keys() == two_weights.keys()
     moved = max(float((single_weights[name] - start[name]).abs().max()) for name in start)
     assert moved > 1e-3  # training changed the weights far beyond the tolerance below
     for name, value in single_weights.items():
-        torch.testing.assert_close(ddp_weights[name], value, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(two_weights[name], value, rtol=0, atol=1e-6, msg=name)
