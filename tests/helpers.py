@@ -26,6 +26,8 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from tests.ranks import Torchrun, TorchrunRanks
+
 REPO = Path(__file__).resolve().parents[1]
 """The repository root: configs/, scripts/ and benchmarks/ are read from here, and children import it."""
 # Set by launchers (torchrun, SLURM, Lightning's DDP); a child inheriting them would join another job.
@@ -221,9 +223,47 @@ def run_cli(
     return result
 
 
+class _CliChild:
+    """One ``python -m ipo_lightning ARGS`` child of :func:`run_clis`, leading its own process group."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str]) -> None:
+        self._output, self._errors = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self._process = subprocess.Popen(
+            cli_command(*args),
+            env=dict(env),
+            stdout=self._output,
+            stderr=self._errors,
+            text=True,
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the child to end; False if it is still running."""
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self) -> None:
+        """Kill the child's process group (DDP's second rank is a child of the first)."""
+        if self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        """Exit code, stdout and stderr; closes the output files."""
+        streams = []
+        for handle in (self._output, self._errors):
+            handle.seek(0)
+            streams.append(handle.read())
+            handle.close()
+        return subprocess.CompletedProcess(self._process.args, self._process.returncode, *streams)
+
+
 def run_clis(
     tmp_path: Path,
-    *commands: Sequence[str],
+    *commands: Sequence[str] | Torchrun,
     timeout: float = 300,
     env: Mapping[str, str] | None = None,
     envs: Sequence[Mapping[str, str]] | None = None,
@@ -231,7 +271,8 @@ def run_clis(
 ) -> list[subprocess.CompletedProcess[str]]:
     """Run independent ``python -m ipo_lightning ARGS`` commands at the same time, each as
     :func:`run_cli` runs one (``env`` added to every child's, ``envs[i]`` to command i's); their
-    results in the order given.
+    results in the order given. A :class:`tests.ranks.Torchrun` command runs as torchrun runs it, its
+    ranks forked from a process that imported the CLI once; its result holds every rank's output.
 
     The test process only waits on its children, so a second child uses a core it would leave idle.
     Output goes to files rather than pipes: a child never blocks on a full pipe while another is waited on.
@@ -240,45 +281,22 @@ def run_clis(
     ``os.environ`` reaches them), before they are waited on: a one-process fit to compare with them
     runs there without a child's start-up. Should it raise, the children are killed.
     """
-    started = []
-    for index, args in enumerate(commands):
-        output, errors = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        own = envs[index] if envs is not None else {}
-        process = subprocess.Popen(
-            cli_command(*args),
-            env=subprocess_env(tmp_path, **(env or {}), **own),
-            stdout=output,
-            stderr=errors,
-            text=True,
-            start_new_session=True,
-        )
-        started.append((args, process, output, errors))
+    started: list[tuple[str, _CliChild | TorchrunRanks]] = []
     try:
+        for index, command in enumerate(commands):
+            child_env = subprocess_env(tmp_path, **(env or {}), **(envs[index] if envs is not None else {}))
+            if isinstance(command, Torchrun):
+                started.append((" ".join(command.command_line()), TorchrunRanks(command, child_env)))
+            else:
+                started.append((" ".join(command), _CliChild(command, child_env)))
         if meanwhile is not None:
             meanwhile()
-    except BaseException:
-        for _, process, output, errors in started:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            output.close()
-            errors.close()
-        raise
-    deadline = time.monotonic() + timeout
-    results, late = [], []
-    for args, process, output, errors in started:
-        try:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            late.append(" ".join(args))
-        output.seek(0)
-        errors.seek(0)
-        results.append(
-            subprocess.CompletedProcess(process.args, process.returncode, output.read(), errors.read())
-        )
-        output.close()
-        errors.close()
+        deadline = time.monotonic() + timeout
+        late = [name for name, child in started if not child.wait(max(deadline - time.monotonic(), 0.1))]
+    finally:
+        for _, child in started:
+            child.kill()
+    results = [child.result() for _, child in started]
     if late:
         pytest.fail(f"{'; '.join(late)} did not finish within {timeout} s")
     return results

@@ -12,6 +12,7 @@ from ipo_lightning.cli import main
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
 from tests.helpers import polite_pairs, run_clis, write_config, write_jsonl
+from tests.ranks import Torchrun
 
 
 def _divergence_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -53,17 +54,18 @@ def test_ddp_shards_the_measurement_and_logs_what_one_process_logs(
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single_args = ["--trainer.default_root_dir", str(single), "--trainer.devices", "1"]
     ddp_args = ["--trainer.default_root_dir", str(ddp), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    two = Torchrun(["fit", "--config", str(config_path), *ddp_args])
     # Independent fits, both at once: the one-process fit in this process (the CLI's entry point)
     # while the two-process one runs.
     results = run_clis(
         tmp_path,
-        ["fit", "--config", str(config_path), *ddp_args],
+        two,
         meanwhile=lambda: main(["fit", "--config", str(config_path), *single_args]),
     )
     for result in results:
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
-    single_rows, ddp_rows = _divergence_rows(single / "version_0"), _divergence_rows(ddp / "version_0")
+    single_rows, ddp_rows = _divergence_rows(single / "version_0"), _divergence_rows(ddp / two.folder)
     assert [row["step"] for row in single_rows] == [row["step"] for row in ddp_rows] == ["0", "1"]
     names = [name for name in single_rows[0] if name.startswith("divergence/")]
     assert {"divergence/kl", "divergence/seq_kl", "divergence/logratio/margin_std"} <= set(names)
@@ -74,9 +76,9 @@ def test_ddp_shards_the_measurement_and_logs_what_one_process_logs(
 
     # Rank 0 wrote the samples of all three prompts, the same ones one process draws.
     def samples(run_dir: Path) -> list[dict]:
-        lines = (run_dir / "version_0" / "divergence_samples.jsonl").read_text().splitlines()
+        lines = (run_dir / "divergence_samples.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines]
 
-    single_samples, ddp_samples = samples(single), samples(ddp)
+    single_samples, ddp_samples = samples(single / "version_0"), samples(ddp / two.folder)
     assert [row["step"] for row in ddp_samples] == [0, 0, 0, 1, 1, 1]
     assert ddp_samples[:3] == single_samples[:3]

@@ -14,6 +14,7 @@ from ipo_lightning.cli import main
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
 from tests.helpers import REPO, polite_pairs, run_clis, write_config, write_jsonl
+from tests.ranks import Torchrun
 from tests.test_generation_eval import SPLIT_GENERATION
 
 
@@ -27,8 +28,8 @@ def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(handle) if row.get("gen/reward")]
 
 
-def _generation_samples(root: Path) -> list[dict]:
-    lines = (root / "version_0" / "generation_samples.jsonl").read_text().splitlines()
+def _generation_samples(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "generation_samples.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -41,10 +42,12 @@ STRATEGIES = ("fsdp.yaml", "fsdp2.yaml")
 
 
 @pytest.fixture(scope="module")
-def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, dict[str, str]]:
-    """One fit in one process and one on two processes per strategy config of :data:`STRATEGIES`, all at
-    the same time: the folder holding their run folders (``single`` and each config's name) and what
-    failed (run -> its output's tail)."""
+def fits(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """One fit in one process and one on two processes (torchrun) per strategy config of
+    :data:`STRATEGIES`, all at the same time: their run folders (``single`` and each config's name) and
+    what failed (run -> its output's tail)."""
     tmp_path = tmp_path_factory.mktemp("divergence_fsdp")
     # A reference unlike the policy: every metric is non-zero at step 0, where both runs hold the same
     # weights. 6 pairs in batches of 2 and 3 prompts split unevenly over 2 ranks, so the ranks run
@@ -97,28 +100,27 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
         name: [*args, "--trainer.default_root_dir", str(tmp_path / name)]
         for name, args in {"single": single, **sharded}.items()
     }
+    runs = {name: Torchrun(commands[name]) for name in STRATEGIES}
     # The one-process fit runs in this process (the CLI's entry point) while the others run.
-    results = run_clis(
-        tmp_path, *(commands[name] for name in STRATEGIES), meanwhile=lambda: main(commands["single"])
-    )
+    results = run_clis(tmp_path, *runs.values(), meanwhile=lambda: main(commands["single"]))
     failed = {
         name: (result.stdout + result.stderr)[-3000:]
         for name, result in zip(STRATEGIES, results, strict=True)
         if result.returncode != 0
     }
-    return tmp_path, failed
+    folders = {name: tmp_path / name / run.folder for name, run in runs.items()}
+    return {"single": tmp_path / "single" / "version_0", **folders}, failed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sharded_run_measures_what_one_process_measures(
-    fits: tuple[Path, dict[str, str]], strategy: str
+    fits: tuple[dict[str, Path], dict[str, str]], strategy: str
 ) -> None:
-    tmp_path, failed = fits
+    run_dirs, failed = fits
     assert strategy not in failed, failed[strategy]
-    single, fsdp = tmp_path / "single", tmp_path / strategy
-    single_rows = _divergence_rows(single / "version_0")
-    fsdp_rows = _divergence_rows(fsdp / "version_0")
+    single, fsdp = run_dirs["single"], run_dirs[strategy]
+    single_rows, fsdp_rows = _divergence_rows(single), _divergence_rows(fsdp)
     assert [row["step"] for row in single_rows] == [row["step"] for row in fsdp_rows] == ["0", "1"]
     names = [name for name in single_rows[0] if name.startswith("divergence/") and single_rows[0][name]]
     assert {"divergence/kl", "divergence/seq_kl", "divergence/logratio/margin_std"} <= set(names)
@@ -133,11 +135,11 @@ def test_sharded_run_measures_what_one_process_measures(
     for name in ("divergence/kl", "divergence/kl_reverse", "divergence/logratio/margin_mean"):
         assert float(fsdp_rows[1][name]) == pytest.approx(float(single_rows[1][name]), rel=1e-4), name
     # Rank 0 wrote the samples of all three prompts, the ones one process draws.
-    assert _samples(fsdp / "version_0")[:3] == _samples(single / "version_0")[:3]
+    assert _samples(fsdp)[:3] == _samples(single)[:3]
 
     # The generation evaluation at step 0: each rank generates and scores its prompts with the full
     # weights, gathered exactly, so the numbers and samples are one process's.
-    single_gen, fsdp_gen = _gen_rows(single / "version_0"), _gen_rows(fsdp / "version_0")
+    single_gen, fsdp_gen = _gen_rows(single), _gen_rows(fsdp)
     assert [row["step"] for row in single_gen] == [row["step"] for row in fsdp_gen] == ["0", "1"]
     assert float(single_gen[0]["gen/win_rate"]) != 0.5  # policy and reference differ
     for name in [column for column in single_gen[0] if column.startswith("gen/") and single_gen[0][column]]:

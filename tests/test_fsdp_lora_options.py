@@ -17,7 +17,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from tests.helpers import REPO, fit_config, logged_values, polite_pairs, run_clis, write_config, write_jsonl
+from tests.helpers import (
+    REPO,
+    fit_config,
+    logged_values,
+    polite_pairs,
+    run_clis,
+    write_config,
+    write_jsonl,
+)
+from tests.ranks import Torchrun
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 STEPS, LAYERS = 3, 2  # the tiny model's decoder layers
@@ -26,6 +35,8 @@ FITS = {
     "precomputed": {"reference": "precomputed"},
 }
 """The model options of each case, over a LoRA policy."""
+RUN_FOLDER = Torchrun([]).folder
+"""The run folder of each fit in its folder (torchrun's)."""
 FSDP_ARGS = [
     *("--config", str(REPO / "configs" / "strategy" / "fsdp.yaml")),
     # After the strategy config, which names GPUs. One rank's batch of 1 pair: the global batch of 2.
@@ -78,14 +89,14 @@ def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """Both cases, one process and FSDP on two, all four fits at the same time: the folder holding
-    ``<case>/<single|fsdp>/`` (each with its run folder ``version_0``, its own cache and counts) and the
-    FSDP fits' output in ``<case>/fsdp/log.txt``."""
+    """Both cases, one process and FSDP on two, all four fits at the same time under torchrun: the
+    folder holding ``<case>/<single|fsdp>/``, each with its run folder (:data:`RUN_FOLDER`), its own
+    cache and counts, and the fit's output in ``log.txt``."""
     root = tmp_path_factory.mktemp("fsdp_lora")
     train = write_jsonl(root / "train.jsonl", polite_pairs(8))
     # 3 pairs over 2 ranks: one rank's second position is a weight-0 repeat.
     val = write_jsonl(root / "val.jsonl", polite_pairs(3, offset=100))
-    commands, folders = [], []
+    commands: dict[Path, list[str]] = {}
     for case, model in FITS.items():
         for name, extra in {"single": [], "fsdp": FSDP_ARGS}.items():
             folder = root / case / name
@@ -123,19 +134,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
             )
             config["trainer"]["default_root_dir"] = str(folder)
             config_path = write_config(root / f"{case}_{name}.yaml", config)
-            commands.append(["fit", "--config", str(config_path), *extra])
-            folders.append(folder)
-    results = run_clis(root, *commands, timeout=600)
-    for folder, result in zip(folders, results, strict=True):
+            commands[folder] = ["fit", "--config", str(config_path), *extra]
+    # The one-process fits are torchrun's one-process runs: their output is kept as the others' is.
+    runs = [Torchrun(args, nproc=2 if folder.name == "fsdp" else 1) for folder, args in commands.items()]
+    results = dict(zip(commands, run_clis(root, *runs, timeout=600), strict=True))
+    for folder, result in results.items():
         (folder / "log.txt").write_text(result.stdout + result.stderr)
-    for folder, result in zip(folders, results, strict=True):
+    for folder, result in results.items():
         assert result.returncode == 0, (str(folder), (result.stdout + result.stderr)[-3000:])
     return root
 
 
 def _assert_same_metrics(single: Path, fsdp: Path) -> None:
     """The ``train/`` and ``val/`` values of both runs, step by step (tolerance derived below)."""
-    expected, actual = _metrics(single / "version_0"), _metrics(fsdp / "version_0")
+    expected, actual = _metrics(single / RUN_FOLDER), _metrics(fsdp / RUN_FOLDER)
     assert expected.keys() == actual.keys()
     assert {name for _, name in expected} >= {"train/loss", "val/loss", "val/rewards/margin"}
     losses = [value for (_, name), value in sorted(expected.items()) if name == "train/loss"]
@@ -154,8 +166,8 @@ def _assert_same_metrics(single: Path, fsdp: Path) -> None:
 def _assert_same_export(tiny_model_dir: Path, single: Path, fsdp: Path) -> dict[str, torch.Tensor]:
     """The exported merged models of both runs load and hold the same, trained, weights; the FSDP run's."""
     base = load_file(tiny_model_dir / "model.safetensors")
-    expected = AutoModelForCausalLM.from_pretrained(single / "version_0" / "hf_model").state_dict()
-    merged = AutoModelForCausalLM.from_pretrained(fsdp / "version_0" / "hf_model").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(single / RUN_FOLDER / "hf_model").state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(fsdp / RUN_FOLDER / "hf_model").state_dict()
     assert set(merged) == set(expected)
     # As the losses, plus 3 SGD steps of the gradients' ~1e-7 relative differences at lr 0.5 (measured:
     # at most 7.5e-9 apart), while training moved the weights by 1.3e-2.
@@ -181,7 +193,7 @@ def test_lora_with_gradient_checkpointing_under_fsdp_matches_one_process(
     merged = _assert_same_export(tiny_model_dir, single, fsdp)
     # The unmerged adapter saved beside the export loads on the base and merges to it.
     adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), fsdp / "version_0" / "hf_model" / "adapter"
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), fsdp / RUN_FOLDER / "hf_model" / "adapter"
     )
     for name, tensor in adapter.merge_and_unload().state_dict().items():
         torch.testing.assert_close(tensor, merged[name], msg=name)

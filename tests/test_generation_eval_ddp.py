@@ -13,6 +13,7 @@ import pytest
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
 from tests.helpers import polite_pairs, run_cli_in_process, run_clis, write_config, write_jsonl
+from tests.ranks import Torchrun
 from tests.test_generation_eval import SPLIT_GENERATION
 
 TWO_PROCESSES = {"ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"]}
@@ -24,10 +25,12 @@ def _gen_rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, dict[str, str]]:
-    """The fits the cases compare, one process and two per strategy of :data:`TWO_PROCESSES`, all at the
-    same time: the folder holding their run folders (``single``, ``ddp``) and what failed (run -> its
-    output's tail)."""
+def fits(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The fits the cases compare, one process and two (torchrun) per strategy of :data:`TWO_PROCESSES`,
+    all at the same time: their run folders (``single``, ``ddp``) and what failed (run -> its output's
+    tail)."""
     tmp_path = tmp_path_factory.mktemp("generation_fits")
     # A reference other than the policy: wins and losses at step 0, not only ties. Three prompts split
     # unevenly (two and one) over two ranks, so the ranks make different numbers of generate() calls
@@ -58,31 +61,31 @@ def fits(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
         name: [*fit, *extra, "--trainer.default_root_dir", str(tmp_path / name)]
         for name, extra in runs.items()
     }
+    two = {name: Torchrun(commands[name]) for name in TWO_PROCESSES}
     # The one-process fit runs in this process (the CLI's entry point) while the others run.
     single: list[subprocess.CompletedProcess[str]] = []
     results = run_clis(
-        tmp_path,
-        *(commands[name] for name in TWO_PROCESSES),
-        meanwhile=lambda: single.append(run_cli_in_process(commands["single"])),
+        tmp_path, *two.values(), meanwhile=lambda: single.append(run_cli_in_process(commands["single"]))
     )
     failed = {
         name: (result.stdout + result.stderr)[-3000:]
         for name, result in zip(runs, [*single, *results], strict=True)
         if result.returncode != 0
     }
-    return tmp_path, failed
+    folders = {name: tmp_path / name / run.folder for name, run in two.items()}
+    return {"single": tmp_path / "single" / "version_0", **folders}, failed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(TWO_PROCESSES))
 def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
-    fits: tuple[Path, dict[str, str]], strategy: str
+    fits: tuple[dict[str, Path], dict[str, str]], strategy: str
 ) -> None:
-    tmp_path, failed = fits
+    run_dirs, failed = fits
     for name in ("single", strategy):
         assert name not in failed, failed[name]
 
-    single, two = _gen_rows(tmp_path / "single" / "version_0"), _gen_rows(tmp_path / strategy / "version_0")
+    single, two = _gen_rows(run_dirs["single"]), _gen_rows(run_dirs[strategy])
     assert [row["step"] for row in single] == [row["step"] for row in two] == ["0", "1"]
     assert float(single[0]["gen/win_rate"]) != 0.5  # policy and reference differ
     assert float(single[0]["gen/kl"]) != 0.0  # and the KL of the split-scored samples is compared below
@@ -91,13 +94,13 @@ def test_two_processes_split_the_prompts_and_log_what_one_process_logs(
         assert float(two[0][name]) == pytest.approx(float(single[0][name]), rel=1e-9), name
 
     def samples(run: str) -> list[dict]:
-        path = tmp_path / run / "version_0" / "generation_samples.jsonl"
+        path = run_dirs[run] / "generation_samples.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     assert len(samples("single")) == len(samples(strategy)) == 2 * 3 * 2  # measurements x prompts x samples
     # The rows also went to the (offline) W&B run as the gen/samples table, from rank 0.
     for run in ("single", strategy):
-        (wandb_file,) = (tmp_path / run / "version_0" / "wandb").glob("offline-run-*/run-*.wandb")
+        (wandb_file,) = (run_dirs[run] / "wandb").glob("offline-run-*/run-*.wandb")
         assert list(wandb_file.parent.glob("files/media/table/gen/samples_*.table.json"))
     first = {run: [r for r in samples(run) if r["step"] == 0] for run in ("single", strategy)}
     assert first[strategy] == first["single"]

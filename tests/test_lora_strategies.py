@@ -19,6 +19,7 @@ from ipo_lightning.callbacks import HFExport
 from ipo_lightning.lora import _CALL_HOOK_TABLES, merged_copy
 from ipo_lightning.module import PreferenceModule
 from tests.helpers import REPO, fit_config, polite_pairs, run_clis, run_main, write_config, write_jsonl
+from tests.ranks import Torchrun
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 
@@ -117,37 +118,42 @@ def test_lora_under_fsdp_and_fsdp2_trains_and_exports_what_one_process_does(
         strategy = ["--config", str(REPO / "configs" / "strategy" / f"{name}.yaml"), "--trainer.devices", "2"]
         # One rank's batch of 1 pair: the global batch of 2 pairs, as in the single run.
         runs[root] = [*strategy, "--trainer.accelerator", "cpu", "--data.batch_size", "1"]
+    # All three under torchrun (the one-process run as its one process), at the same time.
     commands = [
-        ["fit", "--config", str(config), *args, "--trainer.default_root_dir", str(root)]
+        Torchrun(
+            ["fit", "--config", str(config), *args, "--trainer.default_root_dir", str(root)],
+            nproc=1 if root == single else 2,
+        )
         for root, args in runs.items()
     ]
     for result in run_clis(tmp_path, *commands):
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    run_folder = commands[0].folder
 
     # The FSDP export gathered each FSDP unit's weights once (the merge and the state dict share them).
-    counts = json.loads((sharded["fsdp"] / "version_0" / "export_gathers.json").read_text())
+    counts = json.loads((sharded["fsdp"] / run_folder / "export_gathers.json").read_text())
     assert counts["units"] >= 1 and counts["gathers"] == counts["units"], counts
-    assert json.loads((single / "version_0" / "export_gathers.json").read_text())["gathers"] == 0
-    single_losses = _train_losses(single / "version_0")
+    assert json.loads((single / run_folder / "export_gathers.json").read_text())["gathers"] == 0
+    single_losses = _train_losses(single / run_folder)
     assert len(single_losses) == 3 and single_losses[-1] < single_losses[0]  # it learned
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    expected = AutoModelForCausalLM.from_pretrained(single / "version_0" / "hf_model").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(single / run_folder / "hf_model").state_dict()
     for name, root in sharded.items():
-        assert _train_losses(root / "version_0") == pytest.approx(single_losses, rel=1e-5), name
+        assert _train_losses(root / run_folder) == pytest.approx(single_losses, rel=1e-5), name
         # The export: the merged model, a plain folder; the same weights as one process's, trained ones.
-        merged = AutoModelForCausalLM.from_pretrained(root / "version_0" / "hf_model").state_dict()
+        merged = AutoModelForCausalLM.from_pretrained(root / run_folder / "hf_model").state_dict()
         assert set(merged) == set(expected), name
         for key, tensor in expected.items():
             torch.testing.assert_close(merged[key], tensor, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
         assert max((merged[key] - base[key]).abs().max().item() for key in base) > 1e-3
         # The unmerged adapter saved beside it loads on the base and merges to the export.
         adapter = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tiny_model_dir), root / "version_0" / "hf_model" / "adapter"
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), root / run_folder / "hf_model" / "adapter"
         )
         for key, tensor in adapter.merge_and_unload().state_dict().items():
             torch.testing.assert_close(tensor, merged[key], msg=f"{name}: {key}")
         # The checkpoint (one file of full weights) loads back into one process's module.
-        (checkpoint,) = (root / "version_0" / "checkpoints").glob("*.ckpt")
+        (checkpoint,) = (root / run_folder / "checkpoints").glob("*.ckpt")
         restored = PreferenceModule.load_from_checkpoint(checkpoint)
         for key, tensor in merged_copy(restored.policy).state_dict().items():
             torch.testing.assert_close(tensor, merged[key], msg=f"{name}: {key}")
