@@ -1,4 +1,5 @@
-"""Several processes on CPU (gloo), through the real CLI: DDP, a simulated SLURM job, requeue and resume.
+"""Several processes on CPU (gloo), through the real CLI: DDP (Lightning's launcher), FSDP and FSDP2
+(torchrun), a simulated SLURM job, requeue and resume.
 
 Every process is started in its own session and killed with its children when a test ends, and every
 wait has a deadline, so a hang fails the test instead of the suite. One thread per process.
@@ -33,6 +34,7 @@ from tests.helpers import (
     write_config,
     write_jsonl,
 )
+from tests.ranks import Torchrun, TorchrunRanks
 
 PAIRS, GLOBAL_BATCH, MAX_STEPS = 16, 4, 8  # 4 optimizer steps per epoch, 2 epochs
 DEADLINE_S = 240
@@ -173,9 +175,11 @@ def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
 
 @dataclass(frozen=True)
 class Job:
-    """A finished multi-process fit: its folder (``runs/`` under it), exit code and combined output."""
+    """A finished multi-process fit: its folder (``runs/`` under it), run folder, exit code and combined
+    output."""
 
     folder: Path
+    run_dir: Path
     code: int
     log: Path
 
@@ -186,13 +190,16 @@ FSDP2_ARGS = [
 ]
 JOBS = {
     "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+    "ddp_bad_record": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
     "fsdp": [
         *("--config", str(REPO / "configs" / "strategy" / "fsdp.yaml")),
         *("--trainer.accelerator", "cpu", "--trainer.devices", "2"),
     ],
-    "ddp_bad_record": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
 }
 """The independent two-process fits (2 ranks x batch 2) of the tests below, by name."""
+LIGHTNING_LAUNCHED = {"ddp", "ddp_bad_record"}
+"""The jobs started as a user starts one, ``python -m ipo_lightning fit ... --trainer.devices 2``: the
+first process starts the second (Lightning's launcher). The others run under torchrun (tests.ranks)."""
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +215,8 @@ def two_process_jobs(
     FSDP2 and records its ranks' shard sizes (:class:`tests.helpers.ShardSizes`).
     """
     tracker = Processes()
-    started = {}
+    launched: dict[str, tuple[Path, subprocess.Popen[str], Path]] = {}
+    ranks: dict[str, tuple[Path, TorchrunRanks]] = {}
 
     def start(name: str, args: list[str]) -> None:
         folder = tmp_path_factory.mktemp(name)
@@ -218,8 +226,16 @@ def two_process_jobs(
         if name == "ddp_bad_record":
             with (folder / "train.jsonl").open("a") as handle:
                 handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
-        log = folder / "log.txt"
-        started[name] = (folder, tracker.start(_command(config, *args), subprocess_env(folder), log), log)
+        if name in LIGHTNING_LAUNCHED:
+            log = folder / "log.txt"
+            launched[name] = (
+                folder,
+                tracker.start(_command(config, *args), subprocess_env(folder), log),
+                log,
+            )
+        else:
+            run = Torchrun(["fit", "--config", str(config), *args])
+            ranks[name] = (folder, TorchrunRanks(run, subprocess_env(folder)))
 
     try:
         for name, args in JOBS.items():
@@ -229,12 +245,23 @@ def two_process_jobs(
         single = request.getfixturevalue("single_process_run")
         (step_4,) = (single.parents[1] / "steps").glob("*step=4.ckpt")
         start("fsdp2", [*FSDP2_ARGS, "--ckpt_path", str(step_4)])
-        return {
-            name: Job(folder, tracker.wait(process, log, deadline), log)
-            for name, (folder, process, log) in started.items()
+        jobs = {
+            name: Job(folder, folder / "runs" / "version_0", tracker.wait(process, log, deadline), log)
+            for name, (folder, process, log) in launched.items()
         }
+        for name, (folder, started) in ranks.items():
+            finished = started.wait(max(deadline - time.monotonic(), 1.0))
+            started.kill()
+            result, log = started.result(), folder / "log.txt"
+            log.write_text(result.stdout + result.stderr)
+            assert finished, f"{name} timed out; log tail:\n{log.read_text()[-3000:]}"
+            run_dir = folder / "runs" / started.run.folder
+            jobs[name] = Job(folder, run_dir, result.returncode, log)
+        return jobs
     finally:
         tracker.close()
+        for _, started in ranks.values():
+            started.kill()
 
 
 @pytest.mark.slow
@@ -245,8 +272,8 @@ def test_ddp_two_processes_match_one_process(
     job = two_process_jobs["ddp"]
     assert job.code == 0, job.log.read_text()[-4000:]
     runs = sorted((job.folder / "runs").iterdir())
-    assert [run.name for run in runs] == ["version_0"]  # one folder for both ranks: no version race
-    run_dir = runs[0]
+    assert runs == [job.run_dir]  # one folder for both ranks: no version race
+    run_dir = job.run_dir
 
     single_losses, ddp_losses = _train_losses(single_process_run), _train_losses(run_dir)
     assert len(ddp_losses) == MAX_STEPS and ddp_losses[-1] < ddp_losses[0]
@@ -267,7 +294,7 @@ def test_fsdp_two_processes_match_one_process(
     loss curve and the export (gathered to rank 0) equal one process's."""
     job = two_process_jobs["fsdp"]
     assert job.code == 0, job.log.read_text()[-4000:]
-    run_dir = job.folder / "runs" / "version_0"
+    run_dir = job.run_dir
     # The checkpoint holds the full policy in one file (gathered), and no reference.
     (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -292,7 +319,7 @@ def test_fsdp2_resumes_one_process_checkpoint_and_trains_as_it_did_with_the_refe
     (one full file, no reference) equal that process's."""
     job = two_process_jobs["fsdp2"]
     assert job.code == 0, job.log.read_text()[-4000:]
-    run_dir = job.folder / "runs" / "version_0"
+    run_dir = job.run_dir
     ranks = [json.loads((job.folder / f"shards_rank{rank}.json").read_text()) for rank in (0, 1)]
     for name in ("policy", "reference"):
         full = ranks[0][name]["full"]

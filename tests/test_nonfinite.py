@@ -23,10 +23,11 @@ from tests.helpers import (
     fit_config,
     polite_pairs,
     quiet_trainer,
-    run_cli,
+    run_clis,
     write_config,
     write_jsonl,
 )
+from tests.ranks import Torchrun
 
 
 def _module(tiny_model_dir: Path, optimizer=None) -> PreferenceModule:
@@ -228,10 +229,9 @@ def test_ddp_every_process_stops_at_the_step_one_process_diverged(
     """Only rank 1's loss is NaN: both processes stop at that step (none waits forever), exit 1."""
     config = _fit_config(tmp_path, tiny_model_dir, lr=1e-3, max_steps=4, strategy="ddp", devices=2)
     callbacks = [{"class_path": "tests.helpers.ScaleLogits", "init_args": {"steps": [2], "ranks": [1]}}]
-    result = run_cli(
-        tmp_path, "fit", "--config", str(config), "--trainer.callbacks+", json.dumps(callbacks[0])
-    )
-    err = result.stderr  # a hang fails the test in run_cli
+    run = Torchrun(["fit", "--config", str(config), "--trainer.callbacks+", json.dumps(callbacks[0])])
+    (result,) = run_clis(tmp_path, run)
+    err = result.stderr  # a hang fails the test in run_clis
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert result.returncode == 1, err[-3000:]
     assert errors == [
@@ -240,7 +240,8 @@ def test_ddp_every_process_stops_at_the_step_one_process_diverged(
         "are from earlier steps (lower the learning rate, or skip such steps with "
         "--nonfinite.max_skipped_steps N)"
     ], err[-3000:]
-    assert not (tmp_path / "runs" / "version_0" / "hf_model").exists()
+    run_dir = tmp_path / "runs" / run.folder
+    assert (run_dir / "metrics.csv").is_file() and not (run_dir / "hf_model").exists()
 
 
 def test_export_refuses_nonfinite_weights(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -23,7 +23,8 @@ from ipo_lightning.module import PreferenceModule
 from ipo_lightning.precompute import longest_first
 from ipo_lightning.tiny import save_tiny_model
 from tests.conftest import CORPUS
-from tests.helpers import polite_pairs, quiet_trainer, run_cli, write_config, write_jsonl
+from tests.helpers import polite_pairs, quiet_trainer, run_clis, write_config, write_jsonl
+from tests.ranks import Torchrun
 
 LORA = LoraOptions(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
 BETA = 0.5
@@ -476,7 +477,7 @@ def test_precomputed_under_ddp_writes_the_complete_cache(tmp_path: Path, tiny_mo
         "export": {"enabled": False},
     }
     config_path = write_config(tmp_path / "config.yaml", config)
-    result = run_cli(tmp_path, "fit", "--config", str(config_path), timeout=240)
+    (result,) = run_clis(tmp_path, Torchrun(["fit", "--config", str(config_path)]), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pairs/s, 2 process(es)" in result.stderr + result.stdout
     assert "no reference model in memory" in result.stderr  # the divergence monitor says why it is off

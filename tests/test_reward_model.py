@@ -35,12 +35,13 @@ from ipo_lightning.rewards import load_reward
 from tests.helpers import (
     fit_config,
     polite_pairs,
-    run_cli,
+    run_clis,
     run_main,
     save_tiny_reward_model,
     write_config,
     write_jsonl,
 )
+from tests.ranks import Torchrun
 
 
 def _log_sigmoid(x: float) -> float:
@@ -335,9 +336,10 @@ def test_resume_is_bitwise_exact(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_ddp_fit_logs_synced_metrics_and_exports(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = _rm_config(tmp_path, tiny_model_dir)
     config["trainer"].update({"devices": 2, "strategy": "ddp", "max_epochs": 2})
-    result = run_cli(tmp_path, "fit", "--config", str(write_config(tmp_path / "rm.yaml", config)))
+    run = Torchrun(["fit", "--config", str(write_config(tmp_path / "rm.yaml", config))])
+    (result,) = run_clis(tmp_path, run)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "version_0"
+    run_dir = tmp_path / "runs" / run.folder
     with (run_dir / "metrics.csv").open() as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("val/rm/accuracy")]
     # 48 pairs, 16 per global batch (8 on each of 2 ranks): 3 optimizer steps per epoch, a validation

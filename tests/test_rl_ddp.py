@@ -1,5 +1,6 @@
-"""The on-policy methods under DDP (and RLOO under FSDP2): two CPU processes (gloo) through the real CLI
-sample, reward, log and train exactly what one process does with the same global batch of prompts."""
+"""The on-policy methods under DDP (and RLOO under FSDP2): two CPU processes (gloo) through the CLI,
+under torchrun, sample, reward, log and train exactly what one process does with the same global batch
+of prompts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import fit_config, logged_values, run_clis, write_config, write_jsonl
+from tests.ranks import Torchrun
 from tests.reward_fixtures import RECORD_DIR_VAR
 
 REWARD = "tests.reward_fixtures:recorded_length_reward"
@@ -95,12 +97,14 @@ def test_two_processes_sample_log_and_train_what_one_process_does(
     # Under FSDP2 the policy is gathered for sampling and sharded for the loss's forward and backward.
     runs = {"single": 1, "ddp": 2, **({"fsdp2": 2} if method == "rloo" else {})}
     fits = [_fit(tmp_path, tiny_model_dir, method, name, devices=devices) for name, devices in runs.items()]
-    results = run_clis(tmp_path, *(args for args, _ in fits), envs=[env for _, env in fits])  # side by side
+    # Side by side, under torchrun (the one-process run as its one process).
+    commands = [Torchrun(args, nproc=devices) for (args, _), devices in zip(fits, runs.values(), strict=True)]
+    results = run_clis(tmp_path, *commands, envs=[env for _, env in fits])
     for result in results:
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    single = tmp_path / "single" / "version_0"
+    single = tmp_path / "single" / commands[0].folder
     for name in [name for name in runs if name != "single"]:
-        _assert_same_run(tmp_path / name / "version_0", single, tiny_model_dir, method)
+        _assert_same_run(tmp_path / name / commands[0].folder, single, tiny_model_dir, method)
 
 
 def _assert_same_run(two: Path, single: Path, tiny_model_dir: Path, method: str) -> None:

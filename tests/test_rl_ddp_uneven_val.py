@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import fit_config, logged_values, run_clis, write_config, write_jsonl
+from tests.ranks import Torchrun
 from tests.reward_fixtures import RECORD_DIR_VAR
 
 METHODS = {"rloo": 4, "online": 2}
@@ -18,6 +19,8 @@ METHODS = {"rloo": 4, "online": 2}
 VAL_PROMPTS = [f"Human: say {word}. Assistant:" for word in "abcdefg"]
 RUNS = {"single": 1, "ddp": 2}
 """Each run of a method and its processes."""
+RUN_FOLDER = Torchrun([]).folder
+"""Each run's folder in ``<method>/<run>/`` (torchrun's)."""
 
 
 def _config(root: Path, model_dir: Path, name: str, devices: int) -> Path:
@@ -67,8 +70,9 @@ def _config(root: Path, model_dir: Path, name: str, devices: int) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """Every method's runs of :data:`RUNS`, all at the same time: the folder holding
-    ``<method>/<run>/`` (its run folder ``version_0`` and each process's reward calls in ``records/``)."""
+    """Every method's runs of :data:`RUNS`, all at the same time under torchrun: the folder holding
+    ``<method>/<run>/`` (its run folder :data:`RUN_FOLDER` and each process's reward calls in
+    ``records/``)."""
     root = tmp_path_factory.mktemp("rl_uneven_val")
     commands, envs = [], []
     for method in METHODS:
@@ -76,11 +80,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
             records = root / method / name / "records"
             records.mkdir(parents=True)
             config = _config(root / method, tiny_model_dir, name, devices)
-            commands.append(["fit", "--config", str(config), "--method", method])
+            commands.append(Torchrun(["fit", "--config", str(config), "--method", method], nproc=devices))
             envs.append({RECORD_DIR_VAR: str(records)})
     results = run_clis(root, *commands, envs=envs, timeout=600)
     for command, result in zip(commands, results, strict=True):
-        assert result.returncode == 0, (" ".join(command), (result.stdout + result.stderr)[-4000:])
+        assert result.returncode == 0, (" ".join(command.args), (result.stdout + result.stderr)[-4000:])
     return root
 
 
@@ -96,7 +100,7 @@ def _validation_rows(run: Path) -> list[list]:
 
 def _logged(run: Path) -> dict[tuple[int, str], float]:
     """Every logged ``val/`` and ``gen/`` value by (step, name)."""
-    return logged_values(run / "version_0" / "metrics.csv", ("val/", "gen/"))
+    return logged_values(run / RUN_FOLDER / "metrics.csv", ("val/", "gen/"))
 
 
 @pytest.mark.slow
@@ -138,7 +142,7 @@ def test_uneven_validation_prompts_under_ddp_count_once(runs: Path, method: str)
     # validation), with one process's samples.
     samples = {}
     for run in (single, ddp):
-        lines = (run / "version_0" / "generation_samples.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (run / RUN_FOLDER / "generation_samples.jsonl").read_text(encoding="utf-8").splitlines()
         samples[run] = sorted(
             (row["step"], row["prompt"], row["sample"], row["policy"], row["policy_reward"])
             for row in map(json.loads, lines)
