@@ -20,12 +20,14 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,10 +67,26 @@ class Torchrun:
         ]
 
 
+_PORTS = range(20000, 32768)
+"""Where a run's ``MASTER_PORT`` is drawn from: below Linux's ephemeral range (32768-60999), so no
+connection a running rank opens (gloo opens many) can take the port between its draw and rank 0's bind."""
+_handed_out: set[int] = set()
+_draw = random.SystemRandom()  # not the module's generator, which in-process fits seed
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port of :data:`_PORTS` that binds now and that no earlier run of this process was given."""
+    for port in _draw.sample(_PORTS, 50):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port among 50 drawn from {_PORTS}")
 
 
 def rank_environments(base: Mapping[str, str], run: Torchrun) -> list[dict[str, str]]:
@@ -125,8 +143,11 @@ def _rank_main(args: list[str], env: dict[str, str], folder: str) -> None:
 
         traceback.print_exc()
         code = 1
-    # multiprocessing ends its children with os._exit, which skips the exit handlers an interpreter
-    # runs at its end (W&B's and logging's among them).
+    # multiprocessing ends its children with os._exit, which skips what an interpreter does at its
+    # end: wait for its non-daemon threads, then run the exit handlers (W&B's and logging's among them).
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
