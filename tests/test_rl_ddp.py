@@ -1,6 +1,6 @@
-"""The on-policy methods under DDP (and RLOO under FSDP2): two CPU processes (gloo) through the CLI,
-under torchrun, sample, reward, log and train exactly what one process does with the same global batch
-of prompts."""
+"""The on-policy methods (RLOO, online IPO) under DDP and FSDP2: two CPU processes (gloo) through the
+CLI, under torchrun, sample, reward, log and train exactly what one process does with the same global
+batch of prompts."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_two_processes_sample_log_and_train_what_one_process_does(
     method: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     # Under FSDP2 the policy is gathered for sampling and sharded for the loss's forward and backward.
-    runs = {"single": 1, "ddp": 2, **({"fsdp2": 2} if method == "rloo" else {})}
+    runs = {"single": 1, "ddp": 2, "fsdp2": 2}
     fits = [_fit(tmp_path, tiny_model_dir, method, name, devices=devices) for name, devices in runs.items()]
     # Side by side, under torchrun (the one-process run as its one process).
     commands = [Torchrun(args, nproc=devices) for (args, _), devices in zip(fits, runs.values(), strict=True)]
