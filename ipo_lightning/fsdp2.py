@@ -229,6 +229,23 @@ def shard_models(
         # reference) has no backward, so its root would stay gathered for good: reshard it after forward.
         frozen = not any(param.requires_grad for param in model.parameters())
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if frozen else None)
+        if frozen:
+            model.register_forward_hook(_forget_forward_records)  # runs after FSDP's own post-forward
+
+
+def _forget_forward_records(model: nn.Module, *unused: Any) -> None:
+    """Drop what FSDP recorded of a frozen root's forward (a forward hook on it).
+
+    FSDP appends each unit's forward to lists that the backward uses for prefetching and clears at its
+    end. A frozen model never runs a backward, so without this its lists would grow by one entry per
+    unit per forward for the whole run. Only the records go: the units stay as they are (resharding
+    them here would break :func:`local_forwards`, which keeps them gathered).
+    """
+    state = model._get_fsdp_state()
+    state._comm_ctx.post_forward_order.clear()
+    for unit in state._state_ctx.all_states:
+        for group in unit._fsdp_param_groups:
+            group._post_forward_indices.clear()
 
 
 def _outermost_models(module: nn.Module) -> Iterator[tuple[str, PreTrainedModel]]:

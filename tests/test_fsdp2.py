@@ -274,3 +274,32 @@ def test_a_root_first_run_in_local_forwards_is_set_up_as_a_training_forward_sets
     assert measured == trained
     assert trained[0][1] == [None]  # the policy root stays gathered until its backward
     assert trained[1][1] != [None]  # the frozen reference's root reshards after forward
+
+
+def _forward_records(model: torch.nn.Module) -> tuple[int, int]:
+    """How many unit forwards FSDP holds for ``model``'s next backward: in the root's list and in its
+    units' own."""
+    state = model._get_fsdp_state()
+    indices = sum(
+        len(group._post_forward_indices)
+        for unit in state._state_ctx.all_states
+        for group in unit._fsdp_param_groups
+    )
+    return len(state._comm_ctx.post_forward_order), indices
+
+
+def test_the_frozen_references_forward_records_are_dropped_after_each_forward(
+    tiny_model_dir: Path, single_process_group: None
+) -> None:
+    """FSDP records every unit's forward until a backward clears them; the reference has no backward."""
+    module = _module(tiny_model_dir, sharded=True)
+    units = 1 + len(module.policy.model.layers)
+    with torch.no_grad():
+        for _ in range(3):
+            module.forward_pairs(_batch())
+    assert _forward_records(module.reference.model) == (0, 0)
+    # The policy's records, as FSDP keeps them for its backward: what the reference's would be.
+    assert _forward_records(module.policy) == (3 * units, 3 * units)
+    loss, _ = module.forward_pairs(_batch())
+    loss.backward()
+    assert _forward_records(module.policy) == (0, 0)
