@@ -286,7 +286,8 @@ def run_clis(
         for index, command in enumerate(commands):
             child_env = subprocess_env(tmp_path, **(env or {}), **(envs[index] if envs is not None else {}))
             if isinstance(command, Torchrun):
-                started.append((" ".join(command.command_line()), TorchrunRanks(command, child_env)))
+                output = Path(tempfile.mkdtemp(prefix="ranks-", dir=tmp_path))
+                started.append((" ".join(command.command_line()), TorchrunRanks(command, child_env, output)))
             else:
                 started.append((" ".join(command), _CliChild(command, child_env)))
         if meanwhile is not None:
@@ -298,7 +299,12 @@ def run_clis(
             child.kill()
     results = [child.result() for _, child in started]
     if late:
-        pytest.fail(f"{'; '.join(late)} did not finish within {timeout} s")
+        tails = [
+            f"{name}:\n{(result.stdout + result.stderr)[-2000:]}"
+            for (name, _), result in zip(started, results, strict=True)
+            if name in late
+        ]
+        pytest.fail(f"did not finish within {timeout} s: " + "\n".join(tails))
     return results
 
 

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +74,7 @@ _handed_out: set[int] = set()
 _draw = random.SystemRandom()  # not the module's generator, which in-process fits seed
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port of :data:`_PORTS` that binds now and that no earlier run of this process was given."""
     for port in _draw.sample(_PORTS, 50):
         if port in _handed_out:
@@ -91,7 +91,7 @@ def _free_port() -> int:
 
 def rank_environments(base: Mapping[str, str], run: Torchrun) -> list[dict[str, str]]:
     """``base`` plus the variables torchrun sets in each of ``run``'s processes (one node)."""
-    port = str(_free_port())
+    port = str(free_port())
     world = str(run.nproc)
     return [
         {
@@ -113,25 +113,28 @@ def _exit_code(stop: SystemExit) -> int:
 
 
 def _rank_main(args: list[str], env: dict[str, str], folder: str) -> None:
-    """One rank: its environment and output files, then the CLI's entry point, then its exit."""
+    """One rank: its environment and output files, then the CLI's entry point, then the interpreter's
+    own ending."""
     os.setsid()  # its own session: a deadline kills it together with whatever it started
     os.environ.clear()
     os.environ.update(env)
-    for fd, name in ((1, "stdout"), (2, "stderr")):
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    for fd, name in ((1, "stdout"), (2, "stderr")):  # the streams (and handlers bound to them) write here
         handle = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(handle, fd)
         os.close(handle)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - open while the rank lives
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.argv = [sys.executable, "-m", "ipo_lightning", *args]
 
     import torch
     from lightning.fabric.utilities.rank_zero import _get_rank, rank_zero_only
 
-    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 in the child environment gives a fresh one
-    rank_zero_only.rank = _get_rank() or 0
-
+    import ipo_lightning
     from ipo_lightning.entry import main
+
+    sys.argv = [str(Path(ipo_lightning.__file__).with_name("__main__.py")), *args]  # as `-m` sets it
+    if "OMP_NUM_THREADS" in env:  # what a fresh interpreter's torch takes from it
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    rank_zero_only.rank = _get_rank() or 0
 
     code = 0
     try:
@@ -139,18 +142,15 @@ def _rank_main(args: list[str], env: dict[str, str], folder: str) -> None:
     except SystemExit as stop:
         code = _exit_code(stop)
     except BaseException:
-        import traceback
-
         traceback.print_exc()
         code = 1
-    # multiprocessing ends its children with os._exit, which skips what an interpreter does at its
-    # end: wait for its non-daemon threads, then run the exit handlers (W&B's and logging's among them).
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # multiprocessing ends its children with os._exit after its own clean-up; an interpreter first
+    # waits for its threads (stopping thread pools), then runs the exit handlers (W&B's among them).
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
     os._exit(code)
 
 
@@ -170,46 +170,83 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 class TorchrunRanks:
-    """The started processes of one :class:`Torchrun`; each writes its output to its own folder."""
+    """The started processes of one :class:`Torchrun`, each writing its output to ``<folder>/<rank>/``.
 
-    def __init__(self, run: Torchrun, env: Mapping[str, str]) -> None:
+    As torchrun does, a rank that fails stops the others: SIGTERM, then SIGKILL after a grace period.
+    """
+
+    GRACE_S = 30.0
+    """How long the other ranks have to end after SIGTERM (torchrun's own default)."""
+
+    def __init__(self, run: Torchrun, env: Mapping[str, str], folder: Path) -> None:
         """Start ``run``'s ranks with ``env`` (a child's environment) plus torchrun's variables."""
         self.run = run
-        self._output = Path(tempfile.mkdtemp(prefix="ranks-"))
+        self._output = folder
         self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._first_failure: int | None = None
         context = _context()
-        for rank, rank_env in enumerate(rank_environments(env, run)):
-            folder = self._output / str(rank)
-            folder.mkdir()
-            process = context.Process(target=_rank_main, args=(list(run.args), rank_env, str(folder)))
-            process.start()
-            self._processes.append(process)
+        try:
+            for rank, rank_env in enumerate(rank_environments(env, run)):
+                (folder / str(rank)).mkdir(parents=True)
+                target_args = (list(run.args), rank_env, str(folder / str(rank)))
+                process = context.Process(target=_rank_main, args=target_args)
+                process.start()
+                self._processes.append(process)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _running(self) -> list[multiprocessing.process.BaseProcess]:
+        """The ranks still running; records the exit code of the first to fail."""
+        running = []
+        for process in self._processes:
+            if process.exitcode is None:
+                running.append(process)
+            elif process.exitcode != 0 and self._first_failure is None:
+                self._first_failure = process.exitcode
+        return running
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every rank to end; False if one is still running."""
         deadline = time.monotonic() + timeout
-        for process in self._processes:
-            process.join(timeout=max(deadline - time.monotonic(), 0.1))
-        return all(process.exitcode is not None for process in self._processes)
+        while running := self._running():
+            if self._first_failure is not None:
+                for process in running:
+                    _signal(process, signal.SIGTERM)
+                deadline = min(deadline, time.monotonic() + self.GRACE_S)
+            left = deadline - time.monotonic()
+            if left <= 0 or not multiprocessing.connection.wait([p.sentinel for p in running], left):
+                return False
+        return True
 
     def kill(self) -> None:
         """Kill every rank still running, with what it started."""
         for process in self._processes:
-            if process.exitcode is None and process.pid is not None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if process.exitcode is None:
+                _signal(process, signal.SIGKILL)
             process.join(timeout=30)
 
     def result(self) -> subprocess.CompletedProcess[str]:
-        """Exit code (the first failed rank's, as torchrun reports it; else 0), then every rank's stdout
-        and every rank's stderr, rank 0 first. Removes the output files."""
-        codes = [process.exitcode for process in self._processes]
-        code = next((code for code in codes if code), 0)
-        streams = [
-            "".join((self._output / str(rank) / name).read_text() for rank in range(self.run.nproc))
-            for name in ("stdout", "stderr")
-        ]
-        shutil.rmtree(self._output, ignore_errors=True)
+        """Exit code (the first failed rank's own; torchrun itself exits 1), then every rank's stdout and
+        every rank's stderr, rank 0 first."""
+        self._running()
+        streams = []
+        for name in ("stdout", "stderr"):
+            files = [self._output / str(rank) / name for rank in range(len(self._processes))]
+            streams.append("".join(path.read_text() for path in files if path.exists()))
+        code = self._first_failure or 0
         return subprocess.CompletedProcess(self.run.command_line(), code, *streams)
+
+
+def _signal(process: multiprocessing.process.BaseProcess, signum: int) -> None:
+    """Send ``signum`` to the rank's session (what it started too), or to the rank alone while it has
+    not made its session yet."""
+    if process.pid is None:
+        return
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(process.pid, signum)
+        except ProcessLookupError:
+            pass

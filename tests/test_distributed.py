@@ -1,5 +1,5 @@
-"""Several processes on CPU (gloo), through the real CLI: DDP (Lightning's launcher), FSDP and FSDP2
-(torchrun), a simulated SLURM job, requeue and resume.
+"""Several processes on CPU (gloo), through the real CLI: DDP (Lightning's launcher), FSDP (torchrun),
+FSDP2 (forked torchrun ranks), a simulated SLURM job, requeue and resume.
 
 Every process is started in its own session and killed with its children when a test ends, and every
 wait has a deadline, so a hang fails the test instead of the suite. One thread per process.
@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from tests.helpers import (
     write_config,
     write_jsonl,
 )
-from tests.ranks import Torchrun, TorchrunRanks
+from tests.ranks import Torchrun, TorchrunRanks, free_port
 
 PAIRS, GLOBAL_BATCH, MAX_STEPS = 16, 4, 8  # 4 optimizer steps per epoch, 2 epochs
 DEADLINE_S = 240
@@ -197,9 +198,27 @@ JOBS = {
     ],
 }
 """The independent two-process fits (2 ranks x batch 2) of the tests below, by name."""
-LIGHTNING_LAUNCHED = {"ddp", "ddp_bad_record"}
-"""The jobs started as a user starts one, ``python -m ipo_lightning fit ... --trainer.devices 2``: the
-first process starts the second (Lightning's launcher). The others run under torchrun (tests.ranks)."""
+LAUNCHERS = {"ddp": "lightning", "ddp_bad_record": "lightning", "fsdp": "torchrun", "fsdp2": "forked"}
+"""How each job starts, in fresh interpreters as a user starts it: ``lightning``, ``python -m
+ipo_lightning fit ... --trainer.devices 2`` (the first process starts the second), or ``torchrun``
+(torch's own launcher, ``python -m torch.distributed.run``); or ``forked``, as torchrun starts ranks but
+forked from a process that imported the CLI once (tests.ranks)."""
+
+
+def _torchrun_command(config: Path, args: list[str]) -> list[str]:
+    """torchrun starting two ranks of ``python -m ipo_lightning fit`` on this node (run folder
+    ``torchrun-0``), its store on a port no other run of the suite is given."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-id=0"]
+    return [
+        *launcher,
+        f"--master-port={free_port()}",
+        "-m",
+        "ipo_lightning",
+        "fit",
+        "--config",
+        str(config),
+        *args,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -226,16 +245,15 @@ def two_process_jobs(
         if name == "ddp_bad_record":
             with (folder / "train.jsonl").open("a") as handle:
                 handle.write('{"prompt": "hi", "chosen": " ok"}\n')  # record 16: no rejected
-        if name in LIGHTNING_LAUNCHED:
+        if LAUNCHERS[name] != "forked":
             log = folder / "log.txt"
-            launched[name] = (
-                folder,
-                tracker.start(_command(config, *args), subprocess_env(folder), log),
-                log,
+            command = (
+                _command(config, *args) if LAUNCHERS[name] == "lightning" else _torchrun_command(config, args)
             )
+            launched[name] = (folder, tracker.start(command, subprocess_env(folder), log), log)
         else:
             run = Torchrun(["fit", "--config", str(config), *args])
-            ranks[name] = (folder, TorchrunRanks(run, subprocess_env(folder)))
+            ranks[name] = (folder, TorchrunRanks(run, subprocess_env(folder), folder / "ranks"))
 
     try:
         for name, args in JOBS.items():
@@ -245,8 +263,14 @@ def two_process_jobs(
         single = request.getfixturevalue("single_process_run")
         (step_4,) = (single.parents[1] / "steps").glob("*step=4.ckpt")
         start("fsdp2", [*FSDP2_ARGS, "--ckpt_path", str(step_4)])
+        run_folders = {"lightning": "version_0", "torchrun": Torchrun([]).folder}
         jobs = {
-            name: Job(folder, folder / "runs" / "version_0", tracker.wait(process, log, deadline), log)
+            name: Job(
+                folder,
+                folder / "runs" / run_folders[LAUNCHERS[name]],
+                tracker.wait(process, log, deadline),
+                log,
+            )
             for name, (folder, process, log) in launched.items()
         }
         for name, (folder, started) in ranks.items():

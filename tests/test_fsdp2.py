@@ -300,6 +300,10 @@ def test_the_frozen_references_forward_records_are_dropped_after_each_forward(
     assert _forward_records(module.reference.model) == (0, 0)
     # The policy's records, as FSDP keeps them for its backward: what the reference's would be.
     assert _forward_records(module.policy) == (3 * units, 3 * units)
+    with torch.no_grad(), local_forwards(module):  # the reference's units stay gathered meanwhile
+        module.forward_pairs(_batch())
+        assert _forward_records(module.reference.model) == (0, 0)
+        assert not any(isinstance(param, DTensor) for param in module.reference.parameters())
     loss, _ = module.forward_pairs(_batch())
     loss.backward()
     assert _forward_records(module.policy) == (0, 0)
