@@ -209,16 +209,8 @@ def _torchrun_command(config: Path, args: list[str]) -> list[str]:
     """torchrun starting two ranks of ``python -m ipo_lightning fit`` on this node (run folder
     ``torchrun-0``), its store on a port no other run of the suite is given."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-id=0"]
-    return [
-        *launcher,
-        f"--master-port={free_port()}",
-        "-m",
-        "ipo_lightning",
-        "fit",
-        "--config",
-        str(config),
-        *args,
-    ]
+    launcher.append(f"--master-port={free_port()}")
+    return [*launcher, "-m", "ipo_lightning", "fit", "--config", str(config), *args]
 
 
 @pytest.fixture(scope="module")
