@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,9 +75,9 @@ def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
 @pytest.fixture
 def single_process_group() -> Iterator[None]:
     """A one-process gloo group, enough for FSDP (1 or 2) to wrap and gather (destroyed afterwards)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.ranks import free_port
+
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         yield

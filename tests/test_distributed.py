@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,12 +38,6 @@ from tests.ranks import Torchrun, TorchrunRanks, free_port
 
 PAIRS, GLOBAL_BATCH, MAX_STEPS = 16, 4, 8  # 4 optimizer steps per epoch, 2 epochs
 DEADLINE_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(
@@ -390,7 +383,7 @@ def _fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _launch_slurm_job(tmp_path: Path, config: Path, processes: Processes, fake_bin: Path, attempt: int):
-    port = _free_port()
+    port = free_port()
     args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.num_nodes", "1"]
     launched = []
     for rank in (0, 1):
