@@ -26,7 +26,7 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from tests.ranks import Torchrun, TorchrunRanks
+from tests.ranks import Torchrun, TorchrunRanks, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 """The repository root: configs/, scripts/ and benchmarks/ are read from here, and children import it."""
@@ -332,10 +332,7 @@ def run_cli_in_process(args: Sequence[str], capture: bool = True) -> subprocess.
         try:
             main(list(args))
         except SystemExit as exit_info:
-            # As the interpreter maps it: None is 0, a message is printed and exits with 1.
-            if isinstance(exit_info.code, str):
-                print(exit_info.code, file=sys.stderr)
-            code = exit_info.code if isinstance(exit_info.code, int) else int(exit_info.code is not None)
+            code = exit_code(exit_info)  # inside the redirect: a message goes to the captured stderr
     if not capture:
         return subprocess.CompletedProcess(cli_command(*args), code)
     return subprocess.CompletedProcess(cli_command(*args), code, out.getvalue(), err.getvalue())

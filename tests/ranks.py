@@ -105,7 +105,7 @@ def rank_environments(base: Mapping[str, str], run: Torchrun) -> list[dict[str, 
     ]
 
 
-def _exit_code(stop: SystemExit) -> int:
+def exit_code(stop: SystemExit) -> int:
     """The exit status the interpreter gives ``raise SystemExit(code)`` (a message prints, status 1)."""
     if isinstance(stop.code, str):
         print(stop.code, file=sys.stderr)
@@ -140,7 +140,7 @@ def _rank_main(args: list[str], env: dict[str, str], folder: str) -> None:
     try:
         main(args)
     except SystemExit as stop:
-        code = _exit_code(stop)
+        code = exit_code(stop)
     except BaseException:
         traceback.print_exc()
         code = 1
